@@ -1,0 +1,31 @@
+// Every CUDA API return and every launch is checked; failures surface in Python as RuntimeError with
+// the call site.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <cstdint>
+#include <string>
+
+#define EP_CUDA_CHECK(expr)                                                                    \
+  do {                                                                                         \
+    cudaError_t ep_err_ = (expr);                                                              \
+    if (ep_err_ != cudaSuccess)                                                                \
+      throw std::runtime_error(std::string("CUDA error at " __FILE__ ":") +                    \
+                               std::to_string(__LINE__) + " (" #expr "): " +                   \
+                               cudaGetErrorString(ep_err_));                                   \
+  } while (0)
+
+// After a <<<...>>> launch: catches bad configurations immediately (not asynchronous faults).
+#define EP_CHECK_LAUNCH() EP_CUDA_CHECK(cudaGetLastError())
+
+#define EP_REQUIRE(cond, msg)                                                                  \
+  do {                                                                                         \
+    if (!(cond)) throw std::invalid_argument(std::string(msg));                                \
+  } while (0)
+
+namespace ep {
+inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+template <typename T>
+inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+}  // namespace ep
