@@ -31,10 +31,16 @@ def _nvcc() -> str | None:
 
 
 def _include_dirs() -> list[str]:
-    import pybind11
-    import cutlass_library  # the nvidia-cutlass wheel ships the headers inside this package
+    import importlib.util
 
-    cutlass_inc = Path(cutlass_library.__file__).parent / "source" / "include"
+    import pybind11
+
+    # The nvidia-cutlass wheel ships the headers inside its cutlass_library package; locate it without
+    # importing it (its import pulls in the CUTLASS Python generator and its dependencies).
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the nvidia-cutlass package (CUTLASS/CuTe headers) is not installed: pip install nvidia-cutlass")
+    cutlass_inc = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
     if not (cutlass_inc / "cute").is_dir():
         raise RuntimeError(f"nvidia-cutlass headers not found under {cutlass_inc}")
     return [str(ROOT / "csrc"), pybind11.get_include(), sysconfig.get_paths()["include"], str(cutlass_inc)]
