@@ -1,0 +1,345 @@
+"""ModelOpt NVFP4 safetensors checkpoints: a lazy per-rank reader and a synthetic writer.
+
+The reader validates every tensor a rank needs from the safetensors headers alone (presence, dtype,
+shape) before it reads any data, then reads only the rank's local experts (plus the router and shared
+expert) one tensor at a time straight into the final stacks. Any failure raises before anything is
+returned, so a failed load leaves no partial state behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import nvfp4
+from .config import ModelConfig
+from .experts import swiglu
+from .weights import PROJECTIONS, ExpertWeights
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed or does not match the model config."""
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Where tensors live in the checkpoint. `key_map` is the hook for other exports: it maps each
+    canonical (HF/ModelOpt) name to the name used by the file."""
+
+    expert: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}.{tensor}"
+    shared: str = "model.layers.{layer}.mlp.shared_experts.{proj}.{tensor}"
+    router: str = "model.layers.{layer}.mlp.gate.{tensor}"
+    key_map: Callable[[str], str] | None = None
+
+    def _map(self, key: str) -> str:
+        return self.key_map(key) if self.key_map else key
+
+    def expert_key(self, layer: int, expert: int, proj: str, tensor: str) -> str:
+        return self._map(self.expert.format(layer=layer, expert=expert, proj=proj, tensor=tensor))
+
+    def shared_key(self, layer: int, proj: str, tensor: str) -> str:
+        return self._map(self.shared.format(layer=layer, proj=proj, tensor=tensor))
+
+    def router_key(self, layer: int, tensor: str) -> str:
+        return self._map(self.router.format(layer=layer, tensor=tensor))
+
+
+@dataclass
+class LayerWeights:
+    """Everything one rank holds for one MoE layer."""
+
+    router_weight: torch.Tensor  # (E, H)
+    router_bias: torch.Tensor | None  # (E,) fp32, selection only
+    tid2eid: torch.Tensor | None  # (vocab, topk) int32 for hash layers
+    experts: ExpertWeights  # the rank's local experts
+    shared: ExpertWeights | None  # the shared expert as a one-expert stack
+
+
+class CheckpointReader:
+    """Resolves tensor names to files from the safetensors headers; reads tensors only on request."""
+
+    def __init__(self, path: str | Path, naming: Naming = Naming()):
+        self.path = Path(path)
+        self.naming = naming
+        self.key_file: dict[str, Path] = {}
+        self.tensors_read: list[str] = []  # names read by this reader, in order
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint: {self.path} does not exist")
+        root = self.path if self.path.is_dir() else self.path.parent
+        self._check_quant_config(root)
+        if self.path.is_dir() and (self.path / INDEX_FILE).exists():
+            self._read_index(self.path / INDEX_FILE)
+        else:
+            files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
+            if not files:
+                raise CheckpointError(f"checkpoint: no {INDEX_FILE} and no *.safetensors in {self.path}")
+            for f in files:
+                for key in _header(f):
+                    self.key_file[key] = f
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint index {index}: malformed ({e!r})") from None
+        for key, fname in weight_map.items():
+            self.key_file[key] = index.parent / fname
+
+    @staticmethod
+    def _check_quant_config(root: Path) -> None:
+        for name, pick in (("hf_quant_config.json", lambda d: d.get("quantization")),
+                           ("config.json", lambda d: d.get("quantization_config"))):
+            f = root / name
+            if not f.exists():
+                continue
+            try:
+                q = pick(json.loads(f.read_text()))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"checkpoint {f}: malformed JSON ({e})") from None
+            if not q:
+                continue
+            algo, group = q.get("quant_algo"), q.get("group_size", 16)
+            if algo is not None and str(algo).upper() != "NVFP4":
+                raise CheckpointError(f"checkpoint {f}: quant_algo expected NVFP4, got {algo!r}")
+            if int(group) != nvfp4.BLOCK:
+                raise CheckpointError(f"checkpoint {f}: group_size expected {nvfp4.BLOCK}, got {group}")
+
+    def file_of(self, key: str) -> Path:
+        if key not in self.key_file:
+            raise CheckpointError(f"checkpoint {self.path}: missing tensor {key!r}")
+        f = self.key_file[key]
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {self.path}: file {f.name} holding {key!r} does not exist")
+        return f
+
+    def check(self, expected: dict[str, tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]]) -> None:
+        """Validate name -> (allowed shapes, allowed dtypes) from the headers, reading no tensor data."""
+        headers: dict[Path, dict] = {}
+        for key, (shapes, dtypes) in expected.items():
+            f = self.file_of(key)
+            if f not in headers:
+                headers[f] = _header(f)
+            if key not in headers[f]:
+                raise CheckpointError(f"checkpoint {f}: missing tensor {key!r}")
+            meta = headers[f][key]
+            if meta["dtype"] not in dtypes:
+                raise CheckpointError(f"checkpoint {f}: tensor {key!r} expected dtype {' or '.join(dtypes)}, "
+                                      f"got {meta['dtype']}")
+            if tuple(meta["shape"]) not in shapes:
+                raise CheckpointError(f"checkpoint {f}: tensor {key!r} expected shape "
+                                      f"{' or '.join(map(str, shapes))}, got {tuple(meta['shape'])}")
+
+    def read(self, keys: Iterable[str], desc: str = "loading", progress: bool = False):
+        """Yield (key, tensor) for the given names, one file handle per shard, in the given order."""
+        keys = list(keys)
+        with ExitStack() as stack:
+            handles: dict[Path, object] = {}
+            for key in tqdm(keys, desc=desc, unit="tensor", disable=not progress, leave=False):
+                f = self.file_of(key)
+                if f not in handles:
+                    handles[f] = stack.enter_context(_open(f))
+                try:
+                    t = handles[f].get_tensor(key)
+                except SafetensorError as e:
+                    raise CheckpointError(f"checkpoint {f}: cannot read tensor {key!r}: {e}") from None
+                self.tensors_read.append(key)
+                yield key, t
+
+
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint file {f}: cannot open ({e})") from None
+
+
+def _header(f: Path) -> dict:
+    """Parse a safetensors header and check that the data it describes is all there (truncation)."""
+    try:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"checkpoint file {f}: truncated (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            size = f.stat().st_size
+            if n > size - 8:
+                raise CheckpointError(f"checkpoint file {f}: truncated or corrupt header ({n} bytes declared, "
+                                      f"{size - 8} present)")
+            header = json.loads(fh.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {f}: corrupt header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((m["data_offsets"][1] for m in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"checkpoint file {f}: truncated: header describes {8 + n + end} bytes, "
+                              f"file has {size}")
+    return header
+
+
+def _scalar_shapes() -> tuple[tuple[int, ...], ...]:
+    return ((), (1,))
+
+
+def _projection_spec(n: int, k: int) -> dict[str, tuple]:
+    return {"weight": (((n, k // 2),), ("U8",)),
+            "weight_scale": (((n, k // 16),), ("F8_E4M3", "U8")),
+            "weight_scale_2": (_scalar_shapes(), ("F32",)),
+            "input_scale": (_scalar_shapes(), ("F32",))}
+
+
+def _mlp_keys(key_of: Callable[[str, str], str], h: int, i: int) -> dict[str, tuple]:
+    out = {}
+    for proj in PROJECTIONS:
+        n, k = (h, i) if proj == "down_proj" else (i, h)
+        for tensor, spec in _projection_spec(n, k).items():
+            out[key_of(proj, tensor)] = spec
+    return out
+
+
+def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int, world_size: int,
+               progress: bool = False) -> LayerWeights:
+    """Read one MoE layer's router, shared expert and this rank's experts [rank*E/W, (rank+1)*E/W)."""
+    e_total, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    if world_size <= 0 or e_total % world_size:
+        raise CheckpointError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise CheckpointError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    n_local = e_total // world_size
+    begin = rank * n_local
+    nm = reader.naming
+    is_hash = layer < cfg.num_hash_layers
+
+    router = {nm.router_key(layer, "weight"): (((e_total, h),), ("BF16", "F32", "F16"))}
+    if cfg.topk_method == "noaux_tc":
+        router[nm.router_key(layer, "e_score_correction_bias")] = (((e_total,),), ("F32", "BF16"))
+    if is_hash:
+        router[nm.router_key(layer, "tid2eid")] = (((cfg.vocab_size, cfg.num_experts_per_tok),), ("I32", "I64"))
+    experts = {}
+    for e in range(begin, begin + n_local):
+        experts.update(_mlp_keys(lambda p, t, e=e: nm.expert_key(layer, e, p, t), h, i))
+    shared = _mlp_keys(lambda p, t: nm.shared_key(layer, p, t), h, i * cfg.n_shared_experts) \
+        if cfg.n_shared_experts else {}
+    reader.check({**router, **experts, **shared})
+
+    stack = ExpertWeights.empty(n_local, h, i)
+    shared_stack = ExpertWeights.empty(1, h, i * cfg.n_shared_experts) if shared else None
+    tensor_names = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+    groups = [(stack, e - begin, [nm.expert_key(layer, e, p, t) for t in tensor_names], p)
+              for e in range(begin, begin + n_local) for p in PROJECTIONS]
+    if shared_stack is not None:
+        groups += [(shared_stack, 0, [nm.shared_key(layer, p, t) for t in tensor_names], p) for p in PROJECTIONS]
+    tensors = reader.read([*router, *(k for g in groups for k in g[2])], desc=f"layer {layer} rank {rank}",
+                          progress=progress)
+    router_t = {key: next(tensors)[1] for key in router}
+    l1_scales: list[torch.Tensor] = []
+    for target, e, keys, proj in groups:
+        weight, scale, scale_2, input_scale = (next(tensors)[1] for _ in keys)
+        _check_positive(scale_2, keys[2])
+        _check_positive(input_scale, keys[3])
+        if scale.dtype == torch.uint8:
+            scale = scale.view(torch.float8_e4m3fn)  # some exports store the scale bytes as U8
+        target.set_expert(e, proj, weight, scale, scale_2)
+        if proj == "down_proj":
+            target.l2_input_scale[e] = input_scale.reshape(())
+        else:
+            l1_scales.append(input_scale.reshape(()).float())
+    tensors.close()
+    l1 = torch.stack(l1_scales).max()
+    stack.l1_input_scale.copy_(l1)
+    if shared_stack is not None:
+        shared_stack.l1_input_scale.copy_(l1)
+    bias_key = nm.router_key(layer, "e_score_correction_bias")
+    tid_key = nm.router_key(layer, "tid2eid")
+    tid2eid = router_t.get(tid_key)
+    if tid2eid is not None and tid2eid.numel() and (tid2eid.min() < 0 or tid2eid.max() >= e_total):
+        raise CheckpointError(f"checkpoint: tensor {tid_key!r} holds expert ids outside [0, {e_total})")
+    return LayerWeights(router_t[nm.router_key(layer, "weight")],
+                        router_t[bias_key].float() if bias_key in router_t else None,
+                        None if tid2eid is None else tid2eid.to(torch.int32), stack, shared_stack)
+
+
+def _check_positive(t: torch.Tensor, key: str) -> None:
+    v = t.float().reshape(-1)
+    if not (torch.isfinite(v).all() and (v > 0).all()):
+        raise CheckpointError(f"checkpoint: tensor {key!r} expected a finite positive scale, got {v.tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------- writer
+def _quantized_mlp(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, calib: torch.Tensor,
+                   limit: float | None) -> dict[str, dict[str, torch.Tensor]]:
+    """ModelOpt tensors of one MLP, with input scales calibrated on `calib` activations."""
+    h = swiglu(torch.cat([calib @ gate.t(), calib @ up.t()], dim=-1), limit)
+    amax_in = calib.abs().amax() / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+    amax_h = h.abs().amax().clamp(min=1e-12) / (nvfp4.E2M1_MAX * nvfp4.E4M3_MAX)
+    out = {}
+    for proj, w, s in (("gate_proj", gate, amax_in), ("up_proj", up, amax_in), ("down_proj", down, amax_h)):
+        q, sf, ws2 = nvfp4.quantize_weight(w)
+        out[proj] = {"weight": q, "weight_scale": sf, "weight_scale_2": ws2.reshape(1),
+                     "input_scale": s.float().reshape(1).clone()}
+    return out
+
+
+def write_synthetic_checkpoint(path: str | Path, cfg: ModelConfig, num_layers: int | None = None, seed: int = 0,
+                               shards: int = 1, calib_tokens: int = 32) -> Path:
+    """Write a random ModelOpt-NVFP4 checkpoint for `cfg` (index + `shards` files of contiguous experts).
+
+    Weights are N(0, 1/fan_in); input scales are calibrated amaxes of random N(0, 1) hidden states.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    e_total, h, i, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    if shards <= 0 or e_total % shards:
+        raise ValueError(f"shards: must divide n_routed_experts={e_total}, got {shards}")
+    layers = cfg.num_moe_layers if num_layers is None else num_layers
+    g = torch.Generator().manual_seed(seed)
+    nm = Naming()
+    files: list[dict[str, torch.Tensor]] = [{} for _ in range(shards + 1)]  # last: router + shared
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    def emit(bucket: dict, key_of: Callable[[str, str], str], mlp: dict) -> None:
+        for proj, tensors in mlp.items():
+            for name, t in tensors.items():
+                bucket[key_of(proj, name)] = t
+
+    for layer in range(layers):
+        common = files[-1]
+        common[nm.router_key(layer, "weight")] = rnd(e_total, h).to(torch.bfloat16)
+        if cfg.topk_method == "noaux_tc":
+            common[nm.router_key(layer, "e_score_correction_bias")] = 0.01 * torch.randn(e_total, generator=g)
+        if layer < cfg.num_hash_layers:
+            common[nm.router_key(layer, "tid2eid")] = torch.rand(cfg.vocab_size, e_total, generator=g) \
+                .argsort(dim=1)[:, :k].to(torch.int32)
+        for e in range(e_total):
+            mlp = _quantized_mlp(rnd(i, h), rnd(i, h), rnd(h, i), torch.randn(calib_tokens, h, generator=g),
+                                 cfg.swiglu_limit)
+            emit(files[e * shards // e_total], lambda p, t, e=e: nm.expert_key(layer, e, p, t), mlp)
+        if cfg.n_shared_experts:
+            si = i * cfg.n_shared_experts
+            mlp = _quantized_mlp(rnd(si, h), rnd(si, h), rnd(h, si), torch.randn(calib_tokens, h, generator=g),
+                                 cfg.swiglu_limit)
+            emit(common, lambda p, t: nm.shared_key(layer, p, t), mlp)
+
+    names = [f"model-{j + 1:05d}-of-{shards + 1:05d}.safetensors" for j in range(shards + 1)]
+    weight_map = {}
+    for name, tensors in zip(names, files):
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in tensors})
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    quant = {"quant_algo": "NVFP4", "group_size": nvfp4.BLOCK}
+    (path / "hf_quant_config.json").write_text(json.dumps({"quantization": quant}, indent=1))
+    (path / "config.json").write_text(json.dumps({**asdict(cfg), "quantization_config": quant}, indent=1))
+    return path

@@ -1,0 +1,142 @@
+"""EPMoE: one expert-parallel MoE layer as an nn.Module.
+
+forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine) -> all-reduce -> + shared expert.
+Replicated-token mode: every rank sees all T tokens, computes its local experts [rank*E/W, (rank+1)*E/W)
+and the partial outputs are summed by the buffer's all-reduce.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer
+from .config import Config
+from .experts import ExpertSpec, expert_stage
+from .routing import Router
+from .symm import CpuBackend, SymmBuffer, make_backend
+from .weights import ExpertWeights
+
+
+def cuda_backend_available(device: torch.device) -> bool:
+    """The CUDA expert stage runs on sm_90 devices when the extension was built."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    try:
+        from . import _C  # noqa: F401
+        from . import cuda_experts  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class EPMoE(nn.Module):
+    def __init__(self, cfg: Config, weights: LayerWeights, rank: int = 0, world_size: int = 1,
+                 buffer: SymmBuffer | None = None, device: torch.device | str = "cpu"):
+        super().__init__()
+        m, rt = cfg.model, cfg.runtime
+        device = torch.device(device)
+        if m.n_routed_experts % world_size:
+            raise ValueError(f"world_size: must divide n_routed_experts={m.n_routed_experts}, got {world_size}")
+        n_local = m.n_routed_experts // world_size
+        if weights.experts.num_experts != n_local:
+            raise ValueError(f"weights: expected {n_local} local experts for world_size={world_size}, "
+                             f"got {weights.experts.num_experts}")
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.expert_begin = rank * n_local
+        self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
+        self.experts = weights.experts.to(device)
+        self.shared = weights.shared.to(device) if weights.shared is not None else None
+        self.spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
+        if rt.backend == "auto":
+            self.backend = "cuda" if cuda_backend_available(device) else "reference"
+        else:
+            if rt.backend == "cuda" and not cuda_backend_available(device):
+                raise RuntimeError(f"backend: 'cuda' needs an sm_90 CUDA device and the built extension "
+                                   f"(device {device})")
+            self.backend = rt.backend
+        if buffer is None:
+            # One rank owns every expert: nothing to exchange, whatever process group may exist.
+            backend = CpuBackend(device=device, local=True) if world_size == 1 else make_backend(rt.symm_backend, device)
+            buffer = SymmBuffer(backend, rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype,
+                                rt.act_mode)
+        self.buffer = buffer
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
+                        buffer: SymmBuffer | None = None, device: torch.device | str = "cpu",
+                        naming: Naming = Naming(), progress: bool = False) -> "EPMoE":
+        """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
+        over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
+        weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
+        if world_size > 1:
+            scale = weights.experts.l1_input_scale.to(device)
+            dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+            weights.experts.l1_input_scale.copy_(scale)
+            if weights.shared is not None:
+                weights.shared.l1_input_scale.copy_(scale)
+        return cls(cfg, weights, rank, world_size, buffer, device)
+
+    @classmethod
+    def from_dense(cls, cfg: Config, router_weight: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                   down: torch.Tensor, l1_input_scale: float, l2_input_scale: torch.Tensor,
+                   router_bias: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
+                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+                   rank: int = 0, world_size: int = 1, buffer: SymmBuffer | None = None,
+                   device: torch.device | str = "cpu") -> "EPMoE":
+        """Build from dense BF16/fp32 weights of ALL experts: gate/up (E, I, H), down (E, H, I); only this rank's
+        experts are quantized (ModelOpt writer rules). shared = (gate, up, down, l2_input_scale) of the shared
+        expert, dense (I_s, H), (I_s, H), (H, I_s)."""
+        e_total = cfg.model.n_routed_experts
+        for name, t in (("gate", gate), ("up", up), ("down", down)):
+            if t.shape[0] != e_total:
+                raise ValueError(f"{name}: expected {e_total} experts in dim 0, got shape {tuple(t.shape)}")
+        n_local = e_total // world_size
+        local = slice(rank * n_local, (rank + 1) * n_local)
+        experts = ExpertWeights.from_dense(gate[local], up[local], down[local], l1_input_scale,
+                                           l2_input_scale[local])
+        shared_w = None
+        if shared is not None:
+            sg, su, sd, s_l2 = shared
+            shared_w = ExpertWeights.from_dense(sg[None], su[None], sd[None], l1_input_scale,
+                                                torch.tensor([float(s_l2)]))
+        return cls(cfg, LayerWeights(router_weight, router_bias, tid2eid, experts, shared_w), rank, world_size,
+                   buffer, device)
+
+    def _validate(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        h = self.cfg.model.hidden_size
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"hidden: expected a floating-point tensor, got "
+                            f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+        if hidden.dim() != 2 or hidden.shape[1] != h:
+            raise ValueError(f"hidden: expected shape (T, {h}), got {tuple(hidden.shape)}")
+        if hidden.device != self.device:
+            raise ValueError(f"hidden: expected device {self.device}, got {hidden.device}")
+        self.buffer.check_tokens(hidden.shape[0])
+        if input_ids is not None and input_ids.device != self.device:
+            raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
+
+    def stage_activations(self, hidden: torch.Tensor, check: bool = True):
+        """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
+        gs = None if self.cfg.runtime.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
+        if self.spec.act_mode == "bf16":
+            return self.buffer.stage(hidden.to(torch.bfloat16), check=check)
+        return self.buffer.stage(hidden, gs, check=check)
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        self._validate(hidden, input_ids)
+        t = hidden.shape[0]
+        acts = self.stage_activations(hidden, check)
+        topk_idx, topk_weights = self.buffer.set_routing(*self.router(hidden, input_ids))
+        partial = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec, self.backend)
+        y = self.buffer.y[:t]
+        y.copy_(partial)
+        self.buffer.backend.all_reduce_(y)
+        out = y.float()
+        if self.shared is not None:
+            ones = torch.ones(t, 1, dtype=torch.float32, device=self.device)
+            zeros = torch.zeros(t, 1, dtype=torch.int32, device=self.device)
+            out = out + expert_stage(acts, zeros, ones, self.shared, 0, self.spec, self.backend)
+        return out.to(self.cfg.runtime.torch_dtype)

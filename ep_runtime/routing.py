@@ -1,0 +1,89 @@
+"""Routing, NVFP4_SPEC.md section 6: DeepSeek-V4 (sqrtsoftplus, bias, hash layers) and V3 (sigmoid, groups).
+
+Ties are broken deterministically on every device: among equal scores the lower expert (or group) index
+wins, because selection is a stable descending sort rather than torch.topk (whose tie order is unspecified).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def _top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _normalize(w: torch.Tensor, scaling: float) -> torch.Tensor:
+    return w / (w.sum(-1, keepdim=True) + 1e-20) * scaling
+
+
+def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, k: int, scaling: float,
+             hash_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(softplus) scores; the correction bias only selects; hash layers pass hash_ids (T, k) instead."""
+    s = torch.sqrt(F.softplus(logits.float()))
+    if hash_ids is not None:
+        ids = hash_ids.long()
+    else:
+        ids = _top_k_stable(s + bias.float() if bias is not None else s, k)
+    return ids.to(torch.int32), _normalize(s.gather(-1, ids), scaling)
+
+
+def route_v3(logits: torch.Tensor, bias: torch.Tensor | None, k: int, scaling: float, n_group: int,
+             topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores, group-limited: keep the topk_group groups with the best sum of their top-2 biased scores."""
+    s = torch.sigmoid(logits.float())
+    b = s + bias.float() if bias is not None else s
+    t, e = b.shape
+    if n_group > 1:
+        grouped = b.view(t, n_group, e // n_group)
+        group_score = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
+        keep = torch.zeros(t, n_group, dtype=torch.bool, device=b.device)
+        keep.scatter_(1, _top_k_stable(group_score, topk_group), True)
+        b = b.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = _top_k_stable(b, k)
+    return ids.to(torch.int32), _normalize(s.gather(-1, ids), scaling)
+
+
+class Router(nn.Module):
+    """One layer's router: (T, H) hidden states (+ input ids for hash layers) -> topk ids and weights."""
+
+    def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 tid2eid: torch.Tensor | None = None):
+        super().__init__()
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        if tuple(weight.shape) != (e, h):
+            raise ValueError(f"router weight: expected shape {(e, h)}, got {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (e,):
+            raise ValueError(f"router bias: expected shape {(e,)}, got {tuple(bias.shape)}")
+        if tid2eid is not None:
+            if tid2eid.dim() != 2 or tid2eid.shape[1] != cfg.num_experts_per_tok:
+                raise ValueError(f"router tid2eid: expected shape (vocab, {cfg.num_experts_per_tok}), "
+                                 f"got {tuple(tid2eid.shape)}")
+            if tid2eid.numel() and (tid2eid.min() < 0 or tid2eid.max() >= e):
+                raise ValueError(f"router tid2eid: expert ids must lie in [0, {e})")
+        self.cfg = cfg
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = hidden.float() @ self.weight.t()
+        if cfg.scoring_func == "sigmoid":
+            return route_v3(logits, self.bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
+                            cfg.n_group, cfg.topk_group)
+        hash_ids = None
+        if self.tid2eid is not None:
+            if input_ids is None:
+                raise ValueError("input_ids: a hash-routed layer needs the token ids, got None")
+            if input_ids.shape != hidden.shape[:1]:
+                raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
+            vocab = self.tid2eid.shape[0]
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+                raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
+                                 f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+            hash_ids = self.tid2eid[input_ids.long()]
+        return route_v4(logits, self.bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor, hash_ids)

@@ -1,0 +1,141 @@
+"""The per-rank communication buffer (NVFP4_SPEC section 8) and the backends that allocate it.
+
+One process holds one SymmBuffer, sized for the largest batch and shared by every MoE layer it runs. It is
+allocated once, so its addresses never change and CUDA graphs can replay them. Backends decide what
+"symmetric" means: the CPU backend holds plain tensors and reduces through gloo; GPU backends (PyTorch
+symmetric memory, NVSHMEM) allocate memory every peer can address and plug in behind the same interface.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from .nvfp4 import NVFP4Tensor, quantize
+
+log = logging.getLogger("ep_runtime")
+
+
+class SymmBackend(Protocol):
+    name: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate a named buffer region (a collective call on every rank, once at start-up)."""
+
+    def barrier(self, timeout_s: float) -> None:
+        """Wait for every rank; raise (naming the missing ranks) instead of hanging past timeout_s."""
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum t over ranks in place; every rank gets the same bits."""
+
+
+class CpuBackend:
+    """Plain tensors and gloo collectives: the replicated-token path on CPU ranks (or one process)."""
+
+    name = "cpu"
+
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 local: bool = False):
+        self.group = group
+        self.device = torch.device(device)
+        distributed = not local and dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.world_size = dist.get_world_size(group) if distributed else 1
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def barrier(self, timeout_s: float) -> None:
+        if self.world_size == 1:
+            return
+        try:
+            dist.monitored_barrier(self.group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as e:
+            raise TimeoutError(f"rank {self.rank}: barrier not completed by every rank within {timeout_s}s: {e}") \
+                from None
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+
+class SymmBuffer:
+    """x (packed FP4), x_sf (packed UE4M3 words), x_global, topk ids/weights and the all-reduce buffer y."""
+
+    def __init__(self, backend: SymmBackend, max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
+                 act_mode: str = "nvfp4"):
+        if hidden % 64:
+            raise ValueError(f"hidden: expected a multiple of 64, got {hidden}")
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens: expected a positive capacity, got {max_tokens}")
+        self.backend, self.max_tokens, self.hidden, self.topk = backend, max_tokens, hidden, topk
+        self.act_mode = act_mode
+        alloc = backend.empty
+        if act_mode == "nvfp4":
+            self.x = alloc("x", (max_tokens, hidden // 2), torch.uint8)
+            self.x_sf = alloc("x_sf", (max_tokens, hidden // 64), torch.int32)
+            self.x_global = alloc("x_global", (1,), torch.float32)
+        else:  # W4A16: activations stay bf16
+            self.x = alloc("x", (max_tokens, hidden), torch.bfloat16)
+        self.topk_idx = alloc("topk_idx", (max_tokens, topk), torch.int32)
+        self.topk_weights = alloc("topk_weights", (max_tokens, topk), torch.float32)
+        self.y = alloc("y", (max_tokens, hidden), out_dtype)
+        log.info("SymmBuffer: backend=%s rank=%d/%d max_tokens=%d hidden=%d topk=%d act=%s y=%s",
+                 backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype)
+
+    def check_tokens(self, num_tokens: int) -> None:
+        if num_tokens > self.max_tokens:
+            raise ValueError(f"hidden: {num_tokens} tokens exceed the symmetric buffer capacity "
+                             f"max_tokens={self.max_tokens}")
+
+    def activations(self, num_tokens: int) -> NVFP4Tensor | torch.Tensor:
+        """Views of the staged activations of the first num_tokens rows."""
+        if self.act_mode != "nvfp4":
+            return self.x[:num_tokens]
+        # Little-endian words hold scale 4w in their low byte, so viewing them as bytes is the unpack.
+        scale = self.x_sf[:num_tokens].view(torch.uint8).view(torch.float8_e4m3fn)
+        return NVFP4Tensor(self.x[:num_tokens], scale, self.x_global[0])
+
+    def stage(self, hidden: torch.Tensor, global_scale: torch.Tensor | None = None,
+              check: bool = True) -> NVFP4Tensor | torch.Tensor:
+        """Quantize hidden (T, H) into x / x_sf / x_global (or copy it, bf16 mode); return the staged views."""
+        t = hidden.shape[0]
+        self.check_tokens(t)
+        if self.act_mode != "nvfp4":
+            self.x[:t].copy_(hidden)
+            return self.activations(t)
+        q = quantize(hidden, global_scale, check=check)
+        staged = self.activations(t)
+        staged.data.copy_(q.data)
+        staged.scale.view(torch.uint8).copy_(q.scale.view(torch.uint8))
+        self.x_global.copy_(q.global_scale.reshape(1))
+        return staged
+
+    def set_routing(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = topk_idx.shape[0]
+        self.check_tokens(t)
+        self.topk_idx[:t].copy_(topk_idx)
+        self.topk_weights[:t].copy_(topk_weights)
+        return self.topk_idx[:t], self.topk_weights[:t]
+
+
+def make_backend(kind: str, device: torch.device) -> SymmBackend:
+    """cpu | torch | auto (torch symmetric memory on CUDA when available, else cpu)."""
+    if kind == "auto":
+        kind = "torch" if device.type == "cuda" else "cpu"
+    if kind == "cpu":
+        return CpuBackend(device=device)
+    if kind == "torch":
+        if device.type != "cuda":
+            raise ValueError(f"symm_backend: 'torch' needs a CUDA device, got {device}")
+        from .symm_torch import TorchSymmBackend
+
+        return TorchSymmBackend(device=device)
+    raise ValueError(f"symm_backend: expected 'cpu', 'torch' or 'auto', got {kind!r}")

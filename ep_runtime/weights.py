@@ -1,0 +1,105 @@
+"""The expert weights of one MoE layer on one rank, in the stacked layout the expert stage takes.
+
+Loaded experts are copied one tensor at a time into stacks allocated once at their final size, so peak
+memory during the transform stays at the final size plus one expert's tensor. The fp32 global scales stay
+separate alphas: folding them into the e4m3 block scales would re-round and clip (NVFP4_SPEC section 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import nvfp4
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ExpertWeights:
+    w13: torch.Tensor  # uint8 (E, 2I, H/2): rows [gate 0..I-1; up 0..I-1]
+    w13_scale: torch.Tensor  # float8_e4m3fn (E, 2I, H/16)
+    w13_alpha: torch.Tensor  # fp32 (E, 2): weight_scale_2 of gate, up
+    w2: torch.Tensor  # uint8 (E, H, I/2)
+    w2_scale: torch.Tensor  # float8_e4m3fn (E, H, I/16)
+    w2_alpha: torch.Tensor  # fp32 (E,)
+    l1_input_scale: torch.Tensor  # fp32 0-d: static scale of the layer input (x gs = 1 / this)
+    l2_input_scale: torch.Tensor  # fp32 (E,): static scale of each expert's h (h gs = 1 / this)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2] * 2
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @classmethod
+    def empty(cls, num_experts: int, hidden: int, inter: int, device: torch.device | str = "cpu") -> "ExpertWeights":
+        e, h, i = num_experts, hidden, inter
+        u8, f8, f32 = torch.uint8, torch.float8_e4m3fn, torch.float32
+        return cls(
+            w13=torch.empty(e, 2 * i, h // 2, dtype=u8, device=device),
+            w13_scale=torch.empty(e, 2 * i, h // 16, dtype=f8, device=device),
+            w13_alpha=torch.empty(e, 2, dtype=f32, device=device),
+            w2=torch.empty(e, h, i // 2, dtype=u8, device=device),
+            w2_scale=torch.empty(e, h, i // 16, dtype=f8, device=device),
+            w2_alpha=torch.empty(e, dtype=f32, device=device),
+            l1_input_scale=torch.empty((), dtype=f32, device=device),
+            l2_input_scale=torch.empty(e, dtype=f32, device=device),
+        )
+
+    def set_expert(self, e: int, proj: str, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   weight_scale_2: torch.Tensor) -> None:
+        """Copy one projection of local expert e into the stacks (shapes were validated by the caller)."""
+        i = self.intermediate_size
+        if proj == "down_proj":
+            self.w2[e].copy_(weight)
+            self.w2_scale[e].copy_(weight_scale)
+            self.w2_alpha[e] = weight_scale_2.reshape(())
+            return
+        rows = slice(0, i) if proj == "gate_proj" else slice(i, 2 * i)
+        self.w13[e, rows].copy_(weight)
+        self.w13_scale[e, rows].copy_(weight_scale)
+        self.w13_alpha[e, 0 if proj == "gate_proj" else 1] = weight_scale_2.reshape(())
+
+    def to(self, device: torch.device | str) -> "ExpertWeights":
+        return ExpertWeights(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense fp32 (E, 2I, H) and (E, H, I) weights including their global scales (tests, baselines)."""
+        w13 = nvfp4.block_dequantize(self.w13, self.w13_scale)
+        w13 = w13 * self.w13_alpha.repeat_interleave(self.intermediate_size, dim=1).unsqueeze(-1)
+        w2 = nvfp4.block_dequantize(self.w2, self.w2_scale) * self.w2_alpha.view(-1, 1, 1)
+        return w13, w2
+
+    @classmethod
+    def from_dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   l1_input_scale: float | torch.Tensor, l2_input_scale: torch.Tensor) -> "ExpertWeights":
+        """Quantize dense (E, I, H), (E, I, H), (E, H, I) weights by the ModelOpt writer rules."""
+        e, i, h = gate.shape
+        out = cls.empty(e, h, i, gate.device)
+        for x in range(e):
+            for proj, w in zip(PROJECTIONS, (gate[x], up[x], down[x])):
+                out.set_expert(x, proj, *nvfp4.quantize_weight(w))
+        out.l1_input_scale.copy_(torch.as_tensor(l1_input_scale, dtype=torch.float32))
+        out.l2_input_scale.copy_(l2_input_scale)
+        return out
+
+    @classmethod
+    def random(cls, num_experts: int, hidden: int, inter: int, generator: torch.Generator | None = None,
+               l1_input_scale: float = 6.0 / 2688, l2_input_scale: float = 3.0 / 2688) -> "ExpertWeights":
+        """Random experts (std 1/sqrt(fan-in)) with given static activation scales, for tests and benchmarks."""
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+        e, h, i = num_experts, hidden, inter
+        return cls.from_dense(rnd(e, i, h), rnd(e, i, h), rnd(e, h, i), l1_input_scale,
+                              torch.full((e,), l2_input_scale))
