@@ -98,7 +98,8 @@ def unpack_scales_u32(words: torch.Tensor) -> torch.Tensor:
 def dynamic_global_scale(x: torch.Tensor) -> torch.Tensor:
     """gs = 448*6 / amax(|x|) over the whole tensor; an all-zero tensor gets gs = 1."""
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-    return torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax))
+    # A tensor numerator: `float / tensor` would run as reciprocal-then-multiply (two roundings).
+    return torch.where(amax > 0, torch.full_like(amax, E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax))
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

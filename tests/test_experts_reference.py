@@ -1,0 +1,128 @@
+"""The reference expert stage (NVFP4_SPEC sections 4, 5, 7) against hand values and an independent model."""
+import math
+
+import pytest
+import torch
+
+from ep_runtime import nvfp4
+from ep_runtime.experts import ExpertSpec, combine, expert_stage, map_slots, swiglu
+from ep_runtime.weights import ExpertWeights
+
+E, H, I, TOPK = 6, 128, 64, 3
+
+
+def test_slots_are_ordered_by_expert_then_token_then_k():
+    topk_idx = torch.tensor([[1, 0], [0, 2]], dtype=torch.int32)
+    s = map_slots(topk_idx, num_local=2, expert_begin=0)
+    assert s.counts.tolist() == [2, 1]
+    assert s.offsets.tolist() == [0, 2, 3]
+    assert s.slot_pair.tolist() == [1, 2, 0, -1]  # (t0,k1), (t1,k0) for expert 0; (t0,k0) for expert 1
+
+
+def test_slots_skip_experts_owned_by_other_ranks():
+    topk_idx = torch.tensor([[4, 5], [7, 4]], dtype=torch.int32)
+    s = map_slots(topk_idx, num_local=2, expert_begin=4)
+    assert s.counts.tolist() == [2, 1] and s.slot_pair.tolist() == [0, 3, 1, -1]
+
+
+def test_swiglu_clamps_gate_from_above_and_up_on_both_sides():
+    gate_up = torch.tensor([[20.0, -3.0, -30.0, 0.5]])  # gate = [20, -3], up = [-30, 0.5]
+    h = swiglu(gate_up, limit=10.0)
+    silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
+    assert h[0].tolist() == pytest.approx([silu(10.0) * -10.0, silu(-3.0) * 0.5], rel=1e-6)
+
+
+def test_swiglu_without_limit_does_not_clamp():
+    h = swiglu(torch.tensor([[20.0, -30.0]]), limit=None)
+    assert h.item() == pytest.approx(20 / (1 + math.exp(-20)) * -30.0, rel=1e-6)
+
+
+def test_combine_applies_each_weight_once_in_k_order():
+    topk_idx = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    s = map_slots(topk_idx, 2, 0)  # slots: (t0,k0), (t1,k1), (t0,k1), (t1,k0)
+    y_slot = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    w = torch.tensor([[0.5, 0.25], [2.0, 1.0]])
+    assert combine(y_slot, s, w, 2).tolist() == [[0.5 * 1 + 0.25 * 3], [2.0 * 4 + 1.0 * 2]]
+
+
+def test_tokens_without_local_experts_get_zero():
+    topk_idx = torch.tensor([[0, 1], [5, 4]], dtype=torch.int32)
+    s = map_slots(topk_idx, 2, 0)
+    y = combine(torch.ones(2, 3), s, torch.ones(2, 2), 2)
+    assert y[1].eq(0).all() and y[0].eq(2).all()
+
+
+def _naive_stage(x, topk_idx, topk_w, weights, spec, gs_x):
+    """Independent model: per (token, k) loop in float64 over fully dequantized tensors; the per-expert h
+    scale is found by grouping slots per expert first (dynamic) or taken from the weights (static)."""
+    w13, w2 = (t.double() for t in weights.dequantized())
+    if spec.act_mode == "nvfp4":
+        xq = nvfp4.quantize(x, gs_x)
+        x_hat = nvfp4.dequantize(xq).double()
+    else:
+        x_hat = x.to(torch.bfloat16).double()
+    t_count = x.shape[0]
+    h = {}
+    for t in range(t_count):
+        for k in range(TOPK):
+            e = int(topk_idx[t, k])
+            gu = w13[e] @ x_hat[t]
+            h[(t, k)] = swiglu(gu.unsqueeze(0).float(), spec.swiglu_limit)[0]
+    out = torch.zeros(t_count, H, dtype=torch.float64)
+    for e in range(E):
+        pairs = [p for p in h if int(topk_idx[p]) == e]
+        if not pairs:
+            continue
+        he = torch.stack([h[p] for p in pairs])
+        if spec.act_mode == "nvfp4":
+            g = 1 / weights.l2_input_scale[e] if spec.l2_scale_mode == "static" else None
+            he_hat = nvfp4.dequantize(nvfp4.quantize(he, g)).double()
+        else:
+            he_hat = he.to(torch.bfloat16).double()
+        for (t, k), hrow in zip(pairs, he_hat):
+            out[t] += float(topk_w[t, k]) * (w2[e] @ hrow)
+    return out
+
+
+@pytest.mark.parametrize("act_mode,scale_mode,limit", [("nvfp4", "dynamic", 10.0), ("nvfp4", "static", 10.0),
+                                                       ("bf16", "static", None)])
+def test_expert_stage_matches_an_independent_per_token_model(gen, act_mode, scale_mode, limit):
+    weights = ExpertWeights.random(E, H, I, gen)
+    spec = ExpertSpec(act_mode, scale_mode, limit)
+    t_count = 9
+    x = torch.randn(t_count, H, generator=gen) * 2
+    topk_idx = torch.stack([torch.randperm(E, generator=gen)[:TOPK] for _ in range(t_count)]).int()
+    topk_idx[:, 0] = 1  # one crowded expert, and expert 5 likely idle: uneven routing
+    topk_w = torch.rand(t_count, TOPK, generator=gen)
+    gs_x = None if scale_mode == "dynamic" else 1 / weights.l1_input_scale
+    acts = nvfp4.quantize(x, gs_x) if act_mode == "nvfp4" else x.to(torch.bfloat16)
+    got = expert_stage(acts, topk_idx, topk_w, weights, 0, spec)
+    ref = _naive_stage(x, topk_idx, topk_w, weights, spec, gs_x)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_w4a16_and_w4a4_differ_by_activation_quantization_only(gen):
+    weights = ExpertWeights.random(E, H, I, gen)
+    x = torch.randn(5, H, generator=gen)
+    topk_idx = torch.randint(0, E, (5, TOPK), generator=gen, dtype=torch.int32)
+    w = torch.rand(5, TOPK, generator=gen)
+    a4 = expert_stage(nvfp4.quantize(x), topk_idx, w, weights, 0, ExpertSpec("nvfp4", "dynamic"))
+    a16 = expert_stage(x.to(torch.bfloat16), topk_idx, w, weights, 0, ExpertSpec("bf16", "dynamic"))
+    rel = ((a4 - a16).norm() / a16.norm()).item()
+    assert 1e-3 < rel < 0.3
+
+
+def test_expert_stage_is_bitwise_deterministic(gen):
+    weights = ExpertWeights.random(E, H, I, gen)
+    x = nvfp4.quantize(torch.randn(7, H, generator=gen))
+    topk_idx = torch.randint(0, E, (7, TOPK), generator=gen, dtype=torch.int32)
+    w = torch.rand(7, TOPK, generator=gen)
+    spec = ExpertSpec("nvfp4", "dynamic", 10.0)
+    assert torch.equal(expert_stage(x, topk_idx, w, weights, 0, spec), expert_stage(x, topk_idx, w, weights, 0, spec))
+
+
+def test_unknown_backend_is_rejected(gen):
+    weights = ExpertWeights.random(E, H, I, gen)
+    with pytest.raises(ValueError, match="backend"):
+        expert_stage(nvfp4.quantize(torch.randn(1, H)), torch.zeros(1, TOPK, dtype=torch.int32),
+                     torch.ones(1, TOPK), weights, 0, ExpertSpec(), backend="magic")

@@ -1,0 +1,93 @@
+"""NVFP4_SPEC section 6: V4 sqrtsoftplus + bias + hash layers, V3 sigmoid group-limited; deterministic ties."""
+import math
+
+import pytest
+import torch
+
+from ep_runtime.config import ModelConfig
+from ep_runtime.routing import Router, route_v3, route_v4
+
+
+def _sqrtsoftplus(x):
+    return math.sqrt(math.log1p(math.exp(x)))
+
+
+def test_v4_picks_the_highest_scores_and_normalizes_weights_times_scaling():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    ids, w = route_v4(logits, None, k=2, scaling=2.5)
+    assert ids.tolist() == [[1, 3]]
+    s1, s3 = _sqrtsoftplus(2.0), _sqrtsoftplus(1.0)
+    assert w[0].tolist() == pytest.approx([2.5 * s1 / (s1 + s3), 2.5 * s3 / (s1 + s3)], rel=1e-6)
+
+
+def test_v4_bias_selects_but_does_not_weight():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    bias = torch.tensor([0.0, 0.0, 5.0, 0.0])
+    ids, w = route_v4(logits, bias, k=2, scaling=1.0)
+    assert ids.tolist() == [[2, 1]]
+    s2, s1 = _sqrtsoftplus(-1.0), _sqrtsoftplus(2.0)
+    assert w[0].tolist() == pytest.approx([s2 / (s1 + s2), s1 / (s1 + s2)], rel=1e-6)
+
+
+def test_v4_ties_pick_the_lower_expert_index():
+    ids, _ = route_v4(torch.zeros(3, 8), None, k=3, scaling=1.0)
+    assert ids.tolist() == [[0, 1, 2]] * 3
+
+
+def test_v4_hash_layer_takes_ids_from_the_table_and_weights_from_scores():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]])
+    ids, w = route_v4(logits, None, k=2, scaling=1.0, hash_ids=torch.tensor([[0, 2]]))
+    assert ids.tolist() == [[0, 2]]
+    s0, s2 = _sqrtsoftplus(0.5), _sqrtsoftplus(-1.0)
+    assert w[0].tolist() == pytest.approx([s0 / (s0 + s2), s2 / (s0 + s2)], rel=1e-6)
+
+
+def test_v3_keeps_only_the_best_groups():
+    # 4 groups of 2. Expert 6 has the best single score but its group's top-2 sum is the worst.
+    logits = torch.tensor([[2.0, 2.0, 1.5, 1.5, 0.0, 0.0, 3.0, -9.0]])
+    ids, w = route_v3(logits, None, k=2, scaling=1.0, n_group=4, topk_group=2)
+    assert ids.tolist() == [[0, 1]]
+    assert w[0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_v3_weights_use_unbiased_scores():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    ids, w = route_v3(logits, torch.tensor([10.0, 0, 0, 0]), k=2, scaling=2.0, n_group=1, topk_group=1)
+    assert ids.tolist() == [[0, 3]]
+    s0, s3 = 1 / (1 + math.exp(0.0)), 1 / (1 + math.exp(-3.0))
+    assert w[0].tolist() == pytest.approx([2 * s0 / (s0 + s3), 2 * s3 / (s0 + s3)], rel=1e-6)
+
+
+def _cfg(**kw):
+    base = dict(name="t", hidden_size=64, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                num_hash_layers=1, vocab_size=10)
+    return ModelConfig(**{**base, **kw})
+
+
+def test_router_hash_layer_needs_input_ids():
+    r = Router(_cfg(), torch.randn(8, 64), tid2eid=torch.zeros(10, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="input_ids"):
+        r(torch.randn(3, 64))
+
+
+def test_router_rejects_token_ids_outside_the_vocabulary():
+    r = Router(_cfg(), torch.randn(8, 64), tid2eid=torch.zeros(10, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 10\)"):
+        r(torch.randn(2, 64), torch.tensor([3, 10]))
+
+
+def test_router_rejects_a_hash_table_with_expert_ids_out_of_range():
+    with pytest.raises(ValueError, match="tid2eid"):
+        Router(_cfg(), torch.randn(8, 64), tid2eid=torch.full((10, 2), 8, dtype=torch.int32))
+
+
+def test_router_rejects_a_weight_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"router weight: expected shape \(8, 64\)"):
+        Router(_cfg(), torch.randn(8, 32))
+
+
+def test_router_is_deterministic(gen):
+    r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64, generator=gen), torch.randn(8, generator=gen))
+    x = torch.randn(32, 64, generator=gen)
+    a, b = r(x), r(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
