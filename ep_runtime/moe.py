@@ -16,7 +16,7 @@ from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer
 from .config import Config
 from .experts import ExpertSpec, expert_stage
 from .routing import Router
-from .symm import CpuBackend, SymmBuffer, make_backend
+from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from .weights import ExpertWeights
 
 
@@ -58,10 +58,11 @@ class EPMoE(nn.Module):
                                    f"(device {device})")
             self.backend = rt.backend
         if buffer is None:
+            shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
             # One rank owns every expert: nothing to exchange, whatever process group may exist.
-            backend = CpuBackend(device=device, local=True) if world_size == 1 else make_backend(rt.symm_backend, device)
-            buffer = SymmBuffer(backend, rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype,
-                                rt.act_mode)
+            backend = CpuBackend(device=device, local=True) if world_size == 1 else \
+                make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
+            buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
 
     @classmethod

@@ -98,8 +98,7 @@ def unpack_scales_u32(words: torch.Tensor) -> torch.Tensor:
 def dynamic_global_scale(x: torch.Tensor) -> torch.Tensor:
     """gs = 448*6 / amax(|x|) over the whole tensor; an all-zero tensor gets gs = 1."""
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
-    # A tensor numerator: `float / tensor` would run as reciprocal-then-multiply (two roundings).
-    return torch.where(amax > 0, torch.full_like(amax, E4M3_MAX * E2M1_MAX) / amax, torch.ones_like(amax))
+    return torch.where(amax > 0, _div(E4M3_MAX * E2M1_MAX, amax), torch.ones_like(amax))
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -126,7 +125,7 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, 
         if check and not (torch.isfinite(gs) and gs > 0):
             raise ValueError(f"global_scale: expected a finite positive scale, got {gs.item()}")
     blocks = xf.reshape(*xf.shape[:-1], -1, BLOCK)
-    sf = e4m3_from_float(gs * blocks.abs().amax(-1) / E2M1_MAX)
+    sf = e4m3_from_float(_div(gs * blocks.abs().amax(-1), E2M1_MAX))
     sf_f = sf.float().unsqueeze(-1)
     # gs / sf first, in fp32, then one multiply per element: the kernels reproduce this exact order.
     ratio = torch.where(sf_f > 0, gs / sf_f, torch.zeros_like(sf_f))
@@ -151,6 +150,18 @@ def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     return (block_dequantize(q.data, q.scale) / q.global_scale.float()).to(dtype)
 
 
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b as one correctly rounded fp32 division on every device.
+
+    Python-scalar operands are made tensors first: torch evaluates `float / tensor` as reciprocal-then-multiply,
+    and CUDA evaluates `tensor / float` the same way; both round twice.
+    """
+    ref = a if isinstance(a, torch.Tensor) else b
+    a = a if isinstance(a, torch.Tensor) else torch.full_like(ref, a)
+    b = b if isinstance(b, torch.Tensor) else torch.full_like(ref, b)
+    return a / b
+
+
 def _require_dtype(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     if t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
@@ -172,7 +183,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     wf = w.float()
     check_finite(wf, "w")
     amax = wf.abs().amax()
-    ws2 = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    ws2 = torch.where(amax > 0, _div(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
     blocks = wf.reshape(*wf.shape[:-1], -1, BLOCK)
     sf = e4m3_from_float(blocks.abs().amax(-1) / (E2M1_MAX * ws2))
     sf = torch.where(sf.float() > 0, sf.float(), torch.ones_like(sf.float())).to(torch.float8_e4m3fn)

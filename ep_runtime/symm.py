@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from typing import Protocol
 
 import torch
@@ -17,6 +18,20 @@ import torch.distributed as dist
 from .nvfp4 import NVFP4Tensor, quantize
 
 log = logging.getLogger("ep_runtime")
+
+ALIGN = 256  # region alignment inside a symmetric arena (TMA and 16-byte vector loads need far less)
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def region_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes of an arena holding these (name, shape, dtype) regions carved in order at ALIGN boundaries."""
+    used = 0
+    for _, shape, dtype in layout:
+        used = align(used) + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return align(used)
 
 
 class SymmBackend(Protocol):
@@ -69,24 +84,31 @@ class CpuBackend:
 class SymmBuffer:
     """x (packed FP4), x_sf (packed UE4M3 words), x_global, topk ids/weights and the all-reduce buffer y."""
 
-    def __init__(self, backend: SymmBackend, max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
-                 act_mode: str = "nvfp4"):
+    @staticmethod
+    def layout(max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
+               act_mode: str = "nvfp4") -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The named regions, in allocation order (backends size their symmetric arena from this)."""
         if hidden % 64:
             raise ValueError(f"hidden: expected a multiple of 64, got {hidden}")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive capacity, got {max_tokens}")
+        if act_mode == "nvfp4":
+            acts = [("x", (max_tokens, hidden // 2), torch.uint8), ("x_sf", (max_tokens, hidden // 64), torch.int32),
+                    ("x_global", (1,), torch.float32)]
+        else:  # W4A16: activations stay bf16
+            acts = [("x", (max_tokens, hidden), torch.bfloat16)]
+        return acts + [("topk_idx", (max_tokens, topk), torch.int32),
+                       ("topk_weights", (max_tokens, topk), torch.float32),
+                       ("y", (max_tokens, hidden), out_dtype)]
+
+    def __init__(self, backend: SymmBackend, max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
+                 act_mode: str = "nvfp4"):
         self.backend, self.max_tokens, self.hidden, self.topk = backend, max_tokens, hidden, topk
         self.act_mode = act_mode
-        alloc = backend.empty
-        if act_mode == "nvfp4":
-            self.x = alloc("x", (max_tokens, hidden // 2), torch.uint8)
-            self.x_sf = alloc("x_sf", (max_tokens, hidden // 64), torch.int32)
-            self.x_global = alloc("x_global", (1,), torch.float32)
-        else:  # W4A16: activations stay bf16
-            self.x = alloc("x", (max_tokens, hidden), torch.bfloat16)
-        self.topk_idx = alloc("topk_idx", (max_tokens, topk), torch.int32)
-        self.topk_weights = alloc("topk_weights", (max_tokens, topk), torch.float32)
-        self.y = alloc("y", (max_tokens, hidden), out_dtype)
+        for name, shape, dtype in self.layout(max_tokens, hidden, topk, out_dtype, act_mode):
+            setattr(self, name, backend.empty(name, shape, dtype))
+        # Staging on the GPU reduces the dynamic amax into this word; allocated once for graph replay.
+        self._amax = torch.zeros(1, dtype=torch.int32, device=backend.device)
         log.info("SymmBuffer: backend=%s rank=%d/%d max_tokens=%d hidden=%d topk=%d act=%s y=%s",
                  backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype)
 
@@ -111,6 +133,11 @@ class SymmBuffer:
         if self.act_mode != "nvfp4":
             self.x[:t].copy_(hidden)
             return self.activations(t)
+        if hidden.is_cuda and hidden.dtype == torch.bfloat16:
+            from .staging import stage_nvfp4
+
+            gs = None if global_scale is None else global_scale.reshape(1).float()
+            return stage_nvfp4(hidden, self.x, self.x_sf, self.x_global, self._amax, gs, check)
         q = quantize(hidden, global_scale, check=check)
         staged = self.activations(t)
         staged.data.copy_(q.data)
@@ -126,8 +153,8 @@ class SymmBuffer:
         return self.topk_idx[:t], self.topk_weights[:t]
 
 
-def make_backend(kind: str, device: torch.device) -> SymmBackend:
-    """cpu | torch | auto (torch symmetric memory on CUDA when available, else cpu)."""
+def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBackend:
+    """cpu | torch | auto (torch symmetric memory on CUDA, else cpu); capacity_bytes sizes a GPU arena."""
     if kind == "auto":
         kind = "torch" if device.type == "cuda" else "cpu"
     if kind == "cpu":
@@ -137,5 +164,5 @@ def make_backend(kind: str, device: torch.device) -> SymmBackend:
             raise ValueError(f"symm_backend: 'torch' needs a CUDA device, got {device}")
         from .symm_torch import TorchSymmBackend
 
-        return TorchSymmBackend(device=device)
+        return TorchSymmBackend(device=device, capacity_bytes=capacity_bytes)
     raise ValueError(f"symm_backend: expected 'cpu', 'torch' or 'auto', got {kind!r}")

@@ -1,0 +1,295 @@
+// Sum all-reduce over peer-to-peer (NVLink) pointers into symmetric memory, for the W ranks of one node.
+// No NVLink multicast anywhere (multimem / cuMulticast are off on our machines).
+//
+// Determinism: every output element is ((x_0 + x_1) + x_2) + ... in fp32, ranks in ascending order, then
+// one rounding to the element type. One-shot and two-shot therefore produce the same bits, on every rank.
+//
+// Synchronization: each CTA index b has its own flag row; CTA b of every rank touches only the element set
+// of CTA b (same grid, same strides on all ranks), so a barrier among the CTAs with index b is enough and no
+// grid-wide barrier is needed. Flags carry a per-CTA epoch that advances by the number of barriers each
+// call, so flags are never reset between calls (a CUDA graph replays the same kernel with no host input).
+// A waiting thread gives up after timeout_ns (%globaltimer), records the missing peer in host-mapped
+// status words and the CTA exits; the Python wrapper turns that into an error naming the peer.
+#include <cuda_bf16.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "allreduce_signals.cuh"
+#include "cuda_check.h"
+#include "registry.h"
+
+namespace {
+
+using namespace ep::allreduce;
+
+constexpr int kThreads = 512;
+constexpr int kOneShotVecsPerThread = 4;  // values a thread holds in registers between read and write
+
+struct Args {
+  std::uintptr_t data[kMaxRanks];  // the tensor on each rank (same offset in every rank's symmetric arena)
+  std::uintptr_t sig[kMaxRanks];   // each rank's signal block (see allreduce_signals.cuh)
+  int rank;
+  int world;
+  int64_t n_vec;  // 16-byte vectors in the tensor
+  unsigned long long timeout_ns;
+  int* status;  // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer
+};
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Barrier among the CTAs with index `slot` on all ranks. Thread t < world signals peer t and waits for it.
+// The __syncthreads before the release store orders every thread's earlier reads and writes (including
+// stores into peers' memory) before the signal; the one after the acquire load orders every later access.
+__device__ bool cta_barrier(const Args& a, int slot, uint32_t epoch, int phase) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < a.world) {
+    st_release_sys(flag_ptr(a.sig[t], slot, a.rank), epoch);
+    const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
+    const unsigned long long start = global_ns();
+    while (static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0) {
+      if (global_ns() - start > a.timeout_ns) {
+        volatile int* st = a.status;
+        st[1 + t] = 1;
+        st[0] = phase + 1;
+        __threadfence_system();
+        failed = 1;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+// Epoch bookkeeping: the previous call's last epoch for this CTA slot, read once, advanced once.
+__device__ uint32_t load_epoch(const Args& a, int slot) {
+  __shared__ uint32_t base;
+  if (threadIdx.x == 0) base = *epoch_ptr(a.sig[a.rank], slot);
+  __syncthreads();
+  return base;
+}
+__device__ void store_epoch(const Args& a, int slot, uint32_t value) {
+  if (threadIdx.x == 0) *epoch_ptr(a.sig[a.rank], slot) = value;
+}
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<__nv_bfloat16> {
+  static constexpr int N = 8;
+  __device__ static void add(float (&acc)[N], const uint4& v, bool first) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      acc[2 * i] = first ? f.x : __fadd_rn(acc[2 * i], f.x);
+      acc[2 * i + 1] = first ? f.y : __fadd_rn(acc[2 * i + 1], f.y);
+    }
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    uint4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return out;
+  }
+};
+template <>
+struct Vec<float> {
+  static constexpr int N = 4;
+  __device__ static void add(float (&acc)[N], const uint4& v, bool first) {
+    const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = first ? f[i] : __fadd_rn(acc[i], f[i]);
+  }
+  __device__ static uint4 pack(const float (&acc)[N]) {
+    return make_uint4(__float_as_uint(acc[0]), __float_as_uint(acc[1]), __float_as_uint(acc[2]), __float_as_uint(acc[3]));
+  }
+};
+
+// Sum of vector i over all ranks, ascending rank order. Plain (coherent) loads: peer data changes between
+// calls, so the read-only/non-coherent path must not be used.
+template <typename T>
+__device__ __forceinline__ uint4 reduce_vec(const Args& a, int64_t i) {
+  uint4 v[kMaxRanks];
+#pragma unroll
+  for (int q = 0; q < kMaxRanks; ++q)
+    if (q < a.world) v[q] = reinterpret_cast<const uint4*>(a.data[q])[i];
+  float acc[Vec<T>::N];
+#pragma unroll
+  for (int q = 0; q < kMaxRanks; ++q)
+    if (q < a.world) Vec<T>::add(acc, v[q], q == 0);
+  return Vec<T>::pack(acc);
+}
+
+// One-shot: every rank reads every peer's whole tensor and keeps its own result. In place, so a rank may
+// overwrite its own elements only after all peers have read them: work goes in rounds of at most
+// kOneShotVecsPerThread vectors per thread held in registers, with a barrier between read and write.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) one_shot_kernel(Args a) {
+  const int slot = blockIdx.x;
+  const uint32_t e0 = load_epoch(a, slot);
+  const int64_t stride = (int64_t)gridDim.x * kThreads;
+  const int64_t per_round = stride * kOneShotVecsPerThread;
+  const int64_t rounds = (a.n_vec + per_round - 1) / per_round;
+  uint32_t e = e0 + 1;
+  if (!cta_barrier(a, slot, e, 0)) return;  // every peer's input is complete
+  for (int64_t r = 0; r < rounds; ++r) {
+    uint4 out[kOneShotVecsPerThread];
+    const int64_t first = r * per_round + (int64_t)blockIdx.x * kThreads + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kOneShotVecsPerThread; ++k)
+      if (first + k * stride < a.n_vec) out[k] = reduce_vec<T>(a, first + k * stride);
+    if (!cta_barrier(a, slot, ++e, 1)) return;  // every peer has read this round's elements of mine
+    uint4* own = reinterpret_cast<uint4*>(a.data[a.rank]);
+#pragma unroll
+    for (int k = 0; k < kOneShotVecsPerThread; ++k)
+      if (first + k * stride < a.n_vec) own[first + k * stride] = out[k];
+  }
+  store_epoch(a, slot, e);
+}
+
+// Two-shot: rank r reduces chunk r (reduce-scatter) and pushes the result into chunk r of every rank
+// (all-gather by remote stores). Only rank r ever reads or writes chunk r of anyone during the call, and it
+// writes an element only after reading it everywhere, so the in-place update needs just two barriers:
+// inputs complete, and all pushes into my tensor complete.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
+  const int slot = blockIdx.x;
+  const uint32_t e0 = load_epoch(a, slot);
+  const int64_t chunk = (a.n_vec + a.world - 1) / a.world;
+  const int64_t begin = chunk * a.rank;
+  const int64_t end = min(a.n_vec, begin + chunk);
+  if (!cta_barrier(a, slot, e0 + 1, 0)) return;
+  for (int64_t i = begin + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < end; i += (int64_t)gridDim.x * kThreads) {
+    const uint4 sum = reduce_vec<T>(a, i);
+#pragma unroll
+    for (int k = 0; k < kMaxRanks; ++k) {
+      // Start with the next rank so the ranks' stores spread over the links instead of all hitting rank 0.
+      const int q = (a.rank + 1 + k) % a.world;
+      if (k < a.world) reinterpret_cast<uint4*>(a.data[q])[i] = sum;
+    }
+  }
+  if (!cta_barrier(a, slot, e0 + 2, 2)) return;
+  store_epoch(a, slot, e0 + 2);
+}
+
+__global__ void barrier_kernel(Args a) {
+  const uint32_t e = load_epoch(a, kBarrierSlot) + 1;
+  if (!cta_barrier(a, kBarrierSlot, e, 3)) return;
+  store_epoch(a, kBarrierSlot, e);
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  EP_CUDA_CHECK(cudaGetDevice(&dev));
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
+               int64_t n_vec, double timeout_s, std::uintptr_t status) {
+  const int world = (int)sig.size();
+  EP_REQUIRE(world >= 1 && world <= kMaxRanks, "allreduce: world size must be in [1, 8]");
+  EP_REQUIRE(data.empty() || (int)data.size() == world, "allreduce: need one data pointer per rank");
+  EP_REQUIRE(rank >= 0 && rank < world, "allreduce: rank out of range");
+  EP_REQUIRE(timeout_s > 0, "allreduce: timeout_s must be positive");
+  EP_REQUIRE(status != 0, "allreduce: status pointer is null");
+  Args a{};
+  for (int q = 0; q < world; ++q) {
+    if (!data.empty()) {
+      EP_REQUIRE(data[q] % 16 == 0, "allreduce: data pointers must be 16-byte aligned");
+      a.data[q] = data[q];
+    }
+    a.sig[q] = sig[q];
+  }
+  a.rank = rank;
+  a.world = world;
+  a.n_vec = n_vec;
+  a.timeout_ns = (unsigned long long)(timeout_s * 1e9);
+  a.status = ep::as_ptr<int>(status);
+  return a;
+}
+
+// dtype: 0 bf16, 1 fp32. algo: 0 one-shot, 1 two-shot. nbytes % 16 == 0. max_ctas caps the grid (0: one CTA
+// per SM); it must be the same on every rank.
+void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
+                int64_t nbytes, int dtype, int algo, double timeout_s, std::uintptr_t status, int max_ctas,
+                std::uintptr_t stream) {
+  EP_REQUIRE(nbytes % 16 == 0, "allreduce: nbytes must be a multiple of 16");
+  EP_REQUIRE(dtype == 0 || dtype == 1, "allreduce: dtype code must be 0 (bf16) or 1 (fp32)");
+  EP_REQUIRE(algo == 0 || algo == 1, "allreduce: algo code must be 0 (one-shot) or 1 (two-shot)");
+  const Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
+  if (a.n_vec == 0 || a.world == 1) return;
+  const int64_t work = algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world;
+  EP_REQUIRE(max_ctas >= 0, "allreduce: max_ctas must be >= 0");
+  const int cap = std::min(max_ctas > 0 ? max_ctas : sm_count(), kMaxCtas);
+  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
+  const cudaStream_t s = ep::as_stream(stream);
+  if (algo == 0) {
+    if (dtype == 0) one_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
+    else one_shot_kernel<float><<<grid, kThreads, 0, s>>>(a);
+  } else {
+    if (dtype == 0) two_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
+    else two_shot_kernel<float><<<grid, kThreads, 0, s>>>(a);
+  }
+  EP_CHECK_LAUNCH();
+}
+
+void device_barrier(const std::vector<std::uintptr_t>& sig, int rank, double timeout_s, std::uintptr_t status,
+                    std::uintptr_t stream) {
+  const Args a = make_args({}, sig, rank, 0, timeout_s, status);
+  barrier_kernel<<<1, 32, 0, ep::as_stream(stream)>>>(a);
+  EP_CHECK_LAUNCH();
+}
+
+// Status words the kernels write and the host reads without a copy or a sync (mapped pinned memory).
+std::uintptr_t host_status_alloc(int64_t words) {
+  void* p = nullptr;
+  EP_CUDA_CHECK(cudaHostAlloc(&p, words * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(p, 0, words * sizeof(int));
+  return reinterpret_cast<std::uintptr_t>(p);
+}
+std::uintptr_t host_status_device_ptr(std::uintptr_t host) {
+  void* d = nullptr;
+  EP_CUDA_CHECK(cudaHostGetDevicePointer(&d, reinterpret_cast<void*>(host), 0));
+  return reinterpret_cast<std::uintptr_t>(d);
+}
+void host_status_free(std::uintptr_t host) { EP_CUDA_CHECK(cudaFreeHost(reinterpret_cast<void*>(host))); }
+
+void bind_allreduce(pybind11::module_& m) {
+  m.def("allreduce_signal_bytes", [] { return kSignalBytes; });
+  m.def("allreduce_max_ranks", [] { return kMaxRanks; });
+  m.def("allreduce_status_words", [] { return 1 + kMaxRanks; });
+  m.def("all_reduce", &all_reduce, "in-place sum all-reduce over peer pointers (see csrc/allreduce.cu)",
+        pybind11::arg("data"), pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("nbytes"),
+        pybind11::arg("dtype"), pybind11::arg("algo"), pybind11::arg("timeout_s"), pybind11::arg("status"),
+        pybind11::arg("max_ctas"), pybind11::arg("stream"));
+  m.def("device_barrier", &device_barrier, pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("timeout_s"),
+        pybind11::arg("status"), pybind11::arg("stream"));
+  m.def("host_status_alloc", &host_status_alloc);
+  m.def("host_status_device_ptr", &host_status_device_ptr);
+  m.def("host_status_free", &host_status_free);
+}
+
+}  // namespace
+EP_REGISTER_BINDINGS(bind_allreduce);

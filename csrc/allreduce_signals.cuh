@@ -1,0 +1,24 @@
+// Layout of the signal block each rank keeps in its symmetric arena for the all-reduce kernels.
+// flags[slot][src]: written by rank src (remote store), read by the owner; epochs[slot]: the owner's own
+// last epoch for that CTA slot. Slots 0..kMaxCtas-1 belong to all-reduce CTAs, kBarrierSlot to the
+// standalone barrier. The whole block must be zero before first use.
+#pragma once
+#include <cstdint>
+
+namespace ep::allreduce {
+
+constexpr int kMaxRanks = 8;
+constexpr int kMaxCtas = 256;
+constexpr int kBarrierSlot = kMaxCtas;
+constexpr int kSlots = kMaxCtas + 1;
+constexpr int64_t kFlagsBytes = int64_t(kSlots) * kMaxRanks * 4;
+constexpr int64_t kSignalBytes = (kFlagsBytes + int64_t(kSlots) * 4 + 255) / 256 * 256;
+
+__host__ __device__ inline uint32_t* flag_ptr(std::uintptr_t sig, int slot, int src) {
+  return reinterpret_cast<uint32_t*>(sig) + slot * kMaxRanks + src;
+}
+__host__ __device__ inline uint32_t* epoch_ptr(std::uintptr_t sig, int slot) {
+  return reinterpret_cast<uint32_t*>(sig + kFlagsBytes) + slot;
+}
+
+}  // namespace ep::allreduce

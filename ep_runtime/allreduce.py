@@ -1,0 +1,165 @@
+"""Sum all-reduce of a tensor in symmetric memory over NVLink peer pointers (csrc/allreduce.cu).
+
+One-shot (every rank reads every peer and keeps its own sum) for small tensors, two-shot (reduce-scatter of
+1/W chunks, then the reduced chunks pushed to every peer) for large ones; `auto` picks by size. Every
+element is summed in fp32 in ascending rank order, so both algorithms give the same bits on every rank.
+
+The kernels synchronize through signal words in symmetric memory and give up after `timeout_s`: they then
+write the missing peers into host-mapped status words, which this module turns into a CommTimeoutError
+naming them: at once with `check=True` (which syncs), otherwise on the next call. After a timeout the
+ranks' signal epochs disagree, so every rank must call the owner's `reset_signals()` before the next call.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Callable, Sequence
+
+import torch
+
+ALGOS = ("auto", "oneshot", "twoshot")
+_ALGO_CODE = {"oneshot": 0, "twoshot": 1}
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
+_PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier")
+# Measured crossover (bench/bench_allreduce.py, bench/NOTES_comm.md): one-shot up to this many bytes.
+DEFAULT_ONESHOT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
+
+
+class CommTimeoutError(TimeoutError):
+    """A symmetric-memory barrier gave up waiting; `missing` lists the peers that never arrived."""
+
+    def __init__(self, message: str, rank: int, missing: list[int]):
+        super().__init__(message)
+        self.rank, self.missing = rank, missing
+
+
+def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:
+    """The checks that need no GPU: algorithm name, dtype, layout, size granularity, device."""
+    if algo not in ALGOS:
+        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t: expected a tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPE_CODE:
+        raise TypeError(f"t: expected dtype torch.bfloat16 or torch.float32, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"t: expected a contiguous tensor, got strides {t.stride()}")
+    if (t.numel() * t.element_size()) % 16:
+        raise ValueError(f"t: size must be a multiple of 16 bytes, got {t.numel() * t.element_size()} bytes "
+                         f"(shape {tuple(t.shape)})")
+    if t.device.type != "cuda":
+        raise ValueError(f"t: expected a CUDA tensor in symmetric memory, got device {t.device}")
+    if t.data_ptr() % 16:
+        raise ValueError(f"t: data must be 16-byte aligned, got address {t.data_ptr():#x}")
+
+
+class HostStatus:
+    """Status words in mapped pinned host memory: kernels write them, the host reads them with no copy."""
+
+    def __init__(self) -> None:
+        from . import _C
+
+        self._C = _C
+        self.words = _C.allreduce_status_words()
+        self._host = _C.host_status_alloc(self.words)
+        self.device_ptr = _C.host_status_device_ptr(self._host)
+        self._view = (ctypes.c_int32 * self.words).from_address(self._host)
+
+    def read(self) -> list[int]:
+        return list(self._view)
+
+    def clear(self) -> None:
+        ctypes.memset(self._host, 0, self.words * 4)
+
+    def __del__(self) -> None:
+        # At interpreter exit the CUDA context may already be gone; the memory goes with the process then.
+        if getattr(self, "_host", 0):
+            with contextlib.suppress(RuntimeError):
+                self._C.host_status_free(self._host)
+
+
+class SymmAllReduce:
+    """The all-reduce and device barrier of one group of ranks over one symmetric arena.
+
+    `locate(t)` returns t's address on every rank (it raises if t is not in the arena); `signal_ptrs` are the
+    ranks' zeroed signal blocks (csrc/allreduce_signals.cuh), one per rank.
+    """
+
+    def __init__(self, rank: int, world_size: int, signal_ptrs: Sequence[int],
+                 locate: Callable[[torch.Tensor], list[int]], timeout_s: float = 10.0,
+                 oneshot_max_bytes: int | None = None, max_ctas: int = 0):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
+        if len(signal_ptrs) != world_size:
+            raise ValueError(f"signal_ptrs: expected {world_size} pointers, got {len(signal_ptrs)}")
+        self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.signal_ptrs = list(signal_ptrs)
+        self._locate = locate
+        env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
+        if oneshot_max_bytes is None:
+            oneshot_max_bytes = int(env) if env else DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
+        self.oneshot_max_bytes = oneshot_max_bytes
+        self.max_ctas = max_ctas  # grid cap, identical on every rank (0: one CTA per SM)
+        self.status = HostStatus()
+        self._id = len(_registry)
+        _registry.append(self)
+
+    def pick(self, nbytes: int, algo: str = "auto") -> str:
+        if algo != "auto":
+            return algo
+        return "oneshot" if nbytes <= self.oneshot_max_bytes else "twoshot"
+
+    def raise_if_failed(self) -> None:
+        st = self.status.read()
+        if st[0] == 0:
+            return
+        missing = [q for q in range(self.world_size) if st[1 + q]]
+        phase = _PHASES[st[0] - 1] if 0 < st[0] <= len(_PHASES) else f"phase {st[0] - 1}"
+        raise CommTimeoutError(
+            f"rank {self.rank}: symmetric-memory {phase} timed out after {self.timeout_s:g}s waiting for "
+            f"rank(s) {missing} of {self.world_size}; every rank must call reset_signals() before the next "
+            f"collective", self.rank, missing)
+
+    def __call__(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
+        """Sum t over the ranks, in place, on the current stream; returns t."""
+        validate_all_reduce_args(t, algo)
+        self.raise_if_failed()
+        nbytes = t.numel() * t.element_size()
+        if self.world_size > 1 and nbytes:
+            _all_reduce_op(t, self._id, _ALGO_CODE[self.pick(nbytes, algo)])
+            if check:
+                torch.cuda.current_stream(t.device).synchronize()
+                self.raise_if_failed()
+        return t
+
+    def launch(self, t: torch.Tensor, algo_code: int) -> None:
+        from . import _C
+
+        _C.all_reduce(self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
+                      _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas,
+                      torch.cuda.current_stream(t.device).cuda_stream)
+
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Device barrier among the ranks on the current stream, then a host sync and a status check."""
+        from . import _C
+
+        self.raise_if_failed()
+        stream = torch.cuda.current_stream()
+        _C.device_barrier(self.signal_ptrs, self.rank, float(timeout_s or self.timeout_s), self.status.device_ptr,
+                          stream.cuda_stream)
+        stream.synchronize()
+        self.raise_if_failed()
+
+
+# Custom ops see plain ints; they find their communicator here (communicators live for the process).
+_registry: list[SymmAllReduce] = []
+
+
+@torch.library.custom_op("ep_runtime::symm_all_reduce_", mutates_args=("t",))
+def _all_reduce_op(t: torch.Tensor, comm: int, algo: int) -> None:
+    _registry[comm].launch(t, algo)
+
+
+@_all_reduce_op.register_fake
+def _(t, comm, algo) -> None:
+    return None

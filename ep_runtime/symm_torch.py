@@ -1,0 +1,141 @@
+"""SymmBackend over PyTorch symmetric memory (torch.distributed._symmetric_memory, CUDA P2P backend).
+
+One symmetric arena per process, allocated and rendezvoused once at construction (before any CUDA-graph
+capture); `empty()` carves named regions out of it at 256-byte aligned offsets, identical on every rank,
+so capacities and addresses never change. The arena ends with the all-reduce signal block. Peer views and
+peer pointers are the same offsets in the peers' mappings of the arena.
+
+NVLink multicast stays off (our machines disable it): the all-reduce uses plain P2P loads and stores.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from .allreduce import SymmAllReduce
+from .symm import align as _align
+
+for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_var, _val)
+
+log = logging.getLogger("ep_runtime")
+
+DEFAULT_CAPACITY_BYTES = 256 << 20
+# Device-side barriers give up after this long. Ranks must reach their first collective within it of each
+# other, so start-up skew (one rank still loading weights) wants a host barrier first, or a larger value.
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class TorchSymmBackend:
+    """SymmBackend on one torch symmetric-memory arena; also `peer()`, `reset_signals()` and the all-reduce
+    algorithm choice (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce)."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None,
+                 capacity_bytes: int | None = None, timeout_s: float | None = None,
+                 oneshot_max_bytes: int | None = None):
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"device: TorchSymmBackend needs a CUDA device, got {self.device}")
+        if not dist.is_initialized():
+            raise RuntimeError("TorchSymmBackend: torch.distributed must be initialized first (init_process_group)")
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from . import _C
+
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.capacity = _align(capacity_bytes if capacity_bytes is not None else DEFAULT_CAPACITY_BYTES)
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("EP_SYMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        signal_bytes = _C.allreduce_signal_bytes()
+        total = self.capacity + signal_bytes
+
+        self._arena = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
+        handle = symm_mem.rendezvous(self._arena, self.group)
+        # get_buffer offsets count from the peer's allocation base, which may sit below our tensor (the
+        # implicit memory pool); measure the gap on this rank and insist it is the same on every rank.
+        gap = self._arena.data_ptr() - handle.get_buffer(self.rank, (1,), torch.uint8, 0).data_ptr()
+        gaps = [None] * self.world_size
+        dist.all_gather_object(gaps, gap, group=self.group)
+        if gap < 0 or len(set(gaps)) != 1:
+            raise RuntimeError(f"TorchSymmBackend: the arena sits at different offsets of the ranks' symmetric "
+                               f"allocations ({gaps}); allocate it before any other symmetric memory")
+        self._handle = handle  # owns the peer mappings the views below point into
+        self._peers = [handle.get_buffer(r, (gap + total,), torch.uint8, 0)[gap:] for r in range(self.world_size)]
+        self._peer_base = [p.data_ptr() for p in self._peers]
+        self._regions: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._used = 0
+
+        self._signals = self._arena[self.capacity:]
+        self.comm = SymmAllReduce(self.rank, self.world_size, [b + self.capacity for b in self._peer_base],
+                                  self._locate, timeout_s, oneshot_max_bytes)
+        self._zero_signals()
+        log.info("TorchSymmBackend: rank %d/%d on %s, arena %.1f MiB (+%d B signals), one-shot up to %d B, "
+                 "barrier timeout %.1fs, multicast disabled", self.rank, self.world_size, self.device,
+                 self.capacity / 2**20, signal_bytes, self.comm.oneshot_max_bytes, timeout_s)
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Carve a named region (collective: every rank must carve the same regions in the same order)."""
+        if name in self._regions:
+            raise ValueError(f"name: region {name!r} already exists")
+        shape = tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        offset = _align(self._used)
+        if offset + nbytes > self.capacity:
+            raise ValueError(f"{name}: {nbytes} bytes at offset {offset} exceed the symmetric arena of "
+                             f"{self.capacity} bytes; construct the backend with capacity_bytes >= "
+                             f"{_align(offset + nbytes)} (see region_bytes)")
+        layouts = [None] * self.world_size
+        dist.all_gather_object(layouts, (name, offset, shape, str(dtype)), group=self.group)
+        if any(lay != layouts[self.rank] for lay in layouts):
+            raise RuntimeError(f"{name}: ranks carved different symmetric regions: {layouts}")
+        self._regions[name] = (offset, shape, dtype)
+        self._used = offset + nbytes
+        log.info("TorchSymmBackend: region %s %s %s at offset %d (%d B), arena used %d/%d B", name, shape, dtype,
+                 offset, nbytes, self._used, self.capacity)
+        return self._view(self._arena, name)
+
+    def peer(self, name: str, rank: int) -> torch.Tensor:
+        """Rank `rank`'s copy of region `name`, addressable from this GPU."""
+        if name not in self._regions:
+            raise KeyError(f"name: no symmetric region {name!r}; have {sorted(self._regions)}")
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank: expected 0..{self.world_size - 1}, got {rank}")
+        return self._view(self._peers[rank], name)
+
+    def barrier(self, timeout_s: float) -> None:
+        self.comm.barrier(timeout_s)
+
+    def all_reduce_(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
+        return self.comm(t, algo=algo, check=check)
+
+    def reset_signals(self) -> None:
+        """Collective: bring every rank's signal epochs back to zero (needed after a barrier timeout)."""
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        self._zero_signals()
+
+    def _zero_signals(self) -> None:
+        self._signals.zero_()
+        self.comm.status.clear()
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+
+    def _view(self, arena: torch.Tensor, name: str) -> torch.Tensor:
+        offset, shape, dtype = self._regions[name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return arena[offset:offset + nbytes].view(dtype).view(shape)
+
+    def _locate(self, t: torch.Tensor) -> list[int]:
+        offset = t.data_ptr() - self._arena.data_ptr()
+        if offset < 0 or offset + t.numel() * t.element_size() > self.capacity:
+            raise ValueError(f"t: expected a tensor inside this rank's symmetric arena (a region from empty()), "
+                             f"got address {t.data_ptr():#x} outside [{self._arena.data_ptr():#x}, "
+                             f"+{self.capacity})")
+        return [base + offset for base in self._peer_base]

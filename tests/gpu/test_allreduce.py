@@ -1,0 +1,332 @@
+"""Symmetric-memory all-reduce (csrc/allreduce.cu): exact, deterministic, graph-safe, and loud on a missing rank.
+
+Two kinds of tests:
+- multigpu: the real thing across the GPUs of one node, under torchrun, one process per GPU, every rank running
+  the same tests in the same order:
+
+      torchrun --nproc-per-node N -m pytest -m multigpu -q tests/gpu/test_allreduce.py
+
+  (bench/run_comm_gpu.sh N runs this). No -x: a rank that stopped early would leave the others waiting in a
+  collective. Every rank builds every rank's input from per-rank seeds, so each rank checks its result
+  against the exact fp32 ascending-rank sum on its own; assertions come after the collectives.
+- gpu: W emulated ranks in one process on one GPU (one buffer and one stream per rank, kernels running
+  concurrently, the grid capped so that all ranks' CTAs are resident at once): the same kernels, barriers
+  and timeouts, checkable on a single-GPU machine (`python -m pytest -m gpu tests/gpu/test_allreduce.py`).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ep_runtime.allreduce import CommTimeoutError, SymmAllReduce
+from ep_runtime.symm import region_bytes
+from ep_runtime.symm_torch import TorchSymmBackend
+
+_TORCHRUN = ("RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
+             and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]))
+
+
+def _extension_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from ep_runtime import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "all_reduce")
+
+
+def multigpu(f):
+    skip = pytest.mark.skipif(not _TORCHRUN, reason="needs torchrun with WORLD_SIZE > 1 and a GPU per rank")
+    return pytest.mark.multigpu(skip(f))
+
+
+def emulated(f):
+    skip = pytest.mark.skipif(_TORCHRUN or not _extension_ready(), reason="needs one GPU and the built extension")
+    return pytest.mark.gpu(skip(f))
+
+
+H = 7168
+MAX_TOKENS = 8192
+F32_TOKENS = 1024
+TOKENS = [1, 2, 16, 127, 512, 2048, 8192]
+
+
+@pytest.fixture(scope="module")
+def backend() -> TorchSymmBackend:
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=device)
+    cap = region_bytes([("bf16", (MAX_TOKENS, H), torch.bfloat16), ("f32", (F32_TOKENS, H), torch.float32)])
+    be = TorchSymmBackend(device, capacity_bytes=cap, timeout_s=10.0)
+    be.y = be.empty("y", (MAX_TOKENS, H), torch.bfloat16)
+    be.y32 = be.empty("y32", (F32_TOKENS, H), torch.float32)
+    # A fresh seed per session, chosen by rank 0 and shared: every rank must build the same inputs.
+    seed = [torch.seed() % (2**31)]
+    dist.broadcast_object_list(seed, src=0)
+    be.seed = seed[0]
+    print(f"rank {be.rank}: input seed {be.seed}")
+    yield be
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _inputs(seed: int, world: int, t: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Every rank's input for one test case (rank q's from seed*97+q), generated identically on every rank."""
+    out = []
+    for q in range(world):
+        g = torch.Generator(device=device).manual_seed((seed * 97 + q) % 2**63)
+        out.append((torch.randn(t, H, generator=g, device=device) * (q + 1)).to(dtype))
+    return out
+
+
+def _ascending_sum(inputs: list[torch.Tensor]) -> torch.Tensor:
+    acc = inputs[0].float()
+    for x in inputs[1:]:
+        acc = acc + x.float()
+    return acc.to(inputs[0].dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _run(be: TorchSymmBackend, buf: torch.Tensor, seed: int, t: int, algo: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill rows [0, t) with this rank's input (rows past t poisoned), all-reduce them; return (result, rest)."""
+    inputs = _inputs(seed, be.world_size, t, buf.dtype, be.device)
+    buf.fill_(float("nan"))
+    buf[:t].copy_(inputs[be.rank])
+    be.all_reduce_(buf[:t], algo=algo, check=True)
+    return buf[:t].clone(), _ascending_sum(inputs)
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot", "auto"])
+@pytest.mark.parametrize("t", TOKENS)
+def test_bf16_result_is_the_fp32_ascending_rank_sum_exactly(backend, algo: str, t: int) -> None:
+    got, want = _run(backend, backend.y, seed=backend.seed + t, t=t, algo=algo)
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_rows_past_the_reduced_tokens_stay_untouched(backend, algo: str) -> None:
+    _run(backend, backend.y, seed=backend.seed + 5, t=37, algo=algo)
+    torch.cuda.synchronize()
+    assert bool(backend.y[37:64].isnan().all())
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+@pytest.mark.parametrize("t", [1, 64, 1024])
+def test_fp32_result_is_the_fp32_ascending_rank_sum_exactly(backend, algo: str, t: int) -> None:
+    got, want = _run(backend, backend.y32, seed=backend.seed + 1000 + t, t=t, algo=algo)
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@multigpu
+@pytest.mark.parametrize("t", [1, 512, 8192])
+def test_agrees_with_nccl_all_reduce_up_to_bf16_rounding(backend, t: int) -> None:
+    inputs = _inputs(backend.seed + 2000 + t, backend.world_size, t, torch.bfloat16, backend.device)
+    backend.y[:t].copy_(inputs[backend.rank])
+    backend.all_reduce_(backend.y[:t], check=True)
+    ref = inputs[backend.rank].float()
+    dist.all_reduce(ref)  # NCCL, fp32, its own summation order
+    torch.cuda.synchronize()
+    torch.testing.assert_close(backend.y[:t].float(), ref, rtol=2**-7, atol=1e-5)
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+@pytest.mark.parametrize("t", [1, 512, 8192])
+def test_every_rank_gets_identical_bits(backend, algo: str, t: int) -> None:
+    got, _ = _run(backend, backend.y, seed=backend.seed + 3000 + t, t=t, algo=algo)
+    gathered = [torch.empty_like(got) for _ in range(backend.world_size)]
+    dist.all_gather(gathered, got)
+    torch.cuda.synchronize()
+    assert all(torch.equal(_bits(g), _bits(gathered[0])) for g in gathered)
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_cuda_graph_replay_gives_the_same_bits_as_eager(backend, algo: str) -> None:
+    t = 300
+    view = backend.y[:t]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        backend.all_reduce_(view, algo=algo)  # warm-up outside capture, as graph capture requires
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.all_reduce_(view, algo=algo)
+    results = []
+    for replay in range(3):  # every rank replays the same number of times, on fresh inputs each time
+        inputs = _inputs(backend.seed + 4000 + replay, backend.world_size, t, torch.bfloat16, backend.device)
+        view.copy_(inputs[backend.rank])
+        graph.replay()
+        got_graph = view.clone()
+        view.copy_(inputs[backend.rank])
+        backend.all_reduce_(view, algo=algo, check=True)
+        results.append((got_graph, view.clone(), _ascending_sum(inputs)))
+    torch.cuda.synchronize()
+    backend.comm.raise_if_failed()
+    for got_graph, got_eager, want in results:
+        assert torch.equal(_bits(got_graph), _bits(got_eager))
+        assert torch.equal(_bits(got_graph), _bits(want))
+
+
+@multigpu
+def test_device_barrier_passes_when_every_rank_arrives(backend) -> None:
+    backend.barrier(timeout_s=10.0)
+
+
+@multigpu
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_a_rank_that_skips_the_collective_is_named_within_the_timeout(backend, algo: str) -> None:
+    absent = backend.world_size - 1
+    timeout = 2.0
+    backend.comm.timeout_s = timeout
+    err, elapsed = None, 0.0
+    try:
+        if backend.rank != absent:
+            backend.y[:16].normal_()
+            start = time.monotonic()
+            try:
+                backend.all_reduce_(backend.y[:16], algo=algo, check=True)
+            except CommTimeoutError as e:
+                err = e
+            elapsed = time.monotonic() - start
+    finally:
+        backend.comm.timeout_s = 10.0
+        backend.reset_signals()  # every rank, including the absent one: epochs back in step
+    # and the group works again afterwards
+    got, want = _run(backend, backend.y, seed=backend.seed + 77, t=8, algo=algo)
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(got), _bits(want))
+    if backend.rank != absent:
+        assert err is not None, "the all-reduce did not report the absent rank"
+        assert err.missing == [absent] and f"rank(s) [{absent}]" in str(err) and f"rank {backend.rank}:" in str(err)
+        assert elapsed < timeout + 5.0
+
+
+class _EmulatedGroup:
+    """`world` ranks in this process on one GPU: a zeroed arena (data + signal block) and a stream per rank."""
+
+    def __init__(self, world: int, data_bytes: int, timeout_s: float = 10.0, max_ctas: int = 8):
+        from ep_runtime import _C
+
+        self.world = world
+        self.arenas = [torch.zeros(data_bytes + _C.allreduce_signal_bytes(), dtype=torch.uint8, device="cuda")
+                       for _ in range(world)]
+        self.data_bytes = data_bytes
+        sig = [a.data_ptr() + data_bytes for a in self.arenas]
+        self.comms = [SymmAllReduce(r, world, sig, self._locator(r), timeout_s, oneshot_max_bytes=4096,
+                                    max_ctas=max_ctas) for r in range(world)]
+        self.streams = [torch.cuda.Stream() for _ in range(world)]
+
+    def _locator(self, rank: int):
+        def locate(t: torch.Tensor) -> list[int]:
+            offset = t.data_ptr() - self.arenas[rank].data_ptr()
+            return [a.data_ptr() + offset for a in self.arenas]
+        return locate
+
+    def buf(self, rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.arenas[rank][:self.data_bytes].view(dtype)[:n]
+
+    def all_reduce(self, inputs: list[torch.Tensor], algo: str, ranks: list[int] | None = None) -> list[torch.Tensor]:
+        bufs = [self.buf(r, x.numel(), x.dtype) for r, x in enumerate(inputs)]
+        for b, x in zip(bufs, inputs):
+            b.copy_(x)
+        torch.cuda.synchronize()
+        for r in (ranks if ranks is not None else range(self.world)):
+            with torch.cuda.stream(self.streams[r]):
+                self.comms[r](bufs[r], algo=algo)
+        torch.cuda.synchronize()
+        return bufs
+
+
+def _emulated_inputs(world: int, n: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+    return [(torch.randn(n, generator=g, device="cuda") * (q + 1)).to(dtype) for q in range(world)]
+
+
+@emulated
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot", "auto"])
+@pytest.mark.parametrize("n", [8, 8 * 1001, 7168, 3 * 7168, 64 * 7168])  # 64 x 7168: one-shot in 4 rounds
+def test_emulated_ranks_get_the_exact_ascending_rank_sum(world: int, algo: str, n: int, gen: torch.Generator) -> None:
+    group = _EmulatedGroup(world, 64 * 7168 * 2)
+    inputs = _emulated_inputs(world, n, torch.bfloat16, gen)
+    outs = group.all_reduce(inputs, algo)
+    want = _ascending_sum(inputs)
+    for r, out in enumerate(outs):
+        group.comms[r].raise_if_failed()
+        assert torch.equal(_bits(out), _bits(want)), f"rank {r} differs"
+
+
+@emulated
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_emulated_fp32_variant_is_the_exact_ascending_rank_sum(algo: str, gen: torch.Generator) -> None:
+    group = _EmulatedGroup(4, 1 << 20)
+    inputs = _emulated_inputs(4, 4 * 10007, torch.float32, gen)
+    outs = group.all_reduce(inputs, algo)
+    want = _ascending_sum(inputs)
+    assert all(torch.equal(_bits(o), _bits(want)) for o in outs)
+
+
+@emulated
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_emulated_repeated_calls_keep_the_epochs_in_step(algo: str, gen: torch.Generator) -> None:
+    group = _EmulatedGroup(4, 1 << 20)
+    for call in range(5):
+        inputs = _emulated_inputs(4, 7168 * (call + 1), torch.bfloat16, gen)
+        outs = group.all_reduce(inputs, algo)
+        want = _ascending_sum(inputs)
+        assert all(torch.equal(_bits(o), _bits(want)) for o in outs), f"call {call}"
+
+
+@emulated
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_emulated_graph_replay_gives_the_exact_sum(algo: str, gen: torch.Generator) -> None:
+    world, n = 4, 5 * 7168
+    group = _EmulatedGroup(world, 1 << 20)
+    bufs = [group.buf(r, n, torch.bfloat16) for r in range(world)]
+    graphs = [torch.cuda.CUDAGraph() for _ in range(world)]
+    for r in range(world):
+        with torch.cuda.graph(graphs[r], stream=group.streams[r]):
+            group.comms[r](bufs[r], algo=algo)
+    for replay in range(3):
+        inputs = _emulated_inputs(world, n, torch.bfloat16, gen)
+        for b, x in zip(bufs, inputs):
+            b.copy_(x)
+        torch.cuda.synchronize()
+        for r in range(world):
+            with torch.cuda.stream(group.streams[r]):
+                graphs[r].replay()
+        torch.cuda.synchronize()
+        want = _ascending_sum(inputs)
+        assert all(torch.equal(_bits(b), _bits(want)) for b in bufs), f"replay {replay}"
+
+
+@emulated
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_emulated_absent_rank_is_named_by_every_other_rank(algo: str, gen: torch.Generator) -> None:
+    world = 4
+    group = _EmulatedGroup(world, 1 << 20, timeout_s=1.0)
+    inputs = _emulated_inputs(world, 7168, torch.bfloat16, gen)
+    start = time.monotonic()
+    group.all_reduce(inputs, algo, ranks=[0, 1, 2])
+    elapsed = time.monotonic() - start
+    for r in range(world - 1):
+        with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* timed out after 1s waiting for rank\(s\) \[3\]"):
+            group.comms[r].raise_if_failed()
+    assert elapsed < 6.0

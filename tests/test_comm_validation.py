@@ -1,0 +1,115 @@
+"""Argument validation of the staging and all-reduce wrappers: bad input fails with a clear error, on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_runtime.allreduce import SymmAllReduce, validate_all_reduce_args
+from ep_runtime.staging import validate_stage_args
+from ep_runtime.symm import region_bytes
+from ep_runtime.symm_torch import TorchSymmBackend
+
+H = 128
+
+
+def _stage_args(t: int = 4, cap: int = 8, h: int = H) -> dict:
+    return dict(hidden=torch.randn(t, h).to(torch.bfloat16), x=torch.empty(cap, h // 2, dtype=torch.uint8),
+                x_sf=torch.empty(cap, h // 64, dtype=torch.int32), x_global=torch.empty(1),
+                global_scale=None)
+
+
+def test_stage_rejects_non_bf16_hidden() -> None:
+    args = _stage_args()
+    args["hidden"] = args["hidden"].float()
+    with pytest.raises(TypeError, match=r"hidden: expected dtype torch.bfloat16, got torch.float32"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_hidden_size_not_a_multiple_of_64() -> None:
+    args = _stage_args()
+    args["hidden"] = torch.randn(4, 96).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="hidden: hidden size must be a multiple of 64, got 96"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_more_tokens_than_capacity() -> None:
+    with pytest.raises(ValueError, match="hidden: 9 tokens exceed the staging buffer capacity max_tokens=8"):
+        validate_stage_args(**_stage_args(t=9, cap=8))
+
+
+def test_stage_rejects_scale_words_of_the_wrong_shape() -> None:
+    args = _stage_args()
+    args["x_sf"] = torch.empty(8, H // 16, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x_sf: expected shape \(8, 2\), got \(8, 8\)"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_float8_scales_instead_of_packed_words() -> None:
+    args = _stage_args()
+    args["x_sf"] = torch.empty(8, H // 16, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="x_sf: expected dtype torch.int32"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_non_contiguous_hidden() -> None:
+    args = _stage_args()
+    args["hidden"] = torch.randn(H, 4).to(torch.bfloat16).t()
+    with pytest.raises(ValueError, match="hidden: expected a contiguous tensor"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_a_global_scale_with_several_values() -> None:
+    args = _stage_args()
+    args["global_scale"] = torch.ones(2)
+    with pytest.raises(ValueError, match=r"global_scale: expected one value, got shape \(2,\)"):
+        validate_stage_args(**args)
+
+
+def test_stage_rejects_cpu_tensors_once_everything_else_is_right() -> None:
+    with pytest.raises(ValueError, match="hidden: expected a CUDA tensor, got device cpu"):
+        validate_stage_args(**_stage_args())
+
+
+def test_all_reduce_rejects_an_unknown_algorithm() -> None:
+    with pytest.raises(ValueError, match=r"algo: expected one of \('auto', 'oneshot', 'twoshot'\), got 'ring'"):
+        validate_all_reduce_args(torch.zeros(8, dtype=torch.bfloat16), "ring")
+
+
+def test_all_reduce_rejects_integer_tensors() -> None:
+    with pytest.raises(TypeError, match="t: expected dtype torch.bfloat16 or torch.float32, got torch.int32"):
+        validate_all_reduce_args(torch.zeros(8, dtype=torch.int32), "auto")
+
+
+def test_all_reduce_rejects_sizes_that_are_not_whole_16_byte_vectors() -> None:
+    with pytest.raises(ValueError, match=r"t: size must be a multiple of 16 bytes, got 14 bytes \(shape \(7,\)\)"):
+        validate_all_reduce_args(torch.zeros(7, dtype=torch.bfloat16), "auto")
+
+
+def test_all_reduce_rejects_non_contiguous_tensors() -> None:
+    with pytest.raises(ValueError, match="t: expected a contiguous tensor"):
+        validate_all_reduce_args(torch.zeros(16, 8, dtype=torch.bfloat16)[:, ::2], "auto")
+
+
+def test_all_reduce_rejects_cpu_tensors() -> None:
+    with pytest.raises(ValueError, match="t: expected a CUDA tensor in symmetric memory, got device cpu"):
+        validate_all_reduce_args(torch.zeros(8, dtype=torch.bfloat16), "auto")
+
+
+def test_all_reduce_needs_one_signal_block_per_rank() -> None:
+    with pytest.raises(ValueError, match="signal_ptrs: expected 4 pointers, got 3"):
+        SymmAllReduce(0, 4, [16, 32, 48], lambda t: [], timeout_s=1.0)
+
+
+def test_all_reduce_rejects_a_non_positive_timeout() -> None:
+    with pytest.raises(ValueError, match="timeout_s: expected a positive number of seconds, got 0"):
+        SymmAllReduce(0, 2, [16, 32], lambda t: [], timeout_s=0)
+
+
+def test_torch_backend_needs_a_cuda_device() -> None:
+    with pytest.raises(ValueError, match="device: TorchSymmBackend needs a CUDA device, got cpu"):
+        TorchSymmBackend(device="cpu")
+
+
+def test_region_bytes_aligns_every_region_to_256_bytes() -> None:
+    assert region_bytes([("a", (3,), torch.uint8), ("b", (1,), torch.float32)]) == 512
+    assert region_bytes([("y", (64, 7168), torch.bfloat16)]) == 64 * 7168 * 2
