@@ -343,3 +343,24 @@ def write_synthetic_checkpoint(path: str | Path, cfg: ModelConfig, num_layers: i
     (path / "hf_quant_config.json").write_text(json.dumps({"quantization": quant}, indent=1))
     (path / "config.json").write_text(json.dumps({**asdict(cfg), "quantization_config": quant}, indent=1))
     return path
+
+
+def synthetic_layer(cfg: ModelConfig, layer: int, rank: int, world_size: int, seed: int,
+                    device: torch.device | str) -> LayerWeights:
+    """An in-memory synthetic layer for model-sized runs: this rank's experts generated on `device`, each from
+    its own seed, so every rank and the single-process reference agree without writing files."""
+    e_total, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    if world_size <= 0 or e_total % world_size:
+        raise ValueError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
+    n_local = e_total // world_size
+    g = torch.Generator(device=device).manual_seed(seed * 7919 + layer)
+    router = (torch.randn(e_total, h, generator=g, device=device) / math.sqrt(h)).to(torch.bfloat16)
+    bias = 0.01 * torch.randn(e_total, generator=g, device=device) if cfg.topk_method == "noaux_tc" else None
+    tid2eid = None
+    if layer < cfg.num_hash_layers:
+        tid2eid = torch.rand(cfg.vocab_size, e_total, generator=g, device=device).argsort(dim=1)[
+            :, :cfg.num_experts_per_tok].to(torch.int32)
+    experts = ExpertWeights.synthetic(range(rank * n_local, (rank + 1) * n_local), h, i, seed + layer, device)
+    shared = ExpertWeights.synthetic(range(e_total, e_total + 1), h, i * cfg.n_shared_experts, seed + layer,
+                                     device) if cfg.n_shared_experts else None
+    return LayerWeights(router, bias, tid2eid, experts, shared)

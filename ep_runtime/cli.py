@@ -27,10 +27,14 @@ from .moe import EPMoE
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ep_runtime", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="built-in config name or YAML path (default: tiny)")
+    p.add_argument("--config", default="auto",
+                   help="built-in config name or YAML path (default: deepseek_v4_pro with one rank per GPU when "
+                        "GPUs are visible, else tiny on 8 CPU ranks)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set world_size=4 --set act_mode=bf16")
-    p.add_argument("--checkpoint", help="ModelOpt NVFP4 checkpoint dir; default: a synthetic one for the config")
+    p.add_argument("--checkpoint", help="ModelOpt NVFP4 checkpoint dir; default: synthetic (files written for "
+                                            "the config on CPU; generated in GPU memory on GPUs)")
+    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays of the layer (GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-reference", action="store_true", help="skip the single-process reference check")
     p.add_argument("--out", help="also write the JSON result to this file")
@@ -46,7 +50,7 @@ def _inputs(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     """The same hidden states and token ids on every rank (replicated-token mode)."""
     g = torch.Generator().manual_seed(cfg.runtime.seed)
     m, t = cfg.model, cfg.runtime.tokens
-    hidden = torch.randn(t, m.hidden_size, generator=g).to(device)
+    hidden = torch.randn(t, m.hidden_size, generator=g).to(device, cfg.runtime.torch_dtype)
     ids = torch.randint(0, max(m.vocab_size, 1), (t,), generator=g).to(device) if m.vocab_size else None
     return hidden, ids
 
@@ -63,49 +67,67 @@ def _synthetic_checkpoint(cfg: Config, rank: int, world_size: int) -> str:
 
 
 def run_rank(rank: int, world_size: int, cfg: Config, checkpoint: str | None, device_kind: str, reference: bool,
-             out_path: str | None) -> dict | None:
+             graph: bool, out_path: str | None) -> dict | None:
     device = pick_device(device_kind, int(os.environ.get("LOCAL_RANK", rank)), world_size)
     init_process_group(device, cfg.runtime.barrier_timeout_s)
-    synthetic = checkpoint is None
-    if synthetic:
+    written = checkpoint is None and device.type == "cpu"
+    if written:
         checkpoint = _synthetic_checkpoint(cfg, rank, world_size)
     try:
-        return _timed_forwards(rank, world_size, cfg, checkpoint, device, reference, out_path)
+        return _timed_forwards(rank, world_size, cfg, checkpoint, device, reference, graph, out_path)
     finally:
-        if synthetic and rank == 0:
+        if written and rank == 0:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str, device: torch.device,
-                    reference: bool, out_path: str | None) -> dict | None:
-    moe = EPMoE.from_checkpoint(checkpoint, cfg, cfg.runtime.layer, rank, world_size, device=device,
-                                progress=rank == 0)
+def _build(cfg: Config, checkpoint: str | None, rank: int, world_size: int, device: torch.device) -> EPMoE:
+    if checkpoint is None:
+        return EPMoE.from_synthetic(cfg, cfg.runtime.layer, rank, world_size, device=device)
+    return EPMoE.from_checkpoint(checkpoint, cfg, cfg.runtime.layer, rank, world_size, device=device,
+                                 progress=rank == 0)
+
+
+def _median_ms(fn, iters: int, device: torch.device) -> float:
+    times = []
+    for _ in range(iters):  # a fixed count on every rank: collectives must pair up
+        _synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | None, device: torch.device,
+                    reference: bool, graph: bool, out_path: str | None) -> dict | None:
+    moe = _build(cfg, checkpoint, rank, world_size, device)
     hidden, ids = _inputs(cfg, device)
     with torch.inference_mode():
         for _ in range(2):  # warm-up
             moe(hidden, ids)
-        times = []
-        for _ in range(cfg.runtime.iters):  # a fixed count on every rank: collectives must pair up
-            _synchronize(device)
-            t0 = time.perf_counter()
-            out = moe(hidden, ids)
-            _synchronize(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+        median = _median_ms(lambda: moe(hidden, ids), cfg.runtime.iters, device)
+        out = moe(hidden, ids)
+        graph_median = None
+        if graph:
+            captured = moe.capture(hidden, ids)
+            graph_median = _median_ms(captured.replay, cfg.runtime.iters, device)
+            if not torch.equal(captured.replay(), out):
+                raise RuntimeError(f"rank {rank}: CUDA-graph replay differs from the eager forward")
         moe.buffer.backend.barrier(cfg.runtime.barrier_timeout_s)
         if rank != 0:
             return None
-        rel = None
+        rel = cos = None
         if reference:
-            ref_cfg = cfg.replace(world_size=1)
-            ref = EPMoE.from_checkpoint(checkpoint, ref_cfg, cfg.runtime.layer, 0, 1, device=device)
-            ref.backend = "reference"
+            ref = _build(cfg.replace(world_size=1, backend="reference"), checkpoint, 0, 1, device)
             expected = ref(hidden, ids).double()
-            rel = ((out.double() - expected).norm() / expected.norm()).item()
+            got = out.double()
+            rel = ((got - expected).norm() / expected.norm()).item()
+            cos = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
     result = {"world_size": world_size, "experts_per_rank": cfg.experts_per_rank, "tokens": cfg.runtime.tokens,
               "backend": moe.backend, "symm_backend": moe.buffer.backend.name, "device": _device_name(device),
               "config": cfg.model.name, "act_mode": cfg.runtime.act_mode, "act_scale": cfg.runtime.act_scale,
-              "dtype": cfg.runtime.dtype, "iters": cfg.runtime.iters, "median_ms": statistics.median(times),
-              "rel_l2_vs_reference": rel}
+              "dtype": cfg.runtime.dtype, "iters": cfg.runtime.iters, "median_ms": median,
+              "graph_median_ms": graph_median, "rel_l2_vs_reference": rel, "cosine_vs_reference": cos}
     line = json.dumps(result)
     print(line, flush=True)
     if out_path:
@@ -118,10 +140,19 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _default_config(args: argparse.Namespace) -> str:
+    return "deepseek_v4_pro" if args.device != "cpu" and torch.cuda.is_available() else "tiny"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    job = (cfg, args.checkpoint, args.device, not args.no_reference, args.out)
+    name = _default_config(args) if args.config == "auto" else args.config
+    overrides = list(args.overrides)
+    if name != "tiny" and args.config == "auto" and not under_torchrun() and \
+            not any(o.split("=")[0].endswith("world_size") for o in overrides):
+        overrides.insert(0, f"world_size={torch.cuda.device_count()}")  # one rank per visible GPU
+    cfg = load_config(name, overrides)
+    job = (cfg, args.checkpoint, args.device, not args.no_reference, args.graph, args.out)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         run_rank(int(os.environ["RANK"]), world, cfg.replace(world_size=world), *job[1:])

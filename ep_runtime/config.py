@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ class RuntimeConfig:
     act_scale: str = "static"  # static (checkpoint input_scale) | dynamic (amax)
     dtype: str = "bfloat16"  # output / all-reduce dtype: bfloat16 | float32
     backend: str = "auto"  # expert stage: reference | cuda | auto
-    symm_backend: str = "auto"  # cpu | torch | auto
+    # cpu | torch | nvshmem | auto (torch on GPUs, else cpu); the environment's EP_SYMM_BACKEND sets the default
+    symm_backend: str = field(default_factory=lambda: os.environ.get("EP_SYMM_BACKEND", "auto"))
     barrier_timeout_s: float = 60.0
     tokens: int = 64  # main job: tokens per forward
     layer: int = 0  # main job: which MoE layer of the checkpoint
@@ -67,7 +69,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         choices = {"act_mode": ("nvfp4", "bf16"), "act_scale": ("static", "dynamic"),
                    "dtype": ("bfloat16", "float32"), "backend": ("reference", "cuda", "auto"),
-                   "symm_backend": ("cpu", "torch", "auto")}
+                   "symm_backend": ("cpu", "torch", "nvshmem", "auto")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"runtime.{name}: expected one of {allowed}, got {getattr(self, name)!r}")

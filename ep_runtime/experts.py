@@ -144,12 +144,15 @@ def combine(y_slot: torch.Tensor, slots: SlotMap, topk_weights: torch.Tensor, nu
 
 
 def expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
-                 expert_begin: int, spec: ExpertSpec, backend: str = "reference") -> torch.Tensor:
-    """This rank's partial MoE output (T, H) fp32 for its local experts."""
+                 expert_begin: int, spec: ExpertSpec, backend: str = "reference",
+                 workspace=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's partial MoE output (T, H) for its local experts: fp32, or written into `out` (cuda backend,
+    with its preallocated `workspace` so that CUDA graphs replay the same addresses)."""
     if backend == "cuda":
         from .cuda_experts import cuda_expert_stage
 
-        return cuda_expert_stage(acts, topk_idx, topk_weights, weights, expert_begin, spec)
+        return cuda_expert_stage(acts, topk_idx, topk_weights, weights, expert_begin, spec, out=out,
+                                 workspace=workspace)
     if backend != "reference":
         raise ValueError(f"backend: expected 'reference' or 'cuda', got {backend!r}")
     slots = map_slots(topk_idx, weights.num_experts, expert_begin)

@@ -7,12 +7,13 @@ and the partial outputs are summed by the buffer's all-reduce.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer
+from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config
 from .experts import ExpertSpec, expert_stage
 from .routing import Router
@@ -64,6 +65,21 @@ class EPMoE(nn.Module):
                 make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
             buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
+        self._workspace = self._shared_workspace = None
+        if self.backend == "cuda":
+            from .cuda_experts import ExpertWorkspace
+
+            n = rt.max_tokens
+            self._workspace = ExpertWorkspace.allocate(n, m.num_experts_per_tok, n_local, m.hidden_size,
+                                                       m.moe_intermediate_size, device, self.spec)
+            if self.shared is not None:
+                self._shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size,
+                                                                  self.shared.intermediate_size, device, self.spec)
+        # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
+        self.stage_marker: Callable[[str], None] = lambda name: None
+        # Every token visits the shared expert once with weight 1: its routing is constant.
+        self._shared_idx = torch.zeros(rt.max_tokens, 1, dtype=torch.int32, device=device)
+        self._shared_w = torch.ones(rt.max_tokens, 1, dtype=torch.float32, device=device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
@@ -78,6 +94,13 @@ class EPMoE(nn.Module):
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
+        return cls(cfg, weights, rank, world_size, buffer, device)
+
+    @classmethod
+    def from_synthetic(cls, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
+                       buffer: SymmBuffer | None = None, device: torch.device | str = "cpu") -> "EPMoE":
+        """A model-sized layer of random weights generated on the device (see checkpoint.synthetic_layer)."""
+        weights = synthetic_layer(cfg.model, layer, rank, world_size, cfg.runtime.seed, device)
         return cls(cfg, weights, rank, world_size, buffer, device)
 
     @classmethod
@@ -127,17 +150,56 @@ class EPMoE(nn.Module):
         return self.buffer.stage(hidden, gs, check=check)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
+        capture requires; shapes, dtypes and capacity are always checked."""
+        mark = self.stage_marker
         self._validate(hidden, input_ids)
         t = hidden.shape[0]
         acts = self.stage_activations(hidden, check)
-        topk_idx, topk_weights = self.buffer.set_routing(*self.router(hidden, input_ids))
-        partial = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec, self.backend)
+        mark("staging")
+        topk_idx, topk_weights = self.buffer.set_routing(*self.router(hidden, input_ids, check))
+        mark("routing")
         y = self.buffer.y[:t]
-        y.copy_(partial)
+        if self.backend == "cuda":  # the combine writes straight into the all-reduce buffer
+            expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec, "cuda",
+                         self._workspace, y)
+        else:
+            y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
+        mark("experts")
         self.buffer.backend.all_reduce_(y)
-        out = y.float()
+        mark("all_reduce")
+        out = y.to(torch.float32, copy=True)  # never hand out a view of the communication buffer
         if self.shared is not None:
-            ones = torch.ones(t, 1, dtype=torch.float32, device=self.device)
-            zeros = torch.zeros(t, 1, dtype=torch.int32, device=self.device)
-            out = out + expert_stage(acts, zeros, ones, self.shared, 0, self.spec, self.backend)
-        return out.to(self.cfg.runtime.torch_dtype)
+            out += expert_stage(acts, self._shared_idx[:t], self._shared_w[:t], self.shared, 0, self.spec,
+                                self.backend, self._shared_workspace)
+        out = out.to(self.cfg.runtime.torch_dtype)
+        mark("shared")
+        return out
+
+    def capture(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> "CapturedLayer":
+        """Capture forward on these (static) inputs into a CUDA graph; copy new inputs into
+        `captured.hidden` / `captured.input_ids` and call `captured.replay()`. Every rank must capture and
+        replay the same number of times (the graph holds the all-reduce)."""
+        return CapturedLayer(self, hidden, input_ids)
+
+
+class CapturedLayer:
+    def __init__(self, moe: EPMoE, hidden: torch.Tensor, input_ids: torch.Tensor | None):
+        if moe.device.type != "cuda":
+            raise ValueError(f"capture: needs a CUDA device, got {moe.device}")
+        if moe.backend != "cuda":
+            raise ValueError("capture: the reference expert stage syncs with the host; use backend 'cuda'")
+        self.hidden, self.input_ids = hidden.clone(), None if input_ids is None else input_ids.clone()
+        stream = torch.cuda.Stream(moe.device)
+        stream.wait_stream(torch.cuda.current_stream(moe.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init)
+            for _ in range(2):
+                moe(self.hidden, self.input_ids, check=False)
+        torch.cuda.current_stream(moe.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = moe(self.hidden, self.input_ids, check=False)
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out

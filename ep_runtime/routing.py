@@ -69,7 +69,9 @@ class Router(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None,
+                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """check=False skips the token-id range check (a host sync; CUDA-graph capture needs it off)."""
         cfg = self.cfg
         logits = hidden.float() @ self.weight.t()
         if cfg.scoring_func == "sigmoid":
@@ -82,7 +84,7 @@ class Router(nn.Module):
             if input_ids.shape != hidden.shape[:1]:
                 raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
             vocab = self.tid2eid.shape[0]
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
                 raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
                                  f"[{input_ids.min().item()}, {input_ids.max().item()}]")
             hash_ids = self.tid2eid[input_ids.long()]

@@ -154,7 +154,8 @@ class SymmBuffer:
 
 
 def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBackend:
-    """cpu | torch | auto (torch symmetric memory on CUDA, else cpu); capacity_bytes sizes a GPU arena."""
+    """cpu | torch | nvshmem | auto (torch symmetric memory on CUDA, else cpu); capacity_bytes sizes a GPU
+    arena. The choice and the capacities are logged by the backend and the SymmBuffer."""
     if kind == "auto":
         kind = "torch" if device.type == "cuda" else "cpu"
     if kind == "cpu":
@@ -165,4 +166,10 @@ def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBa
         from .symm_torch import TorchSymmBackend
 
         return TorchSymmBackend(device=device, capacity_bytes=capacity_bytes)
-    raise ValueError(f"symm_backend: expected 'cpu', 'torch' or 'auto', got {kind!r}")
+    if kind == "nvshmem":
+        if device.type != "cuda":
+            raise ValueError(f"symm_backend: 'nvshmem' needs a CUDA device, got {device}")
+        from .symm_nvshmem import NvshmemBackend
+
+        return NvshmemBackend(device=device, capacity_bytes=capacity_bytes)
+    raise ValueError(f"symm_backend: expected 'cpu', 'torch', 'nvshmem' or 'auto', got {kind!r}")

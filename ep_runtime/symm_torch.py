@@ -30,22 +30,23 @@ DEFAULT_CAPACITY_BYTES = 256 << 20
 DEFAULT_TIMEOUT_S = 10.0
 
 
-class TorchSymmBackend:
-    """SymmBackend on one torch symmetric-memory arena; also `peer()`, `reset_signals()` and the all-reduce
-    algorithm choice (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce)."""
+class P2PArenaBackend:
+    """A SymmBackend over one arena that every rank maps (peer pointers over NVLink/P2P). Subclasses only say
+    how the arena is allocated and mapped (`_map_arena`); regions, peer views, signals and the all-reduce
+    are shared. Also `peer()`, `reset_signals()` and the all-reduce algorithm choice
+    (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce)."""
 
-    name = "torch"
+    name = "p2p"
 
     def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None,
                  capacity_bytes: int | None = None, timeout_s: float | None = None,
                  oneshot_max_bytes: int | None = None):
         self.device = torch.device(device)
         if self.device.type != "cuda":
-            raise ValueError(f"device: TorchSymmBackend needs a CUDA device, got {self.device}")
+            raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {self.device}")
         if not dist.is_initialized():
-            raise RuntimeError("TorchSymmBackend: torch.distributed must be initialized first (init_process_group)")
-        import torch.distributed._symmetric_memory as symm_mem
-
+            raise RuntimeError(f"{type(self).__name__}: torch.distributed must be initialized first "
+                               f"(init_process_group)")
         from . import _C
 
         self.group = group if group is not None else dist.group.WORLD
@@ -55,19 +56,7 @@ class TorchSymmBackend:
             timeout_s = float(os.environ.get("EP_SYMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         signal_bytes = _C.allreduce_signal_bytes()
         total = self.capacity + signal_bytes
-
-        self._arena = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
-        handle = symm_mem.rendezvous(self._arena, self.group)
-        # get_buffer offsets count from the peer's allocation base, which may sit below our tensor (the
-        # implicit memory pool); measure the gap on this rank and insist it is the same on every rank.
-        gap = self._arena.data_ptr() - handle.get_buffer(self.rank, (1,), torch.uint8, 0).data_ptr()
-        gaps = [None] * self.world_size
-        dist.all_gather_object(gaps, gap, group=self.group)
-        if gap < 0 or len(set(gaps)) != 1:
-            raise RuntimeError(f"TorchSymmBackend: the arena sits at different offsets of the ranks' symmetric "
-                               f"allocations ({gaps}); allocate it before any other symmetric memory")
-        self._handle = handle  # owns the peer mappings the views below point into
-        self._peers = [handle.get_buffer(r, (gap + total,), torch.uint8, 0)[gap:] for r in range(self.world_size)]
+        self._arena, self._peers = self._map_arena(total)
         self._peer_base = [p.data_ptr() for p in self._peers]
         self._regions: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         self._used = 0
@@ -76,9 +65,9 @@ class TorchSymmBackend:
         self.comm = SymmAllReduce(self.rank, self.world_size, [b + self.capacity for b in self._peer_base],
                                   self._locate, timeout_s, oneshot_max_bytes)
         self._zero_signals()
-        log.info("TorchSymmBackend: rank %d/%d on %s, arena %.1f MiB (+%d B signals), one-shot up to %d B, "
-                 "barrier timeout %.1fs, multicast disabled", self.rank, self.world_size, self.device,
-                 self.capacity / 2**20, signal_bytes, self.comm.oneshot_max_bytes, timeout_s)
+        log.info("%s: rank %d/%d on %s, arena %.1f MiB (+%d B signals), one-shot up to %d B, "
+                 "barrier timeout %.1fs, multicast disabled", type(self).__name__, self.rank, self.world_size,
+                 self.device, self.capacity / 2**20, signal_bytes, self.comm.oneshot_max_bytes, timeout_s)
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Carve a named region (collective: every rank must carve the same regions in the same order)."""
@@ -97,8 +86,8 @@ class TorchSymmBackend:
             raise RuntimeError(f"{name}: ranks carved different symmetric regions: {layouts}")
         self._regions[name] = (offset, shape, dtype)
         self._used = offset + nbytes
-        log.info("TorchSymmBackend: region %s %s %s at offset %d (%d B), arena used %d/%d B", name, shape, dtype,
-                 offset, nbytes, self._used, self.capacity)
+        log.info("%s: region %s %s %s at offset %d (%d B), arena used %d/%d B", type(self).__name__, name, shape,
+                 dtype, offset, nbytes, self._used, self.capacity)
         return self._view(self._arena, name)
 
     def peer(self, name: str, rank: int) -> torch.Tensor:
@@ -139,3 +128,25 @@ class TorchSymmBackend:
                              f"got address {t.data_ptr():#x} outside [{self._arena.data_ptr():#x}, "
                              f"+{self.capacity})")
         return [base + offset for base in self._peer_base]
+
+
+class TorchSymmBackend(P2PArenaBackend):
+    """The arena in PyTorch symmetric memory (CUDA backend: cuMem + P2P), rendezvoused once at start-up."""
+
+    name = "torch"
+
+    def _map_arena(self, total: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        arena = symm_mem.empty(total, dtype=torch.uint8, device=self.device)
+        handle = symm_mem.rendezvous(arena, self.group)
+        # get_buffer offsets count from the peer's allocation base, which may sit below our tensor (the
+        # implicit memory pool); measure the gap on this rank and insist it is the same on every rank.
+        gap = arena.data_ptr() - handle.get_buffer(self.rank, (1,), torch.uint8, 0).data_ptr()
+        gaps = [None] * self.world_size
+        dist.all_gather_object(gaps, gap, group=self.group)
+        if gap < 0 or len(set(gaps)) != 1:
+            raise RuntimeError(f"TorchSymmBackend: the arena sits at different offsets of the ranks' symmetric "
+                               f"allocations ({gaps}); allocate it before any other symmetric memory")
+        self._handle = handle  # owns the peer mappings the views below point into
+        return arena, [handle.get_buffer(r, (gap + total,), torch.uint8, 0)[gap:] for r in range(self.world_size)]

@@ -103,3 +103,20 @@ class ExpertWeights:
         e, h, i = num_experts, hidden, inter
         return cls.from_dense(rnd(e, i, h), rnd(e, i, h), rnd(e, h, i), l1_input_scale,
                               torch.full((e,), l2_input_scale))
+
+    @classmethod
+    def synthetic(cls, expert_ids: range, hidden: int, inter: int, seed: int, device: torch.device | str,
+                  l1_input_scale: float = 6.0 / 2688, l2_input_scale: float = 3.0 / 2688) -> "ExpertWeights":
+        """Random experts generated on `device`, expert by expert, each from its own seed (seed, global id):
+        any rank, and a single-process reference, builds the same expert without materializing the others.
+        Used for model-sized synthetic layers (a V4-Pro layer would be 14 GB of checkpoint files)."""
+        out = cls.empty(len(expert_ids), hidden, inter, device)
+        g = torch.Generator(device=device)
+        for local, e in enumerate(expert_ids):
+            g.manual_seed(seed * 1_000_003 + e)
+            for proj, (n, k) in zip(PROJECTIONS, ((inter, hidden), (inter, hidden), (hidden, inter))):
+                w = torch.randn(n, k, generator=g, device=device) / k ** 0.5
+                out.set_expert(local, proj, *nvfp4.quantize_weight(w))
+        out.l1_input_scale.fill_(l1_input_scale)
+        out.l2_input_scale.fill_(l2_input_scale)
+        return out

@@ -72,3 +72,12 @@ def test_dense_weights_must_cover_every_expert(gen):
 def test_the_cuda_backend_without_a_gpu_is_a_clear_error(gen):
     with pytest.raises(RuntimeError, match="backend: 'cuda' needs an sm_90 CUDA device"):
         EPMoE.from_dense(CFG.replace(backend="cuda"), **_dense(gen))
+
+
+def test_outputs_do_not_alias_the_communication_buffer(gen):
+    moe = EPMoE.from_dense(CFG, **_dense(gen))
+    ids = torch.zeros(4, dtype=torch.long)
+    first = moe(torch.randn(4, M.hidden_size, generator=gen), ids)
+    kept = first.clone()
+    moe(torch.randn(4, M.hidden_size, generator=gen), ids)
+    assert torch.equal(first, kept)

@@ -1,0 +1,229 @@
+"""Grouped expert GEMMs on one GPU: ours (W4A16, W4A4) vs torch._grouped_mm on BF16 weights vs a per-expert
+loop of BF16 matmuls, against the FP4 weight-byte floor.
+
+V4-Pro per-rank shapes: E=48 local experts, L1 N=2I=6144 K=H=7168, L2 N=H=7168 K=I=3072; m tokens per active
+expert with all 48 active, plus a sparse decode case (6 of 48 experts active, m=1). Times are medians of CUDA
+events around CUDA-graph replays (eager medians too). Weights (1.8 GB packed, 6.3 GB BF16) are far larger
+than L2, and every call streams all active experts' weights, so no input rotation is needed.
+
+    python bench/bench_experts.py --out $OUT/experts.json [--commit SHA] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ep_runtime import ops  # noqa: E402
+from ep_runtime.cuda_experts import default_block_n  # noqa: E402
+from ep_runtime.nvfp4 import NVFP4Tensor  # noqa: E402
+
+E, H, I = 48, 7168, 3072
+DEV = torch.device("cuda")
+
+
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def graphed(fn):
+    """Captures fn once (after a warm-up on a side stream) and returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def copy_bandwidth_gbs() -> float:
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    ms = median_ms(lambda: b.copy_(a), 10)
+    del a, b
+    return 2 * (1 << 30) / ms / 1e6
+
+
+def random_nvfp4_weights(e: int, n: int, k: int, gen: torch.Generator):
+    data = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=DEV, generator=gen)
+    scale = torch.exp2(torch.rand(e, n, k // 16, device=DEV, generator=gen) * 8 - 4).to(torch.float8_e4m3fn)
+    alpha = torch.full((e, 2) if n == 2 * I else (e,), 1e-3, device=DEV)
+    return data, scale, alpha
+
+
+def dequant_bf16(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """BF16 (E, N, K) weights for the baselines, one expert at a time (decode*sf, exact in BF16)."""
+    out = torch.empty(*data.shape[:-1], data.shape[-1] * 2, dtype=torch.bfloat16, device=DEV)
+    for e in range(data.shape[0]):
+        ops.nvfp4_dequant_rows(data[e], scale[e], out[e])
+    return out
+
+
+def offsets_for(counts: list[int]) -> torch.Tensor:
+    o = [0]
+    for c in counts:
+        o.append(o[-1] + c)
+    return torch.tensor(o, dtype=torch.int32, device=DEV)
+
+
+def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gbs: float, reps: int,
+               gen: torch.Generator, sweep: bool) -> dict:
+    s = sum(counts)
+    active = sum(c > 0 for c in counts)
+    offsets = offsets_for(counts)
+    ends = offsets[1:].contiguous()
+    slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)  # topk=1: slot s is token s
+    # what cuda_expert_stage picks: routing totals are all the host knows
+    block_n = default_block_n(s, E)
+    x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
+    xq = NVFP4Tensor(torch.randint(0, 256, (s, H // 2), dtype=torch.uint8, device=DEV, generator=gen),
+                     torch.exp2(torch.rand(s, H // 16, device=DEV, generator=gen) * 4 - 2).to(torch.float8_e4m3fn),
+                     torch.ones((), device=DEV))
+    x_deq = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
+    x_gs = torch.ones(1, device=DEV)
+    h_bf16 = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
+    hq_data = torch.empty(s, I // 2, dtype=torch.uint8, device=DEV)
+    hq_scale = torch.empty(s, I // 16, dtype=torch.float8_e4m3fn, device=DEV)
+    h_gs = torch.full((E,), 300.0, device=DEV)
+    h_in = (torch.randn(s, I, device=DEV, generator=gen)).to(torch.bfloat16)
+    y_slot = torch.empty(s, H, device=DEV)
+    gu_ref = torch.empty(s, 2 * I, dtype=torch.bfloat16, device=DEV)
+    y_ref = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
+    host_offs = offsets.tolist()
+
+    def l1_w4a16(bn: int = block_n, bm: int = 0):
+        ops.grouped_l1(w13[0], w13[1], w13[2], x, None, offsets, slot_pair, 1, "bf16", swiglu_limit=10.0,
+                       h_bf16=h_bf16, block_n=bn, block_m=bm)
+
+    def l1_w4a4():
+        ops.nvfp4_dequant_rows(xq.data, xq.scale, x_deq)
+        ops.grouped_l1(w13[0], w13[1], w13[2], x_deq, x_gs, offsets, slot_pair, 1, "nvfp4", swiglu_limit=10.0,
+                       h_gs=h_gs, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, block_n=block_n)
+
+    def l2_ours(bn: int = block_n, bm: int = 0):
+        ops.grouped_l2(w2[0], w2[1], w2[2], h_in, h_gs, offsets, y_slot, bn, bm)
+
+    def grouped_mm(a, wb, out):
+        return lambda: out.copy_(torch._grouped_mm(a, wb.transpose(-2, -1), offs=ends))
+
+    def loop(a, wb, out):
+        def run():
+            for e in range(E):
+                lo, hi = host_offs[e], host_offs[e + 1]
+                if hi > lo:
+                    torch.mm(a[lo:hi], wb[e].t(), out=out[lo:hi])
+        return run
+
+    layers = {
+        "L1": dict(n=2 * I, k=H, ours_w4a16=l1_w4a16, ours_w4a4=l1_w4a4, grouped_mm=grouped_mm(x, w13_bf16, gu_ref),
+                   loop=loop(x, w13_bf16, gu_ref), fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
+        "L2": dict(n=H, k=I, ours_w4a16=l2_ours, ours_w4a4=l2_ours, grouped_mm=grouped_mm(h_in, w2_bf16, y_ref),
+                   loop=loop(h_in, w2_bf16, y_ref), fp4_bytes=w2[0][0].numel() + w2[1][0].numel()),
+    }
+    result = {"case": name, "tokens_per_active_expert": max(counts), "active_experts": active, "slots": s,
+              "block_n": block_n}
+    for layer, d in layers.items():
+        floor_ms = active * d["fp4_bytes"] / (copy_gbs * 1e6)
+        flops = 2.0 * s * d["n"] * d["k"]
+        row = {"fp4_floor_ms": floor_ms}
+        for col in ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop"):
+            fn = d[col]
+            try:
+                row[f"{col}_eager_ms"] = median_ms(fn, reps)
+                if col != "loop":
+                    row[f"{col}_graph_ms"] = median_ms(graphed(fn), reps)
+            except Exception as exc:  # a baseline this torch build lacks is recorded, not fatal
+                row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            t = row.get(f"{col}_graph_ms", row[f"{col}_eager_ms"])
+            row[f"{col}_tflops"] = flops / t / 1e9
+            if col.startswith("ours"):
+                row[f"{col}_weight_gbs"] = active * d["fp4_bytes"] / t / 1e6
+        base = row.get("grouped_mm_graph_ms")
+        for col in ("ours_w4a16", "ours_w4a4"):
+            t = row.get(f"{col}_graph_ms")
+            if t and base:
+                row[f"{col}_speedup_vs_grouped_mm"] = base / t
+            if t and row.get("loop_eager_ms"):
+                row[f"{col}_speedup_vs_loop"] = row["loop_eager_ms"] / t
+        if sweep:  # tile shapes worth trying at this m (narrow slot tiles re-read weights per slot tile)
+            fn = l1_w4a16 if layer == "L1" else l2_ours
+            widths = [b for b in ops.BLOCK_NS if max(counts) <= 16 * b]
+            row["ours_w4a16_graph_ms_by_tile"] = {
+                f"bn{b}_bm{m}": median_ms(graphed(lambda b=b, m=m: fn(b, m)), reps) for b in widths for m in (64, 128)}
+        result[layer] = row
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--quick", action="store_true", help="m in {1, 8} only")
+    p.add_argument("--sweep", action="store_true", help="also time every slot tile width (block_n)")
+    args = p.parse_args()
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                             cwd=Path(__file__).parent).strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    w13 = random_nvfp4_weights(E, 2 * I, H, gen)
+    w2 = random_nvfp4_weights(E, H, I, gen)
+    w13_bf16, w2_bf16 = dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1])
+    ms = [1, 8] if args.quick else [1, 8, 32, 128, 512, 2048]
+    cases = [(f"all48_m{m}", [m] * E) for m in ms]
+    cases.append(("sparse6_m1", [1 if e % 8 == 0 else 0 for e in range(E)]))
+    results = []
+    for name, counts in cases:
+        reps = 10 if max(counts) >= 512 else 30
+        r = bench_case(name, counts, w13, w2, w13_bf16, w2_bf16, copy_gbs, reps, gen, args.sweep)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    doc = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "commit": commit, "torch": torch.__version__, "copy_gbs_read_plus_write": copy_gbs,
+           "shapes": {"E": E, "H": H, "I": I}, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+    print(f"\n{doc['gpu']}  copy {copy_gbs:.0f} GB/s")
+    for r in results:
+        for layer in ("L1", "L2"):
+            sw = r[layer].get("ours_w4a16_graph_ms_by_tile")
+            if sw:
+                print(r["case"], layer, "tile sweep (ms):", {b: round(v, 3) for b, v in sw.items()})
+    print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'x_gmm':>7}{'x_loop':>7}"
+          f"{'GB/s':>7}{'TF/s':>6}")
+    for r in results:
+        for layer in ("L1", "L2"):
+            d = r[layer]
+            f = lambda key: f"{d[key]:8.3f}" if key in d else f"{'-':>8}"  # noqa: E731
+            g = lambda key: f"{d[key]:7.2f}" if key in d else f"{'-':>7}"  # noqa: E731
+            print(f"{r['case']:<13}{layer:<4}{f('fp4_floor_ms')}{f('ours_w4a16_graph_ms')}{f('ours_w4a4_graph_ms')}"
+                  f"{f('grouped_mm_graph_ms')}{f('loop_eager_ms')}{g('ours_w4a16_speedup_vs_grouped_mm')}"
+                  f"{g('ours_w4a16_speedup_vs_loop')}{d.get('ours_w4a16_weight_gbs', 0):7.0f}"
+                  f"{d.get('ours_w4a16_tflops', 0):6.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Whole MoE layer latency, V4-Pro shape (384 experts / W per rank), eager vs CUDA graph, per-stage breakdown.
+
+    python bench/bench_layer.py                          # one GPU
+    torchrun --nproc-per-node N bench/bench_layer.py     # N GPUs, one rank each
+
+Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
+events recorded between the stages of eager forwards (EPMoE.stage_marker). Writes JSON (GPU name, date,
+commit) to $OUT or bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from ep_runtime.config import load_config
+from ep_runtime.dist_utils import init_process_group
+from ep_runtime.moe import EPMoE
+
+STAGES = ("staging", "routing", "experts", "all_reduce", "shared")
+
+
+def _commit() -> str:
+    if os.environ.get("EP_COMMIT"):
+        return os.environ["EP_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _events_ms(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _stage_breakdown(moe: EPMoE, x: torch.Tensor, iters: int) -> dict[str, float]:
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    for _ in range(iters):
+        events = [("start", torch.cuda.Event(enable_timing=True))]
+        events[0][1].record()
+
+        def mark(name: str) -> None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append((name, ev))
+
+        moe.stage_marker = mark
+        moe(x, check=False)
+        moe.stage_marker = lambda name: None
+        events[-1][1].synchronize()
+        for (_, a), (name, b) in zip(events, events[1:]):
+            per_stage[name].append(a.elapsed_time(b))
+    return {s: statistics.median(v) for s, v in per_stage.items() if v}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", default="1,16,128,1024,8192")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--act-mode", default="nvfp4", choices=("nvfp4", "bf16"))
+    args = p.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    device = torch.device("cuda", local)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", "backend=cuda",
+                                          f"act_mode={args.act_mode}", "act_scale=static"])
+    init_process_group(device, cfg.runtime.barrier_timeout_s)
+    moe = EPMoE.from_synthetic(cfg, 0, rank, world, device=device)
+    if world > 1:
+        dist.barrier()
+    rows = []
+    g = torch.Generator(device=device).manual_seed(1234)
+    with torch.inference_mode():
+        for t in tokens:
+            x = torch.randn(t, cfg.model.hidden_size, generator=g, device=device).to(torch.bfloat16)
+            for _ in range(3):
+                moe(x, check=False)
+            eager = _events_ms(lambda: moe(x, check=False), args.iters)
+            stages = _stage_breakdown(moe, x, args.iters)
+            captured = moe.capture(x)
+            graph = _events_ms(captured.replay, args.iters)
+            del captured
+            rows.append({"tokens": t, "eager_ms": eager, "graph_ms": graph, "stages_ms": stages})
+            if rank == 0:
+                print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms  " +
+                      "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+    if rank == 0:
+        result = {"benchmark": "layer", "gpu": torch.cuda.get_device_name(device), "world_size": world,
+                  "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
+                  "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
+                  "topk": cfg.model.num_experts_per_tok, "iters": args.iters,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "commit": _commit(), "torch": torch.__version__, "rows": rows}
+        out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+        gpu = torch.cuda.get_device_name(device).replace(" ", "_")
+        path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+// Slot metadata for the local experts (NVFP4_SPEC section 7) and the deterministic weighted combine.
+//
+// moe_align reproduces experts.map_slots exactly: slots are ordered by (local expert, t, k), i.e. a stable
+// counting sort of the (t, k) pairs by local expert. One CTA walks the pairs in chunks; within a chunk a
+// warp ranks equal experts with __match_any_sync and per-warp histograms give each warp its base, so the
+// result never depends on scheduling. Everything stays on the device: no host sync, fixed launch shape,
+// CUDA-graph capturable. Ids outside [expert_begin, expert_begin + num_local) belong to other ranks and
+// are skipped.
+#include "cuda_check.h"
+#include "experts_device.cuh"
+#include "registry.h"
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kAlignThreads = 512;
+constexpr int kAlignWarps = kAlignThreads / 32;
+constexpr int kMaxLocalExperts = 1024;
+
+__device__ __forceinline__ int local_expert(const int* topk_idx, int p, int expert_begin, int num_local) {
+  const int e = topk_idx[p] - expert_begin;
+  return (e >= 0 && e < num_local) ? e : -1;
+}
+
+__global__ void __launch_bounds__(kAlignThreads) moe_align_kernel(const int* __restrict__ topk_idx, int num_pairs,
+                                                                 int num_local, int expert_begin,
+                                                                 int* __restrict__ counts, int* __restrict__ offsets,
+                                                                 int* __restrict__ slot_pair,
+                                                                 int* __restrict__ pair_slot) {
+  extern __shared__ int smem[];
+  int* hist = smem;                                // [kAlignWarps][num_local] per-chunk counts
+  int* cursor = smem + kAlignWarps * num_local;    // [num_local + 1] running counts, then offsets
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int i = tid; i < kAlignWarps * num_local; i += kAlignThreads) hist[i] = 0;
+  for (int i = tid; i <= num_local; i += kAlignThreads) cursor[i] = 0;
+  __syncthreads();
+
+  // Pass 1: rank of every local pair among the pairs of its expert (stored in pair_slot for now).
+  for (int base = 0; base < num_pairs; base += kAlignThreads) {
+    const int p = base + tid;
+    const int e = p < num_pairs ? local_expert(topk_idx, p, expert_begin, num_local) : -1;
+    const unsigned same = __match_any_sync(0xffffffffu, e);
+    const int warp_rank = __popc(same & ((1u << lane) - 1u));
+    if (e >= 0 && warp_rank == 0) hist[warp * num_local + e] = __popc(same);
+    __syncthreads();
+    if (e >= 0) {
+      int rank = cursor[e] + warp_rank;
+      for (int w = 0; w < warp; ++w) rank += hist[w * num_local + e];
+      pair_slot[p] = rank;
+    }
+    __syncthreads();
+    for (int x = tid; x < num_local; x += kAlignThreads) {
+      int run = cursor[x];
+      for (int w = 0; w < kAlignWarps; ++w) {
+        run += hist[w * num_local + x];
+        hist[w * num_local + x] = 0;
+      }
+      cursor[x] = run;
+    }
+    __syncthreads();
+  }
+
+  // Counts and offsets; cursor becomes the offsets (cursor[num_local] the number of slots).
+  if (warp == 0) {
+    ep::experts::warp_exclusive_scan(
+        lane, num_local, [&](int x) { return cursor[x]; },
+        [&](int x, int prefix) {
+          if (x < num_local) counts[x] = cursor[x];
+          offsets[x] = prefix;
+          cursor[x] = prefix;
+        });
+  }
+  __syncthreads();
+
+  // Pass 2: ranks -> slots, both directions of the map; unused slots are -1.
+  for (int p = tid; p < num_pairs; p += kAlignThreads) {
+    const int e = local_expert(topk_idx, p, expert_begin, num_local);
+    if (e >= 0) {
+      const int s = cursor[e] + pair_slot[p];
+      pair_slot[p] = s;
+      slot_pair[s] = p;
+    } else {
+      pair_slot[p] = -1;
+    }
+  }
+  for (int s = cursor[num_local] + tid; s < num_pairs; s += kAlignThreads) slot_pair[s] = -1;
+}
+
+// y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference.
+template <typename OutT>
+__global__ void combine_kernel(const float* __restrict__ y_slot, const int* __restrict__ pair_slot,
+                               const float* __restrict__ topk_weights, int topk, int hidden, OutT* __restrict__ out) {
+  const int t = blockIdx.x;
+  for (int c = threadIdx.x * 4; c < hidden; c += blockDim.x * 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < topk; ++k) {
+      const int s = pair_slot[t * topk + k];
+      if (s < 0) continue;
+      const float w = topk_weights[t * topk + k];
+      const float4 v = *reinterpret_cast<const float4*>(y_slot + static_cast<size_t>(s) * hidden + c);
+      acc[0] = __fadd_rn(acc[0], __fmul_rn(w, v.x));
+      acc[1] = __fadd_rn(acc[1], __fmul_rn(w, v.y));
+      acc[2] = __fadd_rn(acc[2], __fmul_rn(w, v.z));
+      acc[3] = __fadd_rn(acc[3], __fmul_rn(w, v.w));
+    }
+    OutT* dst = out + static_cast<size_t>(t) * hidden + c;
+    if constexpr (sizeof(OutT) == 4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    } else {
+      __nv_bfloat162 lo = __floats2bfloat162_rn(acc[0], acc[1]), hi = __floats2bfloat162_rn(acc[2], acc[3]);
+      uint2 packed = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+      *reinterpret_cast<uint2*>(dst) = packed;
+    }
+  }
+}
+
+void moe_align(std::uintptr_t topk_idx, int num_tokens, int topk, int num_local, int expert_begin,
+               std::uintptr_t counts, std::uintptr_t offsets, std::uintptr_t slot_pair, std::uintptr_t pair_slot,
+               std::uintptr_t stream) {
+  EP_REQUIRE(num_local >= 1 && num_local <= kMaxLocalExperts,
+             "moe_align: num_local must be in [1, 1024], got " + std::to_string(num_local));
+  const size_t smem = sizeof(int) * (static_cast<size_t>(kAlignWarps) * num_local + num_local + 1);
+  static bool attr_set = false;
+  if (!attr_set) {
+    EP_CUDA_CHECK(cudaFuncSetAttribute(moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(sizeof(int) * (kAlignWarps * kMaxLocalExperts +
+                                                                       kMaxLocalExperts + 1))));
+    attr_set = true;
+  }
+  moe_align_kernel<<<1, kAlignThreads, smem, ep::as_stream(stream)>>>(
+      ep::as_ptr<const int>(topk_idx), num_tokens * topk, num_local, expert_begin, ep::as_ptr<int>(counts),
+      ep::as_ptr<int>(offsets), ep::as_ptr<int>(slot_pair), ep::as_ptr<int>(pair_slot));
+  EP_CHECK_LAUNCH();
+}
+
+void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t topk_weights, int num_tokens, int topk,
+             int hidden, std::uintptr_t out, bool out_bf16, std::uintptr_t stream) {
+  EP_REQUIRE(hidden % 4 == 0, "combine: hidden must be a multiple of 4, got " + std::to_string(hidden));
+  if (num_tokens == 0) return;
+  const int threads = 256;
+  if (out_bf16) {
+    combine_kernel<__nv_bfloat16><<<num_tokens, threads, 0, ep::as_stream(stream)>>>(
+        ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot), ep::as_ptr<const float>(topk_weights),
+        topk, hidden, ep::as_ptr<__nv_bfloat16>(out));
+  } else {
+    combine_kernel<float><<<num_tokens, threads, 0, ep::as_stream(stream)>>>(
+        ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot), ep::as_ptr<const float>(topk_weights),
+        topk, hidden, ep::as_ptr<float>(out));
+  }
+  EP_CHECK_LAUNCH();
+}
+
+void bind_moe_align(pybind11::module_& m) {
+  m.def("moe_align", &moe_align, "slot metadata (counts, offsets, slot_pair, pair_slot) from topk_idx");
+  m.def("moe_combine", &combine, "deterministic weighted combine of per-slot outputs into (T, H)");
+}
+
+}  // namespace
+EP_REGISTER_BINDINGS(bind_moe_align);

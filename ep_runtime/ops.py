@@ -1,0 +1,286 @@
+"""Validated Python entry points over the expert kernels of `ep_runtime._C`, registered as torch.library ops.
+
+csrc/ takes raw pointers, so every tensor is checked here (dtype, shape, contiguity, 16-byte alignment,
+device) before its address crosses the boundary; a bad argument raises TypeError (dtype) or ValueError
+(everything else) naming the argument, what was expected and what it got, before any CUDA call. The kernels
+write into caller-provided outputs (preallocated workspaces keep CUDA-graph addresses fixed), so the ops
+are registered as mutating custom ops whose fake implementations do nothing: torch.compile and graph
+capture see one opaque op per kernel.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_NS = "ep_runtime"
+ALIGN_BYTES = 16
+SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds the same bit patterns)
+EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
+BLOCK_NS = (8, 16, 32, 64)  # slots per tile
+BLOCK_MS = (0, 64, 128)  # weight rows per tile; 0: the kernel picks
+
+
+def _ext():
+    from . import _C
+
+    return _C
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _check(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
+           shape: Sequence[int | None] | None = None) -> torch.Tensor:
+    """Validates one tensor argument's dtype, shape, layout and alignment; None in shape matches any size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    dtypes = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
+    if shape is not None and (t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape))):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if t.numel() and t.data_ptr() % ALIGN_BYTES:
+        raise ValueError(f"{name}: expected a {ALIGN_BYTES}-byte aligned data pointer, got address % "
+                         f"{ALIGN_BYTES} = {t.data_ptr() % ALIGN_BYTES}")
+    return t
+
+
+def _same_device(named: dict[str, torch.Tensor | None]) -> None:
+    """Last check of every wrapper (so layout errors are reported first): all tensors on one CUDA device."""
+    devices = {n: t.device for n, t in named.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for n, d in devices.items():
+        if d.type != "cuda":
+            raise ValueError(f"{n}: expected a CUDA tensor, got device {d}")
+        if d != first:
+            raise ValueError(f"{n}: expected device {first} (the device of {first_name}), got {d}")
+
+
+def _multiple(value: int, m: int, name: str) -> None:
+    if value <= 0 or value % m:
+        raise ValueError(f"{name}: expected a positive multiple of {m}, got {value}")
+
+
+# ---- custom ops (no validation here: the public wrappers below validate) ----
+
+@torch.library.custom_op(f"{_NS}::moe_align", mutates_args=("counts", "offsets", "slot_pair", "pair_slot"))
+def _moe_align_op(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts: torch.Tensor,
+                  offsets: torch.Tensor, slot_pair: torch.Tensor, pair_slot: torch.Tensor) -> None:
+    t, k = topk_idx.shape
+    _ext().moe_align(topk_idx.data_ptr(), t, k, num_local, expert_begin, counts.data_ptr(), offsets.data_ptr(),
+                     slot_pair.data_ptr(), pair_slot.data_ptr(), _stream())
+
+
+@torch.library.custom_op(f"{_NS}::nvfp4_dequant_rows", mutates_args=("out",))
+def _dequant_op(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    _ext().nvfp4_dequant_rows(data.data_ptr(), scale.data_ptr(), out.shape[0], out.shape[1], out.data_ptr(), _stream())
+
+
+@torch.library.custom_op(f"{_NS}::grouped_l1",
+                         mutates_args=("out_f32", "hq_data", "hq_scale", "h_bf16"))
+def _l1_op(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
+           x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
+           swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
+           hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
+    e, n2, kh = w13.shape
+    _ext().grouped_l1(w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
+                      0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e,
+                      2 * kh, n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit,
+                      0 if h_gs is None else h_gs.data_ptr(), out_f32.data_ptr(), hq_data.data_ptr(),
+                      hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m, _stream())
+
+
+@torch.library.custom_op(f"{_NS}::grouped_l2", mutates_args=("y_slot",))
+def _l2_op(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
+           h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
+    e, h, ih = w2.shape
+    _ext().grouped_l2(w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
+                      0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],
+                      y_slot.data_ptr(), block_n, block_m, _stream())
+
+
+@torch.library.custom_op(f"{_NS}::requant_dynamic", mutates_args=("amax_ws", "hq_data", "hq_scale", "h_bf16", "h_gs"))
+def _requant_op(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
+                hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
+    s, i = h_f32.shape
+    _ext().requant_dynamic(h_f32.data_ptr(), offsets.data_ptr(), offsets.shape[0] - 1, i, s, amax_ws.data_ptr(),
+                           hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), h_gs.data_ptr(), _stream())
+
+
+@torch.library.custom_op(f"{_NS}::combine", mutates_args=("out",))
+def _combine_op(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+    t, k = topk_weights.shape
+    _ext().moe_combine(y_slot.data_ptr(), pair_slot.data_ptr(), topk_weights.data_ptr(), t, k, out.shape[1],
+                       out.data_ptr(), out.dtype == torch.bfloat16, _stream())
+
+
+for _op in (_moe_align_op, _dequant_op, _l1_op, _l2_op, _requant_op, _combine_op):
+    _op.register_fake(lambda *args, **kwargs: None)
+
+
+# ---- validated public API ----
+
+def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts: torch.Tensor,
+              offsets: torch.Tensor, slot_pair: torch.Tensor, pair_slot: torch.Tensor,
+              num_experts_total: int | None = None, check: bool = False) -> None:
+    """Slot metadata of experts.map_slots on the device: counts (E,), offsets (E+1,), slot_pair (T*k,) and its
+    inverse pair_slot (T*k,) (-1 for pairs of other ranks). check=True validates the ids (host sync)."""
+    _check(topk_idx, "topk_idx", torch.int32, (None, None))
+    t, k = topk_idx.shape
+    if not 1 <= num_local <= 1024:
+        raise ValueError(f"num_local: expected 1..1024 local experts, got {num_local}")
+    if expert_begin < 0:
+        raise ValueError(f"expert_begin: expected >= 0, got {expert_begin}")
+    _check(counts, "counts", torch.int32, (num_local,))
+    _check(offsets, "offsets", torch.int32, (num_local + 1,))
+    _check(slot_pair, "slot_pair", torch.int32, (t * k,))
+    _check(pair_slot, "pair_slot", torch.int32, (t * k,))
+    _same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot))
+    if check and topk_idx.numel():
+        total = num_experts_total if num_experts_total is not None else expert_begin + num_local
+        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        if lo < 0 or hi >= total:
+            raise ValueError(f"topk_idx: expected expert ids in [0, {total}), got values in [{lo}, {hi}]")
+    torch.ops.ep_runtime.moe_align(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
+
+
+def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """out (R, K) bf16 = decode(data) * scale (no global scale). scale: UE4M3 (R, K/16) or packed int32 (R, K/64)."""
+    _check(data, "data", torch.uint8, (None, None))
+    r, kh = data.shape
+    _multiple(2 * kh, 64, "data.shape[1] * 2 (K)")
+    if scale.dtype == torch.int32:
+        _check(scale, "scale", torch.int32, (r, 2 * kh // 64))
+    else:
+        _check(scale, "scale", SCALE_DTYPES, (r, 2 * kh // 16))
+    _check(out, "out", torch.bfloat16, (r, 2 * kh))
+    _same_device(dict(data=data, scale=scale, out=out))
+    torch.ops.ep_runtime.nvfp4_dequant_rows(data, scale, out)
+
+
+def _check_tiles(block_n: int, block_m: int, rows: int) -> None:
+    if block_n not in BLOCK_NS:
+        raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
+    if block_m not in BLOCK_MS or (block_m == 128 and rows % 128):
+        raise ValueError(f"block_m: expected one of {BLOCK_MS} (128 only for weight row counts divisible by 128, "
+                         f"here {rows}), got {block_m}")
+
+
+def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
+    _check(offsets, name, torch.int32, (e + 1,))
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype, device=device)
+
+
+def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
+               x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: str,
+               *, swiglu_limit: float | None = None, h_gs: torch.Tensor | None = None,
+               out_f32: torch.Tensor | None = None, hq_data: torch.Tensor | None = None,
+               hq_scale: torch.Tensor | None = None, h_bf16: torch.Tensor | None = None, block_n: int = 8,
+               block_m: int = 0) -> None:
+    """L1 of all local experts in one launch; slot s reads activation row slot_pair[s] // topk.
+
+    act: BF16 (T, H) (W4A16 input, or decode*sf of the NVFP4 input with x_gs its global scale, shape (1,)).
+    epilogue 'gate_up': out_f32 (S, 2I) gate|up with alphas; 'nvfp4': h quantized with gs h_gs[e] (E,) into
+    hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
+    (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
+    """
+    _check(w13, "w13", torch.uint8, (None, None, None))
+    e, n2, kh = w13.shape
+    hidden, inter = 2 * kh, n2 // 2
+    _multiple(hidden, 64, "w13.shape[2] * 2 (hidden)")
+    _multiple(inter, 64, "w13.shape[1] / 2 (intermediate)")
+    _check(w13_scale, "w13_scale", SCALE_DTYPES, (e, n2, hidden // 16))
+    _check(w13_alpha, "w13_alpha", torch.float32, (e, 2))
+    _check(act, "act", torch.bfloat16, (None, hidden))
+    if x_gs is not None:
+        _check(x_gs, "x_gs", torch.float32, (1,))
+    _check_slots(offsets, e)
+    _check(slot_pair, "slot_pair", torch.int32, (None,))
+    s = slot_pair.shape[0]
+    if topk < 1 or s != act.shape[0] * topk:
+        raise ValueError(f"slot_pair: expected {act.shape[0]} * topk={topk} entries (one per (token, k) pair), got {s}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: expected one of {sorted(EPILOGUES)}, got {epilogue!r}")
+    _check_tiles(block_n, block_m, 2 * inter)
+    dev = w13.device
+    if epilogue in ("gate_up", "fp32"):
+        out_f32 = _check(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))
+    if epilogue == "nvfp4":
+        _check(h_gs, "h_gs", torch.float32, (e,))
+        _check(hq_data, "hq_data", torch.uint8, (s, inter // 2))
+        _check(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
+    if epilogue in ("nvfp4", "bf16"):
+        _check(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
+    _same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
+                      slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
+                      h_bf16=h_bf16))
+    limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
+    torch.ops.ep_runtime.grouped_l1(
+        w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
+        h_gs if epilogue == "nvfp4" else None,
+        out_f32 if out_f32 is not None else _placeholder(dev, torch.float32),
+        hq_data if hq_data is not None else _placeholder(dev, torch.uint8),
+        hq_scale if hq_scale is not None else _placeholder(dev, torch.uint8),
+        h_bf16 if h_bf16 is not None else _placeholder(dev, torch.bfloat16), block_n, block_m)
+
+
+def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
+               h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int = 8,
+               block_m: int = 0) -> None:
+    """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot."""
+    _check(w2, "w2", torch.uint8, (None, None, None))
+    e, hidden, ih = w2.shape
+    inter = 2 * ih
+    _multiple(hidden, 64, "w2.shape[1] (hidden)")
+    _multiple(inter, 64, "w2.shape[2] * 2 (intermediate)")
+    _check(w2_scale, "w2_scale", SCALE_DTYPES, (e, hidden, inter // 16))
+    _check(w2_alpha, "w2_alpha", torch.float32, (e,))
+    _check(act, "act", torch.bfloat16, (None, inter))
+    if h_gs is not None:
+        _check(h_gs, "h_gs", torch.float32, (e,))
+    _check_slots(offsets, e)
+    _check(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
+    _check_tiles(block_n, block_m, hidden)
+    _same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets, y_slot=y_slot))
+    torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
+
+
+def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
+                    hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
+    """Dynamic L2 scale: h_gs[e] = 2688 / amax over expert e's slots of h (0 -> 1), then h -> NVFP4 + BF16 copy."""
+    _check(h_f32, "h_f32", torch.float32, (None, None))
+    s, inter = h_f32.shape
+    _multiple(inter, 64, "h_f32.shape[1] (intermediate)")
+    _check(offsets, "offsets", torch.int32, (None,))
+    e = offsets.shape[0] - 1
+    if e < 1:
+        raise ValueError(f"offsets: expected E+1 >= 2 entries, got {offsets.shape[0]}")
+    _check(amax_ws, "amax_ws", torch.int32, (e,))
+    _check(hq_data, "hq_data", torch.uint8, (s, inter // 2))
+    _check(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
+    _check(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
+    _check(h_gs, "h_gs", torch.float32, (e,))
+    _same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
+                      h_bf16=h_bf16, h_gs=h_gs))
+    torch.ops.ep_runtime.requant_dynamic(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
+
+
+def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t] = sum over k ascending of topk_weights[t,k] * y_slot[pair_slot[t*k+k]] (fp32); 0 without local slots."""
+    _check(topk_weights, "topk_weights", torch.float32, (None, None))
+    t, k = topk_weights.shape
+    _check(y_slot, "y_slot", torch.float32, (None, None))
+    hidden = y_slot.shape[1]
+    _multiple(hidden, 64, "y_slot.shape[1] (hidden)")
+    _check(pair_slot, "pair_slot", torch.int32, (t * k,))
+    _check(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
+    _same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
+    torch.ops.ep_runtime.combine(y_slot, pair_slot, topk_weights, out)
