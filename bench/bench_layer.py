@@ -82,7 +82,8 @@ def main() -> None:
     cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", "backend=cuda",
                                           f"act_mode={args.act_mode}", "act_scale=static"])
     init_process_group(device, cfg.runtime.barrier_timeout_s)
-    moe = EPMoE.from_synthetic(cfg, 0, rank, world, device=device)
+    layer = cfg.model.num_hash_layers  # the first top-k routed layer (hash layers need token ids)
+    moe = EPMoE.from_synthetic(cfg, layer, rank, world, device=device)
     if world > 1:
         dist.barrier()
     rows = []

@@ -24,7 +24,7 @@ step() {  # step LOG NAME TIMEOUT GPUS CMD...
 }
 tests() {  # tests LOG NAME TIMEOUT GPUS PORT NPROC FILE
   step "$1" "$2" "$3" "$4" torchrun --master-port "$5" --nproc-per-node "$6" -m pytest -q -rfE -p no:cacheprovider \
-    -m multigpu "$7"
+    -m multigpu -s "$7"
 }
 bench_steps() {  # bench_steps LOG GPUS PORT N
   step "$1" "allreduce$4" 100 "$2" torchrun --master-port "$3" --nproc-per-node "$4" bench/bench_allreduce.py
@@ -46,7 +46,7 @@ step "$LOG" main4 120 0,1,2,3 torchrun --master-port 29500 --nproc-per-node 4 -m
   tests "$LOG.a" multi2-layer 100 0,1 29510 2 tests/gpu/test_layer_multigpu.py
   bench_steps "$LOG.a" 0,1 29510 2 ) &
 ( step "$LOG.b" layer1 200 2 python3 bench/bench_layer.py --iters 10 ) &
-( step "$LOG.c" tests1 280 3 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu tests/gpu ) &
+( step "$LOG.c" tests1 280 3 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -s tests/gpu/test_layer.py tests/gpu ) &
 wait
 for part in a b c; do cat "$LOG.$part" >> "$LOG" && rm -f "$LOG.$part"; done
 grep -E "^=====|passed|failed|^T=|^\{|wrote" "$LOG" | tail -60

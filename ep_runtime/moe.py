@@ -39,6 +39,8 @@ class EPMoE(nn.Module):
         super().__init__()
         m, rt = cfg.model, cfg.runtime
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device; name it
+            device = torch.device("cuda", torch.cuda.current_device())
         if m.n_routed_experts % world_size:
             raise ValueError(f"world_size: must divide n_routed_experts={m.n_routed_experts}, got {world_size}")
         n_local = m.n_routed_experts // world_size
