@@ -22,8 +22,9 @@ ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier")
-# Measured crossover (bench/bench_allreduce.py, bench/NOTES_comm.md): one-shot up to this many bytes.
-DEFAULT_ONESHOT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
+# One-shot up to this many bytes, two-shot above. Measured on 2 and 4 H200s (bench/results/allreduce_*.json):
+# one-shot wins only at 14 KB (1 token x 7168 bf16), two-shot from 229 KB (16 tokens) on. W=8 is unmeasured.
+DEFAULT_ONESHOT_MAX_BYTES = {2: 64 << 10, 4: 64 << 10, 8: 32 << 10}
 
 
 class CommTimeoutError(TimeoutError):
