@@ -15,11 +15,9 @@ bench/results/allreduce_<W>x<gpu>.json and, when $OUT is set, to $OUT as well.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -31,22 +29,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ep_runtime.provenance import provenance
 from ep_runtime.symm import region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend  # noqa: E402
 
 H = 7168
 NVLINK_BYTES_PER_S = 450e9
 SIZES = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 8192]
-
-
-def _commit() -> str:
-    if os.environ.get("EP_COMMIT"):
-        return os.environ["EP_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _time_us(fn: Callable[[], None], iters: int, reps: int, warmup: int, use_graph: bool) -> float:
@@ -148,8 +137,7 @@ def main() -> None:
     if rank == 0:
         gpu = torch.cuda.get_device_name(device)
         result = {"bench": "allreduce", "world_size": world, "gpu": gpu, "hidden": H, "dtype": "bfloat16",
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "commit": _commit(), "torch": torch.__version__, "iters": args.iters, "reps": args.reps,
+                  **provenance(device), "iters": args.iters, "reps": args.reps,
                   "method": "median over iters of CUDA-event time per call (graph of reps calls), max over ranks",
                   "oneshot_max_bytes_in_use": be.comm.oneshot_max_bytes,
                   "first_size_where_twoshot_wins_bytes": crossover, "rows": rows}

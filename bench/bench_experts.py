@@ -11,9 +11,7 @@ than L2, and every call streams all active experts' weights, so no input rotatio
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ep_runtime import ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.nvfp4 import NVFP4Tensor  # noqa: E402
+from ep_runtime.provenance import provenance  # noqa: E402
 
 E, H, I = 48, 7168, 3072
 DEV = torch.device("cuda")
@@ -176,17 +175,9 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--commit", default=None)
     p.add_argument("--quick", action="store_true", help="m in {1, 8} only")
     p.add_argument("--sweep", action="store_true", help="also time every slot tile width (block_n)")
     args = p.parse_args()
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                             cwd=Path(__file__).parent).strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
     gen = torch.Generator(device=DEV).manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     w13 = random_nvfp4_weights(E, 2 * I, H, gen)
@@ -201,8 +192,7 @@ def main() -> None:
         r = bench_case(name, counts, w13, w2, w13_bf16, w2_bf16, copy_gbs, reps, gen, args.sweep)
         results.append(r)
         print(json.dumps(r), flush=True)
-    doc = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "commit": commit, "torch": torch.__version__, "copy_gbs_read_plus_write": copy_gbs,
+    doc = {**provenance(), "copy_gbs_read_plus_write": copy_gbs,
            "shapes": {"E": E, "H": H, "I": I}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1))

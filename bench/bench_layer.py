@@ -10,11 +10,9 @@ commit) to $OUT or bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 
 import torch
 import torch.distributed as dist
@@ -22,17 +20,9 @@ import torch.distributed as dist
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group
 from ep_runtime.moe import EPMoE
+from ep_runtime.provenance import provenance
 
-STAGES = ("staging", "routing", "experts", "all_reduce", "shared")
-
-
-def _commit() -> str:
-    if os.environ.get("EP_COMMIT"):
-        return os.environ["EP_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+STAGES = ("staging", "routing", "experts", "shared", "all_reduce")
 
 
 def _events_ms(fn, iters: int) -> float:
@@ -103,12 +93,10 @@ def main() -> None:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
     if rank == 0:
-        result = {"benchmark": "layer", "gpu": torch.cuda.get_device_name(device), "world_size": world,
+        result = {"benchmark": "layer", **provenance(device), "world_size": world,
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
                   "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
-                  "topk": cfg.model.num_experts_per_tok, "iters": args.iters,
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "commit": _commit(), "torch": torch.__version__, "rows": rows}
+                  "topk": cfg.model.num_experts_per_tok, "iters": args.iters, "rows": rows}
         out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
         path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}.json")

@@ -22,6 +22,7 @@ from .checkpoint import write_synthetic_checkpoint
 from .config import Config, load_config
 from .dist_utils import init_process_group, pick_device, spawn_local, under_torchrun
 from .moe import EPMoE
+from .provenance import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +125,7 @@ def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | N
             rel = ((got - expected).norm() / expected.norm()).item()
             cos = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
     result = {"world_size": world_size, "experts_per_rank": cfg.experts_per_rank, "tokens": cfg.runtime.tokens,
-              "backend": moe.backend, "symm_backend": moe.buffer.backend.name, "device": _device_name(device),
+              "backend": moe.backend, "symm_backend": moe.buffer.backend.name, **provenance(device),
               "config": cfg.model.name, "act_mode": cfg.runtime.act_mode, "act_scale": cfg.runtime.act_scale,
               "dtype": cfg.runtime.dtype, "iters": cfg.runtime.iters, "median_ms": median,
               "graph_median_ms": graph_median, "rel_l2_vs_reference": rel, "cosine_vs_reference": cos}
@@ -134,10 +135,6 @@ def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | N
         with open(out_path, "w") as f:
             f.write(line + "\n")
     return result
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _default_config(args: argparse.Namespace) -> str:

@@ -1,6 +1,7 @@
 """EPMoE: one expert-parallel MoE layer as an nn.Module.
 
-forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine) -> all-reduce -> + shared expert.
+forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine) + this rank's share of the shared
+expert -> all-reduce.
 Replicated-token mode: every rank sees all T tokens, computes its local experts [rank*E/W, (rank+1)*E/W)
 and the partial outputs are summed by the buffer's all-reduce.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config
 from .experts import ExpertSpec, expert_stage
+from .nvfp4 import NVFP4Tensor
 from .routing import Router
 from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from .weights import ExpertWeights
@@ -168,21 +170,37 @@ class EPMoE(nn.Module):
         else:
             y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
         mark("experts")
+        if self.shared is not None:
+            lo, hi = self._shared_token_slice(t)
+            if hi > lo:
+                y[lo:hi] += expert_stage(_rows(acts, lo, hi), self._shared_idx[: hi - lo],
+                                         self._shared_w[: hi - lo], self.shared, 0, self.spec, self.backend,
+                                         self._shared_workspace)
+        mark("shared")
         self.buffer.backend.all_reduce_(y)
         mark("all_reduce")
-        out = y.to(torch.float32, copy=True)  # never hand out a view of the communication buffer
-        if self.shared is not None:
-            out += expert_stage(acts, self._shared_idx[:t], self._shared_w[:t], self.shared, 0, self.spec,
-                                self.backend, self._shared_workspace)
-        out = out.to(self.cfg.runtime.torch_dtype)
-        mark("shared")
-        return out
+        # A copy: never hand out a view of the communication buffer.
+        return y.to(self.cfg.runtime.torch_dtype, copy=True)
+
+    def _shared_token_slice(self, t: int) -> tuple[int, int]:
+        """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
+        token's exactly once. Tokens are split over ranks (1/W of the compute each) when every row quantizes on
+        its own; a dynamic h scale is an amax over all the expert's tokens, so rank 0 then takes them all."""
+        if self.spec.act_mode == "nvfp4" and self.spec.l2_scale_mode == "dynamic":
+            return (0, t) if self.rank == 0 else (0, 0)
+        return self.rank * t // self.world_size, (self.rank + 1) * t // self.world_size
 
     def capture(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> "CapturedLayer":
         """Capture forward on these (static) inputs into a CUDA graph; copy new inputs into
         `captured.hidden` / `captured.input_ids` and call `captured.replay()`. Every rank must capture and
         replay the same number of times (the graph holds the all-reduce)."""
         return CapturedLayer(self, hidden, input_ids)
+
+
+def _rows(acts: NVFP4Tensor | torch.Tensor, lo: int, hi: int) -> NVFP4Tensor | torch.Tensor:
+    if isinstance(acts, NVFP4Tensor):
+        return NVFP4Tensor(acts.data[lo:hi], acts.scale[lo:hi], acts.global_scale)
+    return acts[lo:hi]
 
 
 class CapturedLayer:
