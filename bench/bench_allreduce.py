@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ep_runtime import cuda_graphs
 from ep_runtime.provenance import provenance
 from ep_runtime.symm import region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend  # noqa: E402
@@ -41,15 +42,7 @@ SIZES = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 8192]
 def _time_us(fn: Callable[[], None], iters: int, reps: int, warmup: int, use_graph: bool) -> float:
     """Median microseconds per call, max over ranks. `fn` is one collective call on the current stream."""
     if use_graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
+        graph = cuda_graphs.capture(lambda: [fn() for _ in range(reps)], warmup=1)
         step = graph.replay
     else:
         def step() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ep_runtime import ops  # noqa: E402
+from ep_runtime import cuda_graphs, ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.nvfp4 import NVFP4Tensor  # noqa: E402
 from ep_runtime.provenance import provenance  # noqa: E402
@@ -42,23 +42,14 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
 
 def graphed(fn):
     """Captures fn once (after a warm-up on a side stream) and returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    return cuda_graphs.capture(fn, warmup=1).replay
 
 
 def copy_bandwidth_gbs() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a), 10)
-    del a, b
-    return 2 * (1 << 30) / ms / 1e6
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    return 2 * (1 << 30) / median_ms(lambda: dst.copy_(src), 10) / 1e6
 
 
 def random_nvfp4_weights(e: int, n: int, k: int, gen: torch.Generator):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config
 from .experts import ExpertSpec, expert_stage
@@ -25,14 +26,9 @@ from .weights import ExpertWeights
 
 def cuda_backend_available(device: torch.device) -> bool:
     """The CUDA expert stage runs on sm_90 devices when the extension was built."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return False
-    try:
-        from . import _C  # noqa: F401
-        from . import cuda_experts  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from .ops import extension_available
+
+    return device.type == "cuda" and extension_available("grouped_l1", "moe_align")
 
 
 class EPMoE(nn.Module):
@@ -210,15 +206,12 @@ class CapturedLayer:
         if moe.backend != "cuda":
             raise ValueError("capture: the reference expert stage syncs with the host; use backend 'cuda'")
         self.hidden, self.input_ids = hidden.clone(), None if input_ids is None else input_ids.clone()
-        stream = torch.cuda.Stream(moe.device)
-        stream.wait_stream(torch.cuda.current_stream(moe.device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init)
-            for _ in range(2):
-                moe(self.hidden, self.input_ids, check=False)
-        torch.cuda.current_stream(moe.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        self.out: torch.Tensor | None = None
+
+        def step() -> None:
             self.out = moe(self.hidden, self.input_ids, check=False)
+
+        self.graph = cuda_graphs.capture(step)
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()

@@ -21,6 +21,17 @@ BLOCK_NS = (8, 16, 32, 64)  # slots per tile
 BLOCK_MS = (0, 64, 128)  # weight rows per tile; 0: the kernel picks
 
 
+def extension_available(*symbols: str) -> bool:
+    """An sm_90 GPU is visible and ep_runtime._C was built (and has these functions)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    try:
+        from . import _C
+    except ImportError:
+        return False
+    return all(hasattr(_C, s) for s in symbols)
+
+
 def _ext():
     from . import _C
 

@@ -1,21 +1,13 @@
 import pytest
 import torch
 
-
-def cuda_extension_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from ep_runtime import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from ep_runtime.ops import extension_available
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU and the built ep_runtime._C extension")
     skip_multi = pytest.mark.skip(reason="needs several CUDA GPUs (run under torchrun on a GPU machine)")
-    have_gpu = cuda_extension_available()
+    have_gpu = extension_available()
     for item in items:
         if "gpu" in item.keywords and not have_gpu:
             item.add_marker(skip_gpu)

@@ -23,21 +23,12 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime.allreduce import CommTimeoutError, SymmAllReduce
+from ep_runtime.ops import extension_available
 from ep_runtime.symm import region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
 
 _TORCHRUN = ("RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
              and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]))
-
-
-def _extension_ready() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from ep_runtime import _C
-    except ImportError:
-        return False
-    return hasattr(_C, "all_reduce")
 
 
 def multigpu(f):
@@ -46,7 +37,7 @@ def multigpu(f):
 
 
 def emulated(f):
-    skip = pytest.mark.skipif(_TORCHRUN or not _extension_ready(), reason="needs one GPU and the built extension")
+    skip = pytest.mark.skipif(_TORCHRUN or not extension_available("all_reduce"), reason="needs one GPU and the built extension")
     return pytest.mark.gpu(skip(f))
 
 

@@ -12,25 +12,16 @@ import torch
 from ep_runtime import nvfp4
 from ep_runtime.experts import ExpertSpec, SlotMap, combine, l1_reference, l2_reference, map_slots, quantize_h, swiglu
 from ep_runtime.nvfp4 import NVFP4Tensor
+from ep_runtime.ops import extension_available
 from ep_runtime.weights import ExpertWeights
 
 pytestmark = pytest.mark.gpu
 
 
-def _extension_ready() -> bool:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        return False
-    try:
-        from ep_runtime import _C
-    except ImportError:
-        return False
-    return hasattr(_C, "grouped_l1") and hasattr(_C, "moe_align")
-
-
-if not _extension_ready():
+if not extension_available("grouped_l1", "moe_align"):
     pytest.skip("needs an sm_90 CUDA device and the built extension", allow_module_level=True)
 
-from ep_runtime import ops  # noqa: E402
+from ep_runtime import cuda_graphs, ops  # noqa: E402
 from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -336,14 +327,7 @@ def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
     eager, _ = run_stage(acts, idx, w, weights, spec, ws=ws)
     out = torch.empty(t, h, device=DEV)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        cuda_expert_stage(acts, idx, w, weights, 0, spec, out=out, workspace=ws)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cuda_expert_stage(acts, idx, w, weights, 0, spec, out=out, workspace=ws)
+    graph = cuda_graphs.capture(lambda: cuda_expert_stage(acts, idx, w, weights, 0, spec, out=out, workspace=ws))
     poison(ws)
     out.fill_(float("nan"))
     graph.replay()

@@ -8,21 +8,12 @@ import pytest
 import torch
 
 from ep_runtime import nvfp4
+from ep_runtime.ops import extension_available
 
 pytestmark = pytest.mark.gpu
 
 
-def _extension_ready() -> bool:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        return False
-    try:
-        from ep_runtime import _C
-    except ImportError:
-        return False
-    return hasattr(_C, "stage_nvfp4")
-
-
-if not _extension_ready():
+if not extension_available("stage_nvfp4"):
     pytest.skip("needs an sm_90 CUDA device and the built extension", allow_module_level=True)
 
 from ep_runtime.staging import stage_nvfp4  # noqa: E402
