@@ -42,7 +42,7 @@ def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def _check(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
+def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
            shape: Sequence[int | None] | None = None) -> torch.Tensor:
     """Validates one tensor argument's dtype, shape, layout and alignment; None in shape matches any size."""
     if not isinstance(t, torch.Tensor):
@@ -61,7 +61,7 @@ def _check(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
     return t
 
 
-def _same_device(named: dict[str, torch.Tensor | None]) -> None:
+def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
     """Last check of every wrapper (so layout errors are reported first): all tensors on one CUDA device."""
     devices = {n: t.device for n, t in named.items() if t is not None}
     first_name, first = next(iter(devices.items()))
@@ -141,17 +141,17 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
               num_experts_total: int | None = None, check: bool = False) -> None:
     """Slot metadata of experts.map_slots on the device: counts (E,), offsets (E+1,), slot_pair (T*k,) and its
     inverse pair_slot (T*k,) (-1 for pairs of other ranks). check=True validates the ids (host sync)."""
-    _check(topk_idx, "topk_idx", torch.int32, (None, None))
+    check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))
     t, k = topk_idx.shape
     if not 1 <= num_local <= 1024:
         raise ValueError(f"num_local: expected 1..1024 local experts, got {num_local}")
     if expert_begin < 0:
         raise ValueError(f"expert_begin: expected >= 0, got {expert_begin}")
-    _check(counts, "counts", torch.int32, (num_local,))
-    _check(offsets, "offsets", torch.int32, (num_local + 1,))
-    _check(slot_pair, "slot_pair", torch.int32, (t * k,))
-    _check(pair_slot, "pair_slot", torch.int32, (t * k,))
-    _same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot))
+    check_tensor(counts, "counts", torch.int32, (num_local,))
+    check_tensor(offsets, "offsets", torch.int32, (num_local + 1,))
+    check_tensor(slot_pair, "slot_pair", torch.int32, (t * k,))
+    check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
+    check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot))
     if check and topk_idx.numel():
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
@@ -162,15 +162,15 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
 
 def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
     """out (R, K) bf16 = decode(data) * scale (no global scale). scale: UE4M3 (R, K/16) or packed int32 (R, K/64)."""
-    _check(data, "data", torch.uint8, (None, None))
+    check_tensor(data, "data", torch.uint8, (None, None))
     r, kh = data.shape
     _multiple(2 * kh, 64, "data.shape[1] * 2 (K)")
     if scale.dtype == torch.int32:
-        _check(scale, "scale", torch.int32, (r, 2 * kh // 64))
+        check_tensor(scale, "scale", torch.int32, (r, 2 * kh // 64))
     else:
-        _check(scale, "scale", SCALE_DTYPES, (r, 2 * kh // 16))
-    _check(out, "out", torch.bfloat16, (r, 2 * kh))
-    _same_device(dict(data=data, scale=scale, out=out))
+        check_tensor(scale, "scale", SCALE_DTYPES, (r, 2 * kh // 16))
+    check_tensor(out, "out", torch.bfloat16, (r, 2 * kh))
+    check_same_device(dict(data=data, scale=scale, out=out))
     torch.ops.ep_runtime.nvfp4_dequant_rows(data, scale, out)
 
 
@@ -183,7 +183,7 @@ def _check_tiles(block_n: int, block_m: int, rows: int) -> None:
 
 
 def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
-    _check(offsets, name, torch.int32, (e + 1,))
+    check_tensor(offsets, name, torch.int32, (e + 1,))
 
 
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -203,18 +203,18 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
     (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
     """
-    _check(w13, "w13", torch.uint8, (None, None, None))
+    check_tensor(w13, "w13", torch.uint8, (None, None, None))
     e, n2, kh = w13.shape
     hidden, inter = 2 * kh, n2 // 2
     _multiple(hidden, 64, "w13.shape[2] * 2 (hidden)")
     _multiple(inter, 64, "w13.shape[1] / 2 (intermediate)")
-    _check(w13_scale, "w13_scale", SCALE_DTYPES, (e, n2, hidden // 16))
-    _check(w13_alpha, "w13_alpha", torch.float32, (e, 2))
-    _check(act, "act", torch.bfloat16, (None, hidden))
+    check_tensor(w13_scale, "w13_scale", SCALE_DTYPES, (e, n2, hidden // 16))
+    check_tensor(w13_alpha, "w13_alpha", torch.float32, (e, 2))
+    check_tensor(act, "act", torch.bfloat16, (None, hidden))
     if x_gs is not None:
-        _check(x_gs, "x_gs", torch.float32, (1,))
+        check_tensor(x_gs, "x_gs", torch.float32, (1,))
     _check_slots(offsets, e)
-    _check(slot_pair, "slot_pair", torch.int32, (None,))
+    check_tensor(slot_pair, "slot_pair", torch.int32, (None,))
     s = slot_pair.shape[0]
     if topk < 1 or s != act.shape[0] * topk:
         raise ValueError(f"slot_pair: expected {act.shape[0]} * topk={topk} entries (one per (token, k) pair), got {s}")
@@ -223,14 +223,14 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     _check_tiles(block_n, block_m, 2 * inter)
     dev = w13.device
     if epilogue in ("gate_up", "fp32"):
-        out_f32 = _check(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))
+        out_f32 = check_tensor(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))
     if epilogue == "nvfp4":
-        _check(h_gs, "h_gs", torch.float32, (e,))
-        _check(hq_data, "hq_data", torch.uint8, (s, inter // 2))
-        _check(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
+        check_tensor(h_gs, "h_gs", torch.float32, (e,))
+        check_tensor(hq_data, "hq_data", torch.uint8, (s, inter // 2))
+        check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     if epilogue in ("nvfp4", "bf16"):
-        _check(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
-    _same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
+        check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
+    check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
                       slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                       h_bf16=h_bf16))
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
@@ -247,51 +247,51 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
                h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int = 8,
                block_m: int = 0) -> None:
     """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot."""
-    _check(w2, "w2", torch.uint8, (None, None, None))
+    check_tensor(w2, "w2", torch.uint8, (None, None, None))
     e, hidden, ih = w2.shape
     inter = 2 * ih
     _multiple(hidden, 64, "w2.shape[1] (hidden)")
     _multiple(inter, 64, "w2.shape[2] * 2 (intermediate)")
-    _check(w2_scale, "w2_scale", SCALE_DTYPES, (e, hidden, inter // 16))
-    _check(w2_alpha, "w2_alpha", torch.float32, (e,))
-    _check(act, "act", torch.bfloat16, (None, inter))
+    check_tensor(w2_scale, "w2_scale", SCALE_DTYPES, (e, hidden, inter // 16))
+    check_tensor(w2_alpha, "w2_alpha", torch.float32, (e,))
+    check_tensor(act, "act", torch.bfloat16, (None, inter))
     if h_gs is not None:
-        _check(h_gs, "h_gs", torch.float32, (e,))
+        check_tensor(h_gs, "h_gs", torch.float32, (e,))
     _check_slots(offsets, e)
-    _check(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
+    check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
     _check_tiles(block_n, block_m, hidden)
-    _same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets, y_slot=y_slot))
+    check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets, y_slot=y_slot))
     torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
 
 
 def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
                     hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
     """Dynamic L2 scale: h_gs[e] = 2688 / amax over expert e's slots of h (0 -> 1), then h -> NVFP4 + BF16 copy."""
-    _check(h_f32, "h_f32", torch.float32, (None, None))
+    check_tensor(h_f32, "h_f32", torch.float32, (None, None))
     s, inter = h_f32.shape
     _multiple(inter, 64, "h_f32.shape[1] (intermediate)")
-    _check(offsets, "offsets", torch.int32, (None,))
+    check_tensor(offsets, "offsets", torch.int32, (None,))
     e = offsets.shape[0] - 1
     if e < 1:
         raise ValueError(f"offsets: expected E+1 >= 2 entries, got {offsets.shape[0]}")
-    _check(amax_ws, "amax_ws", torch.int32, (e,))
-    _check(hq_data, "hq_data", torch.uint8, (s, inter // 2))
-    _check(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
-    _check(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
-    _check(h_gs, "h_gs", torch.float32, (e,))
-    _same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
+    check_tensor(amax_ws, "amax_ws", torch.int32, (e,))
+    check_tensor(hq_data, "hq_data", torch.uint8, (s, inter // 2))
+    check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
+    check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
+    check_tensor(h_gs, "h_gs", torch.float32, (e,))
+    check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                       h_bf16=h_bf16, h_gs=h_gs))
     torch.ops.ep_runtime.requant_dynamic(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
 
 def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
     """out[t] = sum over k ascending of topk_weights[t,k] * y_slot[pair_slot[t*k+k]] (fp32); 0 without local slots."""
-    _check(topk_weights, "topk_weights", torch.float32, (None, None))
+    check_tensor(topk_weights, "topk_weights", torch.float32, (None, None))
     t, k = topk_weights.shape
-    _check(y_slot, "y_slot", torch.float32, (None, None))
+    check_tensor(y_slot, "y_slot", torch.float32, (None, None))
     hidden = y_slot.shape[1]
     _multiple(hidden, 64, "y_slot.shape[1] (hidden)")
-    _check(pair_slot, "pair_slot", torch.int32, (t * k,))
-    _check(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
-    _same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
+    check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
+    check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
+    check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
     torch.ops.ep_runtime.combine(y_slot, pair_slot, topk_weights, out)

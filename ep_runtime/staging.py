@@ -9,53 +9,29 @@ from __future__ import annotations
 import torch
 
 from .nvfp4 import NVFP4Tensor, check_finite
+from .ops import check_same_device, check_tensor
 
 _OP = "ep_runtime::stage_nvfp4"
 
 
-def _expect(t: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-
-
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
                         global_scale: torch.Tensor | None) -> None:
-    """Every check that needs no GPU: dtypes, shapes, contiguity, capacity, then devices and alignment."""
-    _expect(hidden, "hidden", torch.bfloat16)
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected a 2-D (tokens, hidden) tensor, got shape {tuple(hidden.shape)}")
+    """Every check that needs no GPU: dtypes, shapes, contiguity, alignment, capacity, then devices."""
+    check_tensor(hidden, "hidden", torch.bfloat16, (None, None))
     t, h = hidden.shape
     if h % 64:
         raise ValueError(f"hidden: hidden size must be a multiple of 64, got {h}")
-    if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D (max_tokens, {h // 2}) buffer, got shape {tuple(x.shape)}")
+    check_tensor(x, "x", torch.uint8, (None, h // 2))
     cap = x.shape[0]
-    _expect(x, "x", torch.uint8, (cap, h // 2))
-    _expect(x_sf, "x_sf", torch.int32, (cap, h // 64))
-    _expect(x_global, "x_global", torch.float32, (1,))
+    check_tensor(x_sf, "x_sf", torch.int32, (cap, h // 64))
+    check_tensor(x_global, "x_global", torch.float32, (1,))
     if t > cap:
         raise ValueError(f"hidden: {t} tokens exceed the staging buffer capacity max_tokens={cap}")
     if global_scale is not None:
-        _expect(global_scale, "global_scale", torch.float32)
+        check_tensor(global_scale, "global_scale", torch.float32)
         if global_scale.numel() != 1:
             raise ValueError(f"global_scale: expected one value, got shape {tuple(global_scale.shape)}")
-    named = [("hidden", hidden), ("x", x), ("x_sf", x_sf), ("x_global", x_global)]
-    if global_scale is not None:
-        named.append(("global_scale", global_scale))
-    for name, ten in named:
-        if ten.device.type != "cuda":
-            raise ValueError(f"{name}: expected a CUDA tensor, got device {ten.device}")
-        if ten.device != hidden.device:
-            raise ValueError(f"{name}: expected device {hidden.device} (that of hidden), got {ten.device}")
-    for name, ten in (("hidden", hidden), ("x", x)):
-        if ten.data_ptr() % 16:
-            raise ValueError(f"{name}: data must be 16-byte aligned, got address {ten.data_ptr():#x}")
+    check_same_device({"hidden": hidden, "x": x, "x_sf": x_sf, "x_global": x_global, "global_scale": global_scale})
 
 
 @torch.library.custom_op(_OP, mutates_args=("x", "x_sf", "x_global", "amax_scratch"))
@@ -89,7 +65,7 @@ def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_glo
         check_finite(hidden, "hidden")
         if global_scale is not None and not (torch.isfinite(global_scale).all() and (global_scale > 0).all()):
             raise ValueError(f"global_scale: expected a finite positive scale, got {global_scale.item()}")
-    _expect(amax_scratch, "amax_scratch", torch.int32, (1,))
+    check_tensor(amax_scratch, "amax_scratch", torch.int32, (1,))
     _stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.
