@@ -30,10 +30,6 @@ class NVFP4Tensor:
     scale: torch.Tensor  # float8_e4m3fn (..., K/16)
     global_scale: torch.Tensor  # fp32, 0-d (a per-row-group tensor where a caller documents so)
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.data.shape[:-1], self.data.shape[-1] * 2))
-
 
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """fp32 values -> E2M1 codes (uint8 0..15), round-to-nearest-even, saturating at 6, sign kept."""

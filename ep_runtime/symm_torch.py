@@ -1,9 +1,9 @@
-"""SymmBackend over PyTorch symmetric memory (torch.distributed._symmetric_memory, CUDA P2P backend).
+"""GPU SymmBackends over one peer-mapped arena; here the PyTorch symmetric-memory one (CUDA P2P backend).
 
-One symmetric arena per process, allocated and rendezvoused once at construction (before any CUDA-graph
+One symmetric arena per process, allocated and mapped once at construction (before any CUDA-graph
 capture); `empty()` carves named regions out of it at 256-byte aligned offsets, identical on every rank,
-so capacities and addresses never change. The arena ends with the all-reduce signal block. Peer views and
-peer pointers are the same offsets in the peers' mappings of the arena.
+so capacities and addresses never change. The arena ends with the all-reduce signal block. Peer pointers are
+the same offsets in the peers' mappings of the arena.
 
 NVLink multicast stays off (our machines disable it): the all-reduce uses plain P2P loads and stores.
 """
@@ -32,8 +32,8 @@ DEFAULT_TIMEOUT_S = 10.0
 
 class P2PArenaBackend:
     """A SymmBackend over one arena that every rank maps (peer pointers over NVLink/P2P). Subclasses only say
-    how the arena is allocated and mapped (`_map_arena`); regions, peer views, signals and the all-reduce
-    are shared. Also `peer()`, `reset_signals()` and the all-reduce algorithm choice
+    how the arena is allocated and mapped (`_map_arena`); regions, peer pointers, signals and the all-reduce
+    are shared. Also `reset_signals()` and the all-reduce algorithm choice
     (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce)."""
 
     name = "p2p"
@@ -89,14 +89,6 @@ class P2PArenaBackend:
         log.info("%s: region %s %s %s at offset %d (%d B), arena used %d/%d B", type(self).__name__, name, shape,
                  dtype, offset, nbytes, self._used, self.capacity)
         return self._view(self._arena, name)
-
-    def peer(self, name: str, rank: int) -> torch.Tensor:
-        """Rank `rank`'s copy of region `name`, addressable from this GPU."""
-        if name not in self._regions:
-            raise KeyError(f"name: no symmetric region {name!r}; have {sorted(self._regions)}")
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank: expected 0..{self.world_size - 1}, got {rank}")
-        return self._view(self._peers[rank], name)
 
     def barrier(self, timeout_s: float) -> None:
         self.comm.barrier(timeout_s)
