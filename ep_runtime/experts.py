@@ -6,6 +6,7 @@ time, on any device. `expert_stage(..., backend="cuda")` runs the same stage thr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 from . import nvfp4
 from .nvfp4 import NVFP4Tensor
 from .weights import ExpertWeights
+
+if TYPE_CHECKING:  # the CUDA stage imports this module
+    from .cuda_experts import ExpertWorkspace
 
 Activations = NVFP4Tensor | torch.Tensor  # NVFP4 in W4A4 mode, bf16 (T, H) in W4A16 mode
 
@@ -145,7 +149,7 @@ def combine(y_slot: torch.Tensor, slots: SlotMap, topk_weights: torch.Tensor, nu
 
 def expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
                  expert_begin: int, spec: ExpertSpec, backend: str = "reference",
-                 workspace=None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 workspace: "ExpertWorkspace | None" = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's partial MoE output (T, H) for its local experts: fp32, or written into `out` (cuda backend,
     with its preallocated `workspace` so that CUDA graphs replay the same addresses)."""
     if backend == "cuda":
