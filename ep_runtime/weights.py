@@ -94,22 +94,12 @@ class ExpertWeights:
         return out
 
     @classmethod
-    def random(cls, num_experts: int, hidden: int, inter: int, generator: torch.Generator | None = None,
-               l1_input_scale: float = 6.0 / 2688, l2_input_scale: float = 3.0 / 2688) -> "ExpertWeights":
-        """Random experts (std 1/sqrt(fan-in)) with given static activation scales, for tests and benchmarks."""
-        def rnd(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
-
-        e, h, i = num_experts, hidden, inter
-        return cls.from_dense(rnd(e, i, h), rnd(e, i, h), rnd(e, h, i), l1_input_scale,
-                              torch.full((e,), l2_input_scale))
-
-    @classmethod
     def synthetic(cls, expert_ids: range, hidden: int, inter: int, seed: int, device: torch.device | str,
                   l1_input_scale: float = 6.0 / 2688, l2_input_scale: float = 3.0 / 2688) -> "ExpertWeights":
-        """Random experts generated on `device`, expert by expert, each from its own seed (seed, global id):
-        any rank, and a single-process reference, builds the same expert without materializing the others.
-        Used for model-sized synthetic layers (a V4-Pro layer would be 14 GB of checkpoint files)."""
+        """Random experts (std 1/sqrt(fan-in)) with the given static activation scales, generated on `device`
+        expert by expert, each from its own seed (seed, global id): any rank, and a single-process reference,
+        builds the same expert without materializing the others. Used by tests, benchmarks and model-sized
+        synthetic layers (a V4-Pro layer would be 14 GB of checkpoint files)."""
         out = cls.empty(len(expert_ids), hidden, inter, device)
         g = torch.Generator(device=device)
         for local, e in enumerate(expert_ids):

@@ -11,6 +11,10 @@ from ep_runtime.weights import ExpertWeights
 E, H, I, TOPK = 6, 128, 64, 3
 
 
+def _random_experts(gen):
+    return ExpertWeights.synthetic(range(E), H, I, int(torch.randint(2**31, (1,), generator=gen)), "cpu")
+
+
 def test_slots_are_ordered_by_expert_then_token_then_k():
     topk_idx = torch.tensor([[1, 0], [0, 2]], dtype=torch.int32)
     s = map_slots(topk_idx, num_local=2, expert_begin=0)
@@ -87,7 +91,7 @@ def _naive_stage(x, topk_idx, topk_w, weights, spec, gs_x):
 @pytest.mark.parametrize("act_mode,scale_mode,limit", [("nvfp4", "dynamic", 10.0), ("nvfp4", "static", 10.0),
                                                        ("bf16", "static", None)])
 def test_expert_stage_matches_an_independent_per_token_model(gen, act_mode, scale_mode, limit):
-    weights = ExpertWeights.random(E, H, I, gen)
+    weights = _random_experts(gen)
     spec = ExpertSpec(act_mode, scale_mode, limit)
     t_count = 9
     x = torch.randn(t_count, H, generator=gen) * 2
@@ -102,7 +106,7 @@ def test_expert_stage_matches_an_independent_per_token_model(gen, act_mode, scal
 
 
 def test_w4a16_and_w4a4_differ_by_activation_quantization_only(gen):
-    weights = ExpertWeights.random(E, H, I, gen)
+    weights = _random_experts(gen)
     x = torch.randn(5, H, generator=gen)
     topk_idx = torch.randint(0, E, (5, TOPK), generator=gen, dtype=torch.int32)
     w = torch.rand(5, TOPK, generator=gen)
@@ -113,7 +117,7 @@ def test_w4a16_and_w4a4_differ_by_activation_quantization_only(gen):
 
 
 def test_expert_stage_is_bitwise_deterministic(gen):
-    weights = ExpertWeights.random(E, H, I, gen)
+    weights = _random_experts(gen)
     x = nvfp4.quantize(torch.randn(7, H, generator=gen))
     topk_idx = torch.randint(0, E, (7, TOPK), generator=gen, dtype=torch.int32)
     w = torch.rand(7, TOPK, generator=gen)
@@ -122,7 +126,7 @@ def test_expert_stage_is_bitwise_deterministic(gen):
 
 
 def test_unknown_backend_is_rejected(gen):
-    weights = ExpertWeights.random(E, H, I, gen)
+    weights = _random_experts(gen)
     with pytest.raises(ValueError, match="backend"):
         expert_stage(nvfp4.quantize(torch.randn(1, H)), torch.zeros(1, TOPK, dtype=torch.int32),
                      torch.ones(1, TOPK), weights, 0, ExpertSpec(), backend="magic")
