@@ -1,5 +1,5 @@
 """Grouped expert GEMMs on one GPU: ours (W4A16, W4A4) vs torch._grouped_mm on BF16 weights vs a per-expert
-loop of BF16 matmuls, against the FP4 weight-byte floor.
+loop of BF16 matmuls, against the FP4 weight-byte floor. Ours reads the same weights re-tiled (sm90_layout).
 
 V4-Pro per-rank shapes: E=48 local experts, L1 N=2I=6144 K=H=7168, L2 N=H=7168 K=I=3072; m tokens per active
 expert with all 48 active, plus a sparse decode case (6 of 48 experts active, m=1). Times are medians of CUDA
@@ -22,6 +22,7 @@ from ep_runtime import cuda_graphs, ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.nvfp4 import NVFP4Tensor  # noqa: E402
 from ep_runtime.provenance import provenance  # noqa: E402
+from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
 DEV = torch.device("cuda")
@@ -174,6 +175,9 @@ def main() -> None:
     w13 = random_nvfp4_weights(E, 2 * I, H, gen)
     w2 = random_nvfp4_weights(E, H, I, gen)
     w13_bf16, w2_bf16 = dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1])
+    # BF16 rows [gate; up] for the baselines; the kernels take the same weights in their SM90 layout
+    tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
+    tile_stack_(w2[0], w2[1])
     ms = [1, 8] if args.quick else [1, 8, 32, 128, 512, 2048]
     cases = [(f"all48_m{m}", [m] * E) for m in ms]
     cases.append(("sparse6_m1", [1 if e % 8 == 0 else 0 for e in range(E)]))

@@ -1,33 +1,44 @@
 // Grouped NVFP4-weight expert GEMMs for Hopper (no FP4 tensor cores): one launch covers every local expert.
 //
-// Layout choices (see shared/DESIGN.md):
-// - A/B swapped: weight rows are the MMA M side (16 per m16n8k16), slots (tokens) the N side, so an expert
-//   with 1..8 tokens wastes no weight bandwidth. Packed weights, their scales and the BF16 activations
-//   stream through a 2-4 stage cp.async ring (16-byte copies; decode is bound by how many weight bytes are
-//   in flight), and each lane dequantizes its own weight words exactly to BF16 in registers: an E2M1
-//   nibble placed at bf16 bits 6-8 (+ sign at 15) is its value * 2^-126, and one bf16x2 multiply by
-//   sf * 2^118 gives decode * sf * 2^-8 exactly (<= 6 significant bits); the epilogue multiplies by 2^8.
-// - K is permuted consistently on both operands: lane (g, t) owns the 64 K elements [32t, 32t+32) and
-//   [128+32t, 128+32t+32) of every 256-wide chunk, so each lane's weight bytes are two aligned 16-byte
-//   copies and nibble pairs (i, i+4) of a 32-bit word form one bf16x2 register. Activations (BF16) are staged
-//   per chunk in the same permuted, XOR-swizzled order (conflict-free loads).
+// Design (see shared/DESIGN.md, bench/NOTES_experts.md):
+// - A/B swapped: weight rows are the wgmma M side (64 per warpgroup), slots (tokens) the N side (8..128), so
+//   an expert with one token wastes no weight bandwidth and prefill still gets full-width HGMMA tiles.
+// - Weights are re-tiled once at load (ep_runtime/sm90_layout.py): each 64-row x 64-K atom is 2 KB of
+//   packed E2M1 plus 256 B of UE4M3 scales, contiguous, ordered so that one lds.128 hands each lane exactly
+//   the nibbles of its wgmma A fragments for four k16 steps, and nibbles (i, i+4) of a word form one bf16x2.
+//   Contiguous atoms let one thread stream them with cp.async.bulk (no per-thread address work on the
+//   bandwidth-bound decode path) and keep the activations in natural K order, so they reach wgmma as a plain
+//   128B-swizzled shared-memory operand.
+// - Dequantization is exact and happens in registers: an E2M1 nibble placed at bf16 bits 6-8 (+ sign at 15)
+//   is its value * 2^-126, and one bf16x2 multiply by sf * 2^118 gives decode * sf * 2^-8 (<= 6 significant
+//   bits); the epilogue multiplies by 2^8. The dequantized fragment is wgmma's register A operand (RS form).
+// - Warp-specialized: one producer warpgroup fills a ring of stages (weights by bulk copy, the slots'
+//   activation rows by cp.async, gathered through slot_pair for L1); two consumer warpgroups dequantize and
+//   issue wgmma. With 128-row tiles each consumer owns 64 rows; with 64-row tiles (sparse decode: more tiles
+//   than SMs) they split K by alternate stages and add their partial sums in the epilogue.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
 //   without tokens produce no tiles and read no weights; slot tiles of one weight tile are adjacent in time
-//   so prefill re-reads weights from L2.
-// - L1 tiles hold gate rows j..j+BM/2-1 and the matching up rows, so the epilogue applies both alphas,
-//   the clamped SwiGLU and the NVFP4 re-quantization of h without another pass.
+//   so prefill re-reads weights from L2. The epilogue buffer is separate from the ring, so the producer
+//   streams the next tile while the consumers finish this one.
+// - L1 atoms hold 32 gate rows and the matching 32 up rows, so the epilogue applies both alphas, the clamped
+//   SwiGLU and the NVFP4 re-quantization of h without another pass.
 #include "cuda_check.h"
 #include "experts_device.cuh"
 #include "registry.h"
 
 #include <cuda_bf16.h>
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 namespace {
 
 using namespace ep::experts;
+using cutlass::arch::ClusterBarrier;
+using cutlass::arch::ClusterTransactionBarrier;
 
 enum Epilogue : int {
   kGateUp = 0,  // L1: gate|up fp32 (S, 2I), before the activation (tests)
@@ -37,16 +48,19 @@ enum Epilogue : int {
   kYSlot = 4,   // L2: y_slot fp32 (S, H)
 };
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kBK = 256;              // K elements per pipeline chunk
-constexpr int kActRowBytes = kBK * 2;  // one slot's BF16 chunk in shared memory
-constexpr int kScaleRowBytes = kBK / 16;  // one weight row's UE4M3 scales of a chunk
-constexpr float kDequantShift = 256.f;  // undoes the 2^-8 left in the dequantized weights
+constexpr int kBK = 64;                                  // K elements per stage: one atom
+constexpr int kAtomRows = 64;                            // weight rows per atom: one warpgroup's wgmma M
+constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one atom
+constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
+constexpr int kProducers = 128;                          // warpgroup 0
+constexpr int kConsumers = 256;                          // warpgroups 1 and 2
+constexpr int kThreads = kProducers + kConsumers;
+constexpr int kSmemBudget = 200 * 1024;                  // ring + epilogue buffer
+constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 
 struct GemmArgs {
-  const uint8_t* w;        // (E, N, K/2)
-  const uint8_t* w_scale;  // (E, N, K/16)
+  const uint8_t* w;        // (E, N, K/2) bytes in the SM90 atom layout
+  const uint8_t* w_scale;  // (E, N, K/16) bytes in the SM90 atom layout
   const float* w_alpha;    // L1 (E, 2) gate/up, L2 (E,)
   const __nv_bfloat16* act;  // L1: (T, K) indexed by token, L2: (S, K) indexed by slot
   const float* act_gs;     // L1: x global scale (1,), L2: h global scale (E,); null: 1
@@ -63,26 +77,35 @@ struct GemmArgs {
   __nv_bfloat16* h_bf16;
 };
 
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, int src_bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(smem_dst)), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async4(void* smem_dst, const void* src, int src_bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+
+__device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(smem_dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
 }
 
 __device__ __forceinline__ uint4 lds128(const void* p) {
   uint4 v;
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(smem_u32(p)));
   return v;
 }
+
+__device__ __forceinline__ uint2 lds64(const void* p) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(smem_u32(p)));
+  return v;
+}
+
+// The consumer warpgroups' own barrier (the producer never waits on it).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
@@ -99,7 +122,7 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
 // Nibbles I and I+4 of w as a bf16x2 (low, high) holding value * 2^-126 each. Isolated at bits 4I / 16+4I, a
 // multiply by 2^(6-4I) + 2^(12-4I) puts one copy of each nibble at bits 6-9 / 22-25 and one at 12-15 / 28-31
 // (no overlaps, no carries); the mask keeps the magnitude bits of the first copy and the sign bit of the
-// second. The multiply runs on the FMA pipe: the integer pipe is what bounds the dequantization.
+// second. The multiply runs on the FMA pipe, leaving the integer pipe to the rest of the dequantization.
 template <int I>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   const uint32_t x = I < 2 ? w & (0x000F000Fu << (4 * I)) : (w >> (4 * I)) & 0x000F000Fu;
@@ -121,219 +144,214 @@ __device__ __forceinline__ void scale_pair_bf16x2(uint32_t two, uint32_t& s0, ui
   s1 = prmt(b, 0u, 0x3232);
 }
 
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+// wgmma A fragment of one k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
+// Word wg / wg8 holds rows g / g+8 of two steps; SP picks the step, so nibble pairs (2SP, 2SP+4) are k 2t..
+// and (2SP+1, 2SP+5) are k 2t+8.. (see sm90_layout.py).
+template <int SP>
+__device__ __forceinline__ void dequant_step(uint32_t wg, uint32_t wg8, uint32_t sg, uint32_t sg8, uint32_t (&a)[4]) {
+  a[0] = bf16x2_mul(e2m1_pair<2 * SP>(wg), sg);
+  a[1] = bf16x2_mul(e2m1_pair<2 * SP>(wg8), sg8);
+  a[2] = bf16x2_mul(e2m1_pair<2 * SP + 1>(wg), sg);
+  a[3] = bf16x2_mul(e2m1_pair<2 * SP + 1>(wg8), sg8);
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+template <int N>
+struct Gmma;
+#define EP_GMMA_RS(N)                                                                                  \
+  template <>                                                                                        \
+  struct Gmma<N> {                                                                                   \
+    using Op = cute::SM90::GMMA::MMA_64x##N##x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K,        \
+                                                                cute::SM90::GMMA::Major::K>;        \
+  };
+EP_GMMA_RS(8)
+EP_GMMA_RS(16)
+EP_GMMA_RS(32)
+EP_GMMA_RS(64)
+EP_GMMA_RS(128)
+#undef EP_GMMA_RS
+
+template <int N, size_t... I>
+__device__ __forceinline__ void gmma_impl(const uint32_t (&a)[4], uint64_t desc, float (&d)[N / 2],
+                                          std::index_sequence<I...>) {
+  Gmma<N>::Op::fma(a[0], a[1], a[2], a[3], desc, d[I]...);
 }
 
-// Shared-memory ring: each stage holds one K chunk of the tile's packed weights (per lane: MI*4 16-byte
-// words, interleaved across lanes so lds.128 is conflict-free), their scales and the slots' activations.
-// Decode tiles (NI <= 2) keep 4 chunks in flight, except the smallest tile, which keeps 3 so that 5 CTAs fit
-// an SM (sparse decode: more tiles resident in the first wave); wide slot tiles trade depth for occupancy.
-template <int MI, int NI>
+// D(64 x N) += A(64 x 16, registers) * B(16 x N, shared memory), fp32 accumulators.
+template <int N>
+__device__ __forceinline__ void gmma(const uint32_t (&a)[4], uint64_t desc, float (&d)[N / 2]) {
+  gmma_impl<N>(a, desc, d, std::make_index_sequence<N / 2>{});
+}
+
+// Shared-memory descriptor of a K-major BF16 operand with the 128-byte swizzle: rows of 64 elements
+// (128 B), 8-row groups 1024 B apart; the start address advances 32 B per k16 step inside the row.
+__device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
+         (1ull << 62);
+}
+
+// Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers and
+// the per-expert tile prefix. Activation stages come first and are 1024-byte multiples, as the 128B swizzle
+// needs. Decode stages are small, so more of them keep the weight stream deep (up to 24 x 4.5 KB per SM).
+template <int BM, int BN>
 struct Tiles {
-  static constexpr int BM = kWarps * 16 * MI;
-  static constexpr int BN = 8 * NI;
-  static constexpr int kStages = MI == 1 && NI == 1 ? 3 : NI <= 2 ? 4 : NI == 4 ? 3 : 2;
-  static constexpr int kWordsPerLane = MI * 4;  // [m16 tile][row g / g+8][run]
-  static constexpr int kWeightBytes = kWordsPerLane * kThreads * 16;
-  static constexpr int kScaleBytes = BM * kScaleRowBytes;
-  static constexpr int kActBytes = BN * kActRowBytes;
-  static constexpr int kStageBytes = kWeightBytes + kScaleBytes + kActBytes;
+  static constexpr int kAtoms = BM / kAtomRows;
+  static constexpr int kActBytes = BN * kBK * 2;
+  static constexpr int kWeightBytes = kAtoms * kAtomBytes;
+  static constexpr int kScaleBytes = kAtoms * kAtomScaleBytes;
+  static constexpr int kStageBytes = kActBytes + kWeightBytes + kScaleBytes;
   static constexpr int kEpiStride = BM + 4;  // floats; +4 keeps the fragment stores conflict-free
-  static constexpr int kMainBytes = std::max(kStages * kStageBytes, BN * kEpiStride * 4);
-  static int smem_bytes(int num_experts) { return kMainBytes + 4 * (num_experts + 1 + BN); }
+  static constexpr int kEpiBytes = BN * kEpiStride * 4;
+  static constexpr int kStages = std::min(24, (kSmemBudget - kEpiBytes) / kStageBytes);
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
+  static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kCopies = (BN * 8 + kProducers - 1) / kProducers;  // 16-byte activation copies per thread
+  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
 };
 
-template <int MI, int NI>
-__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a) {
-  using TL = Tiles<MI, NI>;
-  constexpr int BM = TL::BM, BN = TL::BN;
-  extern __shared__ __align__(16) uint8_t smem[];
-  int* tile_start = reinterpret_cast<int*>(smem + TL::kMainBytes);  // [E+1]
-  int* act_row = tile_start + a.num_experts + 1;                     // [BN], -1: no slot
-  float* epi = reinterpret_cast<float*>(smem);                       // [BN][kEpiStride], after the K loop
+struct Tile {
+  int e, nt, slot0, nvalid;
+};
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int n_tiles = a.n_rows / BM;
-  const int K = a.k;
-  const size_t w_row_bytes = K / 2, s_row_bytes = K / 16;
-  const int nchunks = (K + kBK - 1) / kBK;
+template <int BN>
+__device__ __forceinline__ Tile decode_tile(const GemmArgs& a, const int* tile_start, int tile) {
+  const int e = expert_of(tile_start, a.num_experts, tile);
+  const int slot_begin = a.offsets[e];
+  const int count = a.offsets[e + 1] - slot_begin;
+  const int mtiles = (count + BN - 1) / BN;
+  const int local = tile - tile_start[e];
+  const int mt = local % mtiles;
+  return Tile{e, local / mtiles, slot_begin + mt * BN, min(BN, count - mt * BN)};
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, int total, uint8_t* smem,
+                                       uint64_t* full, uint64_t* empty) {
+  using TL = Tiles<BM, BN>;
+  uint8_t* act_ring = smem;
+  uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
+  uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
+  const int tid = threadIdx.x;
+  const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
-  const bool scale_rows_aligned = K % kBK == 0;
-
-  if (warp == 0) {
-    warp_exclusive_scan(
-        lane, a.num_experts,
-        [&](int e) { return (a.offsets[e + 1] - a.offsets[e] + BN - 1) / BN * n_tiles; },
-        [&](int e, int prefix) { tile_start[e] = prefix; });
-  }
-  __syncthreads();
-  const int total = tile_start[a.num_experts];
-
+  int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const int e = expert_of(tile_start, a.num_experts, tile);
-    const int slot_begin = a.offsets[e];
-    const int count = a.offsets[e + 1] - slot_begin;
-    const int mtiles = (count + BN - 1) / BN;
-    const int local = tile - tile_start[e];
-    const int nt = local / mtiles, mt = local % mtiles;
-    const int slot0 = slot_begin + mt * BN;
-    const int nvalid = min(BN, count - mt * BN);
-
-    __syncthreads();  // the previous tile's epilogue is done with shared memory
-    if (tid < BN) {
+    const Tile tl = decode_tile<BN>(a, tile_start, tile);
+    // Each thread copies 16-byte piece c of slot rows n = id / 8 into the swizzled position of its stage.
+    const __nv_bfloat16* src[TL::kCopies];
+    uint32_t dst[TL::kCopies];
+#pragma unroll
+    for (int j = 0; j < TL::kCopies; ++j) {
+      const int id = tid + kProducers * j, n = id >> 3, c = id & 7;
       int row = -1;
-      if (tid < nvalid) row = is_l1 ? a.slot_pair[slot0 + tid] / a.topk : slot0 + tid;
-      act_row[tid] = row;
+      if (id < BN * 8 && n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
+      src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
+      dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
     }
-    __syncthreads();
+    const size_t atom0 = (static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms) * nchunks;
+    for (int c = 0; c < nchunks; ++c, ++q) {
+      const int s = q % TL::kStages;
+      if (q >= TL::kStages) ClusterBarrier::wait(&empty[s], ((q / TL::kStages) & 1) ^ 1);
+      if (tid == 0) {
+        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], TL::kWeightBytes + TL::kScaleBytes);
+#pragma unroll
+        for (int i = 0; i < TL::kAtoms; ++i) {
+          const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c;
+          bulk_copy(w_ring + s * TL::kWeightBytes + i * kAtomBytes, a.w + atom * kAtomBytes, kAtomBytes, &full[s]);
+          bulk_copy(s_ring + s * TL::kScaleBytes + i * kAtomScaleBytes, a.w_scale + atom * kAtomScaleBytes,
+                    kAtomScaleBytes, &full[s]);
+        }
+      }
+      uint8_t* act_stage = act_ring + s * TL::kActBytes;
+#pragma unroll
+      for (int j = 0; j < TL::kCopies; ++j) {
+        if (BN * 8 % kProducers == 0 || tid + kProducers * j < BN * 8)
+          cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
+    }
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+}
 
-    // Per lane: the addresses of its weight words (rows g and g+8 of each m16 tile) and, for lanes < BM,
-    // of one tile row's scales.
-    auto weight_row = [&](int trow) {
-      const int wrow = !is_l1 ? nt * BM + trow
-                       : trow < BM / 2 ? nt * (BM / 2) + trow
-                                       : a.inter + nt * (BM / 2) + trow - BM / 2;
-      return static_cast<size_t>(e) * a.n_rows + wrow;
+template <int BM, int BN>
+__device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start, int total, uint8_t* smem,
+                                        uint64_t* full, uint64_t* empty) {
+  using TL = Tiles<BM, BN>;
+  const uint8_t* act_ring = smem;
+  const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
+  const uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
+  float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
+  const int ctid = threadIdx.x - kProducers, lane = ctid & 31;
+  const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
+  const int nchunks = a.k / kBK;
+  const bool is_l1 = a.epilogue != kYSlot;
+  const int atom = TL::kAtoms == 2 ? wg : 0;
+  int q = 0;
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const Tile tl = decode_tile<BN>(a, tile_start, tile);
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+
+    for (int c = 0; c < nchunks; ++c, ++q) {
+      if (TL::kAtoms == 1 && (q & 1) != wg) continue;  // 64-row tiles: the two warpgroups alternate stages
+      const int s = q % TL::kStages;
+      ClusterBarrier::wait(&full[s], (q / TL::kStages) & 1);
+      const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
+      const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
+      uint32_t sg[4], sg8[4];
+      scale_pair_bf16x2(sv.x & 0xFFFFu, sg[0], sg[1]);
+      scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
+      scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
+      scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
+      uint32_t af[4][4];
+      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
+      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
+      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
+      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
+      // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
+      cutlass::arch::fence_view_async_shared();
+      const uint32_t act_addr = smem_u32(act_ring + s * TL::kActBytes);
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) cute::warpgroup_fence_operand(acc[i]);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) cute::warpgroup_fence_operand(acc[i]);
+      if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+    }
+
+    // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
+    // each 8). 64-row tiles: warpgroup 1 adds its half of K onto warpgroup 0's.
+    auto store_acc = [&](bool add) {
+      const int row = (TL::kAtoms == 2 ? wg * kAtomRows : 0) + cw * 16 + g;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        float* p0 = epi + (8 * j + 2 * t) * TL::kEpiStride + row;
+        float* p1 = p0 + TL::kEpiStride;
+        if (add) {
+          p0[0] += acc[4 * j], p1[0] += acc[4 * j + 1], p0[8] += acc[4 * j + 2], p1[8] += acc[4 * j + 3];
+        } else {
+          p0[0] = acc[4 * j], p1[0] = acc[4 * j + 1], p0[8] = acc[4 * j + 2], p1[8] = acc[4 * j + 3];
+        }
+      }
     };
-    const uint8_t* wp[MI][2];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) wp[mi][r] = a.w + weight_row(warp * 16 * MI + mi * 16 + r * 8 + g) * w_row_bytes + 16 * t;
-    const uint8_t* sp = a.w_scale + weight_row(tid < BM ? tid : 0) * s_row_bytes;
-
-    auto load_chunk = [&](int c) {
-      uint8_t* stage = smem + (c % TL::kStages) * TL::kStageBytes;
-      uint4* wdst = reinterpret_cast<uint4*>(stage);
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int run = 0; run < 2; ++run) {
-            const bool ok = c * kBK + run * 128 + 32 * t < K;
-            const uint8_t* src = wp[mi][r] + c * (kBK / 2) + run * 64;
-            cp_async16(wdst + ((mi * 2 + r) * 2 + run) * kThreads + tid, ok ? src : a.w, ok ? 16 : 0);
-          }
-      if (scale_rows_aligned) {
-        if (tid < BM) cp_async16(stage + TL::kWeightBytes + tid * kScaleRowBytes, sp + c * kScaleRowBytes, 16);
-      } else {
-        // K % 256 != 0: scale rows are only 4-byte aligned and the last chunk is partial
-#pragma unroll
-        for (int id = tid; id < BM * 4; id += kThreads) {
-          const int row = id >> 2, word = id & 3;
-          const bool ok = c * kBK + word * 64 < K;
-          const uint8_t* src = a.w_scale + weight_row(row) * s_row_bytes + c * kScaleRowBytes + 4 * word;
-          cp_async4(stage + TL::kWeightBytes + row * kScaleRowBytes + 4 * word, ok ? src : a.w_scale, ok ? 4 : 0);
-        }
-      }
-      uint8_t* act_stage = stage + TL::kWeightBytes + TL::kScaleBytes;
-#pragma unroll
-      for (int id = tid; id < BN * 32; id += kThreads) {
-        const int n = id >> 5, p = id & 31;
-        const int owner = (p & 15) >> 2, j = (p & 3) | ((p >> 4) << 2);
-        uint8_t* dst = act_stage + n * kActRowBytes + owner * 128 + 16 * (j ^ (owner | ((n & 1) << 2)));
-        const int elem = c * kBK + p * 8;
-        const int row = act_row[n];
-        const bool ok = row >= 0 && elem < K;
-        const __nv_bfloat16* src = ok ? a.act + static_cast<size_t>(row) * K + elem : a.act;
-        cp_async16(dst, src, ok ? 16 : 0);
-      }
-    };
-
-    float acc[MI][NI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.f;
-
-#pragma unroll
-    for (int c = 0; c < TL::kStages - 1; ++c) {
-      if (c < nchunks) load_chunk(c);
-      cp_async_commit();
+    consumer_sync();  // the previous tile's epilogue is done reading epi
+    if (TL::kAtoms == 2 || wg == 0) store_acc(false);
+    if (TL::kAtoms == 1) {
+      consumer_sync();
+      if (wg == 1) store_acc(true);
     }
+    consumer_sync();
 
-    const int swz = t | ((g & 1) << 2);
-    for (int c = 0; c < nchunks; ++c) {
-      cp_async_wait<TL::kStages - 2>();
-      __syncthreads();  // chunk c visible to all; everyone is done reading chunk c-1's stage
-      if (c + TL::kStages - 1 < nchunks) load_chunk(c + TL::kStages - 1);
-      cp_async_commit();
-
-      const uint8_t* stage = smem + (c % TL::kStages) * TL::kStageBytes;
-      uint4 wv[MI][2][2];
-      uint32_t sc[MI][2][4];
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-#pragma unroll
-          for (int run = 0; run < 2; ++run) wv[mi][r][run] = lds128(stage + 16 * (((mi * 2 + r) * 2 + run) * kThreads + tid));
-          const uint8_t* srow = stage + TL::kWeightBytes + (warp * 16 * MI + mi * 16 + r * 8 + g) * kScaleRowBytes;
-          scale_pair_bf16x2(*reinterpret_cast<const uint16_t*>(srow + 2 * t), sc[mi][r][0], sc[mi][r][1]);
-          scale_pair_bf16x2(*reinterpret_cast<const uint16_t*>(srow + 8 + 2 * t), sc[mi][r][2], sc[mi][r][3]);
-        }
-      }
-      const uint8_t* act_stage = stage + TL::kWeightBytes + TL::kScaleBytes + g * kActRowBytes + t * 128;
-
-#pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        uint4 bv[NI];
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) bv[ni] = lds128(act_stage + ni * 8 * kActRowBytes + 16 * (q ^ swz));
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          uint32_t af[MI][4];
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const uint32_t w = word_of(wv[mi][r][q >> 2], q & 3);
-              const uint32_t s = sc[mi][r][q >> 1];
-              af[mi][r] = bf16x2_mul(half ? e2m1_pair<2>(w) : e2m1_pair<0>(w), s);
-              af[mi][r + 2] = bf16x2_mul(half ? e2m1_pair<3>(w) : e2m1_pair<1>(w), s);
-            }
-          }
-#pragma unroll
-          for (int ni = 0; ni < NI; ++ni) {
-            const uint32_t lo = half ? bv[ni].y : bv[ni].x, hi = half ? bv[ni].w : bv[ni].z;
-            const uint32_t b0 = prmt(lo, hi, 0x5410), b1 = prmt(lo, hi, 0x7632);
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi) mma_bf16(acc[mi][ni], af[mi], b0, b1);
-          }
-        }
-      }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // all warps are done with the stages: the epilogue tile reuses them
-
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int row = warp * 16 * MI + mi * 16 + g, n = ni * 8 + 2 * t;
-        epi[n * TL::kEpiStride + row] = acc[mi][ni][0];
-        epi[(n + 1) * TL::kEpiStride + row] = acc[mi][ni][1];
-        epi[n * TL::kEpiStride + row + 8] = acc[mi][ni][2];
-        epi[(n + 1) * TL::kEpiStride + row + 8] = acc[mi][ni][3];
-      }
-    }
-    __syncthreads();
-
+    const int e = tl.e, nvalid = tl.nvalid, slot0 = tl.slot0;
     if (!is_l1) {
       const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
-      for (int idx = tid; idx < nvalid * (BM / 4); idx += kThreads) {
+      for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
         const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
         const float* src = epi + n * TL::kEpiStride + c;
         float4 v;
@@ -341,23 +359,25 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
         v.y = __fmul_rn(__fmul_rn(src[1], kDequantShift), alpha);
         v.z = __fmul_rn(__fmul_rn(src[2], kDequantShift), alpha);
         v.w = __fmul_rn(__fmul_rn(src[3], kDequantShift), alpha);
-        *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + nt * BM + c) = v;
+        *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) = v;
       }
       continue;
     }
 
+    // L1: tile column c (intermediate j0 + c) has its gate in row 64 * (c / 32) + c % 32 and its up 32 below.
     constexpr int HALF = BM / 2;
     const float x_gs = a.act_gs ? a.act_gs[0] : 1.f;
     const float alpha_g = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e], x_gs) : a.w_alpha[2 * e];
     const float alpha_u = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e + 1], x_gs) : a.w_alpha[2 * e + 1];
     auto gate_up = [&](int n, int c, float& gate, float& up) {
-      gate = __fmul_rn(__fmul_rn(epi[n * TL::kEpiStride + c], kDequantShift), alpha_g);
-      up = __fmul_rn(__fmul_rn(epi[n * TL::kEpiStride + HALF + c], kDequantShift), alpha_u);
+      const float* p = epi + n * TL::kEpiStride + (c >> 5) * kAtomRows + (c & 31);
+      gate = __fmul_rn(__fmul_rn(p[0], kDequantShift), alpha_g);
+      up = __fmul_rn(__fmul_rn(p[32], kDequantShift), alpha_u);
     };
-    const int j0 = nt * HALF;  // first intermediate column of this tile
+    const int j0 = tl.nt * HALF;  // first intermediate column of this tile
 
     if (a.epilogue == kGateUp) {
-      for (int idx = tid; idx < nvalid * HALF; idx += kThreads) {
+      for (int idx = ctid; idx < nvalid * HALF; idx += kConsumers) {
         const int n = idx / HALF, c = idx % HALF;
         float gate, up;
         gate_up(n, c, gate, up);
@@ -367,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
       }
     } else if (a.epilogue == kHNvfp4) {
       const float gs = a.h_gs[e];
-      for (int idx = tid; idx < nvalid * (HALF / 16); idx += kThreads) {
+      for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
         const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
         float h[16];
 #pragma unroll
@@ -381,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
                          a.h_bf16 + s * a.inter + j0 + c);
       }
     } else {
-      for (int idx = tid; idx < nvalid * (HALF / 4); idx += kThreads) {
+      for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
         const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
         float h[4];
 #pragma unroll
@@ -403,6 +423,34 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
   }
 }
 
+template <int BM, int BN>
+__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
+  using TL = Tiles<BM, BN>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + TL::kBarrierOffset);
+  uint64_t* empty = full + TL::kStages;
+  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);  // [E+1]
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int row_tiles = a.n_rows / BM;
+
+  if (tid < 32) {
+    warp_exclusive_scan(
+        lane, a.num_experts,
+        [&](int e) { return (a.offsets[e + 1] - a.offsets[e] + BN - 1) / BN * row_tiles; },
+        [&](int e, int prefix) { tile_start[e] = prefix; });
+  } else if (tid == 32) {
+    for (int s = 0; s < TL::kStages; ++s) {
+      ClusterBarrier::init(&full[s], kProducers + 1);  // every producer's cp.async arrival + the bulk copies
+      ClusterBarrier::init(&empty[s], TL::kAtoms * 4);  // one arrival per consuming warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+  const int total = tile_start[a.num_experts];
+  if (tid < kProducers) produce<BM, BN>(a, tile_start, total, smem, full, empty);
+  else consume<BM, BN>(a, tile_start, total, smem, full, empty);
+}
 // Per-expert amax of h (fp32 (S, I)): one warp per slot row; max is exact, so atomics stay deterministic.
 __global__ void h_amax_kernel(const float* __restrict__ h, const int* __restrict__ offsets, int num_experts, int inter,
                               unsigned* __restrict__ amax_bits) {
@@ -469,6 +517,7 @@ __global__ void nvfp4_dequant_rows_kernel(const uint8_t* __restrict__ data, cons
   }
 }
 
+
 int num_sms() {
   static int n = [] {
     int dev = 0, v = 0;
@@ -479,31 +528,29 @@ int num_sms() {
   return n;
 }
 
-template <int MI, int NI>
+template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
-  using TL = Tiles<MI, NI>;
-  auto kernel = grouped_gemm_kernel<MI, NI>;
-  const int smem = TL::smem_bytes(a.num_experts);
-  static int occupancy = [&] {
-    EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       TL::smem_bytes(1024)));
-    int blocks = 0;
-    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, TL::smem_bytes(1024)));
-    return std::max(blocks, 1);
+  using TL = Tiles<BM, BN>;
+  auto kernel = grouped_gemm_kernel<BM, BN>;
+  static const bool configured = [&] {
+    EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(1024)));
+    return true;
   }();
-  // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape.
-  const long max_tiles = static_cast<long>(max_slots / TL::BN + a.num_experts) * (a.n_rows / TL::BM);
-  const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(num_sms()) * occupancy));
+  (void)configured;
+  // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
+  const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
+  const int grid = static_cast<int>(std::min<long>(max_tiles, num_sms()));
   if (grid <= 0) return;
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, kThreads, TL::smem_bytes(a.num_experts), stream>>>(a);
   EP_CHECK_LAUNCH();
 }
 
-// Weight rows per tile: 128 reuses each activation fragment twice and halves the tiles' fixed costs; 64
-// doubles the tiles so that a few active experts still spread over every SM (sparse decode). block_m 0
-// picks 128 unless even every expert being active could not fill the GPU four times over with 128-row tiles.
-template <int NI>
-void dispatch_m(const GemmArgs& a, int max_slots, int block_m, bool rows128_ok, cudaStream_t stream) {
+// Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
+// few active experts still spread over every SM (sparse decode). block_m 0 picks 128 unless even every
+// expert being active could not fill the GPU four times over with 128-row tiles.
+template <int BN>
+void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
+  const bool rows128_ok = a.n_rows % 128 == 0;
   if (block_m == 0) {
     const long active_bound = std::min(a.num_experts, std::max(max_slots, 1));
     block_m = rows128_ok && active_bound * (a.n_rows / 128) >= 4L * num_sms() ? 128 : 64;
@@ -511,17 +558,18 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, bool rows128_ok, 
   EP_REQUIRE(block_m == 64 || (block_m == 128 && rows128_ok),
              "grouped gemm: block_m must be 0, 64 or 128 (128 needs the row count to be a multiple of 128), got " +
                  std::to_string(block_m));
-  if (block_m == 128) launch_gemm<2, NI>(a, max_slots, stream);
-  else launch_gemm<1, NI>(a, max_slots, stream);
+  if (block_m == 128) launch_gemm<128, BN>(a, max_slots, stream);
+  else launch_gemm<64, BN>(a, max_slots, stream);
 }
 
-void dispatch(const GemmArgs& a, int max_slots, int block_n, int block_m, bool rows128_ok, cudaStream_t stream) {
+void dispatch(const GemmArgs& a, int max_slots, int block_n, int block_m, cudaStream_t stream) {
   switch (block_n) {
-    case 8: return dispatch_m<1>(a, max_slots, block_m, rows128_ok, stream);
-    case 16: return dispatch_m<2>(a, max_slots, block_m, rows128_ok, stream);
-    case 32: return dispatch_m<4>(a, max_slots, block_m, rows128_ok, stream);
-    case 64: return dispatch_m<8>(a, max_slots, block_m, rows128_ok, stream);
-    default: EP_REQUIRE(false, "grouped gemm: block_n must be 8, 16, 32 or 64, got " + std::to_string(block_n));
+    case 8: return dispatch_m<8>(a, max_slots, block_m, stream);
+    case 16: return dispatch_m<16>(a, max_slots, block_m, stream);
+    case 32: return dispatch_m<32>(a, max_slots, block_m, stream);
+    case 64: return dispatch_m<64>(a, max_slots, block_m, stream);
+    case 128: return dispatch_m<128>(a, max_slots, block_m, stream);
+    default: EP_REQUIRE(false, "grouped gemm: block_n must be 8, 16, 32, 64 or 128, got " + std::to_string(block_n));
   }
 }
 
@@ -537,7 +585,7 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
                 std::uintptr_t out_f32, std::uintptr_t hq_data, std::uintptr_t hq_scale, std::uintptr_t h_bf16,
                 int block_n, int block_m, std::uintptr_t stream) {
   check_shape(num_experts, hidden, "grouped_l1");
-  EP_REQUIRE(inter > 0 && inter % 64 == 0, "grouped_l1: intermediate size must be a positive multiple of 64, got " +
+  EP_REQUIRE(inter > 0 && inter % 32 == 0, "grouped_l1: intermediate size must be a positive multiple of 32, got " +
                                                std::to_string(inter));
   EP_REQUIRE(epilogue >= kGateUp && epilogue <= kHF32, "grouped_l1: bad epilogue " + std::to_string(epilogue));
   GemmArgs a{};
@@ -560,7 +608,7 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
   a.hq_data = ep::as_ptr<uint8_t>(hq_data);
   a.hq_scale = ep::as_ptr<uint8_t>(hq_scale);
   a.h_bf16 = ep::as_ptr<__nv_bfloat16>(h_bf16);
-  dispatch(a, max_slots, block_n, block_m, inter % 64 == 0, ep::as_stream(stream));
+  dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
 void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_alpha, std::uintptr_t act,
@@ -581,7 +629,7 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
   a.k = inter;
   a.epilogue = kYSlot;
   a.out_f32 = ep::as_ptr<float>(y_slot);
-  dispatch(a, max_slots, block_n, block_m, hidden % 128 == 0, ep::as_stream(stream));
+  dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
 void requant_dynamic(std::uintptr_t h_f32, std::uintptr_t offsets, int num_experts, int inter, int max_slots,

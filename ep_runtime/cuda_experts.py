@@ -82,7 +82,7 @@ class ExpertWorkspace:
 
 
 def default_block_n(num_pairs: int, num_experts: int) -> int:
-    """Slot tile width: the smallest that covers the average local expert's slots (at most 64)."""
+    """Slot tile width: the smallest that covers the average local expert's slots (at most 128)."""
     per_expert = -(-num_pairs // num_experts)
     return next((b for b in ops.BLOCK_NS if b >= per_expert), ops.BLOCK_NS[-1])
 
@@ -91,6 +91,7 @@ def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: t
                       expert_begin: int, spec: ExpertSpec, out: torch.Tensor | None = None,
                       workspace: ExpertWorkspace | None = None, block_n: int | None = None) -> torch.Tensor:
     """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts."""
+    weights.require_layout("sm90", "the CUDA expert stage (tile them once with sm90_layout.tile_)")
     t, k = topk_idx.shape
     e, hidden, inter = weights.num_experts, weights.hidden_size, weights.intermediate_size
     device = weights.w13.device

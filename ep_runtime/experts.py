@@ -79,6 +79,7 @@ def _expert_rows(slots: SlotMap):
 
 def l1_reference(acts: Activations, slots: SlotMap, weights: ExpertWeights, spec: ExpertSpec) -> torch.Tensor:
     """gate|up (S, 2I) in fp32 with the alphas applied, before the activation."""
+    weights.require_layout("rows", "the reference L1")
     tok = slots.tokens()
     if spec.act_mode == "nvfp4":
         a = nvfp4.block_dequantize(acts.data[tok], acts.scale[tok])
@@ -124,6 +125,7 @@ def quantize_h(h: torch.Tensor, slots: SlotMap, weights: ExpertWeights,
 def l2_reference(hq: Activations, h_gs: torch.Tensor, slots: SlotMap, weights: ExpertWeights,
                  spec: ExpertSpec) -> torch.Tensor:
     """y_slot (S, H) in fp32: h @ W2^T times w2_alpha / h_gs."""
+    weights.require_layout("rows", "the reference L2")
     a = nvfp4.block_dequantize(hq.data, hq.scale) if spec.act_mode == "nvfp4" else hq.float()
     out = torch.empty(a.shape[0], weights.hidden_size, dtype=torch.float32, device=a.device)
     for e, rows in _expert_rows(slots):

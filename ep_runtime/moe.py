@@ -32,6 +32,9 @@ def cuda_backend_available(device: torch.device) -> bool:
 
 
 class EPMoE(nn.Module):
+    """One MoE layer of an expert-parallel model. It takes ownership of `weights`: on the CUDA backend their
+    expert tensors are re-tiled in place for the SM90 kernels."""
+
     def __init__(self, cfg: Config, weights: LayerWeights, rank: int = 0, world_size: int = 1,
                  buffer: SymmBuffer | None = None, device: torch.device | str = "cpu"):
         super().__init__()
@@ -58,6 +61,12 @@ class EPMoE(nn.Module):
                 raise RuntimeError(f"backend: 'cuda' needs an sm_90 CUDA device and the built extension "
                                    f"(device {device})")
             self.backend = rt.backend
+        if self.backend == "cuda":  # the module owns its weights: re-tiled in place, once
+            from .sm90_layout import tile_
+
+            tile_(self.experts)
+            if self.shared is not None:
+                tile_(self.shared)
         if buffer is None:
             shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
             # One rank owns every expert: nothing to exchange, whatever process group may exist.

@@ -17,7 +17,7 @@ _NS = "ep_runtime"
 ALIGN_BYTES = 16
 SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds the same bit patterns)
 EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
-BLOCK_NS = (8, 16, 32, 64)  # slots per tile
+BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128)  # weight rows per tile; 0: the kernel picks
 
 
@@ -198,6 +198,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                block_m: int = 0) -> None:
     """L1 of all local experts in one launch; slot s reads activation row slot_pair[s] // topk.
 
+    w13, w13_scale: the stacked weights in the SM90 atom layout (sm90_layout.tile_), shapes unchanged.
     act: BF16 (T, H) (W4A16 input, or decode*sf of the NVFP4 input with x_gs its global scale, shape (1,)).
     epilogue 'gate_up': out_f32 (S, 2I) gate|up with alphas; 'nvfp4': h quantized with gs h_gs[e] (E,) into
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
@@ -246,7 +247,9 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
 def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
                h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int = 8,
                block_m: int = 0) -> None:
-    """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot."""
+    """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot.
+
+    w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged."""
     check_tensor(w2, "w2", torch.uint8, (None, None, None))
     e, hidden, ih = w2.shape
     inter = 2 * ih

@@ -25,6 +25,7 @@ class ExpertWeights:
     w2_alpha: torch.Tensor  # fp32 (E,)
     l1_input_scale: torch.Tensor  # fp32 0-d: static scale of the layer input (x gs = 1 / this)
     l2_input_scale: torch.Tensor  # fp32 (E,): static scale of each expert's h (h gs = 1 / this)
+    layout: str = "rows"  # byte order of the four weight tensors: "rows", or "sm90" (sm90_layout.tile_)
 
     @property
     def num_experts(self) -> int:
@@ -67,14 +68,25 @@ class ExpertWeights:
         self.w13_scale[e, rows].copy_(weight_scale)
         self.w13_alpha[e, 0 if proj == "gate_proj" else 1] = weight_scale_2.reshape(())
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+
     def to(self, device: torch.device | str) -> "ExpertWeights":
-        return ExpertWeights(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return ExpertWeights(**{k: v.to(device) for k, v in self._tensors().items()}, layout=self.layout)
+
+    def clone(self) -> "ExpertWeights":
+        return ExpertWeights(**{k: v.clone() for k, v in self._tensors().items()}, layout=self.layout)
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self))
+        return sum(v.nbytes for v in self._tensors().values())
+
+    def require_layout(self, layout: str, user: str) -> None:
+        if self.layout != layout:
+            raise ValueError(f"weights: {user} takes layout {layout!r}, got {self.layout!r}")
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense fp32 (E, 2I, H) and (E, H, I) weights including their global scales (tests, baselines)."""
+        self.require_layout("rows", "dequantized()")
         w13 = nvfp4.block_dequantize(self.w13, self.w13_scale)
         w13 = w13 * self.w13_alpha.repeat_interleave(self.intermediate_size, dim=1).unsqueeze(-1)
         w2 = nvfp4.block_dequantize(self.w2, self.w2_scale) * self.w2_alpha.view(-1, 1, 1)

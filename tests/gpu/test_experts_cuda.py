@@ -13,6 +13,7 @@ from ep_runtime import nvfp4
 from ep_runtime.experts import ExpertSpec, SlotMap, combine, l1_reference, l2_reference, map_slots, quantize_h, swiglu
 from ep_runtime.nvfp4 import NVFP4Tensor
 from ep_runtime.ops import extension_available
+from ep_runtime.sm90_layout import tile_
 from ep_runtime.weights import ExpertWeights
 
 pytestmark = pytest.mark.gpu
@@ -106,6 +107,11 @@ def poison(ws: ExpertWorkspace) -> None:
     ws.hq_scale.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
 
 
+def tiled(weights: ExpertWeights) -> ExpertWeights:
+    """A copy in the kernels' layout; the row-layout original stays for the oracle."""
+    return tile_(weights.clone())
+
+
 def slots_from_workspace(ws: ExpertWorkspace, t: int) -> SlotMap:
     slot_pair, _ = ws.slots(t)
     return SlotMap(ws.counts.clone(), ws.offsets.clone(), slot_pair.clone(), ws.topk)
@@ -117,7 +123,7 @@ def run_stage(acts, idx, w, weights, spec, expert_begin=0, block_n=None, ws=None
                                         DEV, spec)
     poison(ws)
     out = torch.full((t, weights.hidden_size), float("nan"), device=DEV)
-    cuda_expert_stage(acts, idx, w, weights, expert_begin, spec, out=out, workspace=ws, block_n=block_n)
+    cuda_expert_stage(acts, idx, w, tiled(weights), expert_begin, spec, out=out, workspace=ws, block_n=block_n)
     return out, ws
 
 
@@ -130,7 +136,8 @@ def l1_gate_up(acts, slots: SlotMap, weights, spec, block_n: int = 8, block_m: i
     else:
         x, x_gs = acts, None
     gu = torch.full((slots.slot_pair.shape[0], 2 * weights.intermediate_size), float("nan"), device=DEV)
-    ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair,
+    kw = tiled(weights)
+    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair,
                    slots.topk, "gate_up", out_f32=gu, block_n=block_n, block_m=block_m)
     return gu[: slots.num_slots]
 
@@ -172,7 +179,8 @@ def test_moe_align_check_rejects_ids_out_of_range(gen):
 # ---- L1 / requant / L2 in isolation ----
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a16"])
-@pytest.mark.parametrize("e,h,i,t,block_n", [(6, 512, 256, 40, 8), (5, 192, 320, 33, 16), (3, 1024, 512, 200, 64)])
+@pytest.mark.parametrize("e,h,i,t,block_n", [(6, 512, 256, 40, 8), (5, 192, 320, 33, 16), (3, 1024, 512, 200, 64),
+                                              (2, 768, 384, 300, 128)])
 def test_l1_gate_up_matches_reference(spec_name, e, h, i, t, block_n, gen):
     spec = SPECS[spec_name]
     weights = random_weights(e, h, i, gen)
@@ -206,7 +214,8 @@ def test_h_requant_equals_quantize_h_bitwise(mode, gen):
     x_gs = acts.global_scale.reshape(1)
     s = t * k
     h_f32 = torch.full((s, i), float("nan"), device=DEV)
-    ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair, k,
+    kw = tiled(weights)
+    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair, k,
                    "fp32", swiglu_limit=10.0, out_f32=h_f32)
     hq_data = torch.full((s, i // 2), 0xA5, dtype=torch.uint8, device=DEV)
     hq_scale = torch.full((s, i // 16), 0x7F, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
@@ -214,7 +223,7 @@ def test_h_requant_equals_quantize_h_bitwise(mode, gen):
     h_gs = torch.full((e,), float("nan"), device=DEV)
     if mode == "static":
         h_gs.copy_(1.0 / weights.l2_input_scale)
-        ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair, k,
+        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair, k,
                        "nvfp4", swiglu_limit=10.0, h_gs=h_gs, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16)
     else:
         amax = torch.empty(e, dtype=torch.int32, device=DEV)
@@ -327,7 +336,8 @@ def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
     eager, _ = run_stage(acts, idx, w, weights, spec, ws=ws)
     out = torch.empty(t, h, device=DEV)
-    graph = cuda_graphs.capture(lambda: cuda_expert_stage(acts, idx, w, weights, 0, spec, out=out, workspace=ws))
+    kw = tiled(weights)
+    graph = cuda_graphs.capture(lambda: cuda_expert_stage(acts, idx, w, kw, 0, spec, out=out, workspace=ws))
     poison(ws)
     out.fill_(float("nan"))
     graph.replay()
@@ -348,5 +358,5 @@ def test_bf16_output_is_the_rounded_fp32_output(gen):
     idx, w = routing("uneven", 30, 2, 4, gen)
     ref, ws = run_stage(acts, idx, w, weights, W4A4)
     out = torch.full((30, 256), float("nan"), dtype=torch.bfloat16, device=DEV)
-    cuda_expert_stage(acts, idx, w, weights, 0, W4A4, out=out, workspace=ws)
+    cuda_expert_stage(acts, idx, w, tiled(weights), 0, W4A4, out=out, workspace=ws)
     assert torch.equal(out, ref.to(torch.bfloat16))

@@ -1,0 +1,77 @@
+"""The weight layout of the SM90 grouped GEMMs (csrc/grouped_gemm_sm90.cu), made once at load.
+
+The kernels stream weights in atoms of 64 rows x 64 K: 2 KB of packed E2M1 then (in the scale tensor) 256 B
+of UE4M3, each contiguous, so one bulk copy moves an atom and one 16-byte shared-memory load gives a lane
+the nibbles of its wgmma A fragments for the atom's four k16 steps. Atoms are ordered
+[expert][row block][K block], so a row block's K stream is sequential in memory. The tensors keep their
+shapes ((E, N, K/2) and (E, N, K/16)); only the byte order changes.
+
+Inside an atom, row rr = 16*cw + 8*r + g (warp cw of the consumer warpgroup, fragment row g or g+8) and
+k = 16*st + 8*h + 2*t + e with st = 2*v + sp (k16 step st; h: the fragment's k 0-7 or 8-15 half; lane
+column t; e: the element of a bf16x2 pair). Byte order is [cw][g][t][r][v] of 4-byte words whose nibble
+4*e + 2*sp + h holds that element, so nibbles (i, i+4) of a word form one bf16x2 (the kernel's e2m1_pair).
+Scales are [cw][g][r][st]. L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU
+epilogue finds both halves of an output column in one tile.
+"""
+from __future__ import annotations
+
+import torch
+
+from .weights import ExpertWeights
+
+ATOM_ROWS = 64
+ATOM_K = 64
+LAYOUT = "sm90"
+
+
+def gate_up_row_order(inter: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row-layout index of each tiled w13 row: blocks of 32 gate rows followed by the same 32 up rows."""
+    if inter % 32:
+        raise ValueError(f"intermediate size: expected a multiple of 32 for the SM90 layout, got {inter}")
+    order = torch.arange(2 * inter, device=device).view(2, inter // 32, 32)
+    return order.transpose(0, 1).reshape(-1)
+
+
+def tile_packed(w: torch.Tensor) -> torch.Tensor:
+    """One expert's packed E2M1 (N, K/2) uint8 in row layout -> the same bytes in atom order."""
+    n, kh = w.shape
+    k = 2 * kh
+    nib = torch.stack((w & 0xF, w >> 4), dim=-1).view(n // 64, 4, 2, 8, k // 64, 2, 2, 2, 4, 2)
+    # (nb, cw, r, g, kb, v, sp, h, t, e) -> (nb, kb, cw, g, t, r, v, e, sp, h)
+    pairs = nib.permute(0, 4, 1, 3, 8, 2, 5, 9, 6, 7).reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).view(n, kh)
+
+
+def tile_scales(s: torch.Tensor) -> torch.Tensor:
+    """One expert's UE4M3 scale bytes (N, K/16) uint8 in row layout -> atom order."""
+    n, ks = s.shape
+    # (nb, cw, r, g, kb, st) -> (nb, kb, cw, g, r, st)
+    return s.view(n // 64, 4, 2, 8, ks // 4, 4).permute(0, 4, 1, 3, 2, 5).reshape(n, ks)
+
+
+def check_tileable(weights: ExpertWeights) -> None:
+    h, i = weights.hidden_size, weights.intermediate_size
+    if h % 64 or i % 64:
+        raise ValueError(f"weights: the SM90 layout needs hidden and intermediate sizes that are multiples of 64, "
+                         f"got hidden={h}, intermediate={i}")
+
+
+def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor | None = None) -> None:
+    """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales in place, one expert at a time
+    (peak memory: the stacks plus one expert's nibbles); row_order first permutes each expert's rows."""
+    scale = scale.view(torch.uint8)
+    for e in range(data.shape[0]):
+        d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])
+        data[e].copy_(tile_packed(d))
+        scale[e].copy_(tile_scales(s))
+
+
+def tile_(weights: ExpertWeights) -> ExpertWeights:
+    """Re-tiles `weights` in place and marks them layout 'sm90'; the reference path no longer takes them."""
+    if weights.layout != "rows":
+        raise ValueError(f"weights: expected layout 'rows' to tile, got {weights.layout!r}")
+    check_tileable(weights)
+    tile_stack_(weights.w13, weights.w13_scale, gate_up_row_order(weights.intermediate_size, weights.w13.device))
+    tile_stack_(weights.w2, weights.w2_scale)
+    weights.layout = LAYOUT
+    return weights

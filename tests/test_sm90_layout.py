@@ -1,0 +1,94 @@
+"""The SM90 weight layout (ep_runtime/sm90_layout.py), checked against the kernel's fragment rules as written
+in csrc/grouped_gemm_sm90.cu: where each (row, k) element and each (row, k16) scale must sit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_runtime import sm90_layout
+from ep_runtime.experts import ExpertSpec, expert_stage
+from ep_runtime.weights import ExpertWeights
+
+
+def expected_nibble_position(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte index and nibble (0 low, 1 high) of every (row, k) of one expert, from the kernel's view: lane
+    (g, t) of warp cw loads 16 bytes at cw*512 + lane*16 of the atom; bytes [r*8 + v*4, +4) are the word
+    of row 16cw+8r+g for k16 steps 2v, 2v+1; nibble pairs (2sp+h, 2sp+h+4) hold k = 16*st + 8h + 2t + (0, 1)."""
+    row = torch.arange(n).view(n, 1)
+    col = torch.arange(k).view(1, k)
+    nb, rr, kb, kk = row // 64, row % 64, col // 64, col % 64
+    cw, r, g = rr // 16, (rr % 16) // 8, rr % 8
+    st, h, t, e = kk // 16, (kk % 16) // 8, (kk % 8) // 2, kk % 2
+    v, sp = st // 2, st % 2
+    lane = g * 4 + t
+    nibble_in_word = 4 * e + 2 * sp + h
+    byte = (nb * (k // 64) + kb) * 2048 + cw * 512 + lane * 16 + r * 8 + v * 4 + nibble_in_word // 2
+    return torch.broadcast_tensors(byte, nibble_in_word % 2)
+
+
+def test_tile_packed_puts_every_element_in_its_lanes_fragment_nibble(gen):
+    n, k = 128, 192
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    tiled = sm90_layout.tile_packed(packed).flatten()
+    byte, half = expected_nibble_position(n, k)
+    got = (tiled[byte.flatten()] >> (4 * half.flatten())) & 0xF
+    assert torch.equal(got.view(n, k), codes)
+
+
+def test_tile_scales_puts_each_scale_where_its_rows_lanes_read_it(gen):
+    n, k = 128, 192
+    scales = torch.randint(0, 256, (n, k // 16), generator=gen, dtype=torch.uint8)
+    tiled = sm90_layout.tile_scales(scales).flatten()
+    row = torch.arange(n).view(n, 1)
+    step = torch.arange(k // 16).view(1, -1)
+    rr, kb, st = row % 64, step // 4, step % 4
+    cw, r, g = rr // 16, (rr % 16) // 8, rr % 8
+    pos = ((row // 64) * (k // 64) + kb) * 256 + cw * 64 + g * 8 + r * 4 + st
+    assert torch.equal(tiled[pos.flatten()].view(n, -1), scales)
+
+
+def test_gate_up_row_order_pairs_32_gate_rows_with_their_up_rows():
+    order = sm90_layout.gate_up_row_order(64)
+    assert order[:32].tolist() == list(range(32)) and order[32:64].tolist() == list(range(64, 96))
+    assert order[64:96].tolist() == list(range(32, 64)) and order[96:].tolist() == list(range(96, 128))
+
+
+def test_tile_in_place_reorders_l1_rows_then_tiles_every_expert(gen):
+    w = ExpertWeights.synthetic(range(3), 128, 64, seed=1, device="cpu")
+    before = w.clone()
+    out = sm90_layout.tile_(w)
+    assert out is w and w.layout == "sm90"
+    order = sm90_layout.gate_up_row_order(64)
+    for e in range(3):
+        assert torch.equal(w.w13[e], sm90_layout.tile_packed(before.w13[e][order]))
+        assert torch.equal(w.w2_scale[e].view(torch.uint8), sm90_layout.tile_scales(before.w2_scale[e].view(torch.uint8)))
+    assert torch.equal(w.w13_alpha, before.w13_alpha) and torch.equal(w.l2_input_scale, before.l2_input_scale)
+
+
+def test_tile_rejects_sizes_that_are_not_multiples_of_64():
+    w = ExpertWeights.empty(1, 96, 64)
+    with pytest.raises(ValueError, match="multiples of 64.*hidden=96"):
+        sm90_layout.tile_(w)
+
+
+def test_tile_rejects_weights_already_tiled(gen):
+    w = sm90_layout.tile_(ExpertWeights.synthetic(range(1), 64, 64, seed=1, device="cpu"))
+    with pytest.raises(ValueError, match="expected layout 'rows'"):
+        sm90_layout.tile_(w)
+
+
+def test_reference_stage_rejects_tiled_weights(gen):
+    w = sm90_layout.tile_(ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu"))
+    idx = torch.tensor([[0], [1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="reference L1 takes layout 'rows', got 'sm90'"):
+        expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0, ExpertSpec("bf16", "static", None))
+
+
+def test_cuda_stage_rejects_row_layout_weights():
+    from ep_runtime.cuda_experts import cuda_expert_stage
+
+    w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
+    idx = torch.tensor([[0], [1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="CUDA expert stage.*takes layout 'sm90', got 'rows'"):
+        cuda_expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0, ExpertSpec("bf16", "static", None))
