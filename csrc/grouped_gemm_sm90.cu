@@ -55,7 +55,6 @@ constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kProducers = 128;                          // warpgroup 0
 constexpr int kConsumers = 256;                          // warpgroups 1 and 2
 constexpr int kThreads = kProducers + kConsumers;
-constexpr int kSmemBudget = 200 * 1024;                  // ring + epilogue buffer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 
 struct GemmArgs {
@@ -182,6 +181,19 @@ __device__ __forceinline__ void gmma(const uint32_t (&a)[4], uint64_t desc, floa
   gmma_impl<N>(a, desc, d, std::make_index_sequence<N / 2>{});
 }
 
+// Keeps registers in place across wgmma issue/wait: the compiler may neither reuse nor move them.
+template <int N>
+__device__ __forceinline__ void fence_all(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
+}
+__device__ __forceinline__ void fence_all(uint32_t (&r)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cute::warpgroup_fence_operand(r[i][j]);
+}
+
 // Shared-memory descriptor of a K-major BF16 operand with the 128-byte swizzle: rows of 64 elements
 // (128 B), 8-row groups 1024 B apart; the start address advances 32 B per k16 step inside the row.
 __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
@@ -191,9 +203,14 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
 
 // Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers and
 // the per-expert tile prefix. Activation stages come first and are 1024-byte multiples, as the 128B swizzle
-// needs. Decode stages are small, so more of them keep the weight stream deep (up to 24 x 4.5 KB per SM).
+// needs. Narrow slot tiles (decode) are latency-bound, so they take half the shared memory and two CTAs
+// share an SM; their stages are small, so there are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
+  static constexpr int kSmemBudget = BN <= 32 ? 100 * 1024 : 200 * 1024;  // ring + epilogue buffer
+  // threads that copy activation rows: one warp keeps up with narrow tiles (fewer barrier arrivals)
+  static constexpr int kLoaders = BN <= 32 ? 32 : kProducers;
+  static constexpr int kCopies = BN * 8 / kLoaders;  // 16-byte activation copies per loader and stage
   static constexpr int kAtoms = BM / kAtomRows;
   static constexpr int kActBytes = BN * kBK * 2;
   static constexpr int kWeightBytes = kAtoms * kAtomBytes;
@@ -205,7 +222,6 @@ struct Tiles {
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
-  static constexpr int kCopies = (BN * 8 + kProducers - 1) / kProducers;  // 16-byte activation copies per thread
   static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
 };
 
@@ -232,6 +248,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   const int tid = threadIdx.x;
+  if (tid >= TL::kLoaders) return;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
@@ -242,9 +259,9 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     uint32_t dst[TL::kCopies];
 #pragma unroll
     for (int j = 0; j < TL::kCopies; ++j) {
-      const int id = tid + kProducers * j, n = id >> 3, c = id & 7;
+      const int id = tid + TL::kLoaders * j, n = id >> 3, c = id & 7;
       int row = -1;
-      if (id < BN * 8 && n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
+      if (n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
       src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
       dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
     }
@@ -264,10 +281,8 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
       uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
-      for (int j = 0; j < TL::kCopies; ++j) {
-        if (BN * 8 % kProducers == 0 || tid + kProducers * j < BN * 8)
-          cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
-      }
+      for (int j = 0; j < TL::kCopies; ++j)
+        cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
   }
@@ -294,10 +309,13 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    for (int c = 0; c < nchunks; ++c, ++q) {
-      if (TL::kAtoms == 1 && (q & 1) != wg) continue;  // 64-row tiles: the two warpgroups alternate stages
-      const int s = q % TL::kStages;
-      ClusterBarrier::wait(&full[s], (q / TL::kStages) & 1);
+    // One stage: dequantize into `cur`, issue its four wgmma, then wait until only they are in flight, which
+    // retires the previous stage's (whose fragments are `prev`) and releases that stage to the producer. The
+    // fences keep `prev` live (unmodified) until its wgmma has read it.
+    int pending = -1;  // the stage whose wgmma is still in flight
+    auto stage_step = [&](uint32_t(&cur)[4][4], uint32_t(&prev)[4][4], int qs) {
+      const int s = qs % TL::kStages;
+      ClusterBarrier::wait(&full[s], (qs / TL::kStages) & 1);
       const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
       const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
       uint32_t sg[4], sg8[4];
@@ -305,25 +323,39 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
       scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
       scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
-      uint32_t af[4][4];
-      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
-      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
-      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
-      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
+      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], cur[0]);
+      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], cur[1]);
+      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], cur[2]);
+      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], cur[3]);
       // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
       cutlass::arch::fence_view_async_shared();
       const uint32_t act_addr = smem_u32(act_ring + s * TL::kActBytes);
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) cute::warpgroup_fence_operand(acc[i]);
+      fence_all(acc);
       cute::warpgroup_arrive();
 #pragma unroll
-      for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
+      for (int st = 0; st < 4; ++st) gmma<BN>(cur[st], act_desc(act_addr + 32 * st), acc);
       cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) cute::warpgroup_fence_operand(acc[i]);
-      if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+      cute::warpgroup_wait<1>();
+      fence_all(acc);
+      fence_all(prev);
+      if (pending >= 0 && lane == 0) ClusterBarrier::arrive(&empty[pending]);
+      pending = s;
+    };
+    uint32_t af0[4][4], af1[4][4];
+    // 128-row tiles: every stage; 64-row tiles: warpgroup w takes the tile's chunks c = w mod 2, so the
+    // summation order depends on the tile alone (not on which CTA runs it)
+    const int step = TL::kAtoms == 2 ? 1 : 2;
+    const int first = TL::kAtoms == 2 ? 0 : wg;
+    for (int c = first; c < nchunks; c += 2 * step) {
+      stage_step(af0, af1, q + c);
+      if (c + step < nchunks) stage_step(af1, af0, q + c + step);
     }
+    cute::warpgroup_wait<0>();
+    fence_all(acc);
+    fence_all(af0);
+    fence_all(af1);
+    if (pending >= 0 && lane == 0) ClusterBarrier::arrive(&empty[pending]);
+    q += nchunks;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
     // each 8). 64-row tiles: warpgroup 1 adds its half of K onto warpgroup 0's.
@@ -441,7 +473,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
         [&](int e, int prefix) { tile_start[e] = prefix; });
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
-      ClusterBarrier::init(&full[s], kProducers + 1);  // every producer's cp.async arrival + the bulk copies
+      ClusterBarrier::init(&full[s], TL::kLoaders + 1);  // every loader's cp.async arrival + the bulk copies
       ClusterBarrier::init(&empty[s], TL::kAtoms * 4);  // one arrival per consuming warp
     }
     cutlass::arch::fence_barrier_init();
@@ -532,14 +564,15 @@ template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   using TL = Tiles<BM, BN>;
   auto kernel = grouped_gemm_kernel<BM, BN>;
-  static const bool configured = [&] {
+  static const int per_sm = [&] {
     EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(1024)));
-    return true;
+    int blocks = 0;
+    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, TL::smem_bytes(1024)));
+    return std::max(blocks, 1);
   }();
-  (void)configured;
   // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
-  const int grid = static_cast<int>(std::min<long>(max_tiles, num_sms()));
+  const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(num_sms()) * per_sm));
   if (grid <= 0) return;
   kernel<<<grid, kThreads, TL::smem_bytes(a.num_experts), stream>>>(a);
   EP_CHECK_LAUNCH();

