@@ -103,6 +103,21 @@ __device__ __forceinline__ uint2 lds64(const void* p) {
   return v;
 }
 
+__device__ __forceinline__ uint32_t lds32(const void* p) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_u32(p)));
+  return v;
+}
+
+__device__ __forceinline__ void mma_bf16(float& c0, float& c1, float& c2, float& c3, const uint32_t (&a)[4],
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
 
@@ -187,12 +202,6 @@ __device__ __forceinline__ void fence_all(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
-__device__ __forceinline__ void fence_all(uint32_t (&r)[4][4]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) cute::warpgroup_fence_operand(r[i][j]);
-}
 
 // Shared-memory descriptor of a K-major BF16 operand with the 128-byte swizzle: rows of 64 elements
 // (128 B), 8-row groups 1024 B apart; the start address advances 32 B per k16 step inside the row.
@@ -207,7 +216,9 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
 // share an SM; their stages are small, so there are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
+  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
   static constexpr int kSmemBudget = BN <= 32 ? 100 * 1024 : 200 * 1024;  // ring + epilogue buffer
+  static constexpr int kMinBlocks = BN <= 32 ? 2 : 1;                      // CTAs per SM
   // threads that copy activation rows: one warp keeps up with narrow tiles (fewer barrier arrivals)
   static constexpr int kLoaders = BN <= 32 ? 32 : kProducers;
   static constexpr int kCopies = BN * 8 / kLoaders;  // 16-byte activation copies per loader and stage
@@ -309,52 +320,54 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
 
-    // One stage: dequantize into `cur`, issue its four wgmma, then wait until only they are in flight, which
-    // retires the previous stage's (whose fragments are `prev`) and releases that stage to the producer. The
-    // fences keep `prev` live (unmodified) until its wgmma has read it.
-    int pending = -1;  // the stage whose wgmma is still in flight
-    auto stage_step = [&](uint32_t(&cur)[4][4], uint32_t(&prev)[4][4], int qs) {
-      const int s = qs % TL::kStages;
+    // 128-row tiles: every stage; 64-row tiles: warpgroup w takes the tile's chunks c = w mod 2, so the
+    // summation order depends on the tile alone (not on which CTA runs it)
+    const int step = TL::kAtoms == 2 ? 1 : 2;
+    for (int c = TL::kAtoms == 2 ? 0 : wg; c < nchunks; c += step) {
+      const int qs = q + c, s = qs % TL::kStages;
       ClusterBarrier::wait(&full[s], (qs / TL::kStages) & 1);
       const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
       const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
-      uint32_t sg[4], sg8[4];
+      uint32_t sg[4], sg8[4], af[4][4];
       scale_pair_bf16x2(sv.x & 0xFFFFu, sg[0], sg[1]);
       scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
       scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
       scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
-      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], cur[0]);
-      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], cur[1]);
-      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], cur[2]);
-      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], cur[3]);
-      // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
-      cutlass::arch::fence_view_async_shared();
-      const uint32_t act_addr = smem_u32(act_ring + s * TL::kActBytes);
-      fence_all(acc);
-      cute::warpgroup_arrive();
+      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
+      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
+      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
+      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
+      const uint8_t* act_stage = act_ring + s * TL::kActBytes;
+      if constexpr (TL::kWgmma) {
+        // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
+        cutlass::arch::fence_view_async_shared();
+        const uint32_t act_addr = smem_u32(act_stage);
+        fence_all(acc);
+        cute::warpgroup_arrive();
 #pragma unroll
-      for (int st = 0; st < 4; ++st) gmma<BN>(cur[st], act_desc(act_addr + 32 * st), acc);
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<1>();
-      fence_all(acc);
-      fence_all(prev);
-      if (pending >= 0 && lane == 0) ClusterBarrier::arrive(&empty[pending]);
-      pending = s;
-    };
-    uint32_t af0[4][4], af1[4][4];
-    // 128-row tiles: every stage; 64-row tiles: warpgroup w takes the tile's chunks c = w mod 2, so the
-    // summation order depends on the tile alone (not on which CTA runs it)
-    const int step = TL::kAtoms == 2 ? 1 : 2;
-    const int first = TL::kAtoms == 2 ? 0 : wg;
-    for (int c = first; c < nchunks; c += 2 * step) {
-      stage_step(af0, af1, q + c);
-      if (c + step < nchunks) stage_step(af1, af0, q + c + step);
+        for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
+        cute::warpgroup_commit_batch();
+        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
+        cute::warpgroup_wait<0>();
+        fence_all(acc);
+      } else {
+        // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
+        // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of chunk
+        // (2st [+1]) ^ g.
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+#pragma unroll
+          for (int st = 0; st < 4; ++st) {
+            const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
+            const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
+            mma_bf16(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3], af[st], b0, b1);
+          }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) ClusterBarrier::arrive(&empty[s]);
     }
-    cute::warpgroup_wait<0>();
-    fence_all(acc);
-    fence_all(af0);
-    fence_all(af1);
-    if (pending >= 0 && lane == 0) ClusterBarrier::arrive(&empty[pending]);
     q += nchunks;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
@@ -456,7 +469,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 }
 
 template <int BM, int BN>
-__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
+__global__ void __launch_bounds__(kThreads, Tiles<BM, BN>::kMinBlocks) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
   using TL = Tiles<BM, BN>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
