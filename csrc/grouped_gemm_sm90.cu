@@ -212,17 +212,23 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
 
 // Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers and
 // the per-expert tile prefix. Activation stages come first and are 1024-byte multiples, as the 128B swizzle
-// needs. Narrow slot tiles (decode) are latency-bound, so they take half the shared memory and two CTAs
-// share an SM; their stages are small, so there are still many in flight per SM.
+// needs. The narrowest slot tiles (decode) take half the shared memory so that two CTAs share an SM; their
+// stages are small, so there are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
-  static constexpr int kSmemBudget = BN <= 32 ? 100 * 1024 : 200 * 1024;  // ring + epilogue buffer
-  static constexpr int kMinBlocks = BN <= 32 ? 2 : 1;                      // CTAs per SM
+  static constexpr int kMinBlocks = BN == 8 ? 2 : 1;  // CTAs per SM (registers: 80 each at two)
+  static constexpr int kSmemBudget = 200 * 1024 / kMinBlocks;  // ring + epilogue buffer
   // threads that copy activation rows: one warp keeps up with narrow tiles (fewer barrier arrivals)
   static constexpr int kLoaders = BN <= 32 ? 32 : kProducers;
   static constexpr int kCopies = BN * 8 / kLoaders;  // 16-byte activation copies per loader and stage
   static constexpr int kAtoms = BM / kAtomRows;
+  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
+  // Which warpgroup consumes what: with wgmma and 128 rows each warpgroup owns one atom of every stage;
+  // otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms, so
+  // per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
+  static constexpr bool kSplitK = !(kWgmma && kAtoms == 2);
+  static constexpr int kWgAtoms = kSplitK ? kAtoms : 1;
+  static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
   static constexpr int kActBytes = BN * kBK * 2;
   static constexpr int kWeightBytes = kAtoms * kAtomBytes;
   static constexpr int kScaleBytes = kAtoms * kAtomScaleBytes;
@@ -312,56 +318,60 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
-  const int atom = TL::kAtoms == 2 ? wg : 0;
   int q = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
-    float acc[BN / 2];
+    float acc[TL::kAcc];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+    for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
 
-    // 128-row tiles: every stage; 64-row tiles: warpgroup w takes the tile's chunks c = w mod 2, so the
-    // summation order depends on the tile alone (not on which CTA runs it)
-    const int step = TL::kAtoms == 2 ? 1 : 2;
-    for (int c = TL::kAtoms == 2 ? 0 : wg; c < nchunks; c += step) {
+    // Split K: warpgroup w takes the tile's chunks c = w mod 2, so the summation order depends on the tile
+    // alone (not on which CTA runs it).
+    const int step = TL::kSplitK ? 2 : 1;
+    for (int c = TL::kSplitK ? wg : 0; c < nchunks; c += step) {
       const int qs = q + c, s = qs % TL::kStages;
       ClusterBarrier::wait(&full[s], (qs / TL::kStages) & 1);
-      const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
-      const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
-      uint32_t sg[4], sg8[4], af[4][4];
-      scale_pair_bf16x2(sv.x & 0xFFFFu, sg[0], sg[1]);
-      scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
-      scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
-      scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
-      dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
-      dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
-      dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
-      dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
       const uint8_t* act_stage = act_ring + s * TL::kActBytes;
-      if constexpr (TL::kWgmma) {
-        // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
-        cutlass::arch::fence_view_async_shared();
-        const uint32_t act_addr = smem_u32(act_stage);
-        fence_all(acc);
-        cute::warpgroup_arrive();
 #pragma unroll
-        for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
-        cute::warpgroup_commit_batch();
-        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
-        cute::warpgroup_wait<0>();
-        fence_all(acc);
-      } else {
-        // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
-        // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of chunk
-        // (2st [+1]) ^ g.
+      for (int i = 0; i < TL::kWgAtoms; ++i) {
+        const int atom = TL::kSplitK ? i : wg;
+        const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
+        const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
+        uint32_t sg[4], sg8[4], af[4][4];
+        scale_pair_bf16x2(sv.x & 0xFFFFu, sg[0], sg[1]);
+        scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
+        scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
+        scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
+        dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
+        dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
+        dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
+        dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
+        float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + i * (BN / 2));
+        if constexpr (TL::kWgmma) {
+          // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
+          cutlass::arch::fence_view_async_shared();
+          const uint32_t act_addr = smem_u32(act_stage);
+          fence_all(acc_i);
+          cute::warpgroup_arrive();
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+          for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc_i);
+          cute::warpgroup_commit_batch();
+          // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
+          cute::warpgroup_wait<0>();
+          fence_all(acc_i);
+        } else {
+          // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
+          // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
+          // chunk (2st [+1]) ^ g.
 #pragma unroll
-          for (int st = 0; st < 4; ++st) {
-            const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
-            const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-            mma_bf16(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3], af[st], b0, b1);
+          for (int j = 0; j < BN / 8; ++j) {
+            const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+#pragma unroll
+            for (int st = 0; st < 4; ++st) {
+              const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
+              const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
+              mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[st], b0, b1);
+            }
           }
         }
       }
@@ -371,23 +381,27 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     q += nchunks;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
-    // each 8). 64-row tiles: warpgroup 1 adds its half of K onto warpgroup 0's.
+    // each 8). Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
     auto store_acc = [&](bool add) {
-      const int row = (TL::kAtoms == 2 ? wg * kAtomRows : 0) + cw * 16 + g;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float* p0 = epi + (8 * j + 2 * t) * TL::kEpiStride + row;
-        float* p1 = p0 + TL::kEpiStride;
-        if (add) {
-          p0[0] += acc[4 * j], p1[0] += acc[4 * j + 1], p0[8] += acc[4 * j + 2], p1[8] += acc[4 * j + 3];
-        } else {
-          p0[0] = acc[4 * j], p1[0] = acc[4 * j + 1], p0[8] = acc[4 * j + 2], p1[8] = acc[4 * j + 3];
+      for (int i = 0; i < TL::kWgAtoms; ++i) {
+        const int row = (TL::kSplitK ? i : wg) * kAtomRows + cw * 16 + g;
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const float* v = acc + i * (BN / 2) + 4 * j;
+          float* p0 = epi + (8 * j + 2 * t) * TL::kEpiStride + row;
+          float* p1 = p0 + TL::kEpiStride;
+          if (add) {
+            p0[0] += v[0], p1[0] += v[1], p0[8] += v[2], p1[8] += v[3];
+          } else {
+            p0[0] = v[0], p1[0] = v[1], p0[8] = v[2], p1[8] = v[3];
+          }
         }
       }
     };
     consumer_sync();  // the previous tile's epilogue is done reading epi
-    if (TL::kAtoms == 2 || wg == 0) store_acc(false);
-    if (TL::kAtoms == 1) {
+    if (!TL::kSplitK || wg == 0) store_acc(false);
+    if (TL::kSplitK) {
       consumer_sync();
       if (wg == 1) store_acc(true);
     }
@@ -487,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<BM, BN>::kMinBlocks) grouped_g
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
       ClusterBarrier::init(&full[s], TL::kLoaders + 1);  // every loader's cp.async arrival + the bulk copies
-      ClusterBarrier::init(&empty[s], TL::kAtoms * 4);  // one arrival per consuming warp
+      ClusterBarrier::init(&empty[s], TL::kSplitK ? 4 : 8);  // one arrival per consuming warp
     }
     cutlass::arch::fence_barrier_init();
   }

@@ -192,18 +192,18 @@ def test_l1_gate_up_matches_reference(spec_name, e, h, i, t, block_n, gen):
 
 
 @pytest.mark.parametrize("h", [256, 320])
-def test_l1_slot_tile_width_does_not_change_bits(h, gen):
-    """Every output's K sum runs in the same order whatever the slot tile width. 64-row tiles split K over two
-    warpgroups and add the halves, so between row-tile heights only the fp32 rounding of the sum differs."""
+def test_l1_slot_tile_width_does_not_change_bits_within_one_mma_path(h, gen):
+    """Slot tiles of 8-32 (HMMA) and of 64-128 (wgmma) each sum every output's K in one order whatever their
+    width. Between the paths, and between row-tile heights (which decide whether the two consumer warpgroups
+    split K and add their halves), only the fp32 rounding of the sum differs."""
     weights = random_weights(4, h, 128, gen)
     acts = random_acts(70, h, weights, W4A4, gen)
     slots = map_slots(routing("uneven", 70, 3, 4, gen)[0], 4, 0)
-    by_height = []
+    outs = {(bn, bm): l1_gate_up(acts, slots, weights, W4A4, bn, bm) for bn in ops.BLOCK_NS for bm in (64, 128)}
     for bm in (64, 128):
-        outs = [l1_gate_up(acts, slots, weights, W4A4, bn, bm) for bn in ops.BLOCK_NS]
-        assert all(torch.equal(outs[0], o) for o in outs[1:])
-        by_height.append(outs[0])
-    assert rel_l2(by_height[0], by_height[1]) <= 1e-6
+        for path in ((8, 16, 32), (64, 128)):
+            assert all(torch.equal(outs[(path[0], bm)], outs[(bn, bm)]) for bn in path[1:])
+    assert all(rel_l2(o, outs[(8, 64)]) <= 1e-6 for o in outs.values())
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
