@@ -11,11 +11,12 @@
 //   128B-swizzled shared-memory operand.
 // - Dequantization is exact and happens in registers: an E2M1 nibble placed at bf16 bits 6-8 (+ sign at 15)
 //   is its value * 2^-126, and one bf16x2 multiply by sf * 2^118 gives decode * sf * 2^-8 (<= 6 significant
-//   bits); the epilogue multiplies by 2^8. The dequantized fragment is wgmma's register A operand (RS form).
-// - Warp-specialized: one producer warpgroup fills a ring of stages (weights by bulk copy, the slots'
-//   activation rows by cp.async, gathered through slot_pair for L1); two consumer warpgroups dequantize and
-//   issue wgmma. With 128-row tiles each consumer owns 64 rows; with 64-row tiles (sparse decode: more tiles
-//   than SMs) they split K by alternate stages and add their partial sums in the epilogue.
+//   bits); the epilogue multiplies by 2^8. Scales are stored pre-encoded as bf16 exponent/mantissa bytes.
+//   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
+// - Warp-specialized: a producer (warpgroup, or one warp for HMMA tiles) fills a ring of stages (weights by
+//   bulk copy, the slots' activation rows by cp.async, gathered through slot_pair for L1); two consumer
+//   warpgroups dequantize and multiply. With wgmma and 128-row tiles each consumer owns 64 rows; otherwise
+//   they split K by alternate stages and add their partial sums in the epilogue.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
 //   without tokens produce no tiles and read no weights; slot tiles of one weight tile are adjacent in time
 //   so prefill re-reads weights from L2. The epilogue buffer is separate from the ring, so the producer
@@ -52,9 +53,7 @@ constexpr int kBK = 64;                                  // K elements per stage
 constexpr int kAtomRows = 64;                            // weight rows per atom: one warpgroup's wgmma M
 constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one atom
 constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
-constexpr int kProducers = 128;                          // warpgroup 0
-constexpr int kConsumers = 256;                          // warpgroups 1 and 2
-constexpr int kThreads = kProducers + kConsumers;
+constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 
 struct GemmArgs {
@@ -146,16 +145,12 @@ __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   return p & 0x81C081C0u;
 }
 
-// Two UE4M3 scales (low byte first) -> bf16x2 (s0, s0) and (s1, s1) of sf * 2^118, exactly: e4m3 -> f16 is
-// exact and every nonzero UE4M3 is a normal f16, whose exponent and top 3 mantissa bits shifted right by 3
-// sit where bf16 keeps them; rebias the exponent by (127 + 118) - 15 = 230. Zero stays zero.
-// 2^109 <= sf * 2^118 < 2^127, so no overflow.
-__device__ __forceinline__ void scale_pair_bf16x2(uint32_t two, uint32_t& s0, uint32_t& s1) {
-  uint32_t h;
-  asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(two));
-  const uint32_t b = (((h >> 3) & 0x0FFF0FFFu) + 0x73007300u) & __vcmpne2(h, 0u);
-  s0 = prmt(b, 0u, 0x1010);
-  s1 = prmt(b, 0u, 0x3232);
+// Scale byte K of w -> bf16x2 (s, s) with s = sf * 2^118. The byte was encoded at load (sm90_layout.py) as
+// (E - 236) << 3 | M from the bf16 exponent E and top mantissa bits M of s, which every UE4M3 value fits
+// exactly (subnormals included), so a PRMT into both halves and one IMAD rebuild it. 2^109 <= s < 2^127.
+template <int K>
+__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t w) {
+  return prmt(w, 0u, 0x4040u | (K << 8) | K) * 16u + 0x76007600u;
 }
 
 // wgmma A fragment of one k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
@@ -216,13 +211,17 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
 // stages are small, so there are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr int kMinBlocks = BN == 8 ? 2 : 1;  // CTAs per SM (registers: 80 each at two)
+  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
+  // The producer is a whole warpgroup where wgmma needs its consumers warpgroup-aligned, else one warp:
+  // the registers it does not hold let narrow tiles run more CTAs per SM (the decode path is latency-bound).
+  static constexpr int kProducers = kWgmma ? 128 : 32;
+  static constexpr int kThreads = kProducers + kConsumers;
+  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
   static constexpr int kSmemBudget = 200 * 1024 / kMinBlocks;  // ring + epilogue buffer
   // threads that copy activation rows: one warp keeps up with narrow tiles (fewer barrier arrivals)
   static constexpr int kLoaders = BN <= 32 ? 32 : kProducers;
   static constexpr int kCopies = BN * 8 / kLoaders;  // 16-byte activation copies per loader and stage
   static constexpr int kAtoms = BM / kAtomRows;
-  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
   // Which warpgroup consumes what: with wgmma and 128 rows each warpgroup owns one atom of every stage;
   // otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms, so
   // per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
@@ -314,7 +313,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
   const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   const uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
-  const int ctid = threadIdx.x - kProducers, lane = ctid & 31;
+  const int ctid = threadIdx.x - TL::kProducers, lane = ctid & 31;
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
@@ -337,15 +336,11 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         const int atom = TL::kSplitK ? i : wg;
         const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
         const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
-        uint32_t sg[4], sg8[4], af[4][4];
-        scale_pair_bf16x2(sv.x & 0xFFFFu, sg[0], sg[1]);
-        scale_pair_bf16x2(sv.x >> 16, sg[2], sg[3]);
-        scale_pair_bf16x2(sv.y & 0xFFFFu, sg8[0], sg8[1]);
-        scale_pair_bf16x2(sv.y >> 16, sg8[2], sg8[3]);
-        dequant_step<0>(wv.x, wv.z, sg[0], sg8[0], af[0]);
-        dequant_step<1>(wv.x, wv.z, sg[1], sg8[1], af[1]);
-        dequant_step<0>(wv.y, wv.w, sg[2], sg8[2], af[2]);
-        dequant_step<1>(wv.y, wv.w, sg[3], sg8[3], af[3]);
+        uint32_t af[4][4];
+        dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[0]);
+        dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[1]);
+        dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[2]);
+        dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[3]);
         float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + i * (BN / 2));
         if constexpr (TL::kWgmma) {
           // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
@@ -483,7 +478,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 }
 
 template <int BM, int BN>
-__global__ void __launch_bounds__(kThreads, Tiles<BM, BN>::kMinBlocks) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
+__global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBlocks) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
   using TL = Tiles<BM, BN>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -507,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<BM, BN>::kMinBlocks) grouped_g
   }
   __syncthreads();
   const int total = tile_start[a.num_experts];
-  if (tid < kProducers) produce<BM, BN>(a, tile_start, total, smem, full, empty);
+  if (tid < TL::kProducers) produce<BM, BN>(a, tile_start, total, smem, full, empty);
   else consume<BM, BN>(a, tile_start, total, smem, full, empty);
 }
 // Per-expert amax of h (fp32 (S, I)): one warp per slot row; max is exact, so atomics stay deterministic.
@@ -594,14 +589,14 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   static const int per_sm = [&] {
     EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(1024)));
     int blocks = 0;
-    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, TL::smem_bytes(1024)));
+    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, TL::kThreads, TL::smem_bytes(1024)));
     return std::max(blocks, 1);
   }();
   // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
   const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(num_sms()) * per_sm));
   if (grid <= 0) return;
-  kernel<<<grid, kThreads, TL::smem_bytes(a.num_experts), stream>>>(a);
+  kernel<<<grid, TL::kThreads, TL::smem_bytes(a.num_experts), stream>>>(a);
   EP_CHECK_LAUNCH();
 }
 

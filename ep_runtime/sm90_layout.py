@@ -10,7 +10,7 @@ Inside an atom, row rr = 16*cw + 8*r + g (warp cw of the consumer warpgroup, fra
 k = 16*st + 8*h + 2*t + e with st = 2*v + sp (k16 step st; h: the fragment's k 0-7 or 8-15 half; lane
 column t; e: the element of a bf16x2 pair). Byte order is [cw][g][t][r][v] of 4-byte words whose nibble
 4*e + 2*sp + h holds that element, so nibbles (i, i+4) of a word form one bf16x2 (the kernel's e2m1_pair).
-Scales are [cw][g][r][st]. L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU
+Scales are [cw][g][r][st], each byte encoded (encode_scales). L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU
 epilogue finds both halves of an output column in one tile.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .weights import ExpertWeights
 ATOM_ROWS = 64
 ATOM_K = 64
 LAYOUT = "sm90"
+SCALE_EXP_BASE = 236  # bf16 exponent of the smallest nonzero UE4M3 (2^-9) times 2^118
 
 
 def gate_up_row_order(inter: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -56,14 +57,42 @@ def check_tileable(weights: ExpertWeights) -> None:
                          f"got hidden={h}, intermediate={i}")
 
 
+def encode_scales(s: torch.Tensor) -> torch.Tensor:
+    """UE4M3 scale bytes -> the kernels' byte (E - 236) << 3 | M, where E and M are the bf16 exponent and top three
+    mantissa bits of sf * 2^118: every UE4M3 value (subnormals included) is exact in that form, and the
+    kernel rebuilds the bf16 with one PRMT and one IMAD. Zero encodes as 0 (read back as 2^-9);
+    zero_unscaled_codes_ makes that harmless."""
+    v = s.view(torch.float8_e4m3fn).float()
+    bits = (v * 2.0 ** 118).to(torch.bfloat16).view(torch.int16).int()
+    code = (((bits >> 7) & 0xFF) - SCALE_EXP_BASE) << 3 | ((bits >> 4) & 7)
+    return torch.where(v > 0, code, 0).to(torch.uint8)
+
+
+def check_scales(s: torch.Tensor, name: str) -> None:
+    """Block scales are UE4M3: finite and not negative (the encoding has no sign)."""
+    bad = (s & 0x7F == 0x7F) | (s > 0x80)
+    if bad.any():
+        raise ValueError(f"{name}: block scales must be finite, non-negative UE4M3; found byte "
+                         f"0x{int(s[bad][0]):02X} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+def zero_unscaled_codes_(data: torch.Tensor, scale: torch.Tensor) -> None:
+    """Codes of blocks whose scale is zero are worth 0 whatever they are; make them 0 (codes (N, K/2), scale
+    bytes (N, K/16)) so the kernels need not test the scale."""
+    n, ks = scale.shape
+    data.view(n, ks, 8).masked_fill_(((scale & 0x7F) == 0).unsqueeze(-1), 0)
+
+
 def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor | None = None) -> None:
-    """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales in place, one expert at a time
-    (peak memory: the stacks plus one expert's nibbles); row_order first permutes each expert's rows."""
+    """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales (encoded) in place, one expert at
+    a time (peak memory: the stacks plus one expert's nibbles); row_order first permutes each expert's rows.
+    The scales must pass check_scales."""
     scale = scale.view(torch.uint8)
     for e in range(data.shape[0]):
         d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])
+        zero_unscaled_codes_(d, s)
         data[e].copy_(tile_packed(d))
-        scale[e].copy_(tile_scales(s))
+        scale[e].copy_(tile_scales(encode_scales(s)))
 
 
 def tile_(weights: ExpertWeights) -> ExpertWeights:
@@ -71,6 +100,10 @@ def tile_(weights: ExpertWeights) -> ExpertWeights:
     if weights.layout != "rows":
         raise ValueError(f"weights: expected layout 'rows' to tile, got {weights.layout!r}")
     check_tileable(weights)
+    for name in ("w13_scale", "w2_scale"):  # all checked first: a bad scale leaves the weights untouched
+        stack = getattr(weights, name).view(torch.uint8)
+        for e in range(weights.num_experts):
+            check_scales(stack[e], f"{name} of expert {e}")
     tile_stack_(weights.w13, weights.w13_scale, gate_up_row_order(weights.intermediate_size, weights.w13.device))
     tile_stack_(weights.w2, weights.w2_scale)
     weights.layout = LAYOUT

@@ -62,7 +62,8 @@ def test_tile_in_place_reorders_l1_rows_then_tiles_every_expert(gen):
     order = sm90_layout.gate_up_row_order(64)
     for e in range(3):
         assert torch.equal(w.w13[e], sm90_layout.tile_packed(before.w13[e][order]))
-        assert torch.equal(w.w2_scale[e].view(torch.uint8), sm90_layout.tile_scales(before.w2_scale[e].view(torch.uint8)))
+        want = sm90_layout.tile_scales(sm90_layout.encode_scales(before.w2_scale[e].view(torch.uint8)))
+        assert torch.equal(w.w2_scale[e].view(torch.uint8), want)
     assert torch.equal(w.w13_alpha, before.w13_alpha) and torch.equal(w.l2_input_scale, before.l2_input_scale)
 
 
@@ -92,3 +93,34 @@ def test_cuda_stage_rejects_row_layout_weights():
     idx = torch.tensor([[0], [1]], dtype=torch.int32)
     with pytest.raises(ValueError, match="CUDA expert stage.*takes layout 'sm90', got 'rows'"):
         cuda_expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0, ExpertSpec("bf16", "static", None))
+
+
+def test_encoded_scale_rebuilds_the_exact_bf16_of_every_ue4m3_value_times_2_pow_118():
+    """The kernel's scale_bf16x2: bf16 bits = (byte << 4) + 0x7600."""
+    raw = torch.arange(1, 0x7F, dtype=torch.uint8)  # every positive finite UE4M3, subnormals included
+    enc = sm90_layout.encode_scales(raw).int()
+    rebuilt = ((enc << 4) + 0x7600).to(torch.int16).view(torch.bfloat16).float()
+    assert torch.equal(rebuilt, raw.view(torch.float8_e4m3fn).float() * 2.0 ** 118)
+    assert sm90_layout.encode_scales(torch.tensor([0, 0x80], dtype=torch.uint8)).tolist() == [0, 0]
+
+
+def test_tiling_zeroes_the_codes_of_blocks_whose_scale_is_zero(gen):
+    w = ExpertWeights.synthetic(range(1), 64, 64, seed=1, device="cpu")
+    w.w2_scale.view(torch.uint8)[0, 5, 2] = 0
+    w.w2[0, 5].fill_(0x77)
+    expected = w.w2[0].clone()
+    expected[5, 16:24] = 0
+    sm90_layout.tile_(w)
+    assert torch.equal(w.w2[0], sm90_layout.tile_packed(expected))
+
+
+@pytest.mark.parametrize("stack", ["w13_scale", "w2_scale"])
+@pytest.mark.parametrize("byte", [0x7F, 0xFF, 0x81, 0xC0])
+def test_tiling_rejects_nan_or_negative_scales_and_leaves_weights_untouched(stack, byte):
+    w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
+    getattr(w, stack).view(torch.uint8)[1, 3, 0] = byte
+    before = w.clone()
+    with pytest.raises(ValueError, match=f"{stack} of expert 1: block scales must be finite, non-negative UE4M3; "
+                                         f"found byte 0x{byte:02X}"):
+        sm90_layout.tile_(w)
+    assert w.layout == "rows" and torch.equal(w.w13, before.w13) and torch.equal(w.w2, before.w2)
