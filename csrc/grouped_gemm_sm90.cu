@@ -4,12 +4,12 @@
 // - A/B swapped: weight rows are the wgmma M side (64 per warpgroup), slots (tokens) the N side (8..128), so
 //   an expert with one token wastes no weight bandwidth and prefill still gets full-width HGMMA tiles.
 // - Weights are re-tiled once at load (ep_runtime/sm90_layout.py): each 64-row x 64-K atom is 2 KB of
-//   packed E2M1 plus 256 B of UE4M3 scales, contiguous, ordered so that one lds.128 hands each lane exactly
-//   the nibbles of its wgmma A fragments for four k16 steps, and nibbles (i, i+4) of a word form one bf16x2.
+//   packed E2M1 plus 256 B of scales, contiguous, ordered so that one lds.128 hands each lane exactly the
+//   codes of its A fragments for four k16 steps, with their bits placed where few instructions extract them.
 //   Contiguous atoms let one thread stream them with cp.async.bulk (no per-thread address work on the
 //   bandwidth-bound decode path) and keep the activations in natural K order, so they reach wgmma as a plain
 //   128B-swizzled shared-memory operand.
-// - Dequantization is exact and happens in registers: an E2M1 nibble placed at bf16 bits 6-8 (+ sign at 15)
+// - Dequantization is exact and happens in registers: an E2M1 code placed at bf16 bits 6-8 (+ sign at 15)
 //   is its value * 2^-126, and one bf16x2 multiply by sf * 2^118 gives decode * sf * 2^-8 (<= 6 significant
 //   bits); the epilogue multiplies by 2^8. Scales are stored pre-encoded as bf16 exponent/mantissa bytes.
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
@@ -132,17 +132,18 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   return d;
 }
 
-// Nibbles I and I+4 of w as a bf16x2 (low, high) holding value * 2^-126 each. Isolated at bits 4I / 16+4I, a
-// multiply by 2^(6-4I) + 2^(12-4I) puts one copy of each nibble at bits 6-9 / 22-25 and one at 12-15 / 28-31
-// (no overlaps, no carries); the mask keeps the magnitude bits of the first copy and the sign bit of the
-// second. The multiply runs on the FMA pipe, leaving the integer pipe to the rest of the dequantization.
+__device__ __forceinline__ uint32_t rotr(uint32_t w, int r) { return __funnelshift_r(w, w, r); }
+
+// Pair I of a weight word as a bf16x2 holding value * 2^-126 per half: E2M1 code bits m, e0, e1 at bf16
+// bits 6-8 (a bf16 whose exponent field is the E2M1 exponent: code 1 = 0.5 is a bf16 subnormal) and the sign
+// at 15. sm90_layout.STORED placed the bits so that this takes 1, 2, 2 and 4 instructions for I = 0..3.
 template <int I>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
-  const uint32_t x = I < 2 ? w & (0x000F000Fu << (4 * I)) : (w >> (4 * I)) & 0x000F000Fu;
-  const uint32_t spread = I == 1 ? 0x104u : 0x1040u;
-  uint32_t p;
-  asm("mul.lo.u32 %0, %1, %2;" : "=r"(p) : "r"(x), "r"(spread));
-  return p & 0x81C081C0u;
+  constexpr uint32_t kBits = 0x81C081C0u;  // bits 6-8 and 15 of each half
+  if constexpr (I == 0) return w & kBits;
+  if constexpr (I == 1) return rotr(w, 4) & kBits;
+  if constexpr (I == 2) return rotr(w, 10) & kBits;
+  return (rotr(w, 6) & 0x81808180u) | (rotr(w, 14) & 0x00400040u);
 }
 
 // Scale byte K of w -> bf16x2 (s, s) with s = sf * 2^118. The byte was encoded at load (sm90_layout.py) as
@@ -154,8 +155,8 @@ __device__ __forceinline__ uint32_t scale_bf16x2(uint32_t w) {
 }
 
 // wgmma A fragment of one k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
-// Word wg / wg8 holds rows g / g+8 of two steps; SP picks the step, so nibble pairs (2SP, 2SP+4) are k 2t..
-// and (2SP+1, 2SP+5) are k 2t+8.. (see sm90_layout.py).
+// Word wg / wg8 holds rows g / g+8 of two steps; SP picks the step, so pair 2SP is k 2t.. and pair 2SP+1
+// is k 2t+8.. (see sm90_layout.py).
 template <int SP>
 __device__ __forceinline__ void dequant_step(uint32_t wg, uint32_t wg8, uint32_t sg, uint32_t sg8, uint32_t (&a)[4]) {
   a[0] = bf16x2_mul(e2m1_pair<2 * SP>(wg), sg);

@@ -8,10 +8,11 @@ shapes ((E, N, K/2) and (E, N, K/16)); only the byte order changes.
 
 Inside an atom, row rr = 16*cw + 8*r + g (warp cw of the consumer warpgroup, fragment row g or g+8) and
 k = 16*st + 8*h + 2*t + e with st = 2*v + sp (k16 step st; h: the fragment's k 0-7 or 8-15 half; lane
-column t; e: the element of a bf16x2 pair). Byte order is [cw][g][t][r][v] of 4-byte words whose nibble
-4*e + 2*sp + h holds that element, so nibbles (i, i+4) of a word form one bf16x2 (the kernel's e2m1_pair).
-Scales are [cw][g][r][st], each byte encoded (encode_scales). L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU
-epilogue finds both halves of an output column in one tile.
+column t; e: the element of a bf16x2 pair). Byte order is [cw][g][t][r][v] of 32-bit words, each holding
+the four bf16x2 pairs (sp, h) of its row and two k16 steps, with their code bits placed where the kernel's
+e2m1_pair extracts them cheaply (STORED below). Scales are [cw][g][r][st], each byte encoded
+(encode_scales). L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU epilogue finds
+both halves of an output column in one tile.
 """
 from __future__ import annotations
 
@@ -33,14 +34,33 @@ def gate_up_row_order(inter: int, device: torch.device | str = "cpu") -> torch.T
     return order.transpose(0, 1).reshape(-1)
 
 
+# Where each code bit sits in a 32-bit word. A word holds four bf16x2 pairs I = 2*sp + h; the kernel turns
+# pair I into a bf16x2 whose halves are value * 2^-126 (code bits m, e0, e1 at bf16 bits 6-8, sign at 15)
+# with e2m1_pair<I>: pair 0 is stored in place (one AND), pairs 1 and 2 rotated by 4 and 10 bits (rotate +
+# AND), and pair 3 in the eight bits left over (two rotates, two LOPs): 9 instructions for 8 values.
+# TARGET[e][b]: the bf16x2 bit of element e's code bit b; STORED[I][t]: the word bit holding target bit t.
+TARGET = ((6, 7, 8, 15), (22, 23, 24, 31))
+STORED = (
+    {t: t for t in TARGET[0] + TARGET[1]},
+    {t: (t + 4) % 32 for t in TARGET[0] + TARGET[1]},
+    {t: (t + 10) % 32 for t in TARGET[0] + TARGET[1]},
+    {6: 20, 7: 13, 8: 14, 15: 21, 22: 4, 23: 29, 24: 30, 31: 5},  # rotate 14 brings 6, 22; rotate 6 the rest
+)
+
+
 def tile_packed(w: torch.Tensor) -> torch.Tensor:
-    """One expert's packed E2M1 (N, K/2) uint8 in row layout -> the same bytes in atom order."""
+    """One expert's packed E2M1 (N, K/2) uint8 in row layout -> the kernels' words in atom order."""
     n, kh = w.shape
     k = 2 * kh
     nib = torch.stack((w & 0xF, w >> 4), dim=-1).view(n // 64, 4, 2, 8, k // 64, 2, 2, 2, 4, 2)
-    # (nb, cw, r, g, kb, v, sp, h, t, e) -> (nb, kb, cw, g, t, r, v, e, sp, h)
-    pairs = nib.permute(0, 4, 1, 3, 8, 2, 5, 9, 6, 7).reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).view(n, kh)
+    # (nb, cw, r, g, kb, v, sp, h, t, e) -> (nb, kb, cw, g, t, r, v, e, sp, h): one word per (..., v)
+    codes = nib.permute(0, 4, 1, 3, 8, 2, 5, 9, 6, 7).reshape(-1, 2, 4).int()
+    word = torch.zeros(codes.shape[0], dtype=torch.int64, device=w.device)
+    for pair, stored in enumerate(STORED):
+        for e in range(2):
+            for bit, target in enumerate(TARGET[e]):
+                word |= ((codes[:, e, pair] >> bit) & 1).long() << stored[target]
+    return torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8).view(n, kh)
 
 
 def tile_scales(s: torch.Tensor) -> torch.Tensor:

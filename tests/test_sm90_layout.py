@@ -5,35 +5,47 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_runtime import sm90_layout
+from ep_runtime import nvfp4, sm90_layout
 from ep_runtime.experts import ExpertSpec, expert_stage
 from ep_runtime.weights import ExpertWeights
 
 
-def expected_nibble_position(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte index and nibble (0 low, 1 high) of every (row, k) of one expert, from the kernel's view: lane
-    (g, t) of warp cw loads 16 bytes at cw*512 + lane*16 of the atom; bytes [r*8 + v*4, +4) are the word
-    of row 16cw+8r+g for k16 steps 2v, 2v+1; nibble pairs (2sp+h, 2sp+h+4) hold k = 16*st + 8h + 2t + (0, 1)."""
+def kernel_pair(words: torch.Tensor, pair: int) -> torch.Tensor:
+    """csrc/grouped_gemm_sm90.cu e2m1_pair<I>, transcribed: the bf16x2 bits of pair I of each 32-bit word."""
+    def rotr(w: torch.Tensor, r: int) -> torch.Tensor:
+        return ((w >> r) | (w << (32 - r))) & 0xFFFFFFFF
+
+    bits = 0x81C081C0
+    if pair == 0:
+        return words & bits
+    if pair == 1:
+        return rotr(words, 4) & bits
+    if pair == 2:
+        return rotr(words, 10) & bits
+    return (rotr(words, 6) & 0x81808180) | (rotr(words, 14) & 0x00400040)
+
+
+def test_each_lanes_fragment_words_decode_to_its_elements(gen):
+    """Lane (g, t) of warp cw loads 16 bytes at cw*512 + lane*16 of the atom: bytes [r*8 + v*4, +4) are the word
+    of row 16cw+8r+g for k16 steps 2v, 2v+1, and half e of its pair 2sp+h is k = 16*st + 8h + 2t + e, as a bf16
+    of value * 2^-126."""
+    n, k = 128, 192
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    b = sm90_layout.tile_packed(packed).view(-1, 4).long()
+    words = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+    pairs = torch.stack([kernel_pair(words, i) for i in range(4)], dim=1)  # (words, pair)
+
     row = torch.arange(n).view(n, 1)
     col = torch.arange(k).view(1, k)
     nb, rr, kb, kk = row // 64, row % 64, col // 64, col % 64
     cw, r, g = rr // 16, (rr % 16) // 8, rr % 8
     st, h, t, e = kk // 16, (kk % 16) // 8, (kk % 8) // 2, kk % 2
     v, sp = st // 2, st % 2
-    lane = g * 4 + t
-    nibble_in_word = 4 * e + 2 * sp + h
-    byte = (nb * (k // 64) + kb) * 2048 + cw * 512 + lane * 16 + r * 8 + v * 4 + nibble_in_word // 2
-    return torch.broadcast_tensors(byte, nibble_in_word % 2)
-
-
-def test_tile_packed_puts_every_element_in_its_lanes_fragment_nibble(gen):
-    n, k = 128, 192
-    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-    tiled = sm90_layout.tile_packed(packed).flatten()
-    byte, half = expected_nibble_position(n, k)
-    got = (tiled[byte.flatten()] >> (4 * half.flatten())) & 0xF
-    assert torch.equal(got.view(n, k), codes)
+    byte = (nb * (k // 64) + kb) * 2048 + cw * 512 + (g * 4 + t) * 16 + r * 8 + v * 4
+    word_idx, pair, half = torch.broadcast_tensors(byte // 4, 2 * sp + h, e)
+    bf16 = ((pairs[word_idx, pair] >> (16 * half)) & 0xFFFF).to(torch.int16).view(torch.bfloat16).float()
+    assert torch.equal(bf16 * 2.0 ** 126, nvfp4.e2m1_decode(codes))
 
 
 def test_tile_scales_puts_each_scale_where_its_rows_lanes_read_it(gen):
