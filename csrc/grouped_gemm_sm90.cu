@@ -326,11 +326,13 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
 
     // Split K: warpgroup w takes the tile's chunks c = w mod 2, so the summation order depends on the tile
-    // alone (not on which CTA runs it).
-    const int step = TL::kSplitK ? 2 : 1;
-    for (int c = TL::kSplitK ? wg : 0; c < nchunks; c += step) {
+    // alone (not on which CTA runs it). It still waits for the other warpgroup's stages: a parity wait only
+    // tells phases apart one apart, so skipping a stage could let it pass on the phase before the one it wants
+    // while that stage's previous fill is still landing.
+    for (int c = 0; c < nchunks; ++c) {
       const int qs = q + c, s = qs % TL::kStages;
       ClusterBarrier::wait(&full[s], (qs / TL::kStages) & 1);
+      if (TL::kSplitK && (c & 1) != wg) continue;
       const uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
       for (int i = 0; i < TL::kWgAtoms; ++i) {
