@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <utility>
 
 namespace {
@@ -115,6 +116,22 @@ __device__ __forceinline__ void mma_bf16(float& c0, float& c1, float& c2, float&
       "{%0,%1,%2,%3};"
       : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Waits for the phase of parity `parity` of a pipeline barrier. A protocol error must not hang the GPU: after
+// 20 s of waiting the thread reports itself and traps, which the host sees as a launch failure.
+__device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity, const char* what) {
+  if (ClusterBarrier::try_wait(bar, parity)) return;
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  while (!ClusterBarrier::try_wait(bar, parity)) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > 20000000000ull) {
+      printf("ep_runtime grouped GEMM: block %d thread %d waited 20 s for a %s stage (parity %u); trapping\n",
+             blockIdx.x, threadIdx.x, what, parity);
+      __trap();
+    }
+  }
 }
 
 // The consumer warpgroups' own barrier (the producer never waits on it).
@@ -285,7 +302,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     const size_t atom0 = (static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms) * nchunks;
     for (int c = 0; c < nchunks; ++c, ++q) {
       const int s = q % TL::kStages;
-      if (q >= TL::kStages) ClusterBarrier::wait(&empty[s], ((q / TL::kStages) & 1) ^ 1);
+      if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1, "released");
       if (tid == 0) {
         ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], TL::kWeightBytes + TL::kScaleBytes);
 #pragma unroll
@@ -325,14 +342,18 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 #pragma unroll
     for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
 
-    // Split K: warpgroup w takes the tile's chunks c = w mod 2, so the summation order depends on the tile
-    // alone (not on which CTA runs it). It still waits for the other warpgroup's stages: a parity wait only
-    // tells phases apart one apart, so skipping a stage could let it pass on the phase before the one it wants
-    // while that stage's previous fill is still landing.
+    // Split K: warpgroup w computes the tile's chunks c = w mod 2, so the summation order depends on the tile
+    // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
+    // wait cannot tell a phase from the one two fills later, so a warpgroup that skipped stages could pass on
+    // a stale phase (or, not gating the producer, fall two fills behind and wait forever).
     for (int c = 0; c < nchunks; ++c) {
       const int qs = q + c, s = qs % TL::kStages;
-      ClusterBarrier::wait(&full[s], (qs / TL::kStages) & 1);
-      if (TL::kSplitK && (c & 1) != wg) continue;
+      wait_phase(&full[s], (qs / TL::kStages) & 1, "filled");
+      if (TL::kSplitK && (c & 1) != wg) {
+        __syncwarp();
+        if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+        continue;
+      }
       const uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
       for (int i = 0; i < TL::kWgAtoms; ++i) {
@@ -499,7 +520,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
       ClusterBarrier::init(&full[s], TL::kLoaders + 1);  // every loader's cp.async arrival + the bulk copies
-      ClusterBarrier::init(&empty[s], TL::kSplitK ? 4 : 8);  // one arrival per consuming warp
+      ClusterBarrier::init(&empty[s], kConsumers / 32);  // one arrival per consumer warp
     }
     cutlass::arch::fence_barrier_init();
   }
