@@ -332,6 +332,40 @@ def test_expert_stage_is_bitwise_repeatable(gen):
         assert torch.equal(first, again)
 
 
+@pytest.fixture(scope="module")
+def v4_pro_rank_weights():
+    """One V4-Pro rank's 48 experts (1.8 GB packed), in the kernels' layout."""
+    return tile_(random_weights(48, 7168, 3072, torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize("block_n,block_m", [(8, 128), (8, 64), (32, 128), (64, 64), (128, 128)])
+def test_the_stage_ring_gives_the_same_bits_over_many_back_to_back_launches(v4_pro_rank_weights, block_n, block_m,
+                                                                            gen):
+    """A full rank at decode: every CTA cycles its stage ring hundreds of times, with the two consumer
+    warpgroups free to drift apart. A pipeline race shows up as a launch failure, as a barrier wait that traps
+    after 20 s, or as bits that differ between launches."""
+    kw = v4_pro_rank_weights
+    t, k = 8, 6
+    idx, _ = routing("uniform", t, k, 48, gen)
+    slots = map_slots(idx, 48, 0)
+    n = slots.num_slots
+    x = torch.randn(t, 7168, generator=gen).to(DEV, torch.bfloat16)
+    h = [torch.full((t * k, 3072), float("nan"), dtype=torch.bfloat16, device=DEV) for _ in range(2)]
+    y = [torch.full((t * k, 7168), float("nan"), device=DEV) for _ in range(2)]
+
+    def run(out: int) -> None:
+        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, k, "bf16",
+                       swiglu_limit=10.0, h_bf16=h[out], block_n=block_n, block_m=block_m)
+        ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, h[out], None, slots.offsets, y[out], block_n, block_m)
+
+    run(0)
+    for _ in range(40):
+        run(1)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y[0][:n]).all()
+    assert torch.equal(h[0][:n], h[1][:n]) and torch.equal(y[0][:n], y[1][:n])
+
+
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
 def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     spec = SPECS[spec_name]
