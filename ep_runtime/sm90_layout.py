@@ -20,8 +20,6 @@ import torch
 
 from .weights import ExpertWeights
 
-ATOM_ROWS = 64
-ATOM_K = 64
 LAYOUT = "sm90"
 SCALE_EXP_BASE = 236  # bf16 exponent of the smallest nonzero UE4M3 (2^-9) times 2^118
 
