@@ -2,7 +2,7 @@
 
 The kernels stream weights in atoms of 64 rows x 64 K: 2 KB of packed E2M1 then (in the scale tensor) 256 B
 of UE4M3, each contiguous, so one bulk copy moves an atom and one 16-byte shared-memory load gives a lane
-the nibbles of its wgmma A fragments for the atom's four k16 steps. Atoms are ordered
+the codes of its A fragments for the atom's four k16 steps. Atoms are ordered
 [expert][row block][K block], so a row block's K stream is sequential in memory. The tensors keep their
 shapes ((E, N, K/2) and (E, N, K/16)); only the byte order changes.
 
@@ -103,8 +103,8 @@ def zero_unscaled_codes_(data: torch.Tensor, scale: torch.Tensor) -> None:
 
 def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor | None = None) -> None:
     """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales (encoded) in place, one expert at
-    a time (peak memory: the stacks plus one expert's nibbles); row_order first permutes each expert's rows.
-    The scales must pass check_scales."""
+    a time (peak memory: the stacks plus one expert's temporaries: 0.6 GB measured for a V4-Pro gate|up); row_order
+    first permutes each expert's rows. The scales must pass check_scales."""
     scale = scale.view(torch.uint8)
     for e in range(data.shape[0]):
         d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])
