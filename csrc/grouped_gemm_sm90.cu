@@ -299,7 +299,8 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
       dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
     }
-    const size_t atom0 = (static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms) * nchunks;
+    const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
+    const size_t atom0 = row_block * nchunks;
     for (int c = 0; c < nchunks; ++c, ++q) {
       const int s = q % TL::kStages;
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1, "released");
@@ -475,7 +476,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           h[i] = swiglu(gate, up, a.swiglu_limit);
         }
         const size_t s = slot0 + n;
-        quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2, a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
+        quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2,
+                         a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
                          a.h_bf16 + s * a.inter + j0 + c);
       }
     } else {
@@ -502,7 +504,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 }
 
 template <int BM, int BN>
-__global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBlocks) grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
+__global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBlocks)
+    grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
   using TL = Tiles<BM, BN>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});

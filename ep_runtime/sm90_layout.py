@@ -103,8 +103,8 @@ def zero_unscaled_codes_(data: torch.Tensor, scale: torch.Tensor) -> None:
 
 def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor | None = None) -> None:
     """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales (encoded) in place, one expert at
-    a time (peak memory: the stacks plus one expert's temporaries: 0.6 GB measured for a V4-Pro gate|up); row_order
-    first permutes each expert's rows. The scales must pass check_scales."""
+    a time (peak memory: the stacks plus one expert's temporaries, 0.6 GB measured for a V4-Pro gate|up);
+    row_order first permutes each expert's rows. The scales must pass check_scales."""
     scale = scale.view(torch.uint8)
     for e in range(data.shape[0]):
         d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])

@@ -104,7 +104,8 @@ def test_cuda_stage_rejects_row_layout_weights():
     w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
     idx = torch.tensor([[0], [1]], dtype=torch.int32)
     with pytest.raises(ValueError, match="CUDA expert stage.*takes layout 'sm90', got 'rows'"):
-        cuda_expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0, ExpertSpec("bf16", "static", None))
+        cuda_expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0,
+                          ExpertSpec("bf16", "static", None))
 
 
 def test_encoded_scale_rebuilds_the_exact_bf16_of_every_ue4m3_value_times_2_pow_118():
