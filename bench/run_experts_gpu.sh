@@ -10,7 +10,7 @@ python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$
 grep -E "spill" "$OUT/build.log" | sort | uniq > "$OUT/spills.txt"
 SO=$(ls ep_runtime/_C*.so | head -1)
 { echo "HMMA $(cuobjdump --dump-sass "$SO" | grep -c HMMA)"; echo "HGMMA $(cuobjdump --dump-sass "$SO" | grep -c HGMMA)";
-  echo "LDG.E.128 in grouped_gemm: $(cuobjdump --dump-sass "$SO" | grep -c 'LDG.E.*128')";
+  echo "LDG.E.128 (whole extension): $(cuobjdump --dump-sass "$SO" | grep -c 'LDG.E.*128')";
   echo "LDL/STL: $(cuobjdump --dump-sass "$SO" | grep -cE '\bLDL|\bSTL')"; } > "$OUT/sass.txt" 2>&1
 cat "$OUT/sass.txt"
 cuobjdump --dump-sass build/temp*/csrc/grouped_gemm_sm90.cu.o > "$OUT/grouped_gemm.sass" 2>&1

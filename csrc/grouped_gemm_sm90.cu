@@ -236,9 +236,7 @@ struct Tiles {
   static constexpr int kThreads = kProducers + kConsumers;
   static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
   static constexpr int kSmemBudget = 200 * 1024 / kMinBlocks;  // ring + epilogue buffer
-  // threads that copy activation rows: one warp keeps up with narrow tiles (fewer barrier arrivals)
-  static constexpr int kLoaders = BN <= 32 ? 32 : kProducers;
-  static constexpr int kCopies = BN * 8 / kLoaders;  // 16-byte activation copies per loader and stage
+  static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and stage
   static constexpr int kAtoms = BM / kAtomRows;
   // Which warpgroup consumes what: with wgmma and 128 rows each warpgroup owns one atom of every stage;
   // otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms, so
@@ -282,7 +280,6 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   const int tid = threadIdx.x;
-  if (tid >= TL::kLoaders) return;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
@@ -293,7 +290,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     uint32_t dst[TL::kCopies];
 #pragma unroll
     for (int j = 0; j < TL::kCopies; ++j) {
-      const int id = tid + TL::kLoaders * j, n = id >> 3, c = id & 7;
+      const int id = tid + TL::kProducers * j, n = id >> 3, c = id & 7;
       int row = -1;
       if (n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
       src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
@@ -522,7 +519,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
         [&](int e, int prefix) { tile_start[e] = prefix; });
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
-      ClusterBarrier::init(&full[s], TL::kLoaders + 1);  // every loader's cp.async arrival + the bulk copies
+      ClusterBarrier::init(&full[s], TL::kProducers + 1);  // every producer's cp.async arrival + the bulk copies
       ClusterBarrier::init(&empty[s], kConsumers / 32);  // one arrival per consumer warp
     }
     cutlass::arch::fence_barrier_init();
@@ -661,6 +658,23 @@ void check_shape(int num_experts, int k, const char* what) {
   EP_REQUIRE(k > 0 && k % 64 == 0, std::string(what) + ": K must be a positive multiple of 64, got " + std::to_string(k));
 }
 
+// The fields L1 and L2 share: the tiled weights with their alphas, the activations and the slot offsets.
+GemmArgs gemm_args(std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t w_alpha, std::uintptr_t act,
+                   std::uintptr_t act_gs, std::uintptr_t offsets, int num_experts, int n_rows, int k, int epilogue) {
+  GemmArgs a{};
+  a.w = ep::as_ptr<const uint8_t>(w);
+  a.w_scale = ep::as_ptr<const uint8_t>(w_scale);
+  a.w_alpha = ep::as_ptr<const float>(w_alpha);
+  a.act = ep::as_ptr<const __nv_bfloat16>(act);
+  a.act_gs = ep::as_ptr<const float>(act_gs);
+  a.offsets = ep::as_ptr<const int>(offsets);
+  a.num_experts = num_experts;
+  a.n_rows = n_rows;
+  a.k = k;
+  a.epilogue = epilogue;
+  return a;
+}
+
 void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13_alpha, std::uintptr_t act,
                 std::uintptr_t x_gs, std::uintptr_t offsets, std::uintptr_t slot_pair, int topk, int num_experts,
                 int hidden, int inter, int max_slots, int epilogue, float swiglu_limit, std::uintptr_t h_gs,
@@ -670,20 +684,10 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
   EP_REQUIRE(inter > 0 && inter % 32 == 0, "grouped_l1: intermediate size must be a positive multiple of 32, got " +
                                                std::to_string(inter));
   EP_REQUIRE(epilogue >= kGateUp && epilogue <= kHF32, "grouped_l1: bad epilogue " + std::to_string(epilogue));
-  GemmArgs a{};
-  a.w = ep::as_ptr<const uint8_t>(w13);
-  a.w_scale = ep::as_ptr<const uint8_t>(w13_scale);
-  a.w_alpha = ep::as_ptr<const float>(w13_alpha);
-  a.act = ep::as_ptr<const __nv_bfloat16>(act);
-  a.act_gs = ep::as_ptr<const float>(x_gs);
-  a.offsets = ep::as_ptr<const int>(offsets);
+  GemmArgs a = gemm_args(w13, w13_scale, w13_alpha, act, x_gs, offsets, num_experts, 2 * inter, hidden, epilogue);
   a.slot_pair = ep::as_ptr<const int>(slot_pair);
   a.topk = topk;
-  a.num_experts = num_experts;
-  a.n_rows = 2 * inter;
-  a.k = hidden;
   a.inter = inter;
-  a.epilogue = epilogue;
   a.swiglu_limit = swiglu_limit;
   a.h_gs = ep::as_ptr<const float>(h_gs);
   a.out_f32 = ep::as_ptr<float>(out_f32);
@@ -699,17 +703,7 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
   check_shape(num_experts, inter, "grouped_l2");
   EP_REQUIRE(hidden > 0 && hidden % 64 == 0,
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
-  GemmArgs a{};
-  a.w = ep::as_ptr<const uint8_t>(w2);
-  a.w_scale = ep::as_ptr<const uint8_t>(w2_scale);
-  a.w_alpha = ep::as_ptr<const float>(w2_alpha);
-  a.act = ep::as_ptr<const __nv_bfloat16>(act);
-  a.act_gs = ep::as_ptr<const float>(h_gs);
-  a.offsets = ep::as_ptr<const int>(offsets);
-  a.num_experts = num_experts;
-  a.n_rows = hidden;
-  a.k = inter;
-  a.epilogue = kYSlot;
+  GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }

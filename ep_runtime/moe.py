@@ -20,6 +20,7 @@ from .config import Config
 from .experts import ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor
 from .routing import Router
+from .sm90_layout import tile_
 from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from .weights import ExpertWeights
 
@@ -62,8 +63,6 @@ class EPMoE(nn.Module):
                                    f"(device {device})")
             self.backend = rt.backend
         if self.backend == "cuda":  # the module owns its weights: re-tiled in place, once
-            from .sm90_layout import tile_
-
             tile_(self.experts)
             if self.shared is not None:
                 tile_(self.shared)

@@ -6,7 +6,7 @@ separate alphas: folding them into the e4m3 block scales would re-round and clip
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -72,10 +72,10 @@ class ExpertWeights:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
 
     def to(self, device: torch.device | str) -> "ExpertWeights":
-        return ExpertWeights(**{k: v.to(device) for k, v in self._tensors().items()}, layout=self.layout)
+        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
 
     def clone(self) -> "ExpertWeights":
-        return ExpertWeights(**{k: v.clone() for k, v in self._tensors().items()}, layout=self.layout)
+        return replace(self, **{k: v.clone() for k, v in self._tensors().items()})
 
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self._tensors().values())
