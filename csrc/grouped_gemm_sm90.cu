@@ -30,10 +30,10 @@
 #include <cuda_bf16.h>
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdio>
 #include <utility>
 
 namespace {
@@ -56,6 +56,8 @@ constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one a
 constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
+// Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
+constexpr int kProducerRegs = 72, kConsumerRegs = 216;
 
 struct GemmArgs {
   const uint8_t* w;        // (E, N, K/2) bytes in the SM90 atom layout
@@ -119,23 +121,22 @@ __device__ __forceinline__ void mma_bf16(float& c0, float& c1, float& c2, float&
 }
 
 // Waits for the phase of parity `parity` of a pipeline barrier. A protocol error must not hang the GPU: after
-// 20 s of waiting the thread reports itself and traps, which the host sees as a launch failure.
-__device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity, const char* what) {
+// 20 s of waiting the thread traps, which the host sees as a launch failure. No printf: it is a function
+// call, and a call anywhere in the kernel makes ptxas serialize every wgmma (C7510).
+__device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity) {
   if (ClusterBarrier::try_wait(bar, parity)) return;
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   while (!ClusterBarrier::try_wait(bar, parity)) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > 20000000000ull) {
-      printf("ep_runtime grouped GEMM: block %d thread %d waited 20 s for a %s stage (parity %u); trapping\n",
-             blockIdx.x, threadIdx.x, what, parity);
-      __trap();
-    }
+    if (now - start > 20000000000ull) __trap();
   }
 }
 
-// The consumer warpgroups' own barrier (the producer never waits on it).
+// The consumer warpgroups' own barrier (the producer never waits on it), and the producer threads'.
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
+template <int kThreads>
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 2, %0;" ::"n"(kThreads) : "memory"); }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
@@ -210,8 +211,8 @@ __device__ __forceinline__ void gmma(const uint32_t (&a)[4], uint64_t desc, floa
 }
 
 // Keeps registers in place across wgmma issue/wait: the compiler may neither reuse nor move them.
-template <int N>
-__device__ __forceinline__ void fence_all(float (&r)[N]) {
+template <typename T, int N>
+__device__ __forceinline__ void fence_all(T (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) cute::warpgroup_fence_operand(r[i]);
 }
@@ -230,29 +231,38 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
 template <int BM, int BN>
 struct Tiles {
   static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
-  // The producer is a whole warpgroup where wgmma needs its consumers warpgroup-aligned, else one warp:
-  // the registers it does not hold let narrow tiles run more CTAs per SM (the decode path is latency-bound).
-  static constexpr int kProducers = kWgmma ? 128 : 32;
-  static constexpr int kThreads = kProducers + kConsumers;
-  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
-  static constexpr int kSmemBudget = 200 * 1024 / kMinBlocks;  // ring + epilogue buffer
-  static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and stage
   static constexpr int kAtoms = BM / kAtomRows;
-  // Which warpgroup consumes what: with wgmma and 128 rows each warpgroup owns one atom of every stage;
-  // otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms, so
-  // per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
-  static constexpr bool kSplitK = !(kWgmma && kAtoms == 2);
-  static constexpr int kWgAtoms = kSplitK ? kAtoms : 1;
+  // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
+  // warpgroup for wgmma tiles, else one warp, whose registers let narrow tiles run more CTAs per SM (decode
+  // is latency-bound). With 256 rows each consumer thread holds 128 accumulators, more than an even split
+  // of the register file gives it, so the producer warpgroup hands most of its registers over (setmaxnreg).
+  static constexpr int kProducers = kWgmma ? 128 : 32;
+  static constexpr bool kRegSplit = BM == 256;
+  static constexpr int kThreads = kConsumers + kProducers;
+  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
+  // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
+  static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 200) * 1024 / kMinBlocks;
+  static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and stage
+  // Which warpgroup consumes what: with wgmma and 128 or 256 rows each warpgroup owns half the atoms of every
+  // stage; otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms,
+  // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
+  static constexpr bool kSplitK = !(kWgmma && kAtoms >= 2);
+  static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
   static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
   static constexpr int kActBytes = BN * kBK * 2;
   static constexpr int kWeightBytes = kAtoms * kAtomBytes;
   static constexpr int kScaleBytes = kAtoms * kAtomScaleBytes;
   static constexpr int kStageBytes = kActBytes + kWeightBytes + kScaleBytes;
+  // The epilogue goes through shared memory in parts of kEpiSlots slots: a whole 256-row tile would crowd
+  // the ring out, so those go in two halves (the first half's accumulators die before its epilogue runs).
+  static constexpr int kEpiSlots = BM == 256 ? BN / 2 : BN;
+  static constexpr int kEpiParts = BN / kEpiSlots;
   static constexpr int kEpiStride = BM + 4;  // floats; +4 keeps the fragment stores conflict-free
-  static constexpr int kEpiBytes = BN * kEpiStride * 4;
+  static constexpr int kEpiBytes = kEpiSlots * kEpiStride * 4;
   static constexpr int kStages = std::min(24, (kSmemBudget - kEpiBytes) / kStageBytes);
   static constexpr int kRingBytes = kStages * kStageBytes;
-  static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
+  static constexpr int kRowsOffset = kRingBytes + kEpiBytes;  // the tile's activation rows, [BN] ints
+  static constexpr int kBarrierOffset = kRowsOffset + BN * 4;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
   static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
 };
@@ -273,34 +283,31 @@ __device__ __forceinline__ Tile decode_tile(const GemmArgs& a, const int* tile_s
 }
 
 template <int BM, int BN>
-__device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, int total, uint8_t* smem,
-                                       uint64_t* full, uint64_t* empty) {
+__device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
   uint8_t* act_ring = smem;
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
-  const int tid = threadIdx.x;
+  int* rows = reinterpret_cast<int*>(smem + TL::kRowsOffset);
+  const int tid = threadIdx.x - kConsumers;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
-    // Each thread copies 16-byte piece c of slot rows n = id / 8 into the swizzled position of its stage.
-    const __nv_bfloat16* src[TL::kCopies];
-    uint32_t dst[TL::kCopies];
-#pragma unroll
-    for (int j = 0; j < TL::kCopies; ++j) {
-      const int id = tid + TL::kProducers * j, n = id >> 3, c = id & 7;
-      int row = -1;
-      if (n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
-      src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
-      dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
-    }
+    // The tile's activation row of each slot (-1 past its slots: zero-filled), in shared memory rather than
+    // registers: the producer of 256-row tiles runs on few of them.
+    producer_sync<TL::kProducers>();  // every producer thread is done with the previous tile's rows
+    for (int n = tid; n < BN; n += TL::kProducers)
+      rows[n] = n >= tl.nvalid ? -1 : is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
+    producer_sync<TL::kProducers>();
     const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
     for (int c = 0; c < nchunks; ++c, ++q) {
       const int s = q % TL::kStages;
-      if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1, "released");
+      if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
       if (tid == 0) {
         ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], TL::kWeightBytes + TL::kScaleBytes);
 #pragma unroll
@@ -313,8 +320,12 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
       uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
-      for (int j = 0; j < TL::kCopies; ++j)
-        cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
+      for (int j = 0; j < TL::kCopies; ++j) {
+        // 16-byte piece id % 8 of slot n = id / 8, into its 128B-swizzled position
+        const int id = tid + TL::kProducers * j, n = id >> 3, piece = id & 7, row = rows[n];
+        const __nv_bfloat16* src = a.act + (static_cast<size_t>(max(row, 0)) * a.k + c * kBK + 8 * piece);
+        cp_async16(act_stage + n * 128 + ((piece ^ (n & 7)) << 4), src, row >= 0 ? 16 : 0);
+      }
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
   }
@@ -322,14 +333,15 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
 }
 
 template <int BM, int BN>
-__device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start, int total, uint8_t* smem,
-                                        uint64_t* full, uint64_t* empty) {
+__device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
   const uint8_t* act_ring = smem;
   const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   const uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
-  const int ctid = threadIdx.x - TL::kProducers, lane = ctid & 31;
+  const int ctid = threadIdx.x, lane = ctid & 31;
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
@@ -346,40 +358,30 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     // a stale phase (or, not gating the producer, fall two fills behind and wait forever).
     for (int c = 0; c < nchunks; ++c) {
       const int qs = q + c, s = qs % TL::kStages;
-      wait_phase(&full[s], (qs / TL::kStages) & 1, "filled");
+      wait_phase(&full[s], (qs / TL::kStages) & 1);
       if (TL::kSplitK && (c & 1) != wg) {
         __syncwarp();
         if (lane == 0) ClusterBarrier::arrive(&empty[s]);
         continue;
       }
       const uint8_t* act_stage = act_ring + s * TL::kActBytes;
+      // The warpgroup's atoms of this stage, dequantized: af[i][st] is atom i's A fragment of k16 step st.
+      // wgmma needs them all before it is issued; HMMA consumes each atom's right away.
+      uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
 #pragma unroll
-      for (int i = 0; i < TL::kWgAtoms; ++i) {
-        const int atom = TL::kSplitK ? i : wg;
+      for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
+        const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
         const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
         const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
-        uint32_t af[4][4];
-        dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[0]);
-        dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[1]);
-        dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[2]);
-        dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[3]);
-        float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + i * (BN / 2));
-        if constexpr (TL::kWgmma) {
-          // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
-          cutlass::arch::fence_view_async_shared();
-          const uint32_t act_addr = smem_u32(act_stage);
-          fence_all(acc_i);
-          cute::warpgroup_arrive();
-#pragma unroll
-          for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc_i);
-          cute::warpgroup_commit_batch();
-          // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
-          cute::warpgroup_wait<0>();
-          fence_all(acc_i);
-        } else {
+        dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[i][0]);
+        dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[i][1]);
+        dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[i][2]);
+        dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[i][3]);
+        if constexpr (!TL::kWgmma) {
           // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
           // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
           // chunk (2st [+1]) ^ g.
+          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
 #pragma unroll
           for (int j = 0; j < BN / 8; ++j) {
             const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
@@ -387,10 +389,30 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
             for (int st = 0; st < 4; ++st) {
               const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
               const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-              mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[st], b0, b1);
+              mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[i][st], b0, b1);
             }
           }
         }
+      }
+      if constexpr (TL::kWgmma) {
+        // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
+        cutlass::arch::fence_view_async_shared();
+        const uint32_t act_addr = smem_u32(act_stage);
+        // Pin the fragments before the first wgmma: left free, the compiler sinks each step's dequantization
+        // between the wgmmas, and ptxas then waits for every wgmma before redefining its A registers.
+        fence_all(reinterpret_cast<uint32_t(&)[TL::kWgAtoms * 16]>(af));
+        fence_all(acc);
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int i = 0; i < TL::kWgAtoms; ++i) {
+          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + i * (BN / 2));
+#pragma unroll
+          for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
+        }
+        cute::warpgroup_commit_batch();
+        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
+        cute::warpgroup_wait<0>();
+        fence_all(acc);
       }
       __syncwarp();
       if (lane == 0) ClusterBarrier::arrive(&empty[s]);
@@ -398,15 +420,16 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     q += nchunks;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
-    // each 8). Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
-    auto store_acc = [&](bool add) {
+    // each 8), one part of kEpiSlots slots at a time. Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
+    auto store_acc = [&](int part, bool add) {
 #pragma unroll
       for (int i = 0; i < TL::kWgAtoms; ++i) {
-        const int row = (TL::kSplitK ? i : wg) * kAtomRows + cw * 16 + g;
+        const int row = (TL::kSplitK ? i : wg * TL::kWgAtoms + i) * kAtomRows + cw * 16 + g;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
+          if (8 * j / TL::kEpiSlots != part) continue;
           const float* v = acc + i * (BN / 2) + 4 * j;
-          float* p0 = epi + (8 * j + 2 * t) * TL::kEpiStride + row;
+          float* p0 = epi + (8 * j - part * TL::kEpiSlots + 2 * t) * TL::kEpiStride + row;
           float* p1 = p0 + TL::kEpiStride;
           if (add) {
             p0[0] += v[0], p1[0] += v[1], p0[8] += v[2], p1[8] += v[3];
@@ -416,84 +439,89 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         }
       }
     };
-    consumer_sync();  // the previous tile's epilogue is done reading epi
-    if (!TL::kSplitK || wg == 0) store_acc(false);
-    if (TL::kSplitK) {
-      consumer_sync();
-      if (wg == 1) store_acc(true);
-    }
-    consumer_sync();
 
-    const int e = tl.e, nvalid = tl.nvalid, slot0 = tl.slot0;
-    if (!is_l1) {
-      const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
-      for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
-        const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
-        const float* src = epi + n * TL::kEpiStride + c;
-        float4 v;
-        v.x = __fmul_rn(__fmul_rn(src[0], kDequantShift), alpha);
-        v.y = __fmul_rn(__fmul_rn(src[1], kDequantShift), alpha);
-        v.z = __fmul_rn(__fmul_rn(src[2], kDequantShift), alpha);
-        v.w = __fmul_rn(__fmul_rn(src[3], kDequantShift), alpha);
-        *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) = v;
-      }
-      continue;
-    }
-
-    // L1: tile column c (intermediate j0 + c) has its gate in row 64 * (c / 32) + c % 32 and its up 32 below.
+    const int e = tl.e;
     constexpr int HALF = BM / 2;
-    const float x_gs = a.act_gs ? a.act_gs[0] : 1.f;
-    const float alpha_g = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e], x_gs) : a.w_alpha[2 * e];
-    const float alpha_u = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e + 1], x_gs) : a.w_alpha[2 * e + 1];
-    auto gate_up = [&](int n, int c, float& gate, float& up) {
-      const float* p = epi + n * TL::kEpiStride + (c >> 5) * kAtomRows + (c & 31);
-      gate = __fmul_rn(__fmul_rn(p[0], kDequantShift), alpha_g);
-      up = __fmul_rn(__fmul_rn(p[32], kDequantShift), alpha_u);
-    };
-    const int j0 = tl.nt * HALF;  // first intermediate column of this tile
+    for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
+      consumer_sync();  // the previous part's (or tile's) epilogue is done reading epi
+      if (!TL::kSplitK || wg == 0) store_acc(part, false);
+      if (TL::kSplitK) {
+        consumer_sync();
+        if (wg == 1) store_acc(part, true);
+      }
+      consumer_sync();
+      const int slot0 = tl.slot0 + part * TL::kEpiSlots;
+      const int nvalid = min(TL::kEpiSlots, tl.nvalid - part * TL::kEpiSlots);
 
-    if (a.epilogue == kGateUp) {
-      for (int idx = ctid; idx < nvalid * HALF; idx += kConsumers) {
-        const int n = idx / HALF, c = idx % HALF;
-        float gate, up;
-        gate_up(n, c, gate, up);
-        float* row = a.out_f32 + static_cast<size_t>(slot0 + n) * (2 * a.inter);
-        row[j0 + c] = gate;
-        row[a.inter + j0 + c] = up;
-      }
-    } else if (a.epilogue == kHNvfp4) {
-      const float gs = a.h_gs[e];
-      for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
-        const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
-        float h[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          float gate, up;
-          gate_up(n, c + i, gate, up);
-          h[i] = swiglu(gate, up, a.swiglu_limit);
+      if (!is_l1) {
+        const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
+        for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
+          const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
+          const float* src = epi + n * TL::kEpiStride + c;
+          float4 v;
+          v.x = __fmul_rn(__fmul_rn(src[0], kDequantShift), alpha);
+          v.y = __fmul_rn(__fmul_rn(src[1], kDequantShift), alpha);
+          v.z = __fmul_rn(__fmul_rn(src[2], kDequantShift), alpha);
+          v.w = __fmul_rn(__fmul_rn(src[3], kDequantShift), alpha);
+          *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) = v;
         }
-        const size_t s = slot0 + n;
-        quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2,
-                         a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
-                         a.h_bf16 + s * a.inter + j0 + c);
+        continue;
       }
-    } else {
-      for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
-        const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
-        float h[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
+
+      // L1: tile column c (intermediate j0 + c) has its gate in row 64 * (c / 32) + c % 32 and its up 32 below.
+      const float x_gs = a.act_gs ? a.act_gs[0] : 1.f;
+      const float alpha_g = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e], x_gs) : a.w_alpha[2 * e];
+      const float alpha_u = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e + 1], x_gs) : a.w_alpha[2 * e + 1];
+      auto gate_up = [&](int n, int c, float& gate, float& up) {
+        const float* p = epi + n * TL::kEpiStride + (c >> 5) * kAtomRows + (c & 31);
+        gate = __fmul_rn(__fmul_rn(p[0], kDequantShift), alpha_g);
+        up = __fmul_rn(__fmul_rn(p[32], kDequantShift), alpha_u);
+      };
+      const int j0 = tl.nt * HALF;  // first intermediate column of this tile
+
+      if (a.epilogue == kGateUp) {
+        for (int idx = ctid; idx < nvalid * HALF; idx += kConsumers) {
+          const int n = idx / HALF, c = idx % HALF;
           float gate, up;
-          gate_up(n, c + i, gate, up);
-          h[i] = swiglu(gate, up, a.swiglu_limit);
+          gate_up(n, c, gate, up);
+          float* row = a.out_f32 + static_cast<size_t>(slot0 + n) * (2 * a.inter);
+          row[j0 + c] = gate;
+          row[a.inter + j0 + c] = up;
         }
-        const size_t off = static_cast<size_t>(slot0 + n) * a.inter + j0 + c;
-        if (a.epilogue == kHF32) {
-          *reinterpret_cast<float4*>(a.out_f32 + off) = make_float4(h[0], h[1], h[2], h[3]);
-        } else {
-          __nv_bfloat162 lo = __floats2bfloat162_rn(h[0], h[1]), hi = __floats2bfloat162_rn(h[2], h[3]);
-          *reinterpret_cast<uint2*>(a.h_bf16 + off) =
-              make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+      } else if (a.epilogue == kHNvfp4) {
+        const float gs = a.h_gs[e];
+        for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
+          const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
+          float h[16];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            float gate, up;
+            gate_up(n, c + i, gate, up);
+            h[i] = swiglu(gate, up, a.swiglu_limit);
+          }
+          const size_t s = slot0 + n;
+          quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2,
+                           a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
+                           a.h_bf16 + s * a.inter + j0 + c);
+        }
+      } else {
+        for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
+          const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
+          float h[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            float gate, up;
+            gate_up(n, c + i, gate, up);
+            h[i] = swiglu(gate, up, a.swiglu_limit);
+          }
+          const size_t off = static_cast<size_t>(slot0 + n) * a.inter + j0 + c;
+          if (a.epilogue == kHF32) {
+            *reinterpret_cast<float4*>(a.out_f32 + off) = make_float4(h[0], h[1], h[2], h[3]);
+          } else {
+            __nv_bfloat162 lo = __floats2bfloat162_rn(h[0], h[1]), hi = __floats2bfloat162_rn(h[2], h[3]);
+            *reinterpret_cast<uint2*>(a.h_bf16 + off) =
+                make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+          }
         }
       }
     }
@@ -525,9 +553,13 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
-  const int total = tile_start[a.num_experts];
-  if (tid < TL::kProducers) produce<BM, BN>(a, tile_start, total, smem, full, empty);
-  else consume<BM, BN>(a, tile_start, total, smem, full, empty);
+  if (tid >= kConsumers) {
+    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    produce<BM, BN>(a, tile_start, smem, full, empty);
+  } else {
+    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    consume<BM, BN>(a, tile_start, smem, full, empty);
+  }
 }
 // Per-expert amax of h (fp32 (S, I)): one warp per slot row; max is exact, so atomics stay deterministic.
 __global__ void h_amax_kernel(const float* __restrict__ h, const int* __restrict__ offsets, int num_experts, int inter,
@@ -625,18 +657,24 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 }
 
 // Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
-// few active experts still spread over every SM (sparse decode). block_m 0 picks 128 unless even every
-// expert being active could not fill the GPU four times over with 128-row tiles.
+// few active experts still spread over every SM (sparse decode); 256 (wgmma slot tiles only) halves the
+// activation bytes each weight row costs, which bound prefill on L2 bandwidth. block_m 0 picks the largest
+// for which even every expert being active fills the GPU four times over.
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
-  const bool rows128_ok = a.n_rows % 128 == 0;
+  auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || Tiles<256, BN>::kWgmma); };
   if (block_m == 0) {
     const long active_bound = std::min(a.num_experts, std::max(max_slots, 1));
-    block_m = rows128_ok && active_bound * (a.n_rows / 128) >= 4L * num_sms() ? 128 : 64;
+    auto fills = [&](int bm) { return fits(bm) && active_bound * (a.n_rows / bm) >= 4L * num_sms(); };
+    block_m = fills(256) ? 256 : fills(128) ? 128 : 64;
   }
-  EP_REQUIRE(block_m == 64 || (block_m == 128 && rows128_ok),
-             "grouped gemm: block_m must be 0, 64 or 128 (128 needs the row count to be a multiple of 128), got " +
-                 std::to_string(block_m));
+  EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
+             "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
+             "of 256, block_n >= 64), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
+                 " rows and block_n " + std::to_string(BN));
+  if constexpr (Tiles<256, BN>::kWgmma) {
+    if (block_m == 256) return launch_gemm<256, BN>(a, max_slots, stream);
+  }
   if (block_m == 128) launch_gemm<128, BN>(a, max_slots, stream);
   else launch_gemm<64, BN>(a, max_slots, stream);
 }

@@ -156,9 +156,23 @@ def test_requant_rejects_mismatched_rows():
                             torch.zeros(E))
 
 
+def l2_with_tiles(hidden: int, block_n: int, block_m: int) -> None:
+    ops.grouped_l2(torch.zeros(E, hidden, I // 2, dtype=torch.uint8),
+                   torch.zeros(E, hidden, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),
+                   torch.zeros(10, I, dtype=torch.bfloat16), None, torch.zeros(E + 1, dtype=torch.int32),
+                   torch.zeros(10, hidden), block_n=block_n, block_m=block_m)
+
+
 def test_l2_rejects_128_row_tiles_when_hidden_is_not_a_multiple_of_128():
-    with pytest.raises(ValueError, match="block_m: expected one of .* here 192\\), got 128"):
-        ops.grouped_l2(torch.zeros(E, 192, I // 2, dtype=torch.uint8),
-                       torch.zeros(E, 192, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),
-                       torch.zeros(10, I, dtype=torch.bfloat16), None, torch.zeros(E + 1, dtype=torch.int32),
-                       torch.zeros(10, 192), block_m=128)
+    with pytest.raises(ValueError, match="block_m: .* divides the weight row count 192; .*got 128 with block_n 8"):
+        l2_with_tiles(192, 8, 128)
+
+
+def test_l2_rejects_256_row_tiles_when_hidden_is_not_a_multiple_of_256():
+    with pytest.raises(ValueError, match="block_m: .* divides the weight row count 384; .*got 256 with block_n 64"):
+        l2_with_tiles(384, 64, 256)
+
+
+def test_l2_rejects_256_row_tiles_for_hmma_slot_tiles():
+    with pytest.raises(ValueError, match="block_m: .*256 only with block_n >= 64\), got 256 with block_n 32"):
+        l2_with_tiles(512, 32, 256)
