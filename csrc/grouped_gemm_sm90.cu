@@ -366,8 +366,11 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
       const uint8_t* act_stage = act_ring + s * TL::kActBytes;
       // The warpgroup's atoms of this stage, dequantized: af[i][st] is atom i's A fragment of k16 step st.
-      // wgmma needs them all before it is issued; HMMA consumes each atom's right away.
+      // wgmma: each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
+      // dequantization overlaps them (its fragments live in other registers); all drain at the stage's end.
+      // HMMA consumes each atom's fragments right away.
       uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
+      if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
 #pragma unroll
       for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
         const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
@@ -377,11 +380,20 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[i][1]);
         dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[i][2]);
         dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[i][3]);
-        if constexpr (!TL::kWgmma) {
+        float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
+        if constexpr (TL::kWgmma) {
+          const uint32_t act_addr = smem_u32(act_stage);
+          // Pinned: the fragments are complete before the wgmmas that read them are issued.
+          fence_all(reinterpret_cast<uint32_t(&)[16]>(af[i]));
+          fence_all(acc_i);
+          cute::warpgroup_arrive();
+#pragma unroll
+          for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
+          cute::warpgroup_commit_batch();
+        } else {
           // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
           // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
           // chunk (2st [+1]) ^ g.
-          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
 #pragma unroll
           for (int j = 0; j < BN / 8; ++j) {
             const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
@@ -395,22 +407,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         }
       }
       if constexpr (TL::kWgmma) {
-        // The activations arrived through cp.async (generic proxy); wgmma reads them through the async proxy.
-        cutlass::arch::fence_view_async_shared();
-        const uint32_t act_addr = smem_u32(act_stage);
-        // Pin the fragments before the first wgmma: left free, the compiler sinks each step's dequantization
-        // between the wgmmas, and ptxas then waits for every wgmma before redefining its A registers.
-        fence_all(reinterpret_cast<uint32_t(&)[TL::kWgAtoms * 16]>(af));
-        fence_all(acc);
-        cute::warpgroup_arrive();
-#pragma unroll
-        for (int i = 0; i < TL::kWgAtoms; ++i) {
-          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + i * (BN / 2));
-#pragma unroll
-          for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
-        }
-        cute::warpgroup_commit_batch();
-        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma.
+        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
         cute::warpgroup_wait<0>();
         fence_all(acc);
       }
