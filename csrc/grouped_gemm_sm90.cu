@@ -133,10 +133,8 @@ __device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity) {
   }
 }
 
-// The consumer warpgroups' own barrier (the producer never waits on it), and the producer threads'.
+// The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
-template <int kThreads>
-__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 2, %0;" ::"n"(kThreads) : "memory"); }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   uint32_t d;
@@ -261,8 +259,7 @@ struct Tiles {
   static constexpr int kEpiBytes = kEpiSlots * kEpiStride * 4;
   static constexpr int kStages = std::min(24, (kSmemBudget - kEpiBytes) / kStageBytes);
   static constexpr int kRingBytes = kStages * kStageBytes;
-  static constexpr int kRowsOffset = kRingBytes + kEpiBytes;  // the tile's activation rows, [BN] ints
-  static constexpr int kBarrierOffset = kRowsOffset + BN * 4;
+  static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
   static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
 };
@@ -290,19 +287,25 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   uint8_t* act_ring = smem;
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
-  int* rows = reinterpret_cast<int*>(smem + TL::kRowsOffset);
   const int tid = threadIdx.x - kConsumers;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
-    // The tile's activation row of each slot (-1 past its slots: zero-filled), in shared memory rather than
-    // registers: the producer of 256-row tiles runs on few of them.
-    producer_sync<TL::kProducers>();  // every producer thread is done with the previous tile's rows
-    for (int n = tid; n < BN; n += TL::kProducers)
-      rows[n] = n >= tl.nvalid ? -1 : is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
-    producer_sync<TL::kProducers>();
+    // Each thread copies 16-byte piece c of slot rows n = id / 8 into the swizzled position of its stage;
+    // rows past the tile's slots are zero-filled. The addresses are made once per tile: on the decode path
+    // the producer warp shares its scheduler with consumers, so its instructions per stage count.
+    const __nv_bfloat16* src[TL::kCopies];
+    uint32_t dst[TL::kCopies];
+#pragma unroll
+    for (int j = 0; j < TL::kCopies; ++j) {
+      const int id = tid + TL::kProducers * j, n = id >> 3, c = id & 7;
+      int row = -1;
+      if (n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
+      src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
+      dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
+    }
     const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
     for (int c = 0; c < nchunks; ++c, ++q) {
@@ -320,12 +323,8 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
       uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
-      for (int j = 0; j < TL::kCopies; ++j) {
-        // 16-byte piece id % 8 of slot n = id / 8, into its 128B-swizzled position
-        const int id = tid + TL::kProducers * j, n = id >> 3, piece = id & 7, row = rows[n];
-        const __nv_bfloat16* src = a.act + (static_cast<size_t>(max(row, 0)) * a.k + c * kBK + 8 * piece);
-        cp_async16(act_stage + n * 128 + ((piece ^ (n & 7)) << 4), src, row >= 0 ? 16 : 0);
-      }
+      for (int j = 0; j < TL::kCopies; ++j)
+        cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
   }
