@@ -240,16 +240,21 @@ struct Tiles {
   static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 200) * 1024 / kMinBlocks;
-  static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and stage
+  static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
+  // K chunks (of kBK) per stage. HMMA tiles take two: their per-stage costs (barrier waits, bulk-copy issue,
+  // ring arithmetic) are a large share of the decode path's instructions, and the producer warp's share all
+  // lands on one scheduler.
+  static constexpr int kChunks = kWgmma ? 1 : 2;
   // Which warpgroup consumes what: with wgmma and 128 or 256 rows each warpgroup owns half the atoms of every
   // stage; otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms,
   // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
   static constexpr bool kSplitK = !(kWgmma && kAtoms >= 2);
   static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
   static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
-  static constexpr int kActBytes = BN * kBK * 2;
-  static constexpr int kWeightBytes = kAtoms * kAtomBytes;
-  static constexpr int kScaleBytes = kAtoms * kAtomScaleBytes;
+  static constexpr int kChunkActBytes = BN * kBK * 2;  // a multiple of 1024, as the 128B swizzle needs
+  static constexpr int kActBytes = kChunks * kChunkActBytes;
+  static constexpr int kWeightBytes = kAtoms * kChunks * kAtomBytes;  // [atom][chunk]
+  static constexpr int kScaleBytes = kAtoms * kChunks * kAtomScaleBytes;
   static constexpr int kStageBytes = kActBytes + kWeightBytes + kScaleBytes;
   // The epilogue goes through shared memory in parts of kEpiSlots slots: a whole 256-row tile would crowd
   // the ring out, so those go in two halves (the first half's accumulators die before its epilogue runs).
@@ -308,23 +313,29 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     }
     const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
-    for (int c = 0; c < nchunks; ++c, ++q) {
-      const int s = q % TL::kStages;
+    for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
+      const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
       if (tid == 0) {
-        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], TL::kWeightBytes + TL::kScaleBytes);
+        // An atom's consecutive K chunks are adjacent in the layout: one copy each for codes and scales.
+        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], nch * TL::kAtoms * (kAtomBytes + kAtomScaleBytes));
 #pragma unroll
         for (int i = 0; i < TL::kAtoms; ++i) {
-          const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c;
-          bulk_copy(w_ring + s * TL::kWeightBytes + i * kAtomBytes, a.w + atom * kAtomBytes, kAtomBytes, &full[s]);
-          bulk_copy(s_ring + s * TL::kScaleBytes + i * kAtomScaleBytes, a.w_scale + atom * kAtomScaleBytes,
-                    kAtomScaleBytes, &full[s]);
+          const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c0;
+          bulk_copy(w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes, a.w + atom * kAtomBytes,
+                    nch * kAtomBytes, &full[s]);
+          bulk_copy(s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
+                    a.w_scale + atom * kAtomScaleBytes, nch * kAtomScaleBytes, &full[s]);
         }
       }
-      uint8_t* act_stage = act_ring + s * TL::kActBytes;
 #pragma unroll
-      for (int j = 0; j < TL::kCopies; ++j)
-        cp_async16(act_stage + dst[j], src[j] ? src[j] + c * kBK : a.act, src[j] ? 16 : 0);
+      for (int cc = 0; cc < TL::kChunks; ++cc) {
+        if (cc == nch) break;
+        uint8_t* act_chunk = act_ring + s * TL::kActBytes + cc * TL::kChunkActBytes;
+#pragma unroll
+        for (int j = 0; j < TL::kCopies; ++j)
+          cp_async16(act_chunk + dst[j], src[j] ? src[j] + (c0 + cc) * kBK : a.act, src[j] ? 16 : 0);
+      }
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
   }
@@ -351,69 +362,75 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
 #pragma unroll
     for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
 
-    // Split K: warpgroup w computes the tile's chunks c = w mod 2, so the summation order depends on the tile
+    // Split K: warpgroup w computes the tile's stages sc = w mod 2, so the summation order depends on the tile
     // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
     // wait cannot tell a phase from the one two fills later, so a warpgroup that skipped stages could pass on
     // a stale phase (or, not gating the producer, fall two fills behind and wait forever).
-    for (int c = 0; c < nchunks; ++c) {
-      const int qs = q + c, s = qs % TL::kStages;
+    const int nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
+    for (int sc = 0; sc < nstages; ++sc) {
+      const int qs = q + sc, s = qs % TL::kStages;
       wait_phase(&full[s], (qs / TL::kStages) & 1);
-      if (TL::kSplitK && (c & 1) != wg) {
+      if (TL::kSplitK && (sc & 1) != wg) {
         __syncwarp();
         if (lane == 0) ClusterBarrier::arrive(&empty[s]);
         continue;
       }
-      const uint8_t* act_stage = act_ring + s * TL::kActBytes;
-      // The warpgroup's atoms of this stage, dequantized: af[i][st] is atom i's A fragment of k16 step st.
-      // wgmma: each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
-      // dequantization overlaps them (its fragments live in other registers); all drain at the stage's end.
-      // HMMA consumes each atom's fragments right away.
-      uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
-      if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
+#pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
+      for (int cc = 0; cc < TL::kChunks; ++cc) {
+        if (sc * TL::kChunks + cc == nchunks) break;
+        const uint8_t* act_stage = act_ring + s * TL::kActBytes + cc * TL::kChunkActBytes;
+        // The warpgroup's atoms of this chunk, dequantized: af[i][st] is atom i's A fragment of k16 step st.
+        // wgmma: each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
+        // dequantization overlaps them (its fragments live in other registers); all drain at the stage's end.
+        // HMMA consumes each atom's fragments right away.
+        uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
+        if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
 #pragma unroll
-      for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
-        const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
-        const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + atom * kAtomBytes + cw * 512 + lane * 16);
-        const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + atom * kAtomScaleBytes + cw * 64 + g * 8);
-        dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[i][0]);
-        dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[i][1]);
-        dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[i][2]);
-        dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[i][3]);
-        float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
-        if constexpr (TL::kWgmma) {
-          const uint32_t act_addr = smem_u32(act_stage);
-          // Pinned: the fragments are complete before the wgmmas that read them are issued.
-          fence_all(reinterpret_cast<uint32_t(&)[16]>(af[i]));
-          fence_all(acc_i);
-          cute::warpgroup_arrive();
+        for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
+          const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
+          const int w_idx = atom * TL::kChunks + cc;  // in the stage's [atom][chunk] weights
+          const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + w_idx * kAtomBytes + cw * 512 + lane * 16);
+          const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + w_idx * kAtomScaleBytes + cw * 64 + g * 8);
+          dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[i][0]);
+          dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[i][1]);
+          dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[i][2]);
+          dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[i][3]);
+          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
+          if constexpr (TL::kWgmma) {
+            const uint32_t act_addr = smem_u32(act_stage);
+            // Pinned: the fragments are complete before the wgmmas that read them are issued.
+            fence_all(reinterpret_cast<uint32_t(&)[16]>(af[i]));
+            fence_all(acc_i);
+            cute::warpgroup_arrive();
 #pragma unroll
-          for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
-          cute::warpgroup_commit_batch();
-        } else {
-          // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
-          // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
-          // chunk (2st [+1]) ^ g.
+            for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
+            cute::warpgroup_commit_batch();
+          } else {
+            // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
+            // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
+            // chunk (2st [+1]) ^ g.
 #pragma unroll
-          for (int j = 0; j < BN / 8; ++j) {
-            const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+            for (int j = 0; j < BN / 8; ++j) {
+              const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
 #pragma unroll
-            for (int st = 0; st < 4; ++st) {
-              const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
-              const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-              mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[i][st], b0, b1);
+              for (int st = 0; st < 4; ++st) {
+                const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
+                const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
+                mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[i][st], b0, b1);
+              }
             }
           }
         }
-      }
-      if constexpr (TL::kWgmma) {
-        // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
-        cute::warpgroup_wait<0>();
-        fence_all(acc);
+        if constexpr (TL::kWgmma) {
+          // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
+          cute::warpgroup_wait<0>();
+          fence_all(acc);
+        }
       }
       __syncwarp();
       if (lane == 0) ClusterBarrier::arrive(&empty[s]);
     }
-    q += nchunks;
+    q += nstages;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
     // each 8), one part of kEpiSlots slots at a time. Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
