@@ -111,6 +111,15 @@ __device__ __forceinline__ uint32_t lds32(const void* p) {
   return v;
 }
 
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m, which lands in the m-th word.
+__device__ __forceinline__ uint4 ldsm_x4(const void* p) {
+  uint4 v;
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_u32(p)));
+  return v;
+}
+
 __device__ __forceinline__ void mma_bf16(float& c0, float& c1, float& c2, float& c3, const uint32_t (&a)[4],
                                          uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -406,17 +415,31 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
             for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
             cute::warpgroup_commit_batch();
           } else {
-            // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's);
-            // B comes straight from the swizzled stage, conflict-free: lane (g, t) reads slot g, k 2t.. of
-            // chunk (2st [+1]) ^ g.
+            // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's),
+            // B straight from the swizzled stage, conflict-free either way.
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
-              const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+              float* d = acc_i + 4 * j;
+              if constexpr (BN <= 16) {
+                // One ldmatrix.x4 gives (b0, b1) of k16 steps 2sp and 2sp+1: lane L points at slot 8j + L % 8,
+                // 16-byte piece (4 sp + L / 8) ^ (L % 8).
+                const uint8_t* row = act_stage + (8 * j + (lane & 7)) * 128;
 #pragma unroll
-              for (int st = 0; st < 4; ++st) {
-                const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
-                const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-                mma_bf16(acc_i[4 * j], acc_i[4 * j + 1], acc_i[4 * j + 2], acc_i[4 * j + 3], af[i][st], b0, b1);
+                for (int sp = 0; sp < 2; ++sp) {
+                  const uint4 b = ldsm_x4(row + (((4 * sp + (lane >> 3)) ^ (lane & 7)) << 4));
+                  mma_bf16(d[0], d[1], d[2], d[3], af[i][2 * sp], b.x, b.y);
+                  mma_bf16(d[0], d[1], d[2], d[3], af[i][2 * sp + 1], b.z, b.w);
+                }
+              } else {
+                // 32-slot tiles already use every register that two CTAs per SM leave them: 32-bit loads, each
+                // live briefly. Lane (g, t) reads slot 8j + g, k 2t.. of piece (2 st [+1]) ^ g.
+                const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
+#pragma unroll
+                for (int st = 0; st < 4; ++st) {
+                  const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
+                  const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
+                  mma_bf16(d[0], d[1], d[2], d[3], af[i][st], b0, b1);
+                }
               }
             }
           }
