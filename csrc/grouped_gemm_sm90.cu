@@ -33,6 +33,8 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <utility>
 
@@ -56,6 +58,7 @@ constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one a
 constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
+constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
 
@@ -248,7 +251,8 @@ struct Tiles {
   static constexpr int kThreads = kConsumers + kProducers;
   static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
-  static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 200) * 1024 / kMinBlocks;
+  // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
+  static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
   static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
   // K chunks (of kBK) per stage. HMMA tiles take two: their per-stage costs (barrier waits, bulk-copy issue,
   // ring arithmetic) are a large share of the decode path's instructions, and the producer warp's share all
@@ -678,12 +682,22 @@ template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   using TL = Tiles<BM, BN>;
   auto kernel = grouped_gemm_kernel<BM, BN>;
-  static const int per_sm = [&] {
-    EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(1024)));
-    int blocks = 0;
-    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, TL::kThreads, TL::smem_bytes(1024)));
-    return std::max(blocks, 1);
+  static const bool configured = [&] {
+    EP_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(kMaxExperts)));
+    return true;
   }();
+  (void)configured;
+  // CTAs per SM: the per-expert tile prefix shares the CTA's shared memory, so it depends on the expert count
+  // (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand).
+  static std::array<std::atomic<int>, kMaxExperts + 1> per_sm_by_experts{};  // 0: not asked yet
+  int per_sm = per_sm_by_experts[a.num_experts].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, TL::kThreads,
+                                                                TL::smem_bytes(a.num_experts)));
+    per_sm = std::max(per_sm, 1);
+    per_sm_by_experts[a.num_experts].store(per_sm, std::memory_order_relaxed);
+  }
   // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
   const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(num_sms()) * per_sm));
@@ -728,8 +742,9 @@ void dispatch(const GemmArgs& a, int max_slots, int block_n, int block_m, cudaSt
 }
 
 void check_shape(int num_experts, int k, const char* what) {
-  EP_REQUIRE(num_experts >= 1 && num_experts <= 1024,
-             std::string(what) + ": num_experts must be in [1, 1024], got " + std::to_string(num_experts));
+  EP_REQUIRE(num_experts >= 1 && num_experts <= kMaxExperts,
+             std::string(what) + ": num_experts must be in [1, " + std::to_string(kMaxExperts) + "], got " +
+                 std::to_string(num_experts));
   EP_REQUIRE(k > 0 && k % 64 == 0, std::string(what) + ": K must be a positive multiple of 64, got " + std::to_string(k));
 }
 
