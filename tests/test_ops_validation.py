@@ -174,5 +174,5 @@ def test_l2_rejects_256_row_tiles_when_hidden_is_not_a_multiple_of_256():
 
 
 def test_l2_rejects_256_row_tiles_for_hmma_slot_tiles():
-    with pytest.raises(ValueError, match="block_m: .*256 only with block_n >= 64\), got 256 with block_n 32"):
+    with pytest.raises(ValueError, match=r"block_m: .*256 only with block_n >= 64\), got 256 with block_n 32"):
         l2_with_tiles(512, 32, 256)
