@@ -13,10 +13,14 @@
 //   is its value * 2^-126, and one bf16x2 multiply by sf * 2^118 gives decode * sf * 2^-8 (<= 6 significant
 //   bits); the epilogue multiplies by 2^8. Scales are stored pre-encoded as bf16 exponent/mantissa bytes.
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
-// - Warp-specialized: a producer (warpgroup, or one warp for HMMA tiles) fills a ring of stages (weights by
-//   bulk copy, the slots' activation rows by cp.async, gathered through slot_pair for L1); two consumer
-//   warpgroups dequantize and multiply. With wgmma and 128-row tiles each consumer owns 64 rows; otherwise
-//   they split K by alternate stages and add their partial sums in the epilogue.
+// - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
+//   wgmma tiles, one warp for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots' activation
+//   rows by cp.async, gathered through slot_pair for L1; HMMA stages carry two K chunks). With wgmma and 128-
+//   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread, registers moved
+//   from the producer by setmaxnreg); otherwise they split K by alternate stages and add their partial sums in
+//   the epilogue.
+// - No function calls (printf included) anywhere in the kernel: ptxas would serialize every wgmma (C7510).
+//   CI checks the sm_90a build for that and for spills.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
 //   without tokens produce no tiles and read no weights; slot tiles of one weight tile are adjacent in time
 //   so prefill re-reads weights from L2. The epilogue buffer is separate from the ring, so the producer
