@@ -238,10 +238,79 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
          (1ull << 62);
 }
 
+// One atom's A fragments for its four k16 steps, dequantized: `codes` and `scales` point at this lane's 16 code
+// bytes and its warp's 8 scale bytes of the atom.
+__device__ __forceinline__ void dequant_atom(const uint8_t* codes, const uint8_t* scales, uint32_t (&af)[4][4]) {
+  const uint4 wv = lds128(codes);
+  const uint2 sv = lds64(scales);
+  dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[0]);
+  dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[1]);
+  dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[2]);
+  dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[3]);
+}
+
+// acc (64 rows x BN slots, wgmma D layout) += one atom (its fragments af) x one K chunk of the activation stage,
+// issued as one wgmma group. Not waited for: the caller drains.
+template <int BN>
+__device__ __forceinline__ void wgmma_atom(const uint8_t* act_chunk, uint32_t (&af)[4][4], float (&acc)[BN / 2]) {
+  const uint32_t act_addr = smem_u32(act_chunk);
+  // Pinned: the fragments are complete before the wgmmas that read them are issued.
+  fence_all(reinterpret_cast<uint32_t(&)[16]>(af));
+  fence_all(acc);
+  cute::warpgroup_arrive();
+#pragma unroll
+  for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
+  cute::warpgroup_commit_batch();
+}
+
+// The same product for narrow slot tiles, as this warp's 16 rows by HMMA (m16n8k16 A/C layouts are a warp's
+// slice of wgmma's), B straight from the swizzled stage, conflict-free either way.
+template <int BN>
+__device__ __forceinline__ void hmma_atom(const uint8_t* act_chunk, const uint32_t (&af)[4][4], float (&acc)[BN / 2],
+                                          int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    float* d = acc + 4 * j;
+    if constexpr (BN <= 16) {
+      // One ldmatrix.x4 gives (b0, b1) of k16 steps 2sp and 2sp+1: lane L points at slot 8j + L % 8, 16-byte
+      // piece (4 sp + L / 8) ^ (L % 8).
+      const uint8_t* row = act_chunk + (8 * j + (lane & 7)) * 128;
+#pragma unroll
+      for (int sp = 0; sp < 2; ++sp) {
+        const uint4 b = ldsm_x4(row + (((4 * sp + (lane >> 3)) ^ (lane & 7)) << 4));
+        mma_bf16(d[0], d[1], d[2], d[3], af[2 * sp], b.x, b.y);
+        mma_bf16(d[0], d[1], d[2], d[3], af[2 * sp + 1], b.z, b.w);
+      }
+    } else {
+      // 32-slot tiles already use every register that two CTAs per SM leave them: 32-bit loads, each live
+      // briefly. Lane (g, t) reads slot 8j + g, k 2t.. of piece (2 st [+1]) ^ g.
+      const uint8_t* row = act_chunk + (8 * j + g) * 128 + 4 * t;
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
+        const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
+        mma_bf16(d[0], d[1], d[2], d[3], af[st], b0, b1);
+      }
+    }
+  }
+}
+
+// SwiGLU of G consecutive columns c.. of slot n, gate/up read through gate_up(n, column, gate, up).
+template <int G, typename GateUp>
+__device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int c, float limit, float (&h)[G]) {
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    float gate, up;
+    gate_up(n, c + i, gate, up);
+    h[i] = swiglu(gate, up, limit);
+  }
+}
+
 // Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers and
 // the per-expert tile prefix. Activation stages come first and are 1024-byte multiples, as the 128B swizzle
-// needs. The narrowest slot tiles (decode) take half the shared memory so that two CTAs share an SM; their
-// stages are small, so there are still many in flight per SM.
+// needs. Narrow slot tiles (decode) share an SM between two or three CTAs; their stages are small, so there
+// are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
   static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
@@ -372,6 +441,11 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
+  // Hands ring stage s back to the producer: one arrival per consumer warp.
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+  };
   int q = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
@@ -388,8 +462,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       const int qs = q + sc, s = qs % TL::kStages;
       wait_phase(&full[s], (qs / TL::kStages) & 1);
       if (TL::kSplitK && (sc & 1) != wg) {
-        __syncwarp();
-        if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+        release(s);
         continue;
       }
 #pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
@@ -398,7 +471,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         const uint8_t* act_stage = act_ring + s * TL::kActBytes + cc * TL::kChunkActBytes;
         // The warpgroup's atoms of this chunk, dequantized: af[i][st] is atom i's A fragment of k16 step st.
         // wgmma: each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
-        // dequantization overlaps them (its fragments live in other registers); all drain at the stage's end.
+        // dequantization overlaps them (its fragments live in other registers); all drain at the chunk's end.
         // HMMA consumes each atom's fragments right away.
         uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
         if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
@@ -406,51 +479,11 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
           const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
           const int w_idx = atom * TL::kChunks + cc;  // in the stage's [atom][chunk] weights
-          const uint4 wv = lds128(w_ring + s * TL::kWeightBytes + w_idx * kAtomBytes + cw * 512 + lane * 16);
-          const uint2 sv = lds64(s_ring + s * TL::kScaleBytes + w_idx * kAtomScaleBytes + cw * 64 + g * 8);
-          dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[i][0]);
-          dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[i][1]);
-          dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[i][2]);
-          dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[i][3]);
+          dequant_atom(w_ring + s * TL::kWeightBytes + w_idx * kAtomBytes + cw * 512 + lane * 16,
+                       s_ring + s * TL::kScaleBytes + w_idx * kAtomScaleBytes + cw * 64 + g * 8, af[i]);
           float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
-          if constexpr (TL::kWgmma) {
-            const uint32_t act_addr = smem_u32(act_stage);
-            // Pinned: the fragments are complete before the wgmmas that read them are issued.
-            fence_all(reinterpret_cast<uint32_t(&)[16]>(af[i]));
-            fence_all(acc_i);
-            cute::warpgroup_arrive();
-#pragma unroll
-            for (int st = 0; st < 4; ++st) gmma<BN>(af[i][st], act_desc(act_addr + 32 * st), acc_i);
-            cute::warpgroup_commit_batch();
-          } else {
-            // Narrow tiles: HMMA with the same fragments (m16n8k16 A/C layouts are a warp's slice of wgmma's),
-            // B straight from the swizzled stage, conflict-free either way.
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-              float* d = acc_i + 4 * j;
-              if constexpr (BN <= 16) {
-                // One ldmatrix.x4 gives (b0, b1) of k16 steps 2sp and 2sp+1: lane L points at slot 8j + L % 8,
-                // 16-byte piece (4 sp + L / 8) ^ (L % 8).
-                const uint8_t* row = act_stage + (8 * j + (lane & 7)) * 128;
-#pragma unroll
-                for (int sp = 0; sp < 2; ++sp) {
-                  const uint4 b = ldsm_x4(row + (((4 * sp + (lane >> 3)) ^ (lane & 7)) << 4));
-                  mma_bf16(d[0], d[1], d[2], d[3], af[i][2 * sp], b.x, b.y);
-                  mma_bf16(d[0], d[1], d[2], d[3], af[i][2 * sp + 1], b.z, b.w);
-                }
-              } else {
-                // 32-slot tiles already use every register that two CTAs per SM leave them: 32-bit loads, each
-                // live briefly. Lane (g, t) reads slot 8j + g, k 2t.. of piece (2 st [+1]) ^ g.
-                const uint8_t* row = act_stage + (8 * j + g) * 128 + 4 * t;
-#pragma unroll
-                for (int st = 0; st < 4; ++st) {
-                  const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
-                  const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-                  mma_bf16(d[0], d[1], d[2], d[3], af[i][st], b0, b1);
-                }
-              }
-            }
-          }
+          if constexpr (TL::kWgmma) wgmma_atom<BN>(act_stage, af[i], acc_i);
+          else hmma_atom<BN>(act_stage, af[i], acc_i, lane);
         }
         if constexpr (TL::kWgmma) {
           // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
@@ -458,8 +491,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           fence_all(acc);
         }
       }
-      __syncwarp();
-      if (lane == 0) ClusterBarrier::arrive(&empty[s]);
+      release(s);
     }
     q += nstages;
 
@@ -537,12 +569,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
           const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
           float h[16];
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            float gate, up;
-            gate_up(n, c + i, gate, up);
-            h[i] = swiglu(gate, up, a.swiglu_limit);
-          }
+          swiglu_columns(gate_up, n, c, a.swiglu_limit, h);
           const size_t s = slot0 + n;
           quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2,
                            a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
@@ -552,12 +579,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
           const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
           float h[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            float gate, up;
-            gate_up(n, c + i, gate, up);
-            h[i] = swiglu(gate, up, a.swiglu_limit);
-          }
+          swiglu_columns(gate_up, n, c, a.swiglu_limit, h);
           const size_t off = static_cast<size_t>(slot0 + n) * a.inter + j0 + c;
           if (a.epilogue == kHF32) {
             *reinterpret_cast<float4*>(a.out_f32 + off) = make_float4(h[0], h[1], h[2], h[3]);
@@ -686,17 +708,14 @@ template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   using TL = Tiles<BM, BN>;
   auto kernel = grouped_gemm_kernel<BM, BN>;
-  static const bool configured = [&] {
-    EP_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(kMaxExperts)));
-    return true;
-  }();
-  (void)configured;
   // CTAs per SM: the per-expert tile prefix shares the CTA's shared memory, so it depends on the expert count
-  // (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand).
+  // (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand). Asked once
+  // per expert count, with the kernel's shared-memory limit set before the first query.
   static std::array<std::atomic<int>, kMaxExperts + 1> per_sm_by_experts{};  // 0: not asked yet
   int per_sm = per_sm_by_experts[a.num_experts].load(std::memory_order_relaxed);
   if (per_sm == 0) {
+    EP_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(kMaxExperts)));
     EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, TL::kThreads,
                                                                 TL::smem_bytes(a.num_experts)));
     per_sm = std::max(per_sm, 1);
