@@ -64,7 +64,7 @@ constexpr int kConsumers = 256;                          // two warpgroups after
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
-constexpr int kProducerRegs = 72, kConsumerRegs = 216;
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 
 struct GemmArgs {
   const uint8_t* w;        // (E, N, K/2) bytes in the SM90 atom layout
@@ -313,7 +313,9 @@ __device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
+  // Narrower tiles issue HMMA (see consume); 256-row tiles always wgmma, which keeps the 32-slot tiles of m ~ 32
+  // off the HMMA path's instruction issue limit.
+  static constexpr bool kWgmma = BN >= 64 || (BM == 256 && BN >= 32);
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp, whose registers let narrow tiles run more CTAs per SM (decode
@@ -322,20 +324,25 @@ struct Tiles {
   static constexpr int kProducers = kWgmma ? 128 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
-  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
+  static constexpr int kMinBlocks = kWgmma ? 1 : BN == 8 ? 3 : 2;  // CTAs per SM
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
   // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
   static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
-  // K chunks (of kBK) per stage. HMMA tiles take two: their per-stage costs (barrier waits, bulk-copy issue,
+  // K chunks (of kBK) per stage. HMMA tiles take three: their per-stage costs (barrier waits, bulk-copy issue,
   // ring arithmetic) are a large share of the decode path's instructions, and the producer warp's share all
-  // lands on one scheduler.
-  static constexpr int kChunks = kWgmma ? 1 : 2;
+  // lands on one scheduler. One count for every HMMA tile: it decides which chunks each consumer warpgroup sums
+  // (split K), so it keeps their bits independent of the slot tile width.
+  static constexpr int kChunks = kWgmma ? 1 : 3;
   // Which warpgroup consumes what: with wgmma and 128 or 256 rows each warpgroup owns half the atoms of every
   // stage; otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms,
   // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
   static constexpr bool kSplitK = !(kWgmma && kAtoms >= 2);
   static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
+  // With two atoms per warpgroup one wgmma group stays in flight while the next atom is dequantized, across
+  // stages too: the warpgroup's tensor work never waits for its own dequantization. (One atom alone would
+  // need its fragments alternated between stages, which ptxas serializes, C7513.)
+  static constexpr bool kPipelined = kWgmma && kWgAtoms == 2;
   static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
   static constexpr int kChunkActBytes = BN * kBK * 2;  // a multiple of 1024, as the 128B swizzle needs
   static constexpr int kActBytes = kChunks * kChunkActBytes;
@@ -447,7 +454,12 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     if (lane == 0) ClusterBarrier::arrive(&empty[s]);
   };
   int q = 0;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+  // 256-row tiles read the tile count again for each tile (a volatile load): held in a register across their
+  // main loop it is the one value that spills there.
+  auto more = [&](int tile) {
+    return tile < (TL::kRegSplit ? static_cast<int>(lds32(tile_start + a.num_experts)) : total);
+  };
+  for (int tile = blockIdx.x; more(tile); tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
     float acc[TL::kAcc];
 #pragma unroll
@@ -465,6 +477,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         release(s);
         continue;
       }
+      static_assert(!TL::kPipelined || TL::kChunks == 1, "pipelined stages carry one K chunk");
 #pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
@@ -484,14 +497,24 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
           if constexpr (TL::kWgmma) wgmma_atom<BN>(act_stage, af[i], acc_i);
           else hmma_atom<BN>(act_stage, af[i], acc_i, lane);
+          if constexpr (TL::kPipelined) {
+            // The group before this one is done: its fragments (af[1 - ia]) may be rewritten, and once it is the
+            // previous stage's second atom, that stage's activations are no longer read.
+            cute::warpgroup_wait<1>();
+            if (ia == 0 && sc > 0) release((qs - 1) % TL::kStages);
+          }
         }
-        if constexpr (TL::kWgmma) {
-          // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
+        if constexpr (TL::kWgmma && !TL::kPipelined) {
           cute::warpgroup_wait<0>();
           fence_all(acc);
         }
       }
-      release(s);
+      if constexpr (!TL::kPipelined) release(s);
+    }
+    if constexpr (TL::kPipelined) {
+      cute::warpgroup_wait<0>();
+      fence_all(acc);
+      release((q + nstages - 1) % TL::kStages);
     }
     q += nstages;
 
@@ -744,7 +767,7 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
-             "of 256, block_n >= 64), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
+             "of 256, block_n >= 32), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
                  " rows and block_n " + std::to_string(BN));
   if constexpr (Tiles<256, BN>::kWgmma) {
     if (block_m == 256) return launch_gemm<256, BN>(a, max_slots, stream);
