@@ -1,7 +1,9 @@
-"""One grouped GEMM configuration of a V4-Pro rank, launched a few times, for a profiler (ncu) to read.
+"""One grouped GEMM configuration of a V4-Pro rank, launched a few times, for a profiler (ncu) to read, or timed
+(--time: median CUDA-graph replay) to compare kernel variants on one machine.
 
     ncu --clock-control none -k regex:grouped_gemm_kernel --launch-skip 1 --launch-count 1 \
         python bench/profile_case.py --layer l1 --m 2048 [--block-n 128 --block-m 256]
+    python bench/profile_case.py --layer l1 --m 32 --time
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import DEV, E, H, I, offsets_for, random_nvfp4_weights  # noqa: E402
+from bench.bench_experts import DEV, E, H, I, graphed, median_ms, offsets_for, random_nvfp4_weights  # noqa: E402
 from ep_runtime import ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
@@ -25,6 +27,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, default=0, help="0: what the expert stage picks")
     p.add_argument("--block-m", type=int, default=0, help="0: what the kernel picks")
     p.add_argument("--launches", type=int, default=3)
+    p.add_argument("--time", action="store_true", help="print the median graph-replay time and TFLOP/s")
     args = p.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     s = args.m * E
@@ -47,6 +50,11 @@ def main() -> None:
     for _ in range(args.launches):
         run()
     torch.cuda.synchronize()
+    if args.time:
+        n, k = (2 * I, H) if args.layer == "l1" else (H, I)
+        ms = median_ms(graphed(run), 20)
+        print(f"{args.layer} m={args.m} block_n={bn} block_m={args.block_m}: {ms:.4f} ms, "
+              f"{2 * s * n * k / ms / 1e9:.0f} TFLOP/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
 // - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
 //   wgmma tiles, one warp for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots' activation
-//   rows by cp.async, gathered through slot_pair for L1; HMMA stages carry two K chunks). With wgmma and 128-
-//   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread, registers moved
-//   from the producer by setmaxnreg); otherwise they split K by alternate stages and add their partial sums in
-//   the epilogue.
+//   rows by cp.async, gathered through slot_pair for L1; two K chunks per stage, three for HMMA tiles). With
+//   wgmma and 128- or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
+//   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
+//   partial sums in the epilogue.
+// - Measured on H100: the wgmmas do not overlap the instructions issued around them (dequantization, copies,
+//   barriers): time is the tensor work plus everything else. So every instruction per stage counts, on every
+//   scheduler: the producer keeps its addresses in registers and spreads its bulk copies over its warps.
 // - No function calls (printf included) anywhere in the kernel: ptxas would serialize every wgmma (C7510).
 //   CI checks the sm_90a build for that and for spills.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
@@ -64,7 +67,7 @@ constexpr int kConsumers = 256;                          // two warpgroups after
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+constexpr int kProducerRegs = 72, kConsumerRegs = 216;
 
 struct GemmArgs {
   const uint8_t* w;        // (E, N, K/2) bytes in the SM90 atom layout
@@ -89,8 +92,8 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(smem_dst)), "l"(src), "r"(src_bytes));
+__device__ __forceinline__ void cp_async16(uint32_t smem_dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(src), "r"(src_bytes));
 }
 
 __device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int bytes, uint64_t* bar) {
@@ -313,9 +316,7 @@ __device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  // Narrower tiles issue HMMA (see consume); 256-row tiles always wgmma, which keeps the 32-slot tiles of m ~ 32
-  // off the HMMA path's instruction issue limit.
-  static constexpr bool kWgmma = BN >= 64 || (BM == 256 && BN >= 32);
+  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp, whose registers let narrow tiles run more CTAs per SM (decode
@@ -324,25 +325,26 @@ struct Tiles {
   static constexpr int kProducers = kWgmma ? 128 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
-  static constexpr int kMinBlocks = kWgmma ? 1 : BN == 8 ? 3 : 2;  // CTAs per SM
+  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
   // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
   static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
-  // K chunks (of kBK) per stage. HMMA tiles take three: their per-stage costs (barrier waits, bulk-copy issue,
-  // ring arithmetic) are a large share of the decode path's instructions, and the producer warp's share all
-  // lands on one scheduler. One count for every HMMA tile: it decides which chunks each consumer warpgroup sums
-  // (split K), so it keeps their bits independent of the slot tile width.
-  static constexpr int kChunks = kWgmma ? 1 : 3;
+  // Producer warps that issue weight copies: each bulk copy costs its issuing warp a few dozen instructions, and
+  // every consumer warpgroup's wgmma waits for its slowest warp, so a producer warpgroup spreads them, one warp
+  // per atom.
+  static constexpr int kCopyIssuers = kWgmma ? kAtoms : 1;
+  // K chunks (of kBK) per stage: per-stage costs (barrier waits, bulk-copy issue, ring arithmetic, the proxy
+  // fence) are paid once per stage, and on Hopper the instructions around the wgmmas do not overlap them (measured:
+  // the time of the tensor work and of everything else add up). wgmma tiles take two, HMMA tiles three (the
+  // producer warp's share all lands on one scheduler). One count for every HMMA tile: it decides which chunks
+  // each consumer warpgroup sums (split K), so it keeps their bits independent of the slot tile width.
+  static constexpr int kChunks = kWgmma ? 2 : 3;
   // Which warpgroup consumes what: with wgmma and 128 or 256 rows each warpgroup owns half the atoms of every
   // stage; otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms,
   // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
   static constexpr bool kSplitK = !(kWgmma && kAtoms >= 2);
   static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
-  // With two atoms per warpgroup one wgmma group stays in flight while the next atom is dequantized, across
-  // stages too: the warpgroup's tensor work never waits for its own dequantization. (One atom alone would
-  // need its fragments alternated between stages, which ptxas serializes, C7513.)
-  static constexpr bool kPipelined = kWgmma && kWgAtoms == 2;
   static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
   static constexpr int kChunkActBytes = BN * kBK * 2;  // a multiple of 1024, as the 128B swizzle needs
   static constexpr int kActBytes = kChunks * kChunkActBytes;
@@ -382,7 +384,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
                                         uint64_t* empty) {
   const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
-  uint8_t* act_ring = smem;
+  const uint32_t act_ring_u32 = smem_u32(smem);
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   const int tid = threadIdx.x - kConsumers;
@@ -391,29 +393,41 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
-    // Each thread copies 16-byte piece c of slot rows n = id / 8 into the swizzled position of its stage;
-    // rows past the tile's slots are zero-filled. The addresses are made once per tile: on the decode path
-    // the producer warp shares its scheduler with consumers, so its instructions per stage count.
+    // Copy j moves 16-byte piece tid % 8 of slot row n = tid / 8 + j * kProducers / 8 into its swizzled place;
+    // rows past the tile's slots copy no bytes (zero fill) from row 0, so every source pointer is valid and just
+    // advances a chunk at a time. The producer's instructions per stage share the schedulers with the
+    // consumers' (and delay their wgmmas), so addresses are made once per tile, and a producer warpgroup, whose
+    // passes of 16 rows keep the swizzle phase n % 8, places its copies at constant offsets from the first.
+    constexpr int kPassRows = TL::kProducers / 8;
+    auto dst_of = [&](int j) {
+      const int n = (tid >> 3) + kPassRows * j;
+      if constexpr (kPassRows % 8 == 0)
+        return static_cast<uint32_t>((tid >> 3) * 128 + (((tid & 7) ^ ((tid >> 3) & 7)) << 4) + j * kPassRows * 128);
+      return static_cast<uint32_t>(n * 128 + (((tid & 7) ^ (n & 7)) << 4));
+    };
     const __nv_bfloat16* src[TL::kCopies];
     uint32_t dst[TL::kCopies];
+    const int valid = (tl.nvalid - (tid >> 3) + kPassRows - 1) / kPassRows;  // copies j < valid read slot rows
 #pragma unroll
     for (int j = 0; j < TL::kCopies; ++j) {
-      const int id = tid + TL::kProducers * j, n = id >> 3, c = id & 7;
-      int row = -1;
-      if (n < tl.nvalid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
-      src[j] = row >= 0 ? a.act + static_cast<size_t>(row) * a.k + 8 * c : nullptr;
-      dst[j] = n * 128 + ((c ^ (n & 7)) << 4);
+      const int n = (tid >> 3) + kPassRows * j;
+      int row = 0;
+      if (j < valid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
+      src[j] = a.act + static_cast<size_t>(row) * a.k + 8 * (tid & 7);
+      dst[j] = dst_of(j);
     }
     const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
     for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
       const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
-      if (tid == 0) {
+      if ((tid & 31) == 0 && tid < 32 * TL::kCopyIssuers) {
         // An atom's consecutive K chunks are adjacent in the layout: one copy each for codes and scales.
-        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], nch * TL::kAtoms * (kAtomBytes + kAtomScaleBytes));
+        constexpr int kIssuerAtoms = TL::kAtoms / TL::kCopyIssuers;
+        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], nch * kIssuerAtoms * (kAtomBytes + kAtomScaleBytes));
 #pragma unroll
-        for (int i = 0; i < TL::kAtoms; ++i) {
+        for (int k = 0; k < kIssuerAtoms; ++k) {
+          const int i = (tid >> 5) * kIssuerAtoms + k;
           const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c0;
           bulk_copy(w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes, a.w + atom * kAtomBytes,
                     nch * kAtomBytes, &full[s]);
@@ -424,10 +438,12 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
 #pragma unroll
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (cc == nch) break;
-        uint8_t* act_chunk = act_ring + s * TL::kActBytes + cc * TL::kChunkActBytes;
+        const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
 #pragma unroll
-        for (int j = 0; j < TL::kCopies; ++j)
-          cp_async16(act_chunk + dst[j], src[j] ? src[j] + (c0 + cc) * kBK : a.act, src[j] ? 16 : 0);
+        for (int j = 0; j < TL::kCopies; ++j) {
+          cp_async16(act_chunk + (kPassRows % 8 == 0 ? dst_of(j) : dst[j]), src[j], j < valid ? 16 : 0);
+          src[j] += kBK;
+        }
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
@@ -454,12 +470,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     if (lane == 0) ClusterBarrier::arrive(&empty[s]);
   };
   int q = 0;
-  // 256-row tiles read the tile count again for each tile (a volatile load): held in a register across their
-  // main loop it is the one value that spills there.
-  auto more = [&](int tile) {
-    return tile < (TL::kRegSplit ? static_cast<int>(lds32(tile_start + a.num_experts)) : total);
-  };
-  for (int tile = blockIdx.x; more(tile); tile += gridDim.x) {
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
     float acc[TL::kAcc];
 #pragma unroll
@@ -477,7 +488,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         release(s);
         continue;
       }
-      static_assert(!TL::kPipelined || TL::kChunks == 1, "pipelined stages carry one K chunk");
+      if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
 #pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
@@ -487,7 +498,6 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         // dequantization overlaps them (its fragments live in other registers); all drain at the chunk's end.
         // HMMA consumes each atom's fragments right away.
         uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
-        if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
 #pragma unroll
         for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
           const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
@@ -497,24 +507,14 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
           if constexpr (TL::kWgmma) wgmma_atom<BN>(act_stage, af[i], acc_i);
           else hmma_atom<BN>(act_stage, af[i], acc_i, lane);
-          if constexpr (TL::kPipelined) {
-            // The group before this one is done: its fragments (af[1 - ia]) may be rewritten, and once it is the
-            // previous stage's second atom, that stage's activations are no longer read.
-            cute::warpgroup_wait<1>();
-            if (ia == 0 && sc > 0) release((qs - 1) % TL::kStages);
-          }
         }
-        if constexpr (TL::kWgmma && !TL::kPipelined) {
+        if constexpr (TL::kWgmma) {
+          // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
           cute::warpgroup_wait<0>();
           fence_all(acc);
         }
       }
-      if constexpr (!TL::kPipelined) release(s);
-    }
-    if constexpr (TL::kPipelined) {
-      cute::warpgroup_wait<0>();
-      fence_all(acc);
-      release((q + nstages - 1) % TL::kStages);
+      release(s);
     }
     q += nstages;
 
@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
         [&](int e, int prefix) { tile_start[e] = prefix; });
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
-      ClusterBarrier::init(&full[s], TL::kProducers + 1);  // every producer's cp.async arrival + the bulk copies
+      ClusterBarrier::init(&full[s], TL::kProducers + TL::kCopyIssuers);  // cp.async arrivals + bulk-copy issuers
       ClusterBarrier::init(&empty[s], kConsumers / 32);  // one arrival per consumer warp
     }
     cutlass::arch::fence_barrier_init();
@@ -767,7 +767,7 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
-             "of 256, block_n >= 32), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
+             "of 256, block_n >= 64), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
                  " rows and block_n " + std::to_string(BN));
   if constexpr (Tiles<256, BN>::kWgmma) {
     if (block_m == 256) return launch_gemm<256, BN>(a, max_slots, stream);
