@@ -14,8 +14,9 @@
 //   bits); the epilogue multiplies by 2^8. Scales are stored pre-encoded as bf16 exponent/mantissa bytes.
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
 // - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
-//   wgmma tiles, one warp for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots' activation
-//   rows by cp.async, gathered through slot_pair for L1; two K chunks per stage, three for HMMA tiles). With
+//   wgmma tiles, one or two warps for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots'
+//   activation rows by cp.async, gathered through slot_pair for L1; two K chunks per stage, three for HMMA
+//   tiles). With
 //   wgmma and 128- or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
 //   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
 //   partial sums in the epilogue.
@@ -319,10 +320,12 @@ struct Tiles {
   static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
-  // warpgroup for wgmma tiles, else one warp, whose registers let narrow tiles run more CTAs per SM (decode
-  // is latency-bound). With 256 rows each consumer thread holds 128 accumulators, more than an even split
-  // of the register file gives it, so the producer warpgroup hands most of its registers over (setmaxnreg).
-  static constexpr int kProducers = kWgmma ? 128 : 32;
+  // warpgroup for wgmma tiles, else one warp (two for 32 slots, whose 24 copies per thread and stage made the
+  // one warp's scheduler the slowest, and every stage waits for the slowest consumer warp's release), leaving
+  // registers for more CTAs per SM (decode is latency-bound). With 256 rows each consumer thread holds 128
+  // accumulators, more than an even split of the register file gives it, so the producer warpgroup hands most
+  // of its registers over (setmaxnreg).
+  static constexpr int kProducers = kWgmma ? 128 : BN == 32 ? 64 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
   static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
@@ -331,9 +334,9 @@ struct Tiles {
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
   static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
   // Producer warps that issue weight copies: each bulk copy costs its issuing warp a few dozen instructions, and
-  // every consumer warpgroup's wgmma waits for its slowest warp, so a producer warpgroup spreads them, one warp
-  // per atom.
-  static constexpr int kCopyIssuers = kWgmma ? kAtoms : 1;
+  // every consumer warpgroup's wgmma waits for its slowest warp, so several producer warps spread them, one atom
+  // each.
+  static constexpr int kCopyIssuers = std::min(kAtoms, kProducers / 32);
   // K chunks (of kBK) per stage: per-stage costs (barrier waits, bulk-copy issue, ring arithmetic, the proxy
   // fence) are paid once per stage, and on Hopper the instructions around the wgmmas do not overlap them (measured:
   // the time of the tensor work and of everything else add up). wgmma tiles take two, HMMA tiles three (the
