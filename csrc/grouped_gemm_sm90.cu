@@ -399,15 +399,10 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     // Copy j moves 16-byte piece tid % 8 of slot row n = tid / 8 + j * kProducers / 8 into its swizzled place;
     // rows past the tile's slots copy no bytes (zero fill) from row 0, so every source pointer is valid and just
     // advances a chunk at a time. The producer's instructions per stage share the schedulers with the
-    // consumers' (and delay their wgmmas), so addresses are made once per tile, and a producer warpgroup, whose
-    // passes of 16 rows keep the swizzle phase n % 8, places its copies at constant offsets from the first.
+    // consumers' (and delay their wgmmas), so addresses are made once per tile; where a pass covers a multiple
+    // of 8 rows the swizzle phase n % 8 is the first row's, which leaves the copies at constant offsets from the
+    // first one (no registers).
     constexpr int kPassRows = TL::kProducers / 8;
-    auto dst_of = [&](int j) {
-      const int n = (tid >> 3) + kPassRows * j;
-      if constexpr (kPassRows % 8 == 0)
-        return static_cast<uint32_t>((tid >> 3) * 128 + (((tid & 7) ^ ((tid >> 3) & 7)) << 4) + j * kPassRows * 128);
-      return static_cast<uint32_t>(n * 128 + (((tid & 7) ^ (n & 7)) << 4));
-    };
     const __nv_bfloat16* src[TL::kCopies];
     uint32_t dst[TL::kCopies];
     const int valid = (tl.nvalid - (tid >> 3) + kPassRows - 1) / kPassRows;  // copies j < valid read slot rows
@@ -417,9 +412,11 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       int row = 0;
       if (j < valid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
       src[j] = a.act + static_cast<size_t>(row) * a.k + 8 * (tid & 7);
-      dst[j] = dst_of(j);
+      const int phase = (kPassRows % 8 == 0 ? tid >> 3 : n) & 7;
+      dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
-    const size_t row_block = static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
+    const size_t row_block =
+        static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
     for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
       const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
@@ -444,7 +441,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
         const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
 #pragma unroll
         for (int j = 0; j < TL::kCopies; ++j) {
-          cp_async16(act_chunk + (kPassRows % 8 == 0 ? dst_of(j) : dst[j]), src[j], j < valid ? 16 : 0);
+          cp_async16(act_chunk + dst[j], src[j], j < valid ? 16 : 0);
           src[j] += kBK;
         }
       }

@@ -43,7 +43,7 @@ def _stream() -> int:
 
 
 def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
-           shape: Sequence[int | None] | None = None) -> torch.Tensor:
+                 shape: Sequence[int | None] | None = None) -> torch.Tensor:
     """Validates one tensor argument's dtype, shape, layout and alignment; None in shape matches any size."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -151,7 +151,8 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_tensor(offsets, "offsets", torch.int32, (num_local + 1,))
     check_tensor(slot_pair, "slot_pair", torch.int32, (t * k,))
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
-    check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot))
+    check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
+                           pair_slot=pair_slot))
     if check and topk_idx.numel():
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
@@ -232,8 +233,8 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     if epilogue in ("nvfp4", "bf16"):
         check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
     check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
-                      slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
-                      h_bf16=h_bf16))
+                           slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
+                           h_bf16=h_bf16))
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
     torch.ops.ep_runtime.grouped_l1(
         w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
@@ -263,7 +264,8 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     _check_slots(offsets, e)
     check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
     _check_tiles(block_n, block_m, hidden)
-    check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets, y_slot=y_slot))
+    check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
+                           y_slot=y_slot))
     torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
 
 
@@ -283,7 +285,7 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
     check_tensor(h_gs, "h_gs", torch.float32, (e,))
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
-                      h_bf16=h_bf16, h_gs=h_gs))
+                           h_bf16=h_bf16, h_gs=h_gs))
     torch.ops.ep_runtime.requant_dynamic(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
 
