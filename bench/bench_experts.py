@@ -109,20 +109,18 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
     gu_ref = torch.empty(s, 2 * I, dtype=torch.bfloat16, device=DEV)
     y_ref = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
     host_offs = offsets.tolist()
-    split_ws = ops.split_workspace(DEV)  # as the expert stage's workspace holds it
 
     def l1_w4a16(bn: int = block_n, bm: int = 0):
         ops.grouped_l1(w13[0], w13[1], w13[2], x, None, offsets, slot_pair, 1, "bf16", swiglu_limit=10.0,
-                       h_bf16=h_bf16, block_n=bn, block_m=bm, split_ws=split_ws)
+                       h_bf16=h_bf16, block_n=bn, block_m=bm)
 
     def l1_w4a4():
         ops.nvfp4_dequant_rows(xq.data, xq.scale, x_deq)
         ops.grouped_l1(w13[0], w13[1], w13[2], x_deq, x_gs, offsets, slot_pair, 1, "nvfp4", swiglu_limit=10.0,
-                       h_gs=h_gs, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, block_n=block_n,
-                       split_ws=split_ws)
+                       h_gs=h_gs, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, block_n=block_n)
 
     def l2_ours(bn: int = block_n, bm: int = 0):
-        ops.grouped_l2(w2[0], w2[1], w2[2], h_in, h_gs, offsets, y_slot, bn, bm, split_ws=split_ws)
+        ops.grouped_l2(w2[0], w2[1], w2[2], h_in, h_gs, offsets, y_slot, bn, bm)
 
     def grouped_mm(a, wb, out):
         return lambda: out.copy_(torch._grouped_mm(a, wb.transpose(-2, -1), offs=ends))

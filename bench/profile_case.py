@@ -28,7 +28,6 @@ def main() -> None:
     p.add_argument("--block-n", type=int, default=0, help="0: what the expert stage picks")
     p.add_argument("--block-m", type=int, default=0, help="0: what the kernel picks")
     p.add_argument("--launches", type=int, default=3)
-    p.add_argument("--no-split", action="store_true", help="no split-K scratch: every tile's K in one CTA")
     p.add_argument("--time", action="store_true", help="print the median graph-replay time and TFLOP/s")
     args = p.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -37,7 +36,6 @@ def main() -> None:
     s = sum(counts)
     offsets = offsets_for(counts)
     bn = args.block_n or default_block_n(s, E)
-    split_ws = None if args.no_split else ops.split_workspace(DEV)
     if args.layer == "l1":
         w = random_nvfp4_weights(E, 2 * I, H, gen)
         tile_stack_(w[0], w[1], gate_up_row_order(I, DEV))
@@ -45,22 +43,20 @@ def main() -> None:
         h = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
         slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
         run = lambda: ops.grouped_l1(w[0], w[1], w[2], x, None, offsets, slot_pair, 1, "bf16",  # noqa: E731
-                                     swiglu_limit=10.0, h_bf16=h, block_n=bn, block_m=args.block_m,
-                                     split_ws=split_ws)
+                                     swiglu_limit=10.0, h_bf16=h, block_n=bn, block_m=args.block_m)
     else:
         w = random_nvfp4_weights(E, H, I, gen)
         tile_stack_(w[0], w[1])
         h = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
         y = torch.empty(s, H, device=DEV)
-        run = lambda: ops.grouped_l2(w[0], w[1], w[2], h, None, offsets, y, bn, args.block_m,  # noqa: E731
-                                     split_ws=split_ws)
+        run = lambda: ops.grouped_l2(w[0], w[1], w[2], h, None, offsets, y, bn, args.block_m)  # noqa: E731
     for _ in range(args.launches):
         run()
     torch.cuda.synchronize()
     if args.time:
         n, k = (2 * I, H) if args.layer == "l1" else (H, I)
         ms = median_ms(graphed(run), 20)
-        print(f"{args.layer} m={args.m} active={args.active} split={not args.no_split} block_n={bn} "
+        print(f"{args.layer} m={args.m} active={args.active} block_n={bn} "
               f"block_m={args.block_m}: {ms:.4f} ms, "
               f"{2 * s * n * k / ms / 1e9:.0f} TFLOP/s", flush=True)
 

@@ -67,7 +67,6 @@ constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
-constexpr int kMaxSplitLog2 = 3;                         // up to 8 K parts per tile
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
 
@@ -88,12 +87,6 @@ struct GemmArgs {
   uint8_t* hq_data;
   uint8_t* hq_scale;
   __nv_bfloat16* h_bf16;
-  // Split K (tiles that split K between the warpgroups): `split_cap` units of scratch, a zeroed arrival count
-  // per tile (the last unit of a tile resets it) and a partial sum per unit; cap 0 turns splitting off.
-  int* split_count;
-  float* split_part;
-  int split_cap;
-  int num_sms;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -243,11 +236,13 @@ __device__ __forceinline__ void fence_all(T (&r)[N]) {
 }
 
 // Shared-memory descriptor of a K-major BF16 operand with the 128-byte swizzle: rows of 64 elements
-// (128 B), 8-row groups 1024 B apart; the start address advances 32 B per k16 step inside the row.
-__device__ __forceinline__ uint64_t act_desc(uint32_t smem_addr) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
+// (128 B), 8-row groups 1024 B apart. Its high word is a constant; the low word holds the start address
+// (addr >> 4: shared addresses stay below 2^18, so no mask) and the leading-byte-offset field 1, so a k16
+// step (32 B further inside the row) is + 2 on the low word alone.
+__device__ __forceinline__ uint64_t act_desc(uint32_t low) {
+  return static_cast<uint64_t>((1u << 30) | (1024 >> 4)) << 32 | low;
 }
+__device__ __forceinline__ uint32_t act_desc_low(uint32_t smem_addr) { return (smem_addr >> 4) | (1u << 16); }
 
 // One atom's A fragments for its four k16 steps, dequantized: `codes` and `scales` point at this lane's 16 code
 // bytes and its warp's 8 scale bytes of the atom.
@@ -263,14 +258,14 @@ __device__ __forceinline__ void dequant_atom(const uint8_t* codes, const uint8_t
 // acc (64 rows x BN slots, wgmma D layout) += one atom (its fragments af) x one K chunk of the activation stage,
 // issued as one wgmma group. Not waited for: the caller drains.
 template <int BN>
-__device__ __forceinline__ void wgmma_atom(const uint8_t* act_chunk, uint32_t (&af)[4][4], float (&acc)[BN / 2]) {
-  const uint32_t act_addr = smem_u32(act_chunk);
+__device__ __forceinline__ void wgmma_atom(uint32_t act_chunk, uint32_t (&af)[4][4], float (&acc)[BN / 2]) {
+  const uint32_t low = act_desc_low(act_chunk);
   // Pinned: the fragments are complete before the wgmmas that read them are issued.
   fence_all(reinterpret_cast<uint32_t(&)[16]>(af));
   fence_all(acc);
   cute::warpgroup_arrive();
 #pragma unroll
-  for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(act_addr + 32 * st), acc);
+  for (int st = 0; st < 4; ++st) gmma<BN>(af[st], act_desc(low + 2 * st), acc);
   cute::warpgroup_commit_batch();
 }
 
@@ -371,7 +366,7 @@ struct Tiles {
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
-  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 3); }
+  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
 };
 
 struct Tile {
@@ -389,48 +384,20 @@ __device__ __forceinline__ Tile decode_tile(const GemmArgs& a, const int* tile_s
   return Tile{e, local / mtiles, slot_begin + mt * BN, min(BN, count - mt * BN)};
 }
 
-// K parts per tile. Few tiles leave some SMs one more tile than others (6 of 48 experts at m=1: 288 tiles, so
-// 24 SMs run 3 and the rest 2), and a decode SM streams at a fixed rate, so the busiest SM sets the time.
-// Splitting K evens that out at the cost of a partial sum per part; the split is taken only where the busiest
-// SM's stages drop by at least 10 %, so full decode (thousands of tiles) never pays for it. A function of the
-// tile and stage counts only: the same routing gives the same split and the same bits.
-// Powers of two only (returned as log2): the units then map to (tile, part) by shifts, where a division would
-// take registers that narrow tiles do not have.
-__device__ __forceinline__ int split_log2(int tiles, int nstages, int num_sms, int cap) {
-  auto busiest = [&](int parts) { return ((tiles * parts + num_sms - 1) / num_sms) * ((nstages + parts - 1) / parts); };
-  int best = 0, best_load = busiest(1);
-  for (int lg = 1; lg <= kMaxSplitLog2 && (1 << lg) <= nstages && (tiles << lg) <= cap; ++lg) {
-    if (busiest(1 << lg) < best_load) best = lg, best_load = busiest(1 << lg);
-  }
-  return best_load * 10 <= busiest(1) * 9 ? best : 0;
-}
-
-// One unit of work: a tile's stages [st0, st1) (all of them unless the launch splits K).
-struct Unit {
-  int tile, part, st0, st1;
-};
-
-__device__ __forceinline__ Unit unit_of(int u, int split, int nstages) {
-  const int part = u & ((1 << split) - 1);
-  return Unit{u >> split, part, (part * nstages) >> split, ((part + 1) * nstages) >> split};
-}
-
 template <int BM, int BN>
-__device__ __forceinline__ void produce(const GemmArgs& a, uint8_t* smem, uint64_t* full, uint64_t* empty) {
+__device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
-  const int* tile_start = reinterpret_cast<const int*>(smem + TL::kTileStartOffset);
-  const int split = TL::kSplitK ? tile_start[a.num_experts + 1] : 0;
   const uint32_t act_ring_u32 = smem_u32(smem);
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   const int tid = threadIdx.x - kConsumers;
-  const int nchunks = a.k / kBK, nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
-  const int units = tile_start[a.num_experts] << split;
+  const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
-  for (int u = blockIdx.x; u < units; u += gridDim.x) {
-    const Unit un = unit_of(u, split, nstages);
-    const Tile tl = decode_tile<BN>(a, tile_start, un.tile);
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const Tile tl = decode_tile<BN>(a, tile_start, tile);
     // Copy j moves 16-byte piece tid % 8 of slot row n = tid / 8 + j * kProducers / 8 into its swizzled place;
     // rows past the tile's slots copy no bytes (zero fill) from row 0, so every source pointer is valid and just
     // advances a chunk at a time. The producer's instructions per stage share the schedulers with the
@@ -446,14 +413,14 @@ __device__ __forceinline__ void produce(const GemmArgs& a, uint8_t* smem, uint64
       const int n = (tid >> 3) + kPassRows * j;
       int row = 0;
       if (j < valid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
-      src[j] = a.act + static_cast<size_t>(row) * a.k + un.st0 * TL::kChunks * kBK + 8 * (tid & 7);
+      src[j] = a.act + static_cast<size_t>(row) * a.k + 8 * (tid & 7);
       const int phase = (kPassRows % 8 == 0 ? tid >> 3 : n) & 7;
       dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
     const size_t row_block =
         static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
-    for (int c0 = un.st0 * TL::kChunks; c0 < min(nchunks, un.st1 * TL::kChunks); c0 += TL::kChunks, ++q) {
+    for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
       const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
       if ((tid & 31) == 0 && tid < 32 * TL::kCopyIssuers) {
@@ -486,53 +453,19 @@ __device__ __forceinline__ void produce(const GemmArgs& a, uint8_t* smem, uint64
   asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
-// Split K, after a unit's two warpgroups summed its stages into epi[slot][row]: the unit stores its partial sum
-// and counts itself in; the tile's last unit to arrive adds all parts in part order (the bits do not depend on
-// which arrives last) back into epi, resets the count for the next launch and returns true: it runs the
-// epilogue. Called by all consumer threads.
 template <int BM, int BN>
-__device__ __forceinline__ bool last_part_sums(const GemmArgs& a, const Unit& un, int split, int nvalid, float* epi,
-                                               int* is_last) {
+__device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
-  const int ctid = threadIdx.x;
-  const int parts = 1 << split;
-  auto part_sums = [&](int part) { return a.split_part + static_cast<size_t>(un.tile * parts + part) * BN * BM; };
-  float* mine = part_sums(un.part);
-#pragma unroll 1  // unrolled, the addresses are made before the stage loop and spill in narrow tiles
-  for (int idx = ctid; idx < nvalid * BM; idx += kConsumers) mine[idx] = epi[(idx / BM) * TL::kEpiStride + idx % BM];
-  __threadfence();
-  consumer_sync();
-  if (ctid == 0) {
-    *is_last = atomicAdd(a.split_count + un.tile, 1) == parts - 1;
-    __threadfence();
-  }
-  consumer_sync();
-  if (!*is_last) return false;
-#pragma unroll 1
-  for (int idx = ctid; idx < nvalid * BM; idx += kConsumers) {
-    float v = 0.f;
-    for (int part = 0; part < parts; ++part) v += __ldcg(part_sums(part) + idx);
-    epi[(idx / BM) * TL::kEpiStride + idx % BM] = v;
-  }
-  if (ctid == 0) a.split_count[un.tile] = 0;
-  consumer_sync();
-  return true;
-}
-
-template <int BM, int BN>
-__device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64_t* full, uint64_t* empty) {
-  using TL = Tiles<BM, BN>;
-  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);
-  const int split = TL::kSplitK ? tile_start[a.num_experts + 1] : 0;
   const uint8_t* act_ring = smem;
+  const uint32_t act_ring_u32 = smem_u32(act_ring);  // wgmma descriptors are made from shared addresses
   const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   const uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
   const int ctid = threadIdx.x, lane = ctid & 31;
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
-  const int nchunks = a.k / kBK, nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
-  // Read back per unit rather than kept: narrow tiles have no register to spare for it across the stage loop.
-  auto units = [&] { return static_cast<int>(lds32(tile_start + a.num_experts)) << split; };
+  const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   // Hands ring stage s back to the producer: one arrival per consumer warp.
   auto release = [&](int s) {
@@ -540,8 +473,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
     if (lane == 0) ClusterBarrier::arrive(&empty[s]);
   };
   int q = 0;
-  for (int u = blockIdx.x; u < units(); u += gridDim.x) {
-    const Unit span = unit_of(u, split, nstages);
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const Tile tl = decode_tile<BN>(a, tile_start, tile);
     float acc[TL::kAcc];
 #pragma unroll
     for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
@@ -550,8 +483,9 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
     // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
     // wait cannot tell a phase from the one two fills later, so a warpgroup that skipped stages could pass on
     // a stale phase (or, not gating the producer, fall two fills behind and wait forever).
-    for (int sc = span.st0; sc < span.st1; ++sc) {
-      const int qs = q + sc - span.st0, s = qs % TL::kStages;
+    const int nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
+    for (int sc = 0; sc < nstages; ++sc) {
+      const int qs = q + sc, s = qs % TL::kStages;
       wait_phase(&full[s], (qs / TL::kStages) & 1);
       if (TL::kSplitK && (sc & 1) != wg) {
         release(s);
@@ -574,8 +508,11 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
           dequant_atom(w_ring + s * TL::kWeightBytes + w_idx * kAtomBytes + cw * 512 + lane * 16,
                        s_ring + s * TL::kScaleBytes + w_idx * kAtomScaleBytes + cw * 64 + g * 8, af[i]);
           float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
-          if constexpr (TL::kWgmma) wgmma_atom<BN>(act_stage, af[i], acc_i);
-          else hmma_atom<BN>(act_stage, af[i], acc_i, lane);
+          if constexpr (TL::kWgmma) {
+            wgmma_atom<BN>(act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes, af[i], acc_i);
+          } else {
+            hmma_atom<BN>(act_stage, af[i], acc_i, lane);
+          }
         }
         if constexpr (TL::kWgmma) {
           // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
@@ -585,7 +522,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
       }
       release(s);
     }
-    q += span.st1 - span.st0;
+    q += nstages;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
     // each 8), one part of kEpiSlots slots at a time. Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
@@ -608,16 +545,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
       }
     };
 
-    // The unit and its tile again, from the split read back from shared memory: values kept across the stage
-    // loop would spill in narrow tiles, which have no registers to spare.
-    const int split_now = TL::kSplitK ? static_cast<int>(lds32(tile_start + a.num_experts + 1)) : 0;
-    const Unit un = unit_of(u, split_now, nstages);
-    const Tile tl = decode_tile<BN>(a, tile_start, un.tile);
     const int e = tl.e;
     constexpr int HALF = BM / 2;
-    // Narrow tiles keep their epilogue loops rolled: unrolled, their addresses are made once per thread and
-    // held across the stage loop, which has no registers to spare for them.
-    constexpr int kEpiUnroll = TL::kWgmma ? 4 : 1;
     for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
       consumer_sync();  // the previous part's (or tile's) epilogue is done reading epi
       if (!TL::kSplitK || wg == 0) store_acc(part, false);
@@ -628,13 +557,9 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
       consumer_sync();
       const int slot0 = tl.slot0 + part * TL::kEpiSlots;
       const int nvalid = min(TL::kEpiSlots, tl.nvalid - part * TL::kEpiSlots);
-      if (TL::kSplitK && split_now > 0 &&
-          !last_part_sums<BM, BN>(a, un, split_now, nvalid, epi, tile_start + a.num_experts + 2))
-        continue;
 
       if (!is_l1) {
         const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
-#pragma unroll kEpiUnroll
         for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
           const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
           const float* src = epi + n * TL::kEpiStride + c;
@@ -660,7 +585,6 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
       const int j0 = tl.nt * HALF;  // first intermediate column of this tile
 
       if (a.epilogue == kGateUp) {
-#pragma unroll kEpiUnroll
         for (int idx = ctid; idx < nvalid * HALF; idx += kConsumers) {
           const int n = idx / HALF, c = idx % HALF;
           float gate, up;
@@ -671,7 +595,6 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
         }
       } else if (a.epilogue == kHNvfp4) {
         const float gs = a.h_gs[e];
-#pragma unroll kEpiUnroll
         for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
           const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
           float h[16];
@@ -682,7 +605,6 @@ __device__ __forceinline__ void consume(const GemmArgs& a, uint8_t* smem, uint64
                            a.h_bf16 + s * a.inter + j0 + c);
         }
       } else {
-#pragma unroll kEpiUnroll
         for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
           const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
           float h[4];
@@ -709,8 +631,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + TL::kBarrierOffset);
   uint64_t* empty = full + TL::kStages;
-  // [E+1] tile prefix, then log2 of the K parts per tile and the last-part flag (split K)
-  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);
+  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);  // [E+1]
   const int tid = threadIdx.x, lane = tid & 31;
   const int row_tiles = a.n_rows / BM;
 
@@ -719,12 +640,6 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
         lane, a.num_experts,
         [&](int e) { return (a.offsets[e + 1] - a.offsets[e] + BN - 1) / BN * row_tiles; },
         [&](int e, int prefix) { tile_start[e] = prefix; });
-    __syncwarp();
-    if (lane == 0) {
-      const int nstages = (a.k / kBK + TL::kChunks - 1) / TL::kChunks;
-      tile_start[a.num_experts + 1] =
-          TL::kSplitK ? split_log2(tile_start[a.num_experts], nstages, a.num_sms, a.split_cap / BM / BN) : 0;
-    }
   } else if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
       ClusterBarrier::init(&full[s], TL::kProducers + TL::kCopyIssuers);  // cp.async arrivals + bulk-copy issuers
@@ -735,10 +650,10 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   __syncthreads();
   if (tid >= kConsumers) {
     if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    produce<BM, BN>(a, smem, full, empty);
+    produce<BM, BN>(a, tile_start, smem, full, empty);
   } else {
     if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-    consume<BM, BN>(a, smem, full, empty);
+    consume<BM, BN>(a, tile_start, smem, full, empty);
   }
 }
 // Per-expert amax of h (fp32 (S, I)): one warp per slot row; max is exact, so atomics stay deterministic.
@@ -885,23 +800,10 @@ void check_shape(int num_experts, int k, const char* what) {
   EP_REQUIRE(k > 0 && k % 64 == 0, std::string(what) + ": K must be a positive multiple of 64, got " + std::to_string(k));
 }
 
-// The fields L1 and L2 share: the tiled weights with their alphas, the activations, the slot offsets and the
-// split-K scratch (`split_ints` 32-bit words, zeroed before its first use; 0: no split): the arrival counts
-// first, enough for any tile count the partial sums behind them can take (a split tile needs at least two
-// units of at least 8 x 64 floats), then the partial sums.
+// The fields L1 and L2 share: the tiled weights with their alphas, the activations and the slot offsets.
 GemmArgs gemm_args(std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t w_alpha, std::uintptr_t act,
-                   std::uintptr_t act_gs, std::uintptr_t offsets, int num_experts, int n_rows, int k, int epilogue,
-                   std::uintptr_t split_ws, long split_ints) {
-  EP_REQUIRE(split_ints >= 0 && split_ints < (1L << 31), "grouped gemm: split workspace of " +
-                                                             std::to_string(split_ints) + " words is out of range");
+                   std::uintptr_t act_gs, std::uintptr_t offsets, int num_experts, int n_rows, int k, int epilogue) {
   GemmArgs a{};
-  const int counts = static_cast<int>((split_ints / 1024 + 4) & ~3L);  // 16-byte aligned partial sums
-  if (split_ints > counts) {
-    a.split_count = ep::as_ptr<int>(split_ws);
-    a.split_part = reinterpret_cast<float*>(a.split_count + counts);
-    a.split_cap = static_cast<int>(split_ints - counts);
-  }
-  a.num_sms = num_sms();
   a.w = ep::as_ptr<const uint8_t>(w);
   a.w_scale = ep::as_ptr<const uint8_t>(w_scale);
   a.w_alpha = ep::as_ptr<const float>(w_alpha);
@@ -919,13 +821,12 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
                 std::uintptr_t x_gs, std::uintptr_t offsets, std::uintptr_t slot_pair, int topk, int num_experts,
                 int hidden, int inter, int max_slots, int epilogue, float swiglu_limit, std::uintptr_t h_gs,
                 std::uintptr_t out_f32, std::uintptr_t hq_data, std::uintptr_t hq_scale, std::uintptr_t h_bf16,
-                int block_n, int block_m, std::uintptr_t split_ws, long split_ints, std::uintptr_t stream) {
+                int block_n, int block_m, std::uintptr_t stream) {
   check_shape(num_experts, hidden, "grouped_l1");
   EP_REQUIRE(inter > 0 && inter % 32 == 0, "grouped_l1: intermediate size must be a positive multiple of 32, got " +
                                                std::to_string(inter));
   EP_REQUIRE(epilogue >= kGateUp && epilogue <= kHF32, "grouped_l1: bad epilogue " + std::to_string(epilogue));
-  GemmArgs a = gemm_args(w13, w13_scale, w13_alpha, act, x_gs, offsets, num_experts, 2 * inter, hidden, epilogue,
-                         split_ws, split_ints);
+  GemmArgs a = gemm_args(w13, w13_scale, w13_alpha, act, x_gs, offsets, num_experts, 2 * inter, hidden, epilogue);
   a.slot_pair = ep::as_ptr<const int>(slot_pair);
   a.topk = topk;
   a.inter = inter;
@@ -940,13 +841,11 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
 
 void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_alpha, std::uintptr_t act,
                 std::uintptr_t h_gs, std::uintptr_t offsets, int num_experts, int hidden, int inter, int max_slots,
-                std::uintptr_t y_slot, int block_n, int block_m, std::uintptr_t split_ws, long split_ints,
-                std::uintptr_t stream) {
+                std::uintptr_t y_slot, int block_n, int block_m, std::uintptr_t stream) {
   check_shape(num_experts, inter, "grouped_l2");
   EP_REQUIRE(hidden > 0 && hidden % 64 == 0,
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
-  GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot, split_ws,
-                         split_ints);
+  GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }

@@ -37,7 +37,6 @@ class ExpertWorkspace:
     h_gs: torch.Tensor  # fp32 (E,) global scale of each expert's h
     amax_ws: torch.Tensor  # int32 (E,) bit patterns of per-expert amax (dynamic scale)
     y_slot: torch.Tensor  # fp32 (S, H)
-    split_ws: torch.Tensor  # int32 split-K scratch of the grouped GEMMs (ops.split_workspace), kept zeroed by them
 
     @classmethod
     def allocate(cls, max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
@@ -60,7 +59,7 @@ class ExpertWorkspace:
             hq_scale=buf((s, inter // 16), torch.float8_e4m3fn, nvfp4),
             h_bf16=buf((s, inter), torch.bfloat16),
             h_gs=buf((num_experts,), torch.float32), amax_ws=buf((num_experts,), torch.int32),
-            y_slot=buf((s, hidden), torch.float32), split_ws=ops.split_workspace(dev),
+            y_slot=buf((s, hidden), torch.float32),
         )
 
     def check_fits(self, num_tokens: int, topk: int, weights: ExpertWeights, spec: ExpertSpec) -> None:
@@ -119,7 +118,7 @@ def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: t
         x, x_gs = acts, None
 
     h_bf16 = ws.h_bf16[:n]
-    l1 = dict(swiglu_limit=spec.swiglu_limit, block_n=bn, split_ws=ws.split_ws)
+    l1 = dict(swiglu_limit=spec.swiglu_limit, block_n=bn)
     if spec.act_mode == "bf16":
         ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, None, ws.offsets, slot_pair, k, "bf16",
                        h_bf16=h_bf16, **l1)
@@ -137,7 +136,6 @@ def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: t
         h_gs = ws.h_gs
 
     y_slot = ws.y_slot[:n]
-    ops.grouped_l2(weights.w2, weights.w2_scale, weights.w2_alpha, h_bf16, h_gs, ws.offsets, y_slot, bn,
-                   split_ws=ws.split_ws)
+    ops.grouped_l2(weights.w2, weights.w2_scale, weights.w2_alpha, h_bf16, h_gs, ws.offsets, y_slot, bn)
     ops.combine(y_slot, pair_slot, topk_weights, out)
     return out

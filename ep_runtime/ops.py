@@ -19,7 +19,6 @@ SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds th
 EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
-SPLIT_WS_INTS = 1 << 22  # default split-K scratch (16 MB): 8 K parts of 8-slot tiles of 6 experts of V4-Pro's L2
 
 
 def extension_available(*symbols: str) -> bool:
@@ -94,28 +93,26 @@ def _dequant_op(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> N
 
 
 @torch.library.custom_op(f"{_NS}::grouped_l1",
-                         mutates_args=("out_f32", "hq_data", "hq_scale", "h_bf16", "split_ws"))
+                         mutates_args=("out_f32", "hq_data", "hq_scale", "h_bf16"))
 def _l1_op(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
            x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
            swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
-           hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int, split_ws: torch.Tensor) -> None:
+           hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
     e, n2, kh = w13.shape
     _ext().grouped_l1(w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
                       0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e,
                       2 * kh, n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit,
                       0 if h_gs is None else h_gs.data_ptr(), out_f32.data_ptr(), hq_data.data_ptr(),
-                      hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m, split_ws.data_ptr(), split_ws.numel(),
-                      _stream())
+                      hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m, _stream())
 
 
-@torch.library.custom_op(f"{_NS}::grouped_l2", mutates_args=("y_slot", "split_ws"))
+@torch.library.custom_op(f"{_NS}::grouped_l2", mutates_args=("y_slot",))
 def _l2_op(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
-           h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int,
-           split_ws: torch.Tensor) -> None:
+           h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
     e, h, ih = w2.shape
     _ext().grouped_l2(w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
                       0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],
-                      y_slot.data_ptr(), block_n, block_m, split_ws.data_ptr(), split_ws.numel(), _stream())
+                      y_slot.data_ptr(), block_n, block_m, _stream())
 
 
 @torch.library.custom_op(f"{_NS}::requant_dynamic", mutates_args=("amax_ws", "hq_data", "hq_scale", "h_bf16", "h_gs"))
@@ -194,25 +191,12 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
-def split_workspace(device: torch.device | str, ints: int = SPLIT_WS_INTS) -> torch.Tensor:
-    """Scratch that lets grouped_l1/grouped_l2 split K when few tiles would leave SMs unevenly loaded (sparse
-    decode). Zeroed here once; every launch leaves it zeroed again, so it is reused as is (CUDA graphs too), by
-    one launch at a time."""
-    return torch.zeros(ints, dtype=torch.int32, device=device)
-
-
-def _split_ws(split_ws: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if split_ws is None:
-        return _placeholder(device, torch.int32)
-    return check_tensor(split_ws, "split_ws", torch.int32, (None,))
-
-
 def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
                x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: str,
                *, swiglu_limit: float | None = None, h_gs: torch.Tensor | None = None,
                out_f32: torch.Tensor | None = None, hq_data: torch.Tensor | None = None,
                hq_scale: torch.Tensor | None = None, h_bf16: torch.Tensor | None = None, block_n: int = 8,
-               block_m: int = 0, split_ws: torch.Tensor | None = None) -> None:
+               block_m: int = 0) -> None:
     """L1 of all local experts in one launch; slot s reads activation row slot_pair[s] // topk.
 
     w13, w13_scale: the stacked weights in the SM90 atom layout (sm90_layout.tile_), shapes unchanged.
@@ -220,8 +204,6 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     epilogue 'gate_up': out_f32 (S, 2I) gate|up with alphas; 'nvfp4': h quantized with gs h_gs[e] (E,) into
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
     (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
-    split_ws: split_workspace() scratch; with it, launches with few tiles split K across SMs (the summation
-    order, so the bits, then depend on the routing's tile count as well, still the same for the same inputs).
     """
     check_tensor(w13, "w13", torch.uint8, (None, None, None))
     e, n2, kh = w13.shape
@@ -250,10 +232,9 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     if epilogue in ("nvfp4", "bf16"):
         check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
-    split_ws = _split_ws(split_ws, dev)
     check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
-                           h_bf16=h_bf16, split_ws=split_ws))
+                           h_bf16=h_bf16))
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
     torch.ops.ep_runtime.grouped_l1(
         w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
@@ -261,15 +242,15 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         out_f32 if out_f32 is not None else _placeholder(dev, torch.float32),
         hq_data if hq_data is not None else _placeholder(dev, torch.uint8),
         hq_scale if hq_scale is not None else _placeholder(dev, torch.uint8),
-        h_bf16 if h_bf16 is not None else _placeholder(dev, torch.bfloat16), block_n, block_m, split_ws)
+        h_bf16 if h_bf16 is not None else _placeholder(dev, torch.bfloat16), block_n, block_m)
 
 
 def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
                h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int = 8,
-               block_m: int = 0, split_ws: torch.Tensor | None = None) -> None:
+               block_m: int = 0) -> None:
     """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot.
 
-    w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged. split_ws: as in grouped_l1."""
+    w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged."""
     check_tensor(w2, "w2", torch.uint8, (None, None, None))
     e, hidden, ih = w2.shape
     inter = 2 * ih
@@ -283,10 +264,9 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     _check_slots(offsets, e)
     check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
     _check_tiles(block_n, block_m, hidden)
-    split_ws = _split_ws(split_ws, w2.device)
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
-                           y_slot=y_slot, split_ws=split_ws))
-    torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m, split_ws)
+                           y_slot=y_slot))
+    torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
 
 
 def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,

@@ -106,21 +106,6 @@ def test_l2_rejects_output_rows_that_differ_from_the_activation_rows():
                        torch.zeros(9, H))
 
 
-def test_l1_rejects_a_split_workspace_of_another_dtype():
-    args = good_l1_args()
-    args["split_ws"] = torch.zeros(64, dtype=torch.int64)
-    with pytest.raises(TypeError, match="split_ws: expected dtype torch.int32, got torch.int64"):
-        ops.grouped_l1(**args)
-
-
-def test_l2_rejects_a_two_dimensional_split_workspace():
-    with pytest.raises(ValueError, match=r"split_ws: expected shape \(\*\), got \(8, 8\)"):
-        ops.grouped_l2(torch.zeros(E, H, I // 2, dtype=torch.uint8),
-                       torch.zeros(E, H, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),
-                       torch.zeros(10, I, dtype=torch.bfloat16), None, torch.zeros(E + 1, dtype=torch.int32),
-                       torch.zeros(10, H), split_ws=torch.zeros(8, 8, dtype=torch.int32))
-
-
 def test_moe_align_rejects_int64_ids():
     bufs = [torch.zeros(n, dtype=torch.int32) for n in (E, E + 1, T * K, T * K)]
     with pytest.raises(TypeError, match="topk_idx: expected dtype torch.int32, got torch.int64"):

@@ -98,12 +98,6 @@ def cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), ref.double().flatten(), dim=0).item()
 
 
-def split_areas(split_ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K scratch's arrival counts (zero between launches) and partial sums, as csrc lays them out."""
-    counts = (split_ws.numel() // 1024 + 4) & ~3
-    return split_ws[:counts], split_ws[counts:].view(torch.float32)
-
-
 def poison(ws: ExpertWorkspace) -> None:
     for name in ("h_f32", "h_bf16", "y_slot", "h_gs", "x_bf16"):
         getattr(ws, name).fill_(float("nan"))
@@ -111,7 +105,6 @@ def poison(ws: ExpertWorkspace) -> None:
         getattr(ws, name).fill_(0x7A7A7A7A)
     ws.hq_data.fill_(0xA5)
     ws.hq_scale.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
-    split_areas(ws.split_ws)[1].fill_(float("nan"))  # a split tile must write its parts before it sums them
 
 
 def tiled(weights: ExpertWeights) -> ExpertWeights:
@@ -391,55 +384,6 @@ def test_the_stage_ring_gives_the_same_bits_over_many_back_to_back_launches(v4_p
     torch.cuda.synchronize()
     assert torch.isfinite(y[0][:n]).all()
     assert torch.equal(h[0][:n], h[1][:n]) and torch.equal(y[0][:n], y[1][:n])
-
-
-def sparse_inputs(gen: torch.Generator) -> tuple[SlotMap, torch.Tensor]:
-    """One token routed to 6 of a V4-Pro rank's 48 experts: few tiles, so the kernels split K when given scratch."""
-    slots = map_slots(routing("uniform", 1, 6, 48, gen)[0], 48, 0)
-    return slots, torch.randn(1, 7168, generator=gen).to(DEV, torch.bfloat16)
-
-
-def sparse_decode(kw: ExpertWeights, slots: SlotMap, x: torch.Tensor, split_ws: torch.Tensor | None,
-                  launches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (BF16) and y_slot of the last of `launches` back-to-back launches of L1 and L2."""
-    h = torch.full((6, 3072), float("nan"), dtype=torch.bfloat16, device=DEV)
-    y = torch.full((6, 7168), float("nan"), device=DEV)
-    for _ in range(launches):
-        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, 6, "bf16",
-                       swiglu_limit=10.0, h_bf16=h, split_ws=split_ws)
-        ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, h, None, slots.offsets, y, split_ws=split_ws)
-    torch.cuda.synchronize()
-    return h, y
-
-
-def test_sparse_decode_splits_k_and_sums_what_one_cta_per_tile_sums(v4_pro_rank_weights, gen):
-    """Split K changes only the fp32 summation order: against the unsplit kernels, h agrees to BF16 rounding and
-    y_slot (fed the same h) to fp32 rounding. The parts were written (the poisoned scratch changed) and the
-    arrival counts are zero again, ready for the next launch."""
-    kw = v4_pro_rank_weights
-    slots, x = sparse_inputs(gen)
-    split_ws = ops.split_workspace(DEV)
-    counts, parts = split_areas(split_ws)
-    parts.fill_(float("nan"))
-    h_split, _ = sparse_decode(kw, slots, x, split_ws)
-    assert torch.isfinite(parts).any() and torch.equal(counts, torch.zeros_like(counts))
-    h_one, _ = sparse_decode(kw, slots, x, None)
-    assert torch.isfinite(h_split).all() and rel_l2(h_split, h_one) <= 4e-3
-    y = {}
-    for name, ws in (("split", split_ws), ("one", None)):
-        y[name] = torch.full((6, 7168), float("nan"), device=DEV)
-        ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, h_one, None, slots.offsets, y[name], split_ws=ws)
-    assert torch.isfinite(y["split"]).all() and rel_l2(y["split"], y["one"]) <= 1e-5
-
-
-def test_sparse_decode_with_split_k_gives_the_same_bits_over_many_launches(v4_pro_rank_weights, gen):
-    """The last part of a tile to arrive sums all parts in part order, so which CTA finishes last never shows in
-    the bits; the scratch is reused across 40 back-to-back launches."""
-    slots, x = sparse_inputs(gen)
-    split_ws = ops.split_workspace(DEV)
-    first = sparse_decode(v4_pro_rank_weights, slots, x, split_ws)
-    again = sparse_decode(v4_pro_rank_weights, slots, x, split_ws, launches=40)
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
