@@ -15,9 +15,9 @@
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
 // - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
 //   wgmma tiles, one or two warps for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots'
-//   activation rows by cp.async, gathered through slot_pair for L1; two K chunks per stage, three for HMMA
-//   tiles). With
-//   wgmma and 128- or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
+//   activation rows by cp.async, gathered through slot_pair for L1, or for L2's wgmma tiles, whose slot rows are
+//   contiguous, by one TMA copy per chunk; two K chunks per stage, three for HMMA tiles). With wgmma and 128-
+//   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
 //   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
 //   partial sums in the epilogue.
 // - Measured on H100: the wgmmas do not overlap the instructions issued around them (dequantization, copies,
@@ -35,7 +35,9 @@
 #include "experts_device.cuh"
 #include "registry.h"
 
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's driver entry point)
 #include <cuda_bf16.h>
+#include <cudaTypedefs.h>
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -87,6 +89,10 @@ struct GemmArgs {
   uint8_t* hq_data;
   uint8_t* hq_scale;
   __nv_bfloat16* h_bf16;
+  // L2 with wgmma tiles: a slot tile's rows of `act` are contiguous, so one TMA copy per K chunk brings them
+  // (128B-swizzled, rows past the activations zero-filled) instead of 16-byte cp.async by every producer thread.
+  CUtensorMap act_map;
+  int act_tma;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -102,6 +108,15 @@ __device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int b
                    smem_u32(smem_dst)),
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
+}
+
+// Box (64 K, BN slot rows) of the activations at (k0, row0) into a 1024-byte aligned stage chunk.
+__device__ __forceinline__ void tma_load_rows(uint32_t smem_dst, const CUtensorMap* map, int k0, int row0, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(smem_u32(bar))
+      : "memory");
 }
 
 __device__ __forceinline__ uint4 lds128(const void* p) {
@@ -395,6 +410,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   const int tid = threadIdx.x - kConsumers;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
+  const bool tma = TL::kWgmma && a.act_tma;
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
@@ -426,7 +442,15 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       if ((tid & 31) == 0 && tid < 32 * TL::kCopyIssuers) {
         // An atom's consecutive K chunks are adjacent in the layout: one copy each for codes and scales.
         constexpr int kIssuerAtoms = TL::kAtoms / TL::kCopyIssuers;
-        ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], nch * kIssuerAtoms * (kAtomBytes + kAtomScaleBytes));
+        const bool act_issuer = tma && tid == 0;
+        ClusterTransactionBarrier::arrive_and_expect_tx(
+            &full[s], nch * (kIssuerAtoms * (kAtomBytes + kAtomScaleBytes) + (act_issuer ? TL::kChunkActBytes : 0)));
+        if (act_issuer) {
+          for (int cc = 0; cc < nch; ++cc) {
+            tma_load_rows(act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes, &a.act_map, (c0 + cc) * kBK,
+                          tl.slot0, &full[s]);
+          }
+        }
 #pragma unroll
         for (int k = 0; k < kIssuerAtoms; ++k) {
           const int i = (tid >> 5) * kIssuerAtoms + k;
@@ -439,7 +463,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
 #pragma unroll
       for (int cc = 0; cc < TL::kChunks; ++cc) {
-        if (cc == nch) break;
+        if (cc == nch || tma) break;
         const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
 #pragma unroll
         for (int j = 0; j < TL::kCopies; ++j) {
@@ -491,7 +515,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         release(s);
         continue;
       }
-      if constexpr (TL::kWgmma) cutlass::arch::fence_view_async_shared();  // cp.async data -> wgmma's proxy
+      // cp.async data -> wgmma's proxy (TMA writes in that proxy already)
+      if (TL::kWgmma && !a.act_tma) cutlass::arch::fence_view_async_shared();
 #pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
@@ -839,6 +864,30 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
+// TMA map of the L2 activations (rows x k BF16, row-major): boxes of 64 K by box_rows rows, 128B-swizzled as the
+// wgmma stage expects, rows past the end read as zeros. The encoder is the driver's, reached through the runtime
+// (no libcuda link).
+CUtensorMap act_tensor_map(const void* act, int rows, int k, int box_rows) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    EP_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    EP_REQUIRE(found == cudaDriverEntryPointSuccess && fn != nullptr,
+               "grouped_l2: the CUDA driver does not provide cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(k) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(act), dims, row_stride, box,
+                            unit_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  EP_REQUIRE(r == CUDA_SUCCESS, "grouped_l2: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
+  return map;
+}
+
 void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_alpha, std::uintptr_t act,
                 std::uintptr_t h_gs, std::uintptr_t offsets, int num_experts, int hidden, int inter, int max_slots,
                 std::uintptr_t y_slot, int block_n, int block_m, std::uintptr_t stream) {
@@ -847,6 +896,10 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
   GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
+  if (block_n >= 64 && max_slots > 0) {  // wgmma tiles (Tiles::kWgmma)
+    a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
+    a.act_tma = 1;
+  }
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
