@@ -78,6 +78,12 @@ def dequant_bf16(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def spread_counts(m: int, active: int = E) -> list[int]:
+    """Tokens per local expert: m for `active` experts spread evenly over the E, 0 for the rest."""
+    stride = E // active
+    return [m if e % stride == 0 and e // stride < active else 0 for e in range(E)]
+
+
 def offsets_for(counts: list[int]) -> torch.Tensor:
     o = [0]
     for c in counts:
@@ -190,8 +196,8 @@ def main() -> None:
     tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
     tile_stack_(w2[0], w2[1])
     ms = [1, 8] if args.quick else [1, 8, 32, 128, 512, 2048]
-    cases = [(f"all48_m{m}", [m] * E) for m in ms]
-    cases.append(("sparse6_m1", [1 if e % 8 == 0 else 0 for e in range(E)]))
+    cases = [(f"all48_m{m}", spread_counts(m)) for m in ms]
+    cases.append(("sparse6_m1", spread_counts(1, 6)))
     results = []
     for name, counts in cases:
         reps = 10 if max(counts) >= 512 else 30

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import DEV, E, H, I, graphed, median_ms, offsets_for, random_nvfp4_weights  # noqa: E402
+from bench.bench_experts import (DEV, E, H, I, graphed, median_ms, offsets_for, random_nvfp4_weights,  # noqa: E402
+                                 spread_counts)
 from ep_runtime import ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
@@ -31,8 +32,7 @@ def main() -> None:
     p.add_argument("--time", action="store_true", help="print the median graph-replay time and TFLOP/s")
     args = p.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
-    counts = [args.m if e % (E // args.active) == 0 and e // (E // args.active) < args.active else 0
-              for e in range(E)]
+    counts = spread_counts(args.m, args.active)
     s = sum(counts)
     offsets = offsets_for(counts)
     bn = args.block_n or default_block_n(s, E)

@@ -68,6 +68,7 @@ constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one a
 constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
+constexpr int kMinWgmmaSlots = 64;                       // slot tiles from this width on use wgmma, narrower HMMA
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
@@ -334,7 +335,7 @@ __device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr bool kWgmma = BN >= 64;  // narrower tiles issue HMMA (see consume)
+  static constexpr bool kWgmma = BN >= kMinWgmmaSlots;
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp (two for 32 slots, whose 24 copies per thread and stage made the
@@ -463,7 +464,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
 #pragma unroll
       for (int cc = 0; cc < TL::kChunks; ++cc) {
-        if (cc == nch || tma) break;
+        if (cc == nch || tma) break;  // TMA brought this stage's activations
         const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
 #pragma unroll
         for (int j = 0; j < TL::kCopies; ++j) {
@@ -896,7 +897,7 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
   GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
-  if (block_n >= 64 && max_slots > 0) {  // wgmma tiles (Tiles::kWgmma)
+  if (block_n >= kMinWgmmaSlots && max_slots > 0) {
     a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
     a.act_tma = 1;
   }
