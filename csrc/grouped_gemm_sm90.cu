@@ -358,9 +358,11 @@ struct Tiles {
   // K chunks (of kBK) per stage: per-stage costs (barrier waits, bulk-copy issue, ring arithmetic, the proxy
   // fence) are paid once per stage, and on Hopper the instructions around the wgmmas do not overlap them (measured:
   // the time of the tensor work and of everything else add up). wgmma tiles take two, HMMA tiles three (the
-  // producer warp's share all lands on one scheduler). One count for every HMMA tile: it decides which chunks
-  // each consumer warpgroup sums (split K), so it keeps their bits independent of the slot tile width.
-  static constexpr int kChunks = kWgmma ? 2 : 3;
+  // producer warp's share all lands on one scheduler), and 64-row HMMA tiles six: their one atom then brings as
+  // many weight bytes per stage as two atoms of three chunks (measured: 6 of 48 experts at m=1 in 65.6 instead
+  // of 71.0 us). One count for every HMMA tile of a row count: it decides which chunks each consumer warpgroup
+  // sums (split K), so it keeps their bits independent of the slot tile width.
+  static constexpr int kChunks = kWgmma ? 2 : BM == 64 ? 6 : 3;
   // Which warpgroup consumes what: with wgmma and 128 or 256 rows each warpgroup owns half the atoms of every
   // stage; otherwise the two warpgroups alternate stages (split K) and each takes all of its stages' atoms,
   // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
@@ -379,6 +381,7 @@ struct Tiles {
   static constexpr int kEpiStride = BM + 4;  // floats; +4 keeps the fragment stores conflict-free
   static constexpr int kEpiBytes = kEpiSlots * kEpiStride * 4;
   static constexpr int kStages = std::min(24, (kSmemBudget - kEpiBytes) / kStageBytes);
+  static_assert(kStages >= 2, "the ring needs two stages so that copies overlap the math");
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
@@ -788,7 +791,12 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // few active experts still spread over every SM (sparse decode); 256 (wgmma slot tiles only) halves the
 // activation bytes each weight row costs, which bound prefill on L2 bandwidth. block_m 0 picks, from the
 // most experts that can be active, 256 where even that fills the GPU four times over, else 128 where it
-// fills the GPU once (measured: 6 of 48 experts at m=1 run faster with 128 than with 64), else 64.
+// fills the GPU once, else 64. HMMA tiles also take 64 rows where 128-row tiles would load the SMs unevenly:
+// a decode SM streams at a fixed rate, so the SM with the most rows sets the time (6 of 48 experts in L1: 288
+// tiles of 128 rows leave 24 SMs three, 384 rows; 576 of 64 rows leave none more than 320). Taken where the
+// busiest SM's rows drop by at least 15 %, since a 64-row tile streams a little slower (measured: 6 of 48
+// experts at m=1, L1 65.6 us with 64 rows against 72.4 with 128; L2, 336 or 672 tiles, 384 rows either way,
+// keeps 128).
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || Tiles<256, BN>::kWgmma); };
@@ -796,6 +804,8 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
     const long active_bound = std::min(a.num_experts, std::max(max_slots, 1));
     auto fills = [&](int bm, int times) { return fits(bm) && active_bound * (a.n_rows / bm) >= times * num_sms(); };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
+    auto busiest_rows = [&](int bm) { return (active_bound * (a.n_rows / bm) + num_sms() - 1) / num_sms() * bm; };
+    if (block_m == 128 && !Tiles<128, BN>::kWgmma && busiest_rows(64) * 20 <= busiest_rows(128) * 17) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "

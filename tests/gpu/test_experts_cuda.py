@@ -210,6 +210,18 @@ def test_l1_slot_tile_width_does_not_change_bits_within_one_mma_path(h, gen):
     assert all(rel_l2(o, outs[(8, 64)]) <= 1e-6 for o in outs.values())
 
 
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_hmma_tiles_of_64_and_128_rows_match_the_reference_over_a_long_k(block_m, gen):
+    """K = 7168 is 112 chunks: 64-row HMMA tiles take six per stage (the last stage holds four), 128-row tiles
+    three; the two consumer warpgroups alternate stages either way and add their sums."""
+    e, h, i = 3, 7168, 512
+    weights = random_weights(e, h, i, gen)
+    acts = random_acts(20, h, weights, W4A4, gen)
+    slots = map_slots(routing("uneven", 20, 2, e, gen)[0], e, 0)
+    got = l1_gate_up(acts, slots, weights, W4A4, 8, block_m)
+    assert rel_l2(got, l1_reference(acts, slots, weights, W4A4)) <= 4e-3
+
+
 @pytest.mark.parametrize("block_n", [64, 128])
 def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
     """256-row tiles: each warpgroup holds two atoms' accumulators and the epilogue runs in two slot halves."""
