@@ -69,6 +69,7 @@ constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
 constexpr int kMinWgmmaSlots = 64;                       // slot tiles from this width on use wgmma, narrower HMMA
+constexpr bool uses_wgmma(int block_n) { return block_n >= kMinWgmmaSlots; }
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
@@ -335,7 +336,7 @@ __device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr bool kWgmma = BN >= kMinWgmmaSlots;
+  static constexpr bool kWgmma = uses_wgmma(BN);
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp (two for 32 slots, whose 24 copies per thread and stage made the
@@ -799,19 +800,19 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // keeps 128).
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
-  auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || Tiles<256, BN>::kWgmma); };
+  auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
   if (block_m == 0) {
     const long active_bound = std::min(a.num_experts, std::max(max_slots, 1));
     auto fills = [&](int bm, int times) { return fits(bm) && active_bound * (a.n_rows / bm) >= times * num_sms(); };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
     auto busiest_rows = [&](int bm) { return (active_bound * (a.n_rows / bm) + num_sms() - 1) / num_sms() * bm; };
-    if (block_m == 128 && !Tiles<128, BN>::kWgmma && busiest_rows(64) * 20 <= busiest_rows(128) * 17) block_m = 64;
+    if (block_m == 128 && !uses_wgmma(BN) && busiest_rows(64) * 20 <= busiest_rows(128) * 17) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
              "of 256, block_n >= 64), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
                  " rows and block_n " + std::to_string(BN));
-  if constexpr (Tiles<256, BN>::kWgmma) {
+  if constexpr (uses_wgmma(BN)) {
     if (block_m == 256) return launch_gemm<256, BN>(a, max_slots, stream);
   }
   if (block_m == 128) launch_gemm<128, BN>(a, max_slots, stream);
@@ -907,7 +908,7 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
   GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
-  if (block_n >= kMinWgmmaSlots && max_slots > 0) {
+  if (uses_wgmma(block_n) && max_slots > 0) {
     a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
     a.act_tma = 1;
   }
