@@ -4,8 +4,9 @@
     torchrun --nproc-per-node N bench/bench_layer.py     # N GPUs, one rank each
 
 Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
-events recorded between the stages of eager forwards (EPMoE.stage_marker). Writes JSON (GPU name, date,
-commit) to $OUT or bench/results/.
+events recorded between the stages of eager forwards (EPMoE.stage_marker). With --kernels each row also lists
+the GPU time of every kernel in one CUDA-graph replay (torch.profiler), whose sum against the replay's time
+shows the gaps between launches. Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
 
@@ -57,11 +58,24 @@ def _stage_breakdown(moe: EPMoE, x: torch.Tensor, iters: int) -> dict[str, float
     return {s: statistics.median(v) for s, v in per_stage.items() if v}
 
 
+def _graph_kernels_us(replay, iters: int) -> dict[str, float]:
+    """GPU microseconds per replay of each kernel the graph launches (summed over its launches), longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            replay()
+        torch.cuda.synchronize()
+    kernels = {e.key: e.device_time_total / iters for e in prof.key_averages() if e.device_time_total > 0}
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,16,128,1024,8192")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--act-mode", default="nvfp4", choices=("nvfp4", "bf16"))
+    p.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (profiler)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -87,11 +101,18 @@ def main() -> None:
             stages = _stage_breakdown(moe, x, args.iters)
             captured = moe.capture(x)
             graph = _events_ms(captured.replay, args.iters)
+            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "stages_ms": stages}
+            if args.kernels:
+                row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured
-            rows.append({"tokens": t, "eager_ms": eager, "graph_ms": graph, "stages_ms": stages})
+            rows.append(row)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+                if args.kernels:
+                    busy = sum(row["graph_kernels_us"].values())
+                    print(f"         kernels {busy:.1f} us busy of {graph * 1e3:.1f}: " + "; ".join(
+                        f"{name[:60]} {us:.1f}" for name, us in list(row["graph_kernels_us"].items())[:8]), flush=True)
     if rank == 0:
         result = {"benchmark": "layer", **provenance(device), "world_size": world,
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",

@@ -790,9 +790,11 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 
 // Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
 // few active experts still spread over every SM (sparse decode); 256 (wgmma slot tiles only) halves the
-// activation bytes each weight row costs, which bound prefill on L2 bandwidth. block_m 0 picks, from the
-// most experts that can be active, 256 where even that fills the GPU four times over, else 128 where it
-// fills the GPU once, else 64. HMMA tiles also take 64 rows where 128-row tiles would load the SMs unevenly:
+// activation bytes each weight row costs, which bound prefill on L2 bandwidth. block_m 0 counts the tiles of
+// the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
+// routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
+// a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
+// experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles also take 64 rows where 128-row tiles would load the SMs unevenly:
 // a decode SM streams at a fixed rate, so the SM with the most rows sets the time (6 of 48 experts in L1: 288
 // tiles of 128 rows leave 24 SMs three, 384 rows; 576 of 64 rows leave none more than 320). Taken where the
 // busiest SM's rows drop by at least 15 %, since a 64-row tile streams a little slower (measured: 6 of 48
@@ -802,10 +804,12 @@ template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
   if (block_m == 0) {
-    const long active_bound = std::min(a.num_experts, std::max(max_slots, 1));
-    auto fills = [&](int bm, int times) { return fits(bm) && active_bound * (a.n_rows / bm) >= times * num_sms(); };
+    const long active = std::min(a.num_experts, std::max(max_slots, 1));
+    const long slot_tiles = ((max_slots + active - 1) / active + BN - 1) / BN;  // per active expert, at least 1
+    auto tiles = [&](int bm) { return active * std::max(slot_tiles, 1L) * (a.n_rows / bm); };
+    auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * num_sms(); };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
-    auto busiest_rows = [&](int bm) { return (active_bound * (a.n_rows / bm) + num_sms() - 1) / num_sms() * bm; };
+    auto busiest_rows = [&](int bm) { return (tiles(bm) + num_sms() - 1) / num_sms() * bm; };
     if (block_m == 128 && !uses_wgmma(BN) && busiest_rows(64) * 20 <= busiest_rows(128) * 17) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
