@@ -176,6 +176,24 @@ def test_moe_align_check_rejects_ids_out_of_range(gen):
         ops.moe_align(idx, 8, 0, *bufs, check=True)
 
 
+# ---- combine ----
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,k,hidden,ranks", [(1, 6, 7168, 1), (37, 8, 320, 4), (5, 16, 1024, 2)])
+def test_combine_equals_the_reference_combine_bitwise(t, k, hidden, ranks, out_dtype, gen):
+    """Slots of other ranks' experts count nothing; a token with none gets zeros; k is summed in ascending order."""
+    e_local = 8
+    idx, w = routing("uniform", t, k, e_local, gen, 0, max(e_local * ranks, k))
+    slots = map_slots(idx, e_local, 0)
+    pair_slot = torch.full((t * k,), -1, dtype=torch.int32, device=DEV)
+    pair_slot[slots.slot_pair[: slots.num_slots].long()] = torch.arange(slots.num_slots, dtype=torch.int32, device=DEV)
+    y_slot = torch.randn(max(slots.num_slots, 1), hidden, generator=gen).to(DEV)
+    out = torch.full((t, hidden), float("nan"), dtype=out_dtype, device=DEV)
+    ops.combine(y_slot, pair_slot, w, out)
+    ref = combine(y_slot, slots, w, t)
+    assert torch.equal(out, ref.to(out_dtype))
+
+
 # ---- L1 / requant / L2 in isolation ----
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a16"])
