@@ -199,13 +199,6 @@ __global__ void barrier_kernel(Args a) {
   store_epoch(a, kBarrierSlot, e);
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  EP_CUDA_CHECK(cudaGetDevice(&dev));
-  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
-
 Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
                int64_t n_vec, double timeout_s, std::uintptr_t status) {
   const int world = (int)sig.size();
@@ -242,7 +235,7 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   if (a.n_vec == 0 || a.world == 1) return;
   const int64_t work = algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world;
   EP_REQUIRE(max_ctas >= 0, "allreduce: max_ctas must be >= 0");
-  const int cap = std::min(max_ctas > 0 ? max_ctas : sm_count(), kMaxCtas);
+  const int cap = std::min(max_ctas > 0 ? max_ctas : ep::num_sms(), kMaxCtas);
   const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
   const cudaStream_t s = ep::as_stream(stream);
   if (algo == 0) {

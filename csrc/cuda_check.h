@@ -26,6 +26,13 @@
 
 namespace ep {
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+// SMs of the current device (asked per call: a process may drive more than one device).
+inline int num_sms() {
+  int dev = 0, sms = 0;
+  EP_CUDA_CHECK(cudaGetDevice(&dev));
+  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
 template <typename T>
 inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 }  // namespace ep

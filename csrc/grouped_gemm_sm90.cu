@@ -753,15 +753,6 @@ __global__ void nvfp4_dequant_rows_kernel(const uint8_t* __restrict__ data, cons
 }
 
 
-int num_sms() {
-  static int n = [] {
-    int dev = 0, v = 0;
-    EP_CUDA_CHECK(cudaGetDevice(&dev));
-    EP_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    return v;
-  }();
-  return n;
-}
 
 template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
@@ -782,7 +773,7 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   }
   // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
-  const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(num_sms()) * per_sm));
+  const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(ep::num_sms()) * per_sm));
   if (grid <= 0) return;
   kernel<<<grid, TL::kThreads, TL::smem_bytes(a.num_experts), stream>>>(a);
   EP_CHECK_LAUNCH();
@@ -807,9 +798,10 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
     const long active = std::min(a.num_experts, std::max(max_slots, 1));
     const long slot_tiles = ((max_slots + active - 1) / active + BN - 1) / BN;  // per active expert, at least 1
     auto tiles = [&](int bm) { return active * std::max(slot_tiles, 1L) * (a.n_rows / bm); };
-    auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * num_sms(); };
+    const int sms = ep::num_sms();
+    auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * sms; };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
-    auto busiest_rows = [&](int bm) { return (tiles(bm) + num_sms() - 1) / num_sms() * bm; };
+    auto busiest_rows = [&](int bm) { return (tiles(bm) + sms - 1) / sms * bm; };
     if (block_m == 128 && !uses_wgmma(BN) && busiest_rows(64) * 20 <= busiest_rows(128) * 17) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
@@ -925,12 +917,12 @@ void requant_dynamic(std::uintptr_t h_f32, std::uintptr_t offsets, int num_exper
   EP_REQUIRE(inter % 16 == 0, "requant_dynamic: intermediate size must be a multiple of 16");
   cudaStream_t s = ep::as_stream(stream);
   EP_CUDA_CHECK(cudaMemsetAsync(ep::as_ptr<void>(amax_ws), 0, sizeof(unsigned) * num_experts, s));
-  const int rows_grid = std::max(1, std::min((max_slots + 7) / 8, num_sms() * 8));
+  const int rows_grid = std::max(1, std::min((max_slots + 7) / 8, ep::num_sms() * 8));
   h_amax_kernel<<<rows_grid, 256, 0, s>>>(ep::as_ptr<const float>(h_f32), ep::as_ptr<const int>(offsets), num_experts,
                                           inter, ep::as_ptr<unsigned>(amax_ws));
   EP_CHECK_LAUNCH();
   const long blocks = static_cast<long>(max_slots) * (inter / 16);
-  const int q_grid = static_cast<int>(std::max(1L, std::min((blocks + 255) / 256, static_cast<long>(num_sms()) * 8)));
+  const int q_grid = static_cast<int>(std::max(1L, std::min((blocks + 255) / 256, static_cast<long>(ep::num_sms()) * 8)));
   h_requant_kernel<<<q_grid, 256, 0, s>>>(ep::as_ptr<const float>(h_f32), ep::as_ptr<const int>(offsets), num_experts,
                                           inter, ep::as_ptr<const unsigned>(amax_ws), ep::as_ptr<uint8_t>(hq_data),
                                           ep::as_ptr<uint8_t>(hq_scale), ep::as_ptr<__nv_bfloat16>(h_bf16),
@@ -943,7 +935,7 @@ void nvfp4_dequant_rows(std::uintptr_t data, std::uintptr_t scale, int rows, int
   EP_REQUIRE(k % 16 == 0, "nvfp4_dequant_rows: K must be a multiple of 16, got " + std::to_string(k));
   const long blocks = static_cast<long>(rows) * (k / 16);
   if (blocks == 0) return;
-  const int grid = static_cast<int>(std::min((blocks + 255) / 256, static_cast<long>(num_sms()) * 16));
+  const int grid = static_cast<int>(std::min((blocks + 255) / 256, static_cast<long>(ep::num_sms()) * 16));
   nvfp4_dequant_rows_kernel<<<grid, 256, 0, ep::as_stream(stream)>>>(
       ep::as_ptr<const uint8_t>(data), ep::as_ptr<const uint8_t>(scale), blocks, ep::as_ptr<__nv_bfloat16>(out));
   EP_CHECK_LAUNCH();

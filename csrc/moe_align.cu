@@ -12,6 +12,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace {
@@ -90,46 +91,48 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_kernel(const int* __r
 }
 
 constexpr int kCombineThreads = 256;
-constexpr int kMaxCombineTopk = 16;  // routing weights per token the combine takes
+constexpr int kCombineChunk = 4;  // routing weights whose rows one thread loads at once
 
-// y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference. One CTA
-// per (token, block of 4 * kCombineThreads columns), one float4 of columns per thread. The token's slots and
-// weights are read first, then all of its rows at once, and only then summed: in decode one CTA is the whole
-// combine, so its time is two load latencies instead of two per k and column step.
+// y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference. A token's
+// columns are split over gridDim.y CTAs, each thread taking a float4 of columns at a time. For kCombineChunk
+// weights at once the thread reads their slots, then loads all their rows, then adds them in order: in decode a
+// token's combine is a few CTAs whose time is load latency, which used to be paid twice per k and column step.
 template <typename OutT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ y_slot, const int* __restrict__ pair_slot,
                    const float* __restrict__ topk_weights, int topk, int hidden, OutT* __restrict__ out) {
   const int t = blockIdx.x;
-  const int c = (blockIdx.y * kCombineThreads + threadIdx.x) * 4;
-  if (c >= hidden) return;
-  int slot[kMaxCombineTopk];
-  float w[kMaxCombineTopk];
+  const int* slots = pair_slot + static_cast<size_t>(t) * topk;
+  const float* weights = topk_weights + static_cast<size_t>(t) * topk;
+  for (int c = (blockIdx.y * kCombineThreads + threadIdx.x) * 4; c < hidden; c += gridDim.y * kCombineThreads * 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int k0 = 0; k0 < topk; k0 += kCombineChunk) {
+      int s[kCombineChunk];
+      float4 v[kCombineChunk];
 #pragma unroll
-  for (int k = 0; k < kMaxCombineTopk; ++k) {
-    slot[k] = k < topk ? pair_slot[t * topk + k] : -1;
-    w[k] = k < topk ? topk_weights[t * topk + k] : 0.f;
-  }
-  float4 v[kMaxCombineTopk];
+      for (int j = 0; j < kCombineChunk; ++j) s[j] = k0 + j < topk ? slots[k0 + j] : -1;
 #pragma unroll
-  for (int k = 0; k < kMaxCombineTopk; ++k) {
-    if (slot[k] >= 0) v[k] = *reinterpret_cast<const float4*>(y_slot + static_cast<size_t>(slot[k]) * hidden + c);
-  }
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int j = 0; j < kCombineChunk; ++j) {
+        if (s[j] >= 0) v[j] = *reinterpret_cast<const float4*>(y_slot + static_cast<size_t>(s[j]) * hidden + c);
+      }
 #pragma unroll
-  for (int k = 0; k < kMaxCombineTopk; ++k) {
-    if (slot[k] < 0) continue;
-    acc[0] = __fadd_rn(acc[0], __fmul_rn(w[k], v[k].x));
-    acc[1] = __fadd_rn(acc[1], __fmul_rn(w[k], v[k].y));
-    acc[2] = __fadd_rn(acc[2], __fmul_rn(w[k], v[k].z));
-    acc[3] = __fadd_rn(acc[3], __fmul_rn(w[k], v[k].w));
-  }
-  OutT* dst = out + static_cast<size_t>(t) * hidden + c;
-  if constexpr (sizeof(OutT) == 4) {
-    *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-  } else {
-    __nv_bfloat162 lo = __floats2bfloat162_rn(acc[0], acc[1]), hi = __floats2bfloat162_rn(acc[2], acc[3]);
-    *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+      for (int j = 0; j < kCombineChunk; ++j) {
+        if (s[j] < 0) continue;
+        const float w = weights[k0 + j];
+        acc[0] = __fadd_rn(acc[0], __fmul_rn(w, v[j].x));
+        acc[1] = __fadd_rn(acc[1], __fmul_rn(w, v[j].y));
+        acc[2] = __fadd_rn(acc[2], __fmul_rn(w, v[j].z));
+        acc[3] = __fadd_rn(acc[3], __fmul_rn(w, v[j].w));
+      }
+    }
+    OutT* dst = out + static_cast<size_t>(t) * hidden + c;
+    if constexpr (sizeof(OutT) == 4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    } else {
+      __nv_bfloat162 lo = __floats2bfloat162_rn(acc[0], acc[1]), hi = __floats2bfloat162_rn(acc[2], acc[3]);
+      *reinterpret_cast<uint2*>(dst) =
+          make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+    }
   }
 }
 
@@ -155,10 +158,13 @@ void moe_align(std::uintptr_t topk_idx, int num_tokens, int topk, int num_local,
 void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t topk_weights, int num_tokens, int topk,
              int hidden, std::uintptr_t out, bool out_bf16, std::uintptr_t stream) {
   EP_REQUIRE(hidden % 4 == 0, "combine: hidden must be a multiple of 4, got " + std::to_string(hidden));
-  EP_REQUIRE(topk >= 1 && topk <= kMaxCombineTopk, "combine: topk must be in [1, " + std::to_string(kMaxCombineTopk) +
-                                                       "], got " + std::to_string(topk));
+  EP_REQUIRE(topk >= 1, "combine: topk must be at least 1, got " + std::to_string(topk));
   if (num_tokens == 0) return;
-  const dim3 grid(num_tokens, (hidden / 4 + kCombineThreads - 1) / kCombineThreads);
+  // Few tokens (decode) spread each token's columns over several CTAs; many tokens take a CTA each, whose
+  // threads then loop over the columns.
+  const int column_blocks = (hidden / 4 + kCombineThreads - 1) / kCombineThreads;
+  const int per_token = (4 * ep::num_sms() + num_tokens - 1) / num_tokens;
+  const dim3 grid(num_tokens, std::max(1, std::min(column_blocks, per_token)));
   if (out_bf16) {
     combine_kernel<__nv_bfloat16><<<grid, kCombineThreads, 0, ep::as_stream(stream)>>>(
         ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot), ep::as_ptr<const float>(topk_weights),

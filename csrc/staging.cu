@@ -105,11 +105,8 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(const uint4* __restr
 }
 
 int grid_for(int64_t items, int per_sm_blocks) {
-  int dev = 0, sms = 0;
-  EP_CUDA_CHECK(cudaGetDevice(&dev));
-  EP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t need = (items + kThreads - 1) / kThreads;
-  return (int)std::max<int64_t>(1, std::min<int64_t>(need, (int64_t)sms * per_sm_blocks));
+  return (int)std::max<int64_t>(1, std::min<int64_t>(need, (int64_t)ep::num_sms() * per_sm_blocks));
 }
 
 // x: bf16 (n_elems), n_elems % 64 == 0, 16-byte aligned; q: uint8 (n_elems/2); sf_words: int32 (n_elems/64);
