@@ -130,7 +130,13 @@ def _combine_op(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: tor
                        out.data_ptr(), out.dtype == torch.bfloat16, _stream())
 
 
-for _op in (_moe_align_op, _dequant_op, _l1_op, _l2_op, _requant_op, _combine_op):
+@torch.library.custom_op(f"{_NS}::topk_stable", mutates_args=("out",))
+def _topk_op(scores: torch.Tensor, out: torch.Tensor) -> None:
+    rows, n = scores.shape
+    _ext().topk_stable(scores.data_ptr(), rows, n, out.shape[1], out.data_ptr(), _stream())
+
+
+for _op in (_moe_align_op, _dequant_op, _l1_op, _l2_op, _requant_op, _combine_op, _topk_op):
     _op.register_fake(lambda *args, **kwargs: None)
 
 
@@ -300,3 +306,17 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
     torch.ops.ep_runtime.combine(y_slot, pair_slot, topk_weights, out)
+
+
+def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(rows, k) int64 indices of each row's k largest scores, in the order of a stable descending sort (the lower
+    index first among equal scores, NaN above everything): torch.sort(scores, descending=True,
+    stable=True).indices[:, :k] without the full sort."""
+    check_tensor(scores, "scores", torch.float32, (None, None))
+    n = scores.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1..{n} (the scores per row), got {k}")
+    check_same_device(dict(scores=scores))
+    out = torch.empty(scores.shape[0], k, dtype=torch.int64, device=scores.device)
+    torch.ops.ep_runtime.topk_stable(scores, out)
+    return out

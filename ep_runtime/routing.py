@@ -9,10 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .config import ModelConfig
 
 
 def _top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k of a stable descending sort; on an sm_90 GPU with the extension, ops.topk_stable (the same
+    indices without the full sort)."""
+    if scores.is_cuda and ops.extension_available("topk_stable"):
+        n = scores.shape[-1]
+        return ops.topk_stable(scores.reshape(-1, n).contiguous(), k).view(*scores.shape[:-1], k)
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 

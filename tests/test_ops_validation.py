@@ -176,3 +176,18 @@ def test_l2_rejects_256_row_tiles_when_hidden_is_not_a_multiple_of_256():
 def test_l2_rejects_256_row_tiles_for_hmma_slot_tiles():
     with pytest.raises(ValueError, match=r"block_m: .*256 only with block_n >= 64\), got 256 with block_n 32"):
         l2_with_tiles(512, 32, 256)
+
+
+def test_topk_stable_rejects_k_above_the_row_length():
+    with pytest.raises(ValueError, match=r"k: expected 1\.\.8 \(the scores per row\), got 9"):
+        ops.topk_stable(torch.zeros(2, 8), 9)
+
+
+def test_topk_stable_rejects_float64_scores():
+    with pytest.raises(TypeError, match="scores: expected dtype torch.float32, got torch.float64"):
+        ops.topk_stable(torch.zeros(2, 8, dtype=torch.float64), 2)
+
+
+def test_topk_stable_rejects_cpu_scores():
+    with pytest.raises(ValueError, match="scores: expected a CUDA tensor, got device cpu"):
+        ops.topk_stable(torch.zeros(2, 8), 2)
