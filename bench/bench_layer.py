@@ -4,7 +4,9 @@
     torchrun --nproc-per-node N bench/bench_layer.py     # N GPUs, one rank each
 
 Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
-events recorded between the stages of eager forwards (EPMoE.stage_marker). With --kernels each row also lists
+events recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs
+on its own stream beside routing and the routed experts, so its stage time is what is left of it after them
+(joining and adding its output). With --kernels each row also lists
 the GPU time of every kernel in one CUDA-graph replay (torch.profiler), whose sum against the replay's time
 shows the gaps between launches. Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """

@@ -73,7 +73,7 @@ class EPMoE(nn.Module):
                 make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
             buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
-        self._workspace = self._shared_workspace = None
+        self._workspace = self._shared_workspace = self._shared_y = self._shared_stream = None
         if self.backend == "cuda":
             from .cuda_experts import ExpertWorkspace
 
@@ -83,6 +83,8 @@ class EPMoE(nn.Module):
             if self.shared is not None:
                 self._shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size,
                                                                   self.shared.intermediate_size, device, self.spec)
+                self._shared_y = torch.empty(n, m.hidden_size, dtype=torch.float32, device=device)
+                self._shared_stream = torch.cuda.Stream(device)
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # Every token visits the shared expert once with weight 1: its routing is constant.
@@ -165,6 +167,7 @@ class EPMoE(nn.Module):
         t = hidden.shape[0]
         acts = self.stage_activations(hidden, check)
         mark("staging")
+        shared = self._start_shared_expert(acts, t)
         topk_idx, topk_weights = self.buffer.set_routing(*self.router(hidden, input_ids, check))
         mark("routing")
         y = self.buffer.y[:t]
@@ -174,17 +177,34 @@ class EPMoE(nn.Module):
         else:
             y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
         mark("experts")
-        if self.shared is not None:
-            lo, hi = self._shared_token_slice(t)
-            if hi > lo:
-                y[lo:hi] += expert_stage(_rows(acts, lo, hi), self._shared_idx[: hi - lo],
-                                         self._shared_w[: hi - lo], self.shared, 0, self.spec, self.backend,
-                                         self._shared_workspace)
+        if shared is not None:
+            lo, hi, out = shared
+            if self._shared_stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._shared_stream)
+            y[lo:hi] += out
         mark("shared")
         self.buffer.backend.all_reduce_(y)
         mark("all_reduce")
         # A copy: never hand out a view of the communication buffer.
         return y.to(self.cfg.runtime.torch_dtype, copy=True)
+
+    def _start_shared_expert(self, acts: NVFP4Tensor | torch.Tensor,
+                             t: int) -> tuple[int, int, torch.Tensor] | None:
+        """This rank's slice [lo, hi) of the shared expert and its output, or None. On the CUDA backend it runs
+        on its own stream from right after staging, beside routing and the routed experts, which it does not
+        need (in decode they leave most SMs idle); forward joins it before adding its output."""
+        if self.shared is None:
+            return None
+        lo, hi = self._shared_token_slice(t)
+        if hi <= lo:
+            return None
+        args = (_rows(acts, lo, hi), self._shared_idx[: hi - lo], self._shared_w[: hi - lo], self.shared, 0,
+                self.spec, self.backend, self._shared_workspace)
+        if self._shared_stream is None:
+            return lo, hi, expert_stage(*args)
+        self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._shared_stream):
+            return lo, hi, expert_stage(*args, self._shared_y[: hi - lo])
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
