@@ -785,12 +785,12 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
 // routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
 // a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
-// experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles also take 64 rows where 128-row tiles would load the SMs unevenly:
-// a decode SM streams at a fixed rate, so the SM with the most rows sets the time (6 of 48 experts in L1: 288
-// tiles of 128 rows leave 24 SMs three, 384 rows; 576 of 64 rows leave none more than 320). Taken where the
-// busiest SM's rows drop by at least 15 %, since a 64-row tile streams a little slower (measured: 6 of 48
-// experts at m=1, L1 65.6 us with 64 rows against 72.4 with 128; L2, 336 or 672 tiles, 384 rows either way,
-// keeps 128).
+// experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles also take 64 rows
+// where 128-row tiles would load the SMs unevenly: a decode SM streams at a fixed rate, so the SM with the most
+// rows sets the time (6 of 48 experts in L1: 288 tiles of 128 rows leave 24 SMs three, 384 rows; 576 of 64 rows
+// leave none more than 320). Taken where the busiest SM's rows drop by at least 15 %, since a 64-row tile
+// streams a little slower (measured: 6 of 48 experts at m=1, L1 65.6 us with 64 rows against 72.4 with 128;
+// L2, 336 or 672 tiles, 384 rows either way, keeps 128).
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
@@ -922,7 +922,8 @@ void requant_dynamic(std::uintptr_t h_f32, std::uintptr_t offsets, int num_exper
                                           inter, ep::as_ptr<unsigned>(amax_ws));
   EP_CHECK_LAUNCH();
   const long blocks = static_cast<long>(max_slots) * (inter / 16);
-  const int q_grid = static_cast<int>(std::max(1L, std::min((blocks + 255) / 256, static_cast<long>(ep::num_sms()) * 8)));
+  const int q_grid =
+      static_cast<int>(std::max(1L, std::min((blocks + 255) / 256, static_cast<long>(ep::num_sms()) * 8)));
   h_requant_kernel<<<q_grid, 256, 0, s>>>(ep::as_ptr<const float>(h_f32), ep::as_ptr<const int>(offsets), num_experts,
                                           inter, ep::as_ptr<const unsigned>(amax_ws), ep::as_ptr<uint8_t>(hq_data),
                                           ep::as_ptr<uint8_t>(hq_scale), ep::as_ptr<__nv_bfloat16>(h_bf16),

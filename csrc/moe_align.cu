@@ -96,7 +96,7 @@ constexpr int kCombineChunk = 4;  // routing weights whose rows one thread loads
 // y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference. A token's
 // columns are split over gridDim.y CTAs, each thread taking a float4 of columns at a time. For kCombineChunk
 // weights at once the thread reads their slots, then loads all their rows, then adds them in order: in decode a
-// token's combine is a few CTAs whose time is load latency, which used to be paid twice per k and column step.
+// token's combine is a few CTAs whose time is load latency, so no row load waits for another.
 template <typename OutT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ y_slot, const int* __restrict__ pair_slot,
