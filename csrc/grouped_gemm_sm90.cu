@@ -796,8 +796,8 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
   if (block_m == 0) {
     const long active = std::min(a.num_experts, std::max(max_slots, 1));
-    const long slot_tiles = ((max_slots + active - 1) / active + BN - 1) / BN;  // per active expert, at least 1
-    auto tiles = [&](int bm) { return active * std::max(slot_tiles, 1L) * (a.n_rows / bm); };
+    const long slot_tiles = std::max(1L, ((max_slots + active - 1) / active + BN - 1) / BN);  // per active expert
+    auto tiles = [&](int bm) { return active * slot_tiles * (a.n_rows / bm); };
     const int sms = ep::num_sms();
     auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * sms; };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;

@@ -5,6 +5,8 @@ wins, because selection is a stable descending sort rather than torch.topk (whos
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,10 +15,16 @@ from . import ops
 from .config import ModelConfig
 
 
+@functools.cache
+def _gpu_selection() -> bool:
+    """ops.topk_stable can run (an sm_90 GPU and the built extension): asked once, not in every forward."""
+    return ops.extension_available("topk_stable")
+
+
 def _top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The first k of a stable descending sort; on an sm_90 GPU with the extension, ops.topk_stable (the same
     indices without the full sort)."""
-    if scores.is_cuda and ops.extension_available("topk_stable"):
+    if scores.is_cuda and _gpu_selection():
         n = scores.shape[-1]
         return ops.topk_stable(scores.reshape(-1, n).contiguous(), k).view(*scores.shape[:-1], k)
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
