@@ -133,18 +133,12 @@ __device__ __forceinline__ uint2 lds64(const void* p) {
   return v;
 }
 
-__device__ __forceinline__ uint32_t lds32(const void* p) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(smem_u32(p)));
-  return v;
-}
-
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m, which lands in the m-th word.
-__device__ __forceinline__ uint4 ldsm_x4(const void* p) {
+__device__ __forceinline__ uint4 ldsm_x4(uint32_t smem_addr) {
   uint4 v;
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(smem_u32(p)));
+               : "r"(smem_addr));
   return v;
 }
 
@@ -261,15 +255,22 @@ __device__ __forceinline__ uint64_t act_desc(uint32_t low) {
 }
 __device__ __forceinline__ uint32_t act_desc_low(uint32_t smem_addr) { return (smem_addr >> 4) | (1u << 16); }
 
+// A fragments of k16 step ST of an atom, dequantized from this lane's 16 code bytes wv and its warp's 8 scale
+// bytes sv of the atom.
+template <int ST>
+__device__ __forceinline__ void dequant_k16(const uint4& wv, const uint2& sv, uint32_t (&af)[4]) {
+  dequant_step<ST & 1>(ST < 2 ? wv.x : wv.y, ST < 2 ? wv.z : wv.w, scale_bf16x2<ST>(sv.x), scale_bf16x2<ST>(sv.y), af);
+}
+
 // One atom's A fragments for its four k16 steps, dequantized: `codes` and `scales` point at this lane's 16 code
 // bytes and its warp's 8 scale bytes of the atom.
 __device__ __forceinline__ void dequant_atom(const uint8_t* codes, const uint8_t* scales, uint32_t (&af)[4][4]) {
   const uint4 wv = lds128(codes);
   const uint2 sv = lds64(scales);
-  dequant_step<0>(wv.x, wv.z, scale_bf16x2<0>(sv.x), scale_bf16x2<0>(sv.y), af[0]);
-  dequant_step<1>(wv.x, wv.z, scale_bf16x2<1>(sv.x), scale_bf16x2<1>(sv.y), af[1]);
-  dequant_step<0>(wv.y, wv.w, scale_bf16x2<2>(sv.x), scale_bf16x2<2>(sv.y), af[2]);
-  dequant_step<1>(wv.y, wv.w, scale_bf16x2<3>(sv.x), scale_bf16x2<3>(sv.y), af[3]);
+  dequant_k16<0>(wv, sv, af[0]);
+  dequant_k16<1>(wv, sv, af[1]);
+  dequant_k16<2>(wv, sv, af[2]);
+  dequant_k16<3>(wv, sv, af[3]);
 }
 
 // acc (64 rows x BN slots, wgmma D layout) += one atom (its fragments af) x one K chunk of the activation stage,
@@ -286,36 +287,57 @@ __device__ __forceinline__ void wgmma_atom(uint32_t act_chunk, uint32_t (&af)[4]
   cute::warpgroup_commit_batch();
 }
 
-// The same product for narrow slot tiles, as this warp's 16 rows by HMMA (m16n8k16 A/C layouts are a warp's
-// slice of wgmma's), B straight from the swizzled stage, conflict-free either way.
-template <int BN>
-__device__ __forceinline__ void hmma_atom(const uint8_t* act_chunk, const uint32_t (&af)[4][4], float (&acc)[BN / 2],
-                                          int lane) {
-  const int g = lane >> 2, t = lane & 3;
+// The same product for narrow slot tiles by HMMA (m16n8k16 A/C layouts are a warp's slice of wgmma's): this
+// warp's 16 rows of each of NA atoms (codes / scales: atom 0's lane and warp pointers, later atoms every
+// kCodeStride / kScaleStride bytes) x one K chunk of the swizzled activation stage. Groups of k16 steps go
+// outermost, so each group's B fragments (conflict-free ldmatrix.x4) serve every atom, and each atom's A fragments
+// are dequantized one step at a time; per accumulator the steps still add in order 0..3.
+template <int BN, int NA, int kCodeStride, int kScaleStride>
+__device__ __forceinline__ void hmma_chunk(uint32_t act_chunk, const uint8_t* codes, const uint8_t* scales,
+                                           float (&acc)[NA * BN / 2], int lane) {
+  // k16 steps per group: two, except with 32 slots, whose accumulators leave registers for one step's B only.
+  constexpr int kS = BN == 32 ? 1 : 2;
+  constexpr int kJ = 2 / kS;  // 8-slot groups per ldmatrix.x4 (its four 8x8 matrices: kJ groups x kS steps x b0/b1)
+  // Lanes 8m..8m+7 point at the rows of matrix m: slot group m / (2 kS) of the load, 16-byte piece
+  // 2 kS G + m % (2 kS) of group G, swizzled by the row (an XOR: group G's address is group 0's XOR (2 kS G) << 4,
+  // the chunk being 1024-byte aligned).
+  const int m = lane >> 3;
+  const uint32_t lane_addr = act_chunk + (8 * (m / (2 * kS)) + (lane & 7)) * 128 + (((m % (2 * kS)) ^ (lane & 7)) << 4);
+  uint4 wv[NA];
+  uint2 sv[NA];
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    float* d = acc + 4 * j;
-    if constexpr (BN <= 16) {
-      // One ldmatrix.x4 gives (b0, b1) of k16 steps 2sp and 2sp+1: lane L points at slot 8j + L % 8, 16-byte
-      // piece (4 sp + L / 8) ^ (L % 8).
-      const uint8_t* row = act_chunk + (8 * j + (lane & 7)) * 128;
+  for (int i = 0; i < NA; ++i) wv[i] = lds128(codes + i * kCodeStride), sv[i] = lds64(scales + i * kScaleStride);
+  auto step_group = [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    // b[j][st]: (b0, b1) of step kS G + st for slots 8j..8j+7 (matrix w of load l: slot group l kJ + w / (2 kS)).
+    uint32_t b[BN / 8][kS][2];
 #pragma unroll
-      for (int sp = 0; sp < 2; ++sp) {
-        const uint4 b = ldsm_x4(row + (((4 * sp + (lane >> 3)) ^ (lane & 7)) << 4));
-        mma_bf16(d[0], d[1], d[2], d[3], af[2 * sp], b.x, b.y);
-        mma_bf16(d[0], d[1], d[2], d[3], af[2 * sp + 1], b.z, b.w);
-      }
-    } else {
-      // 32-slot tiles already use every register that two CTAs per SM leave them: 32-bit loads, each live
-      // briefly. Lane (g, t) reads slot 8j + g, k 2t.. of piece (2 st [+1]) ^ g.
-      const uint8_t* row = act_chunk + (8 * j + g) * 128 + 4 * t;
+    for (int l = 0; l < BN / 8 / kJ; ++l) {
+      const uint4 v = ldsm_x4((lane_addr ^ (kS * G << 5)) + l * kJ * 1024);
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int st = 0; st < 4; ++st) {
-        const uint32_t b0 = lds32(row + (((2 * st) ^ g) << 4));
-        const uint32_t b1 = lds32(row + (((2 * st + 1) ^ g) << 4));
-        mma_bf16(d[0], d[1], d[2], d[3], af[st], b0, b1);
-      }
+      for (int w = 0; w < 4; ++w) b[l * kJ + w / (2 * kS)][(w / 2) % kS][w % 2] = words[w];
     }
+#pragma unroll
+    for (int i = 0; i < NA; ++i) {
+      float* d = acc + i * (BN / 2);
+      auto step = [&](auto st) {
+        uint32_t af[4];
+        dequant_k16<kS * G + decltype(st)::value>(wv[i], sv[i], af);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          mma_bf16(d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3], af, b[j][st][0], b[j][st][1]);
+        }
+      };
+      step(std::integral_constant<int, 0>{});
+      if constexpr (kS == 2) step(std::integral_constant<int, 1>{});
+    }
+  };
+  step_group(std::integral_constant<int, 0>{});
+  step_group(std::integral_constant<int, 1>{});
+  if constexpr (kS == 1) {
+    step_group(std::integral_constant<int, 2>{});
+    step_group(std::integral_constant<int, 3>{});
   }
 }
 
@@ -487,8 +509,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
                                         uint64_t* empty) {
   const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
-  const uint8_t* act_ring = smem;
-  const uint32_t act_ring_u32 = smem_u32(act_ring);  // wgmma descriptors are made from shared addresses
+  const uint32_t act_ring_u32 = smem_u32(smem);  // MMA operands are read through shared addresses
   const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   const uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
@@ -522,27 +543,30 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
       // cp.async data -> wgmma's proxy (TMA writes in that proxy already)
       if (TL::kWgmma && !a.act_tma) cutlass::arch::fence_view_async_shared();
-#pragma unroll 1  // unrolled, the two chunks' fragments compete for registers
+      // Rolled for wgmma (the chunks' fragments would compete for registers) and for 32-slot HMMA tiles (no
+      // registers to spare); narrower HMMA tiles unrolled start the next chunk's loads under this chunk's math.
+#pragma unroll (BN <= 16 ? TL::kChunks : 1)
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
-        const uint8_t* act_stage = act_ring + s * TL::kActBytes + cc * TL::kChunkActBytes;
-        // The warpgroup's atoms of this chunk, dequantized: af[i][st] is atom i's A fragment of k16 step st.
-        // wgmma: each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
+        const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
+        // wgmma: the warpgroup's atoms of this chunk, dequantized (af[i][st]: atom i's A fragment of k16 step
+        // st); each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
         // dequantization overlaps them (its fragments live in other registers); all drain at the chunk's end.
-        // HMMA consumes each atom's fragments right away.
-        uint32_t af[TL::kWgmma ? TL::kWgAtoms : 1][4][4];
+        const int atom0 = TL::kSplitK ? 0 : wg * TL::kWgAtoms;
+        const uint8_t* codes = w_ring + s * TL::kWeightBytes + (atom0 * TL::kChunks + cc) * kAtomBytes + cw * 512 + lane * 16;
+        const uint8_t* scales =
+            s_ring + s * TL::kScaleBytes + (atom0 * TL::kChunks + cc) * kAtomScaleBytes + cw * 64 + g * 8;
+        if constexpr (TL::kWgmma) {
+          uint32_t af[TL::kWgAtoms][4][4];
 #pragma unroll
-        for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
-          const int atom = TL::kSplitK ? ia : wg * TL::kWgAtoms + ia, i = TL::kWgmma ? ia : 0;
-          const int w_idx = atom * TL::kChunks + cc;  // in the stage's [atom][chunk] weights
-          dequant_atom(w_ring + s * TL::kWeightBytes + w_idx * kAtomBytes + cw * 512 + lane * 16,
-                       s_ring + s * TL::kScaleBytes + w_idx * kAtomScaleBytes + cw * 64 + g * 8, af[i]);
-          float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
-          if constexpr (TL::kWgmma) {
-            wgmma_atom<BN>(act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes, af[i], acc_i);
-          } else {
-            hmma_atom<BN>(act_stage, af[i], acc_i, lane);
+          for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
+            dequant_atom(codes + ia * TL::kChunks * kAtomBytes, scales + ia * TL::kChunks * kAtomScaleBytes, af[ia]);
+            float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
+            wgmma_atom<BN>(act_chunk, af[ia], acc_i);
           }
+        } else {
+          hmma_chunk<BN, TL::kWgAtoms, TL::kChunks * kAtomBytes, TL::kChunks * kAtomScaleBytes>(act_chunk, codes, scales,
+                                                                                                 acc, lane);
         }
         if constexpr (TL::kWgmma) {
           // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
