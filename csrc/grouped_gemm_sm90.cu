@@ -167,12 +167,6 @@ __device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity) {
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -193,12 +187,22 @@ __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   return (rotr(w, 6) & 0x81808180u) | (rotr(w, 14) & 0x00400040u);
 }
 
-// Scale byte K of w -> bf16x2 (s, s) with s = sf * 2^118. The byte was encoded at load (sm90_layout.py) as
-// (E - 236) << 3 | M from the bf16 exponent E and top mantissa bits M of s, which every UE4M3 value fits
-// exactly (subnormals included), so a PRMT into both halves and one IMAD rebuild it. 2^109 <= s < 2^127.
+// Scale bytes K and K+2 (K = 0 or 1) of w -> bf16x2 (s_K, s_K+2) with s = sf * 2^118. Each byte was encoded at
+// load (sm90_layout.py) as (E - 236) << 3 | M from the bf16 exponent E and top mantissa bits M of s, which
+// every UE4M3 value fits exactly (subnormals included), so a mask (and shift) puts two bytes at bits 4-11 of
+// the halves and one add rebuilds both. 2^109 <= s < 2^127.
 template <int K>
-__device__ __forceinline__ uint32_t scale_bf16x2(uint32_t w) {
-  return prmt(w, 0u, 0x4040u | (K << 8) | K) * 16u + 0x76007600u;
+__device__ __forceinline__ uint32_t scale_pair(uint32_t w) {
+  return (K == 0 ? (w & 0x00FF00FFu) << 4 : (w >> 4) & 0x0FF00FF0u) + 0x76007600u;
+}
+
+// (x.H, x.H) from half H of a bf16x2: ptxas folds it into the multiply that takes it as an operand selector
+// (.H0_H0 / .H1_H1), so it costs no instruction.
+template <int H>
+__device__ __forceinline__ uint32_t bcast_half(uint32_t x) {
+  const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&x);
+  const __nv_bfloat162 r = H == 0 ? __low2bfloat162(v) : __high2bfloat162(v);
+  return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 // wgmma A fragment of one k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..).
@@ -259,7 +263,8 @@ __device__ __forceinline__ uint32_t act_desc_low(uint32_t smem_addr) { return (s
 // bytes sv of the atom.
 template <int ST>
 __device__ __forceinline__ void dequant_k16(const uint4& wv, const uint2& sv, uint32_t (&af)[4]) {
-  dequant_step<ST & 1>(ST < 2 ? wv.x : wv.y, ST < 2 ? wv.z : wv.w, scale_bf16x2<ST>(sv.x), scale_bf16x2<ST>(sv.y), af);
+  dequant_step<ST & 1>(ST < 2 ? wv.x : wv.y, ST < 2 ? wv.z : wv.w, bcast_half<ST / 2>(scale_pair<ST & 1>(sv.x)),
+                       bcast_half<ST / 2>(scale_pair<ST & 1>(sv.y)), af);
 }
 
 // One atom's A fragments for its four k16 steps, dequantized: `codes` and `scales` point at this lane's 16 code
