@@ -109,7 +109,7 @@ def test_cuda_stage_rejects_row_layout_weights():
 
 
 def test_encoded_scale_rebuilds_the_exact_bf16_of_every_ue4m3_value_times_2_pow_118():
-    """The kernel's scale_bf16x2: bf16 bits = (byte << 4) + 0x7600."""
+    """The kernel's scale_pair: each half's bf16 bits = (byte << 4) + 0x7600."""
     raw = torch.arange(1, 0x7F, dtype=torch.uint8)  # every positive finite UE4M3, subnormals included
     enc = sm90_layout.encode_scales(raw).int()
     rebuilt = ((enc << 4) + 0x7600).to(torch.int16).view(torch.bfloat16).float()

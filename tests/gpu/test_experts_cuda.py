@@ -256,6 +256,27 @@ def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
     assert rel_l2(y, l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)) <= 4e-3
 
 
+@pytest.mark.parametrize("block_n", [8, 64])
+def test_every_ue4m3_scale_dequantizes_exactly_in_the_kernel(block_n, gen):
+    """Weight row r of expert x takes block scale byte 1 + (256 x + r) % 126 all along K: every positive finite
+    UE4M3 value (subnormals and 448 included) passes through the kernel's scale decoding, in HMMA (8 slots) and
+    wgmma (64) tiles. Each output column is checked on its own scale, so a tiny scale decoded wrongly shows."""
+    e, h, i, t, k = 2, 256, 256, 48, 2
+    weights = random_weights(e, h, i, gen)
+    rows = torch.arange(e * h, device=DEV).reshape(e, h, 1)
+    weights.w2_scale.view(torch.uint8).copy_((1 + rows % 126).to(torch.uint8).expand(e, h, i // 16))
+    slots = map_slots(routing("uneven", t, k, e, gen)[0], e, 0)
+    n, kw = slots.num_slots, tiled(weights)
+    h_in = torch.randn(n, i, generator=gen).to(DEV, torch.bfloat16)
+    y = torch.full((n, h), float("nan"), device=DEV)
+    ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, h_in, None, slots.offsets, y, block_n, 0)
+    ref = l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)
+    for x in range(e):
+        lo, hi = slots.offsets[x].item(), slots.offsets[x + 1].item()
+        err = (y[lo:hi] - ref[lo:hi]).norm(dim=0) / ref[lo:hi].norm(dim=0)
+        assert err.max().item() <= 4e-3, f"expert {x}: worst column {err.argmax().item()} off by {err.max().item():.2e}"
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_h_requant_equals_quantize_h_bitwise(mode, gen):
     """Given the kernel's own fp32 h, its NVFP4 bytes, scales and global scales are the reference's exactly."""
