@@ -231,6 +231,16 @@ EP_GMMA_RS(64)
 EP_GMMA_RS(128)
 #undef EP_GMMA_RS
 
+// f(std::integral_constant<int, i>) for i = 0..N-1, unrolled at compile time (template arguments inside f).
+template <int N, typename F, int... I>
+__device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+__device__ __forceinline__ void static_for(F&& f) {
+  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
 template <int N, size_t... I>
 __device__ __forceinline__ void gmma_impl(const uint32_t (&a)[4], uint64_t desc, float (&d)[N / 2],
                                           std::index_sequence<I...>) {
@@ -312,7 +322,7 @@ __device__ __forceinline__ void hmma_chunk(uint32_t act_chunk, const uint8_t* co
   uint2 sv[NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) wv[i] = lds128(codes + i * kCodeStride), sv[i] = lds64(scales + i * kScaleStride);
-  auto step_group = [&](auto group) {
+  static_for<4 / kS>([&](auto group) {
     constexpr int G = decltype(group)::value;
     // b[j][st]: (b0, b1) of step kS G + st for slots 8j..8j+7 (matrix w of load l: slot group l kJ + w / (2 kS)).
     uint32_t b[BN / 8][kS][2];
@@ -326,24 +336,16 @@ __device__ __forceinline__ void hmma_chunk(uint32_t act_chunk, const uint8_t* co
 #pragma unroll
     for (int i = 0; i < NA; ++i) {
       float* d = acc + i * (BN / 2);
-      auto step = [&](auto st) {
+      static_for<kS>([&](auto st) {
         uint32_t af[4];
         dequant_k16<kS * G + decltype(st)::value>(wv[i], sv[i], af);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           mma_bf16(d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3], af, b[j][st][0], b[j][st][1]);
         }
-      };
-      step(std::integral_constant<int, 0>{});
-      if constexpr (kS == 2) step(std::integral_constant<int, 1>{});
+      });
     }
-  };
-  step_group(std::integral_constant<int, 0>{});
-  step_group(std::integral_constant<int, 1>{});
-  if constexpr (kS == 1) {
-    step_group(std::integral_constant<int, 2>{});
-    step_group(std::integral_constant<int, 3>{});
-  }
+  });
 }
 
 // SwiGLU of G consecutive columns c.. of slot n, gate/up read through gate_up(n, column, gate, up).
@@ -569,14 +571,12 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
             float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
             wgmma_atom<BN>(act_chunk, af[ia], acc_i);
           }
-        } else {
-          hmma_chunk<BN, TL::kWgAtoms, TL::kChunks * kAtomBytes, TL::kChunks * kAtomScaleBytes>(act_chunk, codes, scales,
-                                                                                                 acc, lane);
-        }
-        if constexpr (TL::kWgmma) {
           // Register A operands cannot stay in flight across stages: ptxas would serialize every wgmma (C7513).
           cute::warpgroup_wait<0>();
           fence_all(acc);
+        } else {
+          hmma_chunk<BN, TL::kWgAtoms, TL::kChunks * kAtomBytes, TL::kChunks * kAtomScaleBytes>(act_chunk, codes, scales,
+                                                                                                 acc, lane);
         }
       }
       release(s);
@@ -780,8 +780,6 @@ __global__ void nvfp4_dequant_rows_kernel(const uint8_t* __restrict__ data, cons
     reinterpret_cast<uint4*>(out + 16 * i)[1] = make_uint4(v[4], v[5], v[6], v[7]);
   }
 }
-
-
 
 template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
