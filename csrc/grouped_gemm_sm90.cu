@@ -813,11 +813,12 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
 // a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
 // experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles also take 64 rows
-// where 128-row tiles would load the SMs unevenly: a decode SM streams at a fixed rate, so the SM with the most
-// rows sets the time (6 of 48 experts in L1: 288 tiles of 128 rows leave 24 SMs three, 384 rows; 576 of 64 rows
-// leave none more than 320). Taken where the busiest SM's rows drop by at least 15 %, since a 64-row tile
-// streams a little slower (measured: 6 of 48 experts at m=1, L1 65.6 us with 64 rows against 72.4 with 128;
-// L2, 336 or 672 tiles, 384 rows either way, keeps 128).
+// where 128-row tiles would load the SMs unevenly: a decode SM streams at a nearly fixed rate, so the SM with the
+// most rows sets the time. The count takes tile t to run on SM t mod SMs, which the hardware does not do (with
+// three blocks per SM, blocks 0, 32 and 88 share one on an H100), so it is an estimate and the rule stands on
+// measurement: 6 of 48 experts at m=1, L1 65.6 us with 64-row tiles against 72.4 with 128 (the count: 320
+// against 384 rows on the busiest SM); L2 (336 or 672 tiles, 384 rows either way by the count) keeps 128. Taken
+// where the count drops by at least 15 %, since a 64-row tile streams a little slower.
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
