@@ -232,13 +232,13 @@ EP_GMMA_RS(128)
 #undef EP_GMMA_RS
 
 // f(std::integral_constant<int, i>) for i = 0..N-1, unrolled at compile time (template arguments inside f).
-template <int N, typename F, int... I>
+template <typename F, int... I>
 __device__ __forceinline__ void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
   (f(std::integral_constant<int, I>{}), ...);
 }
 template <int N, typename F>
 __device__ __forceinline__ void static_for(F&& f) {
-  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
 }
 
 template <int N, size_t... I>
@@ -812,16 +812,14 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
 // routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
 // a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
-// experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles also take 64 rows
-// where 128-row tiles would load the SMs unevenly: a decode SM streams at a nearly fixed rate, so the SM with the
-// most rows sets the time. The count takes tile t to run on SM t mod SMs, which the hardware does not do (with
-// three blocks per SM, blocks 0, 32 and 88 share one on an H100), so it is an estimate and the rule stands on
-// measurement: 6 of 48 experts at m=1, L1 65.6 us with 64-row tiles against 72.4 with 128 (the count: 320
-// against 384 rows on the busiest SM); L2 (336 or 672 tiles, 384 rows either way by the count) keeps 128. Taken
-// where the count drops by at least 15 %, since a 64-row tile streams a little slower - except for 8-slot tiles,
-// which always take 64 rows: in medians of repeated runs they were never slower than 128-row ones (m=1 with 1 to
-// 48 active experts, m=4, m=8 with 48 and 6; L1 m=1 with all 48 active 0.407 against 0.412 ms, L2 0.211 against
-// 0.213), while 16-slot tiles lose 5-7 % with 64 rows at m=16.
+// experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles take 64 rows
+// - always with 8 slots: measured never slower than 128 rows, from 1 to 48 active experts at m=1 and at m=4
+//   and 8 (L1 m=1, all active: 0.407 against 0.412 ms), while 16-slot tiles lose 5-7 % at m=16;
+// - with 16 or 32 slots where 128-row tiles would load the SMs unevenly (a decode SM streams at a nearly fixed
+//   rate, so the SM with the most rows sets the time) by at least 15 %, since a 64-row tile streams a little
+//   slower. The count takes tile t to run on SM t mod SMs, which the hardware does not do (bench/smid_probe.cu),
+//   so it is an estimate; the rule stands on measurement (6 of 48 experts at m=1 in L1: 65.6 us with 64-row
+//   tiles against 72.4 with 128). bench/NOTES_experts.md has the numbers.
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
@@ -833,7 +831,7 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
     auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * sms; };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
     auto busiest_rows = [&](int bm) { return (tiles(bm) + sms - 1) / sms * bm; };
-    if (block_m == 128 && !uses_wgmma(BN) && (BN == 8 || busiest_rows(64) * 20 <= busiest_rows(128) * 17)) block_m = 64;
+    if (!uses_wgmma(BN) && (BN == 8 || busiest_rows(64) * 20 <= busiest_rows(128) * 17)) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
