@@ -20,9 +20,11 @@
 //   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
 //   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
 //   partial sums in the epilogue.
-// - Measured on H100: the wgmmas do not overlap the instructions issued around them (dequantization, copies,
-//   barriers): time is the tensor work plus everything else. So every instruction per stage counts, on every
-//   scheduler: the producer keeps its addresses in registers and spreads its bulk copies over its warps.
+// - Measured on H100: alone, a consumer chunk (dequantization and wgmmas of two warpgroups) keeps the tensor pipe
+//   94 % busy (bench/wgmma_probe.cu), but in the kernel the copies and the epilogue add to the tensor time rather
+//   than hide under it (and at the board's power cap every instruction lowers the clock). So every instruction
+//   counts, on every scheduler: the producer keeps its addresses in registers and spreads its bulk copies over its
+//   warps, and the epilogue reads shared memory 16 bytes at a time.
 // - No function calls (printf included) anywhere in the kernel: ptxas would serialize every wgmma (C7510).
 //   CI checks the sm_90a build for that and for spills.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
@@ -134,14 +136,25 @@ __device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity) {
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
 
-// SwiGLU of G consecutive columns c.. of slot n, gate/up read through gate_up(n, column, gate, up).
-template <int G, typename GateUp>
-__device__ __forceinline__ void swiglu_columns(const GateUp& gate_up, int n, int c, float limit, float (&h)[G]) {
+// Four accumulator sums at p (shared memory, 16-byte aligned) as outputs: one vector load, then each value times
+// 2^8 (the dequantization's shift) and the alpha, rounded as the reference does.
+__device__ __forceinline__ void scaled4(const float* p, float alpha, float (&v)[4]) {
+  const float4 q = *reinterpret_cast<const float4*>(p);
+  const float raw[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-  for (int i = 0; i < G; ++i) {
-    float gate, up;
-    gate_up(n, c + i, gate, up);
-    h[i] = swiglu(gate, up, limit);
+  for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fmul_rn(raw[i], kDequantShift), alpha);
+}
+
+// SwiGLU of G consecutive columns c.. of slot n (c and G multiples of 4), gate/up read four columns at a time
+// through gate_up4(n, column, gate, up).
+template <int G, typename GateUp4>
+__device__ __forceinline__ void swiglu_columns(const GateUp4& gate_up4, int n, int c, float limit, float (&h)[G]) {
+#pragma unroll
+  for (int i = 0; i < G; i += 4) {
+    float gate[4], up[4];
+    gate_up4(n, c + i, gate, up);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[i + j] = swiglu(gate[j], up[j], limit);
   }
 }
 
@@ -407,13 +420,10 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
         for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
           const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
-          const float* src = epi + n * TL::kEpiStride + c;
-          float4 v;
-          v.x = __fmul_rn(__fmul_rn(src[0], kDequantShift), alpha);
-          v.y = __fmul_rn(__fmul_rn(src[1], kDequantShift), alpha);
-          v.z = __fmul_rn(__fmul_rn(src[2], kDequantShift), alpha);
-          v.w = __fmul_rn(__fmul_rn(src[3], kDequantShift), alpha);
-          *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) = v;
+          float v[4];
+          scaled4(epi + n * TL::kEpiStride + c, alpha, v);
+          *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) =
+              make_float4(v[0], v[1], v[2], v[3]);
         }
         continue;
       }
@@ -422,28 +432,29 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       const float x_gs = a.act_gs ? a.act_gs[0] : 1.f;
       const float alpha_g = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e], x_gs) : a.w_alpha[2 * e];
       const float alpha_u = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e + 1], x_gs) : a.w_alpha[2 * e + 1];
-      auto gate_up = [&](int n, int c, float& gate, float& up) {
+      // Columns c..c+3 (c % 4 == 0) sit in one 32-row group, so each half is one 16-byte load.
+      auto gate_up4 = [&](int n, int c, float (&gate)[4], float (&up)[4]) {
         const float* p = epi + n * TL::kEpiStride + (c >> 5) * kAtomRows + (c & 31);
-        gate = __fmul_rn(__fmul_rn(p[0], kDequantShift), alpha_g);
-        up = __fmul_rn(__fmul_rn(p[32], kDequantShift), alpha_u);
+        scaled4(p, alpha_g, gate);
+        scaled4(p + 32, alpha_u, up);
       };
       const int j0 = tl.nt * HALF;  // first intermediate column of this tile
 
       if (a.epilogue == kGateUp) {
-        for (int idx = ctid; idx < nvalid * HALF; idx += kConsumers) {
-          const int n = idx / HALF, c = idx % HALF;
-          float gate, up;
-          gate_up(n, c, gate, up);
+        for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
+          const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
+          float gate[4], up[4];
+          gate_up4(n, c, gate, up);
           float* row = a.out_f32 + static_cast<size_t>(slot0 + n) * (2 * a.inter);
-          row[j0 + c] = gate;
-          row[a.inter + j0 + c] = up;
+          *reinterpret_cast<float4*>(row + j0 + c) = make_float4(gate[0], gate[1], gate[2], gate[3]);
+          *reinterpret_cast<float4*>(row + a.inter + j0 + c) = make_float4(up[0], up[1], up[2], up[3]);
         }
       } else if (a.epilogue == kHNvfp4) {
         const float gs = a.h_gs[e];
         for (int idx = ctid; idx < nvalid * (HALF / 16); idx += kConsumers) {
           const int n = idx / (HALF / 16), c = 16 * (idx % (HALF / 16));
           float h[16];
-          swiglu_columns(gate_up, n, c, a.swiglu_limit, h);
+          swiglu_columns(gate_up4, n, c, a.swiglu_limit, h);
           const size_t s = slot0 + n;
           quantize_block16(h, gs, a.hq_data + s * (a.inter / 2) + (j0 + c) / 2,
                            a.hq_scale + s * (a.inter / 16) + (j0 + c) / 16,
@@ -453,7 +464,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
           const int n = idx / (HALF / 4), c = 4 * (idx % (HALF / 4));
           float h[4];
-          swiglu_columns(gate_up, n, c, a.swiglu_limit, h);
+          swiglu_columns(gate_up4, n, c, a.swiglu_limit, h);
           const size_t off = static_cast<size_t>(slot0 + n) * a.inter + j0 + c;
           if (a.epilogue == kHF32) {
             *reinterpret_cast<float4*>(a.out_f32 + off) = make_float4(h[0], h[1], h[2], h[3]);
@@ -473,7 +484,9 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
     grouped_gemm_kernel(const __grid_constant__ GemmArgs a) {
   using TL = Tiles<BM, BN>;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  // Rounded up to 1024 bytes (the 128B swizzle) by pointer arithmetic, not through an integer, so the compiler
+  // still knows every pointer below is shared memory and the epilogue's loads and stores are LDS/STS, not generic.
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + TL::kBarrierOffset);
   uint64_t* empty = full + TL::kStages;
   int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);  // [E+1]
