@@ -11,13 +11,18 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def commit() -> str:
-    """EP_COMMIT when set (GPU machines receive the work tree without .git), else `git rev-parse HEAD`."""
+def commit(repo: Path = REPO) -> str:
+    """EP_COMMIT when set, else `git rev-parse HEAD` with "-dirty" appended where tracked files differ from it.
+
+    GPU machines receive the work tree copied over a checkout of the session's first commit, so there HEAD alone
+    names a stale commit; the suffix keeps a result from claiming code it did not run."""
     if os.environ.get("EP_COMMIT"):
         return os.environ["EP_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=REPO).stdout.strip()
+        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                           cwd=repo).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        return head + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else head
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
