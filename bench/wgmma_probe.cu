@@ -1,23 +1,30 @@
-// How fast can the tensor pipe run the prefill tile's products, and what does the dequantization cost it?
-// Every SM runs one CTA whose consumer warpgroups repeat the grouped GEMM's per-chunk work (64 K of a weight
-// tile against a slot tile in shared memory, random data) with nothing else around it: no producer, no
-// barriers, no epilogue. Variants:
+// How fast can the tensor pipe run the prefill tile's products, and what do the dequantization and the copies cost
+// it? Every SM runs one CTA whose consumer warpgroups repeat the grouped GEMM's per-chunk work (64 K of a weight
+// tile against a slot tile in shared memory, random data) with nothing else around it (no barriers, no epilogue,
+// and no producer except in the last two variants). Variants:
 //   rs_fixed  A fragments dequantized once, then only the register-A wgmmas (the tensor pipe's ceiling for RS)
 //   rs_deq    the kernel's consumer chunk: dequantize each atom from shared memory, issue its wgmmas, drain
 //   ss_fixed  A (BF16) read from shared memory by the wgmma itself (SS form)
 //   ss_deq    dequantize into shared memory (128B-swizzled BF16), then SS wgmmas
+//   rs_bulk   rs_deq while a third warpgroup copies a 256x128 stage's bytes per chunk (16 KB of activations and
+//             9 KB of weights, L2-resident) into shared memory by bulk copy, paced by the consumers' progress
+//   rs_cpasync the same with the activations by 16-byte cp.async from every copier thread (L1's gather path)
 // with 2 (or 1) consumer warpgroups, each owning 2 atoms x 128 slots (256x128 tile) or 1 atom x 256 slots (128x256).
 // Cycles per chunk are printed next to the tensor-pipe minimum (1024 for 256x128x64 at 2048 BF16 MACs per cycle).
 // Build and run on the GPU machine:
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90a -Icsrc -I<cutlass>/include bench/wgmma_probe.cu
-// Result on an H100 (bench/NOTES_experts.md, ninth session): two warpgroups, 256x128: rs_fixed 1024 cycles per chunk
-// (the minimum), rs_deq 1087 (94 %), ss_fixed 1024, ss_deq 1995; 128x256: rs_deq 1024, ss_deq 1255. One warpgroup
-// alone: rs_fixed 560 and rs_deq 834 against a minimum of 512. So the consumer's dequantization nearly hides under
-// two warpgroups' wgmmas; what the grouped GEMM loses beyond that is outside this loop.
+// Result on an H100 (bench/NOTES_experts.md, ninth session, second run): two warpgroups, 256x128: rs_fixed 1024
+// cycles per chunk (the minimum), rs_deq 1095 (94 %), ss_fixed 1024, ss_deq 1778; 128x256: rs_deq 1024, ss_deq 1157.
+// One warpgroup alone: rs_fixed 563 and rs_deq 793 against a minimum of 512. With a stage's copies streaming in
+// beside them: rs_bulk 1212, rs_cpasync 1290 cycles, and the SM clock 1612 / 1481 MHz against 1723 (power). So the
+// dequantization hides under two warpgroups' wgmmas, and the copies do not: they take 11-18 % of the consumers'
+// cycles and lower the clock, before any wait for their data.
 #include "cuda_check.h"
 #include "sm90_fragments.cuh"
+#include "sm90_pipeline.cuh"
 
 #include <cute/arch/mma_sm90_desc.hpp>
+#include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -27,7 +34,11 @@ using namespace ep::sm90;
 
 namespace {
 
-enum Mode : int { kRsFixed, kRsDeq, kSsFixed, kSsDeq };
+enum Mode : int { kRsFixed, kRsDeq, kSsFixed, kSsDeq, kRsBulk, kRsCpAsync };
+constexpr bool copies(int mode) { return mode == kRsBulk || mode == kRsCpAsync; }
+constexpr int threads(int mode) { return copies(mode) ? 384 : 256; }
+constexpr int kActBytes = 16384, kWeightBytes = 9216, kCopyBytes = kActBytes + kWeightBytes;  // one chunk's copies
+constexpr int kSourceChunks = 8;  // per CTA, rotating: 132 x 8 x 25 KB stays in the 50 MB L2
 constexpr int kChunkBytesB = 256 * 128;    // slot tile: up to 256 slots x 64 K BF16, 128B-swizzled
 constexpr int kAtomA = 64 * 128;           // one atom's 64 rows x 64 K BF16 (SS forms)
 constexpr int kAtomCodes = 2048 + 256;     // one atom's codes + scales in the SM90 layout
@@ -35,7 +46,7 @@ constexpr int kChunks = 2;                 // buffers the chunks alternate betwe
 constexpr int kSmemB = kChunks * kChunkBytesB;
 constexpr int kSmemA = kChunks * 4 * kAtomA;
 constexpr int kSmemCodes = kChunks * 4 * kAtomCodes;
-constexpr int kSmem = 1024 + kSmemB + kSmemA + kSmemCodes;
+constexpr int kSmem = 1024 + kSmemB + kSmemA + kSmemCodes + 64;  // + progress counter and two barriers
 
 template <int N>
 struct GmmaSS;
@@ -60,13 +71,48 @@ __device__ __forceinline__ uint32_t hash(uint32_t x) {
 // A fragment word (row r of the atom, k pair at byte offset kb of its 128-byte row) -> its swizzled place.
 __device__ __forceinline__ uint32_t swz(int r, int kb) { return r * 128 + ((((kb >> 4) ^ r) & 7) << 4) + (kb & 15); }
 
+// The copier warpgroup: chunk i's bytes into buffer i % 2 (the A region, unused by the RS forms) once the consumers
+// have started chunk i, as the grouped GEMM's producer keeps the ring ahead of them.
+template <int Mode>
+__device__ __forceinline__ void copy_chunks(int iters, const uint8_t* src, uint8_t* dst_buf, volatile int* progress,
+                                            uint64_t* bar) {
+  const int ctid = threadIdx.x - 256;
+  for (int i = 0; i < iters; ++i) {
+    spin_until([&] { return *progress > i; });
+    const int b = i & 1;
+    if (i >= 2) wait_phase(&bar[b], ((i >> 1) - 1) & 1);
+    uint8_t* dst = dst_buf + b * kCopyBytes;
+    const uint8_t* s = src + (static_cast<size_t>(blockIdx.x) * kSourceChunks + i % kSourceChunks) * kCopyBytes;
+    if (ctid == 0) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar[b], Mode == kRsBulk ? kCopyBytes : kWeightBytes);
+      if (Mode == kRsBulk) bulk_copy(dst, s, kActBytes, &bar[b]);
+      bulk_copy(dst + kActBytes, s + kActBytes, kWeightBytes, &bar[b]);
+    }
+    if constexpr (Mode == kRsCpAsync) {
+#pragma unroll
+      for (int j = 0; j < kActBytes / 16 / 128; ++j) {
+        const int piece = ctid + 128 * j;
+        cp_async16(smem_u32(dst + 16 * piece), s + 16 * piece, 16);
+      }
+      cutlass::arch::cpasync_barrier_arrive_noinc(&bar[b]);
+    }
+  }
+  for (int i = iters > 2 ? iters - 2 : 0; i < iters; ++i) {
+    wait_phase(&bar[i & 1], (i >> 1) & 1);
+  }
+}
+
 template <int Mode, int NA, int BN>
-__global__ void __launch_bounds__(256, 1) probe(int iters, int warpgroups, float* sink, long long* cycles) {
+__global__ void __launch_bounds__(threads(Mode), 1)
+    probe(int iters, int warpgroups, const uint8_t* src, float* sink, long long* cycles) {
   extern __shared__ uint8_t raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
+  // Rounded up by pointer arithmetic so that the compiler keeps every pointer below in the shared space.
+  uint8_t* smem = raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
   uint8_t* b_buf = smem;
   uint8_t* a_buf = b_buf + kSmemB;
   uint8_t* c_buf = a_buf + kSmemA;
+  volatile int* progress = reinterpret_cast<volatile int*>(c_buf + kSmemCodes);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(c_buf + kSmemCodes + 16);
   // Random BF16 of magnitude 2^-7..2 (B and A), random codes, scale bytes in the encoder's range.
   for (int i = threadIdx.x; i < (kSmemB + kSmemA) / 4; i += blockDim.x) {
     const uint32_t h = hash(i * 2654435761u + blockIdx.x);
@@ -77,7 +123,20 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, int warpgroups, float
     const uint32_t h = hash(i * 40503u + 7 * blockIdx.x + 1);
     c_buf[i] = (i % kAtomCodes) < 2048 ? h & 0xFF : 8 + h % 136;
   }
+  if (threadIdx.x == 0) {
+    *progress = 0;
+    for (int b = 0; b < 2; ++b) cutlass::arch::ClusterBarrier::init(&bar[b], Mode == kRsCpAsync ? 129 : 1);
+    cutlass::arch::fence_barrier_init();
+  }
   __syncthreads();
+  if constexpr (copies(Mode)) {
+    if (threadIdx.x >= 256) {
+      cutlass::arch::warpgroup_reg_dealloc<40>();
+      copy_chunks<Mode>(iters, src, a_buf, progress, bar);
+      return;
+    }
+    cutlass::arch::warpgroup_reg_alloc<232>();
+  }
   const int wg = threadIdx.x >> 7, cw = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if (wg >= warpgroups) return;
   float acc[NA][BN / 2];
@@ -96,11 +155,12 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, int warpgroups, float
   const long long t0 = clock64();
   for (int it = 0; it < iters; ++it) {
     const int c = it & (kChunks - 1);
+    if (copies(Mode) && threadIdx.x == 0) *progress = it + 1;
     const uint32_t b_chunk = smem_u32(b_buf + c * kChunkBytesB);
 #pragma unroll
     for (int ia = 0; ia < NA; ++ia) {
-      if constexpr (Mode == kRsFixed || Mode == kRsDeq) {
-        if (Mode == kRsDeq) dequant_atom(codes(c, ia), scales(c, ia), af[ia]);
+      if constexpr (Mode != kSsFixed && Mode != kSsDeq) {
+        if (Mode != kRsFixed) dequant_atom(codes(c, ia), scales(c, ia), af[ia]);
         wgmma_atom<BN>(b_chunk, af[ia], acc[ia]);
       } else {
         if constexpr (Mode == kSsDeq) {
@@ -142,8 +202,14 @@ __global__ void __launch_bounds__(256, 1) probe(int iters, int warpgroups, float
   if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
 }
 
+__global__ void fill_random(uint32_t* p, long n) {
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x) {
+    p[i] = hash(static_cast<uint32_t>(i) * 2246822519u + 3);
+  }
+}
+
 template <int Mode, int NA, int BN>
-void run(const char* name, int warpgroups, int iters) {
+void run(const char* name, int warpgroups, int iters, const uint8_t* src) {
   auto kernel = probe<Mode, NA, BN>;
   const int sms = ep::num_sms();
   EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
@@ -154,14 +220,14 @@ void run(const char* name, int warpgroups, int iters) {
   cudaEvent_t e0, e1;
   EP_CUDA_CHECK(cudaEventCreate(&e0));
   EP_CUDA_CHECK(cudaEventCreate(&e1));
-  kernel<<<sms, 256, kSmem>>>(iters / 4, warpgroups, sink, cycles);  // warm-up
+  kernel<<<sms, threads(Mode), kSmem>>>(iters / 4, warpgroups, src, sink, cycles);  // warm-up
   EP_CHECK_LAUNCH();
   float best_ms = 1e30f;
   std::vector<long long> cyc(sms);
   double best_cycles = 0;
   for (int rep = 0; rep < 5; ++rep) {
     EP_CUDA_CHECK(cudaEventRecord(e0));
-    kernel<<<sms, 256, kSmem>>>(iters, warpgroups, sink, cycles);
+    kernel<<<sms, threads(Mode), kSmem>>>(iters, warpgroups, src, sink, cycles);
     EP_CHECK_LAUNCH();
     EP_CUDA_CHECK(cudaEventRecord(e1));
     EP_CUDA_CHECK(cudaEventSynchronize(e1));
@@ -185,15 +251,23 @@ void run(const char* name, int warpgroups, int iters) {
 
 int main() {  // a CUDA error ends it with the failing call's message (EP_CUDA_CHECK throws)
   const int iters = 20000;
+  uint8_t* src = nullptr;  // what the copier warpgroup streams in
+  const long src_bytes = static_cast<long>(ep::num_sms()) * kSourceChunks * kCopyBytes;
+  EP_CUDA_CHECK(cudaMalloc(&src, src_bytes));
+  fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(src), src_bytes / 4);
+  EP_CHECK_LAUNCH();
   for (int wgs : {2, 1}) {
-    run<kRsFixed, 2, 128>("rs_fixed", wgs, iters);
-    run<kRsDeq, 2, 128>("rs_deq", wgs, iters);
-    run<kSsFixed, 2, 128>("ss_fixed", wgs, iters);
-    run<kSsDeq, 2, 128>("ss_deq", wgs, iters);
-    run<kRsFixed, 1, 256>("rs_fixed", wgs, iters);
-    run<kRsDeq, 1, 256>("rs_deq", wgs, iters);
-    run<kSsFixed, 1, 256>("ss_fixed", wgs, iters);
-    run<kSsDeq, 1, 256>("ss_deq", wgs, iters);
+    run<kRsFixed, 2, 128>("rs_fixed", wgs, iters, src);
+    run<kRsDeq, 2, 128>("rs_deq", wgs, iters, src);
+    run<kSsFixed, 2, 128>("ss_fixed", wgs, iters, src);
+    run<kSsDeq, 2, 128>("ss_deq", wgs, iters, src);
+    run<kRsFixed, 1, 256>("rs_fixed", wgs, iters, src);
+    run<kRsDeq, 1, 256>("rs_deq", wgs, iters, src);
+    run<kSsFixed, 1, 256>("ss_fixed", wgs, iters, src);
+    run<kSsDeq, 1, 256>("ss_deq", wgs, iters, src);
   }
+  run<kRsBulk, 2, 128>("rs_bulk", 2, iters, src);
+  run<kRsCpAsync, 2, 128>("rs_cpasync", 2, iters, src);
+  EP_CUDA_CHECK(cudaFree(src));
   return 0;
 }

@@ -37,11 +37,10 @@
 #include "experts_device.cuh"
 #include "registry.h"
 #include "sm90_fragments.cuh"
+#include "sm90_pipeline.cuh"
 
-#include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's driver entry point)
 #include <cuda_bf16.h>
 #include <cudaTypedefs.h>
-#include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
@@ -99,39 +98,6 @@ struct GemmArgs {
   CUtensorMap act_map;
   int act_tma;
 };
-
-__device__ __forceinline__ void cp_async16(uint32_t smem_dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_u32(smem_dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-}
-
-// Box (64 K, BN slot rows) of the activations at (k0, row0) into a 1024-byte aligned stage chunk.
-__device__ __forceinline__ void tma_load_rows(uint32_t smem_dst, const CUtensorMap* map, int k0, int row0, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(smem_u32(bar))
-      : "memory");
-}
-
-// Waits for the phase of parity `parity` of a pipeline barrier. A protocol error must not hang the GPU: after
-// 20 s of waiting the thread traps, which the host sees as a launch failure. No printf: it is a function
-// call, and a call anywhere in the kernel makes ptxas serialize every wgmma (C7510).
-__device__ __forceinline__ void wait_phase(uint64_t* bar, uint32_t parity) {
-  if (ClusterBarrier::try_wait(bar, parity)) return;
-  uint64_t start, now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  while (!ClusterBarrier::try_wait(bar, parity)) {
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > 20000000000ull) __trap();
-  }
-}
 
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
