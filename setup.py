@@ -81,9 +81,13 @@ class NvccBuildExt(build_ext):
             subprocess.run(cmd, check=True)
             return obj
 
+        # EP_RUNTIME_BUILD_PROBES=1 (CI, sm_90a): the GPU probes in bench/ build on csrc/ headers, so they are
+        # compiled too, with the same flags, to keep them compiling; they are programs of their own, not linked.
+        probes = sorted((ROOT / "bench").glob("*.cu")) if os.environ.get("EP_RUNTIME_BUILD_PROBES") == "1" else []
         jobs = int(os.environ.get("EP_RUNTIME_BUILD_JOBS", os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             objs = list(pool.map(compile_one, sources))
+            list(pool.map(compile_one, probes))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [nvcc, "-shared", "-o", str(out), *map(str, objs), *nvcc_flags(archs)]
         print(" ".join(link), flush=True)

@@ -12,7 +12,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # NVLink multicast must stay off on these machines (it can take the host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export EP_COMMIT=${EP_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} EP_RUNTIME_BUILD_JOBS=16
+# Result files name their commit through ep_runtime.provenance: EP_COMMIT when the caller sets it, else HEAD marked
+# -dirty where the copied work tree differs from it (a GPU machine's checkout can be older than the tree).
+export EP_RUNTIME_BUILD_JOBS=16
 
 step() {  # step LOG NAME TIMEOUT GPUS CMD...
   local log=$1 name=$2 limit=$3 gpus=$4; shift 4

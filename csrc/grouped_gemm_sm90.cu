@@ -47,7 +47,6 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <utility>
 
 namespace {
 
