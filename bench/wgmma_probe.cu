@@ -9,6 +9,12 @@
 //   rs_bulk   rs_deq while a third warpgroup copies a 256x128 stage's bytes per chunk (16 KB of activations and
 //             9 KB of weights, L2-resident) into shared memory by bulk copy, paced by the consumers' progress
 //   rs_cpasync the same with the activations by 16-byte cp.async from every copier thread (L1's gather path)
+//   rs_half   rs_bulk with half the activation bytes: what each CTA of a 2-CTA cluster would still fetch if the
+//             pair multicast every activation chunk (the other half, written by the peer, is not emulated, so this
+//             bounds what multicast could gain)
+//   rs_wonly  rs_bulk with the weights only (activations that cost nothing)
+//   rs_spin   the copier warpgroup polls the consumers' progress as in rs_bulk but copies nothing
+//   rs_nap    rs_bulk with the copier sleeping 64 ns between polls of the progress word
 // with 2 (or 1) consumer warpgroups, each owning 2 atoms x 128 slots (256x128 tile) or 1 atom x 256 slots (128x256).
 // Cycles per chunk are printed next to the tensor-pipe minimum (1024 for 256x128x64 at 2048 BF16 MACs per cycle).
 // Build and run on the GPU machine:
@@ -16,9 +22,10 @@
 // Result on an H100 (bench/NOTES_experts.md, ninth session, second run): two warpgroups, 256x128: rs_fixed 1024
 // cycles per chunk (the minimum), rs_deq 1095 (94 %), ss_fixed 1024, ss_deq 1778; 128x256: rs_deq 1024, ss_deq 1157.
 // One warpgroup alone: rs_fixed 563 and rs_deq 793 against a minimum of 512. With a stage's copies streaming in
-// beside them: rs_bulk 1212, rs_cpasync 1290 cycles, and the SM clock 1612 / 1481 MHz against 1723 (power). So the
-// dequantization hides under two warpgroups' wgmmas, and the copies do not: they take 11-18 % of the consumers'
-// cycles and lower the clock, before any wait for their data.
+// beside them: rs_bulk 1212, rs_cpasync 1290 cycles. So the dequantization hides under two warpgroups' wgmmas.
+// Tenth session: rs_half 1223 and rs_wonly 1158-1182, while rs_spin (polling, no copies) takes 1170 and rs_nap
+// 1138: most of what the copier costs here is its polling of the progress word, not the bytes it moves, so
+// halving the activation bytes (multicast) would gain nothing measurable.
 #include "cuda_check.h"
 #include "sm90_fragments.cuh"
 #include "sm90_pipeline.cuh"
@@ -34,10 +41,14 @@ using namespace ep::sm90;
 
 namespace {
 
-enum Mode : int { kRsFixed, kRsDeq, kSsFixed, kSsDeq, kRsBulk, kRsCpAsync };
-constexpr bool copies(int mode) { return mode == kRsBulk || mode == kRsCpAsync; }
+enum Mode : int { kRsFixed, kRsDeq, kSsFixed, kSsDeq, kRsBulk, kRsCpAsync, kRsHalf, kRsWeightsOnly, kRsSpin, kRsNap };
+constexpr bool copies(int mode) { return mode >= kRsBulk; }
 constexpr int threads(int mode) { return copies(mode) ? 384 : 256; }
 constexpr int kActBytes = 16384, kWeightBytes = 9216, kCopyBytes = kActBytes + kWeightBytes;  // one chunk's copies
+// Activation bytes the copier brings by bulk copy per chunk.
+constexpr int bulk_act_bytes(int mode) {
+  return mode == kRsBulk || mode == kRsNap ? kActBytes : mode == kRsHalf ? kActBytes / 2 : 0;
+}
 constexpr int kSourceChunks = 8;  // per CTA, rotating: 132 x 8 x 25 KB stays in the 50 MB L2
 constexpr int kChunkBytesB = 256 * 128;    // slot tile: up to 256 slots x 64 K BF16, 128B-swizzled
 constexpr int kAtomA = 64 * 128;           // one atom's 64 rows x 64 K BF16 (SS forms)
@@ -78,14 +89,19 @@ __device__ __forceinline__ void copy_chunks(int iters, const uint8_t* src, uint8
                                             uint64_t* bar) {
   const int ctid = threadIdx.x - 256;
   for (int i = 0; i < iters; ++i) {
-    spin_until([&] { return *progress > i; });
+    spin_until([&] {
+      if (Mode == kRsNap) __nanosleep(64);
+      return *progress > i;
+    });
+    if constexpr (Mode == kRsSpin) continue;
     const int b = i & 1;
     if (i >= 2) wait_phase(&bar[b], ((i >> 1) - 1) & 1);
     uint8_t* dst = dst_buf + b * kCopyBytes;
     const uint8_t* s = src + (static_cast<size_t>(blockIdx.x) * kSourceChunks + i % kSourceChunks) * kCopyBytes;
     if (ctid == 0) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar[b], Mode == kRsBulk ? kCopyBytes : kWeightBytes);
-      if (Mode == kRsBulk) bulk_copy(dst, s, kActBytes, &bar[b]);
+      constexpr int kAct = bulk_act_bytes(Mode);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar[b], kAct + kWeightBytes);
+      if (kAct > 0) bulk_copy(dst, s, kAct, &bar[b]);
       bulk_copy(dst + kActBytes, s + kActBytes, kWeightBytes, &bar[b]);
     }
     if constexpr (Mode == kRsCpAsync) {
@@ -97,7 +113,7 @@ __device__ __forceinline__ void copy_chunks(int iters, const uint8_t* src, uint8
       cutlass::arch::cpasync_barrier_arrive_noinc(&bar[b]);
     }
   }
-  for (int i = iters > 2 ? iters - 2 : 0; i < iters; ++i) {
+  for (int i = iters > 2 && Mode != kRsSpin ? iters - 2 : iters; i < iters; ++i) {
     wait_phase(&bar[i & 1], (i >> 1) & 1);
   }
 }
@@ -268,6 +284,11 @@ int main() {  // a CUDA error ends it with the failing call's message (EP_CUDA_C
   }
   run<kRsBulk, 2, 128>("rs_bulk", 2, iters, src);
   run<kRsCpAsync, 2, 128>("rs_cpasync", 2, iters, src);
+  run<kRsHalf, 2, 128>("rs_half", 2, iters, src);
+  run<kRsWeightsOnly, 2, 128>("rs_wonly", 2, iters, src);
+  run<kRsSpin, 2, 128>("rs_spin", 2, iters, src);
+  run<kRsNap, 2, 128>("rs_nap", 2, iters, src);
+  run<kRsDeq, 2, 128>("rs_deq", 2, iters, src);  // again at the end: the clock after the copy variants
   EP_CUDA_CHECK(cudaFree(src));
   return 0;
 }
