@@ -4,8 +4,9 @@ loop of BF16 matmuls, against the FP4 weight-byte floor. Ours reads the same wei
 V4-Pro per-rank shapes: E=48 local experts, L1 N=2I=6144 K=H=7168, L2 N=H=7168 K=I=3072; m tokens per active
 expert with all 48 active, plus a sparse decode case (6 of 48 experts active, m=1). Times are medians of CUDA
 events around CUDA-graph replays (eager medians too). The baseline is the torch._grouped_mm call alone (its output
-left in the tensor it allocates; grouped_mm_copy_graph_ms is the older timing that also copied it out). Weights (1.8 GB packed, 6.3 GB BF16) are far larger
-than L2, and every call streams all active experts' weights, so no input rotation is needed.
+left in the tensor it allocates; grouped_mm_copy_graph_ms is the older timing that also copied it out). Weights
+(1.8 GB packed, 6.3 GB BF16) are far larger than L2, and every call streams all active experts' weights, so no
+input rotation is needed.
 
     python bench/bench_experts.py --out $OUT/experts.json [--commit SHA] [--quick]
 """
