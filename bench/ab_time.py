@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import DEV, E, H, I, graphed, median_ms, offsets_for, random_nvfp4_weights, spread_counts  # noqa: E402
+from bench.bench_experts import (DEV, E, H, I, graphed, median_ms, offsets_for,  # noqa: E402
+                                  random_nvfp4_weights, spread_counts)
 from ep_runtime import ops  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 

@@ -20,7 +20,8 @@ for v in $VARIANTS; do
   [ -f "ab_alt/$v.cu" ] && cp "ab_alt/$v.cu" "$d/csrc/grouped_gemm_sm90.cu"
   rm -f "$d"/ep_runtime/*.so
   (cd "$d" && PYTHONPATH=/tmp/site python3 setup.py -q build_ext --inplace --force > "$OUT/build_$v.log" 2>&1
-   echo "== $v build rc=$? spills $(grep -c 'Registers are spilled' "$OUT/build_$v.log") C75 $(grep -c C75 "$OUT/build_$v.log")" >> "$LOG") &
+   rc=$?; spills=$(grep -c 'Registers are spilled' "$OUT/build_$v.log"); c75=$(grep -c C75 "$OUT/build_$v.log")
+   echo "== $v build rc=$rc spills $spills C75 $c75" >> "$LOG") &
 done
 wait
 echo "builds took $((SECONDS - t0)) s" >> "$LOG"
@@ -29,7 +30,8 @@ for r in $(seq 0 $((${ROUNDS:-2} - 1))); do
   for i in "${!vs[@]}"; do
     v=${vs[$(((i + r) % ${#vs[@]}))]}
     echo "-- $v round $((r + 1))" >> "$LOG"
-    PYTHONPATH=/tmp/ab_$v:/tmp/site timeout "${CASE_TIMEOUT:-180}" python3 /tmp/ab_$v/bench/ab_time.py "$CASES" >> "$LOG" 2>&1
+    PYTHONPATH=/tmp/ab_$v:/tmp/site timeout "${CASE_TIMEOUT:-180}" python3 "/tmp/ab_$v/bench/ab_time.py" "$CASES" \
+      >> "$LOG" 2>&1
   done
 done
 for v in ${TEST_VARIANTS:-}; do
