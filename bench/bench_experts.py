@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,19 @@ def median_ms(fn, reps: int, warmup: int = 3, warm_ms: float = 50.0) -> float:
         e.record()
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def gpu_state() -> dict:
+    """Temperature, SM clock and power draw now (nvidia-smi), recorded before each layer's timings: our kernels at
+    m >= 128 run at the board's power cap, so their times follow the GPU's state (NOTES_experts.md)."""
+    gpu = f"GPU-{torch.cuda.get_device_properties(DEV).uuid}"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=temperature.gpu,clocks.sm,power.draw",
+                              "--format=csv,noheader,nounits", f"--id={gpu}"],
+                             capture_output=True, text=True, check=True, timeout=10).stdout.split(",")
+        return {"temp_c": float(out[0]), "sm_mhz": float(out[1]), "power_w": float(out[2])}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def graphed(fn):
@@ -161,7 +175,7 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
     for layer, d in layers.items():
         floor_ms = active * d["fp4_bytes"] / (copy_gbs * 1e6)
         flops = 2.0 * s * d["n"] * d["k"]
-        row = {"fp4_floor_ms": floor_ms}
+        row = {"fp4_floor_ms": floor_ms, "gpu_state_before": gpu_state()}
         for col in ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop"):
             fn = d[col]
             try:

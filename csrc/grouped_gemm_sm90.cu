@@ -47,6 +47,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -101,13 +102,10 @@ struct GemmArgs {
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
 
-// Four accumulator sums at p (shared memory, 16-byte aligned) as outputs: one vector load, then each value times
-// 2^8 (the dequantization's shift) and the alpha, rounded as the reference does.
-__device__ __forceinline__ void scaled4(const float* p, float alpha, float (&v)[4]) {
+// Four floats at p (shared memory, 16-byte aligned) by one vector load.
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
   const float4 q = *reinterpret_cast<const float4*>(p);
-  const float raw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(__fmul_rn(raw[i], kDequantShift), alpha);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
 }
 
 // SwiGLU of G consecutive columns c.. of slot n (c and G multiples of 4), gate/up read four columns at a time
@@ -348,8 +346,15 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     q += nstages;
 
     // Accumulators -> epi[slot][row] (the wgmma D layout: rows g / g+8 of the warp's 16, slots 2t, 2t+1 of
-    // each 8), one part of kEpiSlots slots at a time. Split K: warpgroup 1 adds its chunks onto warpgroup 0's.
-    auto store_acc = [&](int part, bool add) {
+    // each 8) as outputs, one part of kEpiSlots slots at a time. Split K: warpgroup 0 stores its sums, warpgroup 1
+    // adds its own and scales. A thread's rows share one output scale: the alpha (over the activations' global
+    // scale) times 2^8, the dequantization's shift; multiplying by 2^8 is exact, so the sum rounds once, as in the
+    // reference. In L1 an atom's 32 gate rows are warps 0-1's of a warpgroup, its 32 up rows warps 2-3's.
+    const int e = tl.e;
+    const float alpha = is_l1 ? a.w_alpha[2 * e + (cw >> 1)] : a.w_alpha[e];
+    const float* act_gs = a.act_gs == nullptr ? nullptr : is_l1 ? a.act_gs : a.act_gs + e;
+    const float scale = __fmul_rn(act_gs ? __fdiv_rn(alpha, *act_gs) : alpha, kDequantShift);
+    auto store_acc = [&](int part, auto add, auto scaled) {
 #pragma unroll
       for (int i = 0; i < TL::kWgAtoms; ++i) {
         const int row = (TL::kSplitK ? i : wg * TL::kWgAtoms + i) * kAtomRows + cw * 16 + g;
@@ -359,49 +364,53 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           const float* v = acc + i * (BN / 2) + 4 * j;
           float* p0 = epi + (8 * j - part * TL::kEpiSlots + 2 * t) * TL::kEpiStride + row;
           float* p1 = p0 + TL::kEpiStride;
-          if (add) {
-            p0[0] += v[0], p1[0] += v[1], p0[8] += v[2], p1[8] += v[3];
-          } else {
-            p0[0] = v[0], p1[0] = v[1], p0[8] = v[2], p1[8] = v[3];
+          float* dst[4] = {p0, p1, p0 + 8, p1 + 8};
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const float sum = decltype(add)::value ? __fadd_rn(*dst[r], v[r]) : v[r];
+            *dst[r] = decltype(scaled)::value ? __fmul_rn(sum, scale) : sum;
           }
         }
       }
     };
 
-    const int e = tl.e;
     constexpr int HALF = BM / 2;
+#pragma unroll  // a rolled loop would keep every part's accumulators live through the first part's epilogue
     for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
-      consumer_sync();  // the previous part's (or tile's) epilogue is done reading epi
-      if (!TL::kSplitK || wg == 0) store_acc(part, false);
+      bulk_wait_read();  // this thread's bulk stores of the previous part (or tile) have read epi
+      consumer_sync();   // and every consumer is done reading it
       if (TL::kSplitK) {
+        if (wg == 0) store_acc(part, std::false_type{}, std::false_type{});
         consumer_sync();
-        if (wg == 1) store_acc(part, true);
+        if (wg == 1) store_acc(part, std::true_type{}, std::true_type{});
+      } else {
+        store_acc(part, std::false_type{}, std::true_type{});
       }
-      consumer_sync();
       const int slot0 = tl.slot0 + part * TL::kEpiSlots;
       const int nvalid = min(TL::kEpiSlots, tl.nvalid - part * TL::kEpiSlots);
 
       if (!is_l1) {
-        const float alpha = a.act_gs ? __fdiv_rn(a.w_alpha[e], a.act_gs[e]) : a.w_alpha[e];
-        for (int idx = ctid; idx < nvalid * (BM / 4); idx += kConsumers) {
-          const int n = idx / (BM / 4), c = 4 * (idx % (BM / 4));
-          float v[4];
-          scaled4(epi + n * TL::kEpiStride + c, alpha, v);
-          *reinterpret_cast<float4*>(a.out_f32 + static_cast<size_t>(slot0 + n) * a.n_rows + tl.nt * BM + c) =
-              make_float4(v[0], v[1], v[2], v[3]);
+        // Each slot's row of outputs leaves by one bulk store, which runs on while the consumers start the next
+        // tile (the tensor pipe idles during an epilogue, and L2's short K made its stores a large share of it).
+        cutlass::arch::fence_view_async_shared();  // the shared-memory writes, before the bulk copies read them
+        consumer_sync();
+        if (ctid < nvalid) {
+          bulk_store(a.out_f32 + static_cast<size_t>(slot0 + ctid) * a.n_rows + tl.nt * BM,
+                     epi + ctid * TL::kEpiStride, BM * 4);
+          bulk_commit();
+          // the CTA's shared memory stays its own until its last bulk stores have read it
+          if (tile + gridDim.x >= total) bulk_wait_read();
         }
         continue;
       }
+      consumer_sync();
 
       // L1: tile column c (intermediate j0 + c) has its gate in row 64 * (c / 32) + c % 32 and its up 32 below.
-      const float x_gs = a.act_gs ? a.act_gs[0] : 1.f;
-      const float alpha_g = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e], x_gs) : a.w_alpha[2 * e];
-      const float alpha_u = a.act_gs ? __fdiv_rn(a.w_alpha[2 * e + 1], x_gs) : a.w_alpha[2 * e + 1];
       // Columns c..c+3 (c % 4 == 0) sit in one 32-row group, so each half is one 16-byte load.
       auto gate_up4 = [&](int n, int c, float (&gate)[4], float (&up)[4]) {
         const float* p = epi + n * TL::kEpiStride + (c >> 5) * kAtomRows + (c & 31);
-        scaled4(p, alpha_g, gate);
-        scaled4(p + 32, alpha_u, up);
+        load4(p, gate);
+        load4(p + 32, up);
       };
       const int j0 = tl.nt * HALF;  // first intermediate column of this tile
 

@@ -1,5 +1,6 @@
 // Hopper copy and wait primitives of the expert GEMM pipeline: 16-byte cp.async, bulk and TMA copies that complete
-// on an mbarrier, and bounded waits. Device-only, no torch: shared by the grouped GEMM kernel and the bench probes.
+// on an mbarrier, bulk stores, and bounded waits. Device-only, no torch: shared by the grouped GEMM kernel and the
+// bench probes.
 #pragma once
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's driver entry point)
 #include <cutlass/arch/barrier.h>
@@ -20,6 +21,18 @@ __device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int b
                "l"(src), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
 }
+
+// Bytes (a multiple of 16, both addresses 16-byte aligned) from shared to global memory, in this thread's current
+// bulk group; the thread commits the group and waits for its reads before the source is written again.
+__device__ __forceinline__ void bulk_store(void* dst, const void* smem_src, int bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_u32(smem_src)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk stores have read their shared-memory sources (so it may write them again, or exit: as in
+// CUTLASS's TMA store epilogue, the global writes need no wait before the grid completes).
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 
 // Box (64 K, BN slot rows) of the activations at (k0, row0) into a 1024-byte aligned stage chunk.
 __device__ __forceinline__ void tma_load_rows(uint32_t smem_dst, const CUtensorMap* map, int k0, int row0, uint64_t* bar) {
