@@ -61,13 +61,13 @@ __device__ __forceinline__ void quantize_block16(const float (&x)[16], float gs,
   }
 }
 
-// Clamped SwiGLU (NVFP4_SPEC section 5); limit = +inf disables the clamp. silu by the hardware exp2 and
-// reciprocal: a few ulp of fp32 (tested), far inside the BF16 or NVFP4 rounding h gets next, where the IEEE exp and
-// division took 22 instructions with a branch each, in an epilogue during which the tensor pipe idles.
+// Clamped SwiGLU (NVFP4_SPEC section 5); limit = +inf disables the clamp. silu as the reference computes it, with
+// the IEEE division: `__expf` and `__fdividef` were 1.5-3 % faster in L1 at m >= 512 (bench/NOTES_experts.md,
+// eleventh session) but moved h by up to ~1e-5, beyond what the spec lets a kernel differ by.
 __device__ __forceinline__ float swiglu(float gate, float up, float limit) {
   const float g = fminf(gate, limit);
   const float u = fminf(fmaxf(up, -limit), limit);
-  return __fmul_rn(__fdividef(g, 1.0f + __expf(-g)), u);
+  return __fmul_rn(__fdiv_rn(g, 1.0f + expf(-g)), u);
 }
 
 // Index of the expert whose [offsets[e], offsets[e+1]) holds slot s (offsets ascending, E+1 entries).

@@ -259,9 +259,9 @@ def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
 @pytest.mark.parametrize("limit", [10.0, None])
 @pytest.mark.parametrize("block_n,block_m", [(8, 64), (32, 128), (128, 256)])
 def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(block_n, block_m, limit, gen):
-    """The epilogue's SwiGLU (hardware exp2 and reciprocal) against the reference's on the kernel's own gate|up,
-    value by value: within 1e-5 relative, far inside the BF16 / NVFP4 rounding h gets next. Alphas 40x the usual
-    spread gate and up over the clamp and far into silu's negative tail."""
+    """The epilogue's SwiGLU against the reference's on the kernel's own gate|up, value by value, within 2^-20
+    relative (a few ulp: exp's last step may fuse with the 1 +, the division rounds as IEEE's). Alphas 40x the
+    usual spread gate and up over the clamp and far into silu's negative tail, where exp(-g) overflows."""
     e, h, i, t, k = 3, 512, 256, 150, 2
     weights = random_weights(e, h, i, gen)
     weights.w13_alpha.mul_(40.0)
@@ -269,14 +269,15 @@ def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(blo
     slots = map_slots(routing("uneven", t, k, e, gen)[0], e, 0)
     gu = l1_gate_up(acts, slots, weights, W4A16, block_n, block_m)
     gate = gu[:, :i]
-    assert (gate > 10.0).any() and (gate < -40.0).any() and (gu[:, i:].abs() > 10.0).any()
+    assert (gate > 10.0).any() and (gate < -90.0).any() and (gu[:, i:].abs() > 10.0).any()
     kw = tiled(weights)
     h_f32 = torch.full((t * k, i), float("nan"), device=DEV)
     ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, acts, None, slots.offsets, slots.slot_pair, k, "fp32",
                    swiglu_limit=limit, out_f32=h_f32, block_n=block_n, block_m=block_m)
     ref = swiglu(gu, limit)
     assert torch.isfinite(h_f32[: slots.num_slots]).all()
-    assert ((h_f32[: slots.num_slots] - ref).abs() <= 1e-5 * ref.abs() + 1e-30).all()
+    # products below the smallest normal float round to a fixed grid, so they are held to it absolutely
+    assert ((h_f32[: slots.num_slots] - ref).abs() <= 2.0 ** -20 * ref.abs() + 2.0 ** -126).all()
 
 
 @pytest.mark.parametrize("block_n", [8, 64])
