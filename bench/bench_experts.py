@@ -57,8 +57,8 @@ def median_ms(fn, reps: int, warmup: int = 3, warm_ms: float = 50.0) -> float:
 
 
 def gpu_state() -> dict:
-    """Temperature, SM clock and power draw now (nvidia-smi), recorded before each layer's timings: our kernels at
-    m >= 128 run at the board's power cap, so their times follow the GPU's state (NOTES_experts.md)."""
+    """Temperature, SM clock and power draw now (nvidia-smi), recorded before each layer's timings: at m >= 32 the
+    board runs near its power cap, so our compute-heavy kernels' times follow the GPU's state (NOTES_experts.md)."""
     gpu = f"GPU-{torch.cuda.get_device_properties(DEV).uuid}"
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=temperature.gpu,clocks.sm,power.draw",
@@ -188,8 +188,8 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
                 row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if "grouped_mm" in graphs:  # the same call plus a copy: it runs wherever the baseline did
             graphs["grouped_mm_copy"] = graphed(d["grouped_mm_copy"])
-        # Graph replays in rounds, each starting one column later: at m >= 128 every column runs at the board's
-        # power cap and its time follows the GPU's state, which drifts within a run (NOTES_experts.md), so each
+        # Graph replays in rounds, each starting one column later: at m >= 32 the board runs near its power cap and
+        # a column's time follows the GPU's state, which drifts within a run (NOTES_experts.md), so each
         # ratio is taken within a round and the median over rounds is reported, beside every round's times.
         cols = list(graphs)
         per_round = {col: [] for col in cols}

@@ -101,8 +101,8 @@ __device__ __forceinline__ void copy_chunks(int iters, const uint8_t* src, uint8
     if (ctid == 0) {
       constexpr int kAct = bulk_act_bytes(Mode);
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar[b], kAct + kWeightBytes);
-      if (kAct > 0) bulk_copy(dst, s, kAct, &bar[b]);
-      bulk_copy(dst + kActBytes, s + kActBytes, kWeightBytes, &bar[b]);
+      if (kAct > 0) cute::SM90_BULK_COPY_G2S::copy(s, &bar[b], dst, kAct);
+      cute::SM90_BULK_COPY_G2S::copy(s + kActBytes, &bar[b], dst + kActBytes, kWeightBytes);
     }
     if constexpr (Mode == kRsCpAsync) {
 #pragma unroll

@@ -251,10 +251,12 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
         for (int k = 0; k < kIssuerAtoms; ++k) {
           const int i = (tid >> 5) * kIssuerAtoms + k;
           const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c0;
-          bulk_copy(w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes, a.w + atom * kAtomBytes,
-                    nch * kAtomBytes, &full[s]);
-          bulk_copy(s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
-                    a.w_scale + atom * kAtomScaleBytes, nch * kAtomScaleBytes, &full[s]);
+          cute::SM90_BULK_COPY_G2S::copy(a.w + atom * kAtomBytes, &full[s],
+                                         w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes,
+                                         nch * kAtomBytes);
+          cute::SM90_BULK_COPY_G2S::copy(a.w_scale + atom * kAtomScaleBytes, &full[s],
+                                         s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
+                                         nch * kAtomScaleBytes);
         }
       }
 #pragma unroll
@@ -377,8 +379,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     constexpr int HALF = BM / 2;
 #pragma unroll  // a rolled loop would keep every part's accumulators live through the first part's epilogue
     for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
-      bulk_wait_read();  // this thread's bulk stores of the previous part (or tile) have read epi
-      consumer_sync();   // and every consumer is done reading it
+      cute::tma_store_wait<0>();  // this thread's bulk stores of the previous part (or tile) have read epi
+      consumer_sync();            // and every consumer is done reading it
       if (TL::kSplitK) {
         if (wg == 0) store_acc(part, std::false_type{}, std::false_type{});
         consumer_sync();
@@ -395,11 +397,13 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         cutlass::arch::fence_view_async_shared();  // the shared-memory writes, before the bulk copies read them
         consumer_sync();
         if (ctid < nvalid) {
-          bulk_store(a.out_f32 + static_cast<size_t>(slot0 + ctid) * a.n_rows + tl.nt * BM,
-                     epi + ctid * TL::kEpiStride, BM * 4);
-          bulk_commit();
-          // the CTA's shared memory stays its own until its last bulk stores have read it
-          if (tile + gridDim.x >= total) bulk_wait_read();
+          cute::SM90_BULK_COPY_S2G::copy(epi + ctid * TL::kEpiStride,
+                                         a.out_f32 + static_cast<size_t>(slot0 + ctid) * a.n_rows + tl.nt * BM, BM * 4);
+          cute::tma_store_arrive();
+          // The CTA's shared memory stays its own until its last bulk stores have read it (the global writes need
+          // no wait). Waited for here, on the CTA's last tile, not after the tile loop: a wait there made ptxas
+          // spill and serialize the 256-row kernel's wgmmas (C7512).
+          if (tile + gridDim.x >= total) cute::tma_store_wait<0>();
         }
         continue;
       }

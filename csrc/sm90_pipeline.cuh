@@ -1,8 +1,10 @@
-// Hopper copy and wait primitives of the expert GEMM pipeline: 16-byte cp.async, bulk and TMA copies that complete
-// on an mbarrier, bulk stores, and bounded waits. Device-only, no torch: shared by the grouped GEMM kernel and the
-// bench probes.
+// Hopper copy and wait primitives of the expert GEMM pipeline that CuTe does not spell the way the kernel needs them:
+// 16-byte cp.async with a source size, a TMA box copy without a cache hint, and bounded waits. Bulk copies and bulk
+// stores are CuTe's (`cute::SM90_BULK_COPY_G2S`, `cute::SM90_BULK_COPY_S2G`, `cute::tma_store_arrive/wait`).
+// Device-only, no torch: shared by the grouped GEMM kernel and the bench probes.
 #pragma once
 #include <cuda.h>  // CUtensorMap (types only: the encoder comes from the runtime's driver entry point)
+#include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include <cstdint>
@@ -14,25 +16,6 @@ namespace ep::sm90 {
 __device__ __forceinline__ void cp_async16(uint32_t smem_dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_dst), "l"(src), "r"(src_bytes));
 }
-
-__device__ __forceinline__ void bulk_copy(void* smem_dst, const void* src, int bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_u32(smem_dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
-               : "memory");
-}
-
-// Bytes (a multiple of 16, both addresses 16-byte aligned) from shared to global memory, in this thread's current
-// bulk group; the thread commits the group and waits for its reads before the source is written again.
-__device__ __forceinline__ void bulk_store(void* dst, const void* smem_src, int bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_u32(smem_src)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// This thread's bulk stores have read their shared-memory sources (so it may write them again, or exit: as in
-// CUTLASS's TMA store epilogue, the global writes need no wait before the grid completes).
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 
 // Box (64 K, BN slot rows) of the activations at (k0, row0) into a 1024-byte aligned stage chunk.
 __device__ __forceinline__ void tma_load_rows(uint32_t smem_dst, const CUtensorMap* map, int k0, int row0, uint64_t* bar) {
