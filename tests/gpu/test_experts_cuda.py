@@ -228,6 +228,22 @@ def test_l1_slot_tile_width_does_not_change_bits_within_one_mma_path(h, gen):
     assert all(rel_l2(o, outs[(8, 64)]) <= 1e-6 for o in outs.values())
 
 
+@pytest.mark.parametrize("hidden", [512, 384])
+def test_l2_slot_tile_width_does_not_change_bits_within_the_hmma_path(hidden, gen):
+    """L2's 8-, 16- and 32-slot tiles sum each output in one order whatever their width, with an even and an odd
+    number of 128-row tiles per expert, and several slot tiles per expert."""
+    e, i, t, k = 5, 256, 120, 4  # about 3 slot tiles of 32 per expert, unevenly
+    weights = random_weights(e, hidden, i, gen)
+    slots = map_slots(routing("uneven", t, k, e, gen)[0], e, 0)
+    n, kw = slots.num_slots, tiled(weights)
+    h_in = torch.randn(n, i, generator=gen).to(DEV, torch.bfloat16)
+    ys = {bn: torch.full((n, hidden), float("nan"), device=DEV) for bn in (8, 16, 32)}
+    for bn, y in ys.items():
+        ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, h_in, None, slots.offsets, y, bn, 128)
+    assert torch.equal(ys[32], ys[8]) and torch.equal(ys[16], ys[8])
+    assert rel_l2(ys[32], l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)) <= 4e-3
+
+
 @pytest.mark.parametrize("block_m", [64, 128])
 def test_hmma_tiles_of_64_and_128_rows_match_the_reference_over_a_long_k(block_m, gen):
     """K = 7168 is 112 chunks: 64-row HMMA tiles take six per stage (the last stage holds four), 128-row tiles
