@@ -14,18 +14,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import (DEV, E, H, I, graphed, median_ms, offsets_for,  # noqa: E402
-                                  random_nvfp4_weights, spread_counts)
+from bench.bench_experts import DEV, E, H, I, graphed, median_ms, offsets_for, rank_weights, spread_counts  # noqa: E402
 from ep_runtime import ops  # noqa: E402
-from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 
 def main(spec: str) -> None:
     gen = torch.Generator(device=DEV).manual_seed(0)
-    w1 = random_nvfp4_weights(E, 2 * I, H, gen)
-    tile_stack_(w1[0], w1[1], gate_up_row_order(I, DEV))
-    w2 = random_nvfp4_weights(E, H, I, gen)
-    tile_stack_(w2[0], w2[1])
+    w1, w2, _, _ = rank_weights(gen)
     for case in spec.split(","):
         layer, m, bn, bm, *rest = case.split(":")
         m, bn, bm = int(m), int(bn), int(bm)

@@ -88,6 +88,17 @@ def random_nvfp4_weights(e: int, n: int, k: int, gen: torch.Generator):
     return data, scale, alpha
 
 
+def rank_weights(gen: torch.Generator, bf16: bool = False):
+    """One V4-Pro rank's random NVFP4 experts, (data, scale, alpha) for L1 (rows [gate; up]) and L2, re-tiled in place
+    into the kernels' layout; with bf16 also their BF16 copies for the baselines (made from the row layout first)."""
+    w13 = random_nvfp4_weights(E, 2 * I, H, gen)
+    w2 = random_nvfp4_weights(E, H, I, gen)
+    w13_bf16, w2_bf16 = (dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1])) if bf16 else (None, None)
+    tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
+    tile_stack_(w2[0], w2[1])
+    return w13, w2, w13_bf16, w2_bf16
+
+
 def dequant_bf16(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """BF16 (E, N, K) weights for the baselines, one expert at a time (decode*sf, exact in BF16)."""
     out = torch.empty(*data.shape[:-1], data.shape[-1] * 2, dtype=torch.bfloat16, device=DEV)
@@ -232,12 +243,7 @@ def main() -> None:
     args = p.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
-    w13 = random_nvfp4_weights(E, 2 * I, H, gen)
-    w2 = random_nvfp4_weights(E, H, I, gen)
-    w13_bf16, w2_bf16 = dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1])
-    # BF16 rows [gate; up] for the baselines; the kernels take the same weights in their SM90 layout
-    tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
-    tile_stack_(w2[0], w2[1])
+    w13, w2, w13_bf16, w2_bf16 = rank_weights(gen, bf16=True)
     ms = [1, 8] if args.quick else [1, 8, 32, 128, 512, 2048]
     cases = [(f"all48_m{m}", spread_counts(m)) for m in ms]
     cases.append(("sparse6_m1", spread_counts(1, 6)))

@@ -93,11 +93,14 @@ struct GemmArgs {
   uint8_t* hq_data;
   uint8_t* hq_scale;
   __nv_bfloat16* h_bf16;
-  // L2 with wgmma tiles: a slot tile's rows of `act` are contiguous, so one TMA copy per K chunk brings them
-  // (128B-swizzled, rows past the activations zero-filled) instead of 16-byte cp.async by every producer thread.
+  // L2's activations (built by grouped_l2 for wgmma tiles, which take them by TMA: see act_by_tma).
   CUtensorMap act_map;
-  int act_tma;
 };
+
+// L2 with wgmma tiles: a slot tile's rows of `act` are contiguous, so one TMA copy per K chunk brings them
+// (128B-swizzled, rows past the activations zero-filled) instead of 16-byte cp.async by every producer thread.
+template <bool kWgmma>
+__device__ __forceinline__ bool act_by_tma(const GemmArgs& a) { return kWgmma && a.epilogue == kYSlot; }
 
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
@@ -206,7 +209,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   const int tid = threadIdx.x - kConsumers;
   const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
-  const bool tma = TL::kWgmma && a.act_tma;
+  const bool tma = act_by_tma<TL::kWgmma>(a);
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const Tile tl = decode_tile<BN>(a, tile_start, tile);
@@ -286,7 +289,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
   const int ctid = threadIdx.x, lane = ctid & 31;
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
-  const int nchunks = a.k / kBK;
+  const int nchunks = a.k / kBK, nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;  // stages per tile
   const bool is_l1 = a.epilogue != kYSlot;
   // Hands ring stage s back to the producer: one arrival per consumer warp.
   auto release = [&](int s) {
@@ -304,7 +307,6 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
     // wait cannot tell a phase from the one two fills later, so a warpgroup that skipped stages could pass on
     // a stale phase (or, not gating the producer, fall two fills behind and wait forever).
-    const int nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
     for (int sc = 0; sc < nstages; ++sc) {
       const int qs = q + sc, s = qs % TL::kStages;
       wait_phase(&full[s], (qs / TL::kStages) & 1);
@@ -313,7 +315,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         continue;
       }
       // cp.async data -> wgmma's proxy (TMA writes in that proxy already)
-      if (TL::kWgmma && !a.act_tma) cutlass::arch::fence_view_async_shared();
+      if (TL::kWgmma && !act_by_tma<TL::kWgmma>(a)) cutlass::arch::fence_view_async_shared();
       // Rolled for wgmma (the chunks' fragments would compete for registers) and for 32-slot HMMA tiles (no
       // registers to spare); narrower HMMA tiles unrolled start the next chunk's loads under this chunk's math.
 #pragma unroll (BN <= 16 ? TL::kChunks : 1)
@@ -712,7 +714,6 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
   a.out_f32 = ep::as_ptr<float>(y_slot);
   if (uses_wgmma(block_n) && max_slots > 0) {
     a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
-    a.act_tma = 1;
   }
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
