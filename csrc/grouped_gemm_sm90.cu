@@ -14,9 +14,10 @@
 //   bits); the epilogue multiplies by 2^8. Scales are stored pre-encoded as bf16 exponent/mantissa bytes.
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
 // - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
-//   wgmma tiles, one or two warps for HMMA tiles) fills a ring of stages (weights by bulk copy, the slots'
-//   activation rows by cp.async, gathered through slot_pair for L1, or for L2's wgmma tiles, whose slot rows are
-//   contiguous, by one TMA copy per chunk; two K chunks per stage, three for HMMA tiles). With wgmma and 128-
+//   wgmma tiles, one or two warps for HMMA tiles) fills a ring of stages (weights by bulk copy, evict-first in L2
+//   where no other slot tile reads them; the slots' activation rows by cp.async, gathered through slot_pair for
+//   L1, or for L2's wgmma tiles, whose slot rows are contiguous, by one TMA copy per chunk; two K chunks per
+//   stage, three for HMMA tiles). With wgmma and 128-
 //   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
 //   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
 //   partial sums in the epilogue.
@@ -232,6 +233,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       const int phase = (kPassRows % 8 == 0 ? tid >> 3 : n) & 7;
       dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
+    const uint64_t policy = weight_policy(a.offsets[tl.e + 1] - a.offsets[tl.e] <= BN);
     const size_t row_block =
         static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
@@ -254,12 +256,10 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
         for (int k = 0; k < kIssuerAtoms; ++k) {
           const int i = (tid >> 5) * kIssuerAtoms + k;
           const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c0;
-          cute::SM90_BULK_COPY_G2S::copy(a.w + atom * kAtomBytes, &full[s],
-                                         w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes,
-                                         nch * kAtomBytes);
-          cute::SM90_BULK_COPY_G2S::copy(a.w_scale + atom * kAtomScaleBytes, &full[s],
-                                         s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
-                                         nch * kAtomScaleBytes);
+          bulk_load(w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes, a.w + atom * kAtomBytes, &full[s],
+                    nch * kAtomBytes, policy);
+          bulk_load(s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
+                    a.w_scale + atom * kAtomScaleBytes, &full[s], nch * kAtomScaleBytes, policy);
         }
       }
 #pragma unroll
