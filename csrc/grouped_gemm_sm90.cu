@@ -186,6 +186,7 @@ struct Tiles {
 
 struct Tile {
   int e, nt, slot0, nvalid;
+  int slot_tiles;  // of expert e: with one, no other tile reads this tile's weights
 };
 
 template <int BN>
@@ -196,7 +197,7 @@ __device__ __forceinline__ Tile decode_tile(const GemmArgs& a, const int* tile_s
   const int mtiles = (count + BN - 1) / BN;
   const int local = tile - tile_start[e];
   const int mt = local % mtiles;
-  return Tile{e, local / mtiles, slot_begin + mt * BN, min(BN, count - mt * BN)};
+  return Tile{e, local / mtiles, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles};
 }
 
 template <int BM, int BN>
@@ -233,7 +234,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       const int phase = (kPassRows % 8 == 0 ? tid >> 3 : n) & 7;
       dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
-    const uint64_t policy = weight_policy(a.offsets[tl.e + 1] - a.offsets[tl.e] <= BN);
+    const uint64_t policy = weight_policy(tl.slot_tiles == 1);
     const size_t row_block =
         static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
     const size_t atom0 = row_block * nchunks;
