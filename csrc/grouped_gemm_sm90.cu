@@ -15,8 +15,7 @@
 //   The dequantized fragment is wgmma's register A operand (RS form), or HMMA's for narrow slot tiles.
 // - Warp-specialized: two consumer warpgroups dequantize and multiply; a producer after them (a warpgroup for
 //   wgmma tiles, one or two warps for HMMA tiles) fills a ring of stages (weights by bulk copy, evict-first in L2
-//   where no other slot tile reads them, 32-slot tiles prefetching them into L2 two rings ahead; the slots'
-//   activation rows by cp.async, gathered through slot_pair for
+//   where no other slot tile reads them; the slots' activation rows by cp.async, gathered through slot_pair for
 //   L1, or for L2's wgmma tiles, whose slot rows are contiguous, by one TMA copy per chunk; two K chunks per
 //   stage, three for HMMA tiles). With wgmma and 128-
 //   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
@@ -178,9 +177,6 @@ struct Tiles {
   static constexpr int kEpiStride = BM + 4;  // floats; +4 keeps the fragment stores conflict-free
   static constexpr int kEpiBytes = kEpiSlots * kEpiStride * 4;
   static constexpr int kStages = std::min(24, (kSmemBudget - kEpiBytes) / kStageBytes);
-  // Stages ahead of the ring whose weights the producer prefetches into the L2 cache: 32-slot tiles only (m=32:
-  // measured faster with two rings ahead; decode tiles slower, bench/NOTES_experts.md, fourteenth session).
-  static constexpr int kPrefetchStages = BN == 32 ? 2 * kStages : 0;
   static_assert(kStages >= 2, "the ring needs two stages so that copies overlap the math");
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
@@ -265,12 +261,6 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
                     nch * kAtomBytes, policy);
           bulk_load(s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
                     a.w_scale + atom * kAtomScaleBytes, &full[s], nch * kAtomScaleBytes, policy);
-          constexpr int kAhead = TL::kPrefetchStages * TL::kChunks;  // chunks
-          if (kAhead > 0 && c0 + kAhead < nchunks) {
-            const int pch = min(TL::kChunks, nchunks - c0 - kAhead);
-            cute::SM90_BULK_COPY_G2S::PREFETCH::copy(a.w + (atom + kAhead) * kAtomBytes, pch * kAtomBytes);
-            cute::SM90_BULK_COPY_G2S::PREFETCH::copy(a.w_scale + (atom + kAhead) * kAtomScaleBytes, pch * kAtomScaleBytes);
-          }
         }
       }
 #pragma unroll
