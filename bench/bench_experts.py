@@ -31,6 +31,7 @@ from ep_runtime.provenance import provenance  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
+COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop")  # timed per layer; the loop eager only
 DEV = torch.device("cuda")
 
 
@@ -190,7 +191,7 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         flops = 2.0 * s * d["n"] * d["k"]
         row = {"fp4_floor_ms": floor_ms, "gpu_state_before": gpu_state()}
         graphs = {}
-        for col in ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop"):
+        for col in COLUMNS:
             try:
                 row[f"{col}_eager_ms"] = median_ms(d[col], reps)
                 if col != "loop":
@@ -211,7 +212,7 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         for col, times in per_round.items():
             row[f"{col}_graph_ms_rounds"] = times
             row[f"{col}_graph_ms"] = statistics.median(times)
-        for col in ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop"):
+        for col in COLUMNS:
             t = row.get(f"{col}_graph_ms", row.get(f"{col}_eager_ms"))
             if t is None:
                 continue

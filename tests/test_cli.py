@@ -7,9 +7,13 @@ import sys
 REQUIRED = {"world_size", "experts_per_rank", "tokens", "backend", "median_ms", "rel_l2_vs_reference"}
 
 
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "ep_runtime.cli", "--device", "cpu", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def _run(*args):
-    proc = subprocess.run([sys.executable, "-m", "ep_runtime.cli", "--device", "cpu", *args], capture_output=True,
-                          text=True, timeout=600)
+    proc = _cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, proc.stdout
@@ -33,6 +37,5 @@ def test_command_line_overrides_reach_the_job(tmp_path):
 
 
 def test_bad_config_values_fail_with_a_message():
-    proc = subprocess.run([sys.executable, "-m", "ep_runtime.cli", "--device", "cpu", "--set", "world_size=3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = _cli("--set", "world_size=3", timeout=120)
     assert proc.returncode != 0 and "world_size: must divide" in proc.stderr
