@@ -30,7 +30,8 @@
 //   CI checks the sm_90a build for that and for spills.
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
 //   without tokens produce no tiles and read no weights; slot tiles of one weight tile are adjacent in time
-//   so prefill re-reads weights from L2. The epilogue buffer is separate from the ring, so the producer
+//   so prefill re-reads weights from L2. A 256-row kernel's last round, when at most half full, runs as 128-row
+//   halves (the same bits) on twice the CTAs. The epilogue buffer is separate from the ring, so the producer
 //   streams the next tile while the consumers finish this one.
 // - L1 atoms hold 32 gate rows and the matching 32 up rows, so the epilogue applies both alphas, the clamped
 //   SwiGLU and the NVFP4 re-quantization of h without another pass.
@@ -164,7 +165,8 @@ struct Tiles {
   // so per-stage costs (barriers, addresses, activation fragments) are paid once per 128 rows.
   static constexpr bool kSplitK = !(kWgmma && kAtoms >= 2);
   static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
-  static constexpr int kAcc = kWgAtoms * BN / 2;  // fp32 accumulators per thread
+  // 256-row tiles may run as 128-row halves (schedule_units): each warpgroup then takes one atom of the stage.
+  static constexpr bool kHalves = kWgmma && BM == 256;
   static constexpr int kChunkActBytes = BN * kBK * 2;  // a multiple of 1024, as the 128B swizzle needs
   static constexpr int kActBytes = kChunks * kChunkActBytes;
   static constexpr int kWeightBytes = kAtoms * kChunks * kAtomBytes;  // [atom][chunk]
@@ -185,26 +187,45 @@ struct Tiles {
 };
 
 struct Tile {
-  int e, nt, slot0, nvalid;
+  int e, slot0, nvalid;
   int slot_tiles;  // of expert e: with one, no other tile reads this tile's weights
+  bool half;       // a 128-row half of a 256-row tile: rows from atom row_atom on
+  int row_atom;    // the unit's first weight row / 64 within expert e
 };
 
-template <int BN>
-__device__ __forceinline__ Tile decode_tile(const GemmArgs& a, const int* tile_start, int tile) {
+// Work units of the persistent grid: the tiles, except that a 256-row kernel's last round, where at most half full,
+// runs as 128-row halves (unit whole + 2 i + h is half h of tile whole + i), so that twice the CTAs share it. A half
+// gives each warpgroup one of its two atoms over every K chunk in the same order, so the bits stay a whole tile's.
+// (L2 at 128 tokens per expert: 1344 tiles on 132 SMs leave 24 in the last round.)
+struct Units {
+  int count, whole;
+};
+template <bool kHalves>
+__device__ __forceinline__ Units schedule_units(int tiles) {
+  const int tail = tiles % gridDim.x;
+  if (!kHalves || tail == 0 || 2 * tail > gridDim.x) return Units{tiles, tiles};
+  return Units{tiles + tail, tiles - tail};
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_start, const Units& units, int unit) {
+  const bool half = Tiles<BM, BN>::kHalves && unit >= units.whole;
+  const int tile = half ? units.whole + (unit - units.whole) / 2 : unit;
   const int e = expert_of(tile_start, a.num_experts, tile);
   const int slot_begin = a.offsets[e];
   const int count = a.offsets[e + 1] - slot_begin;
   const int mtiles = (count + BN - 1) / BN;
   const int local = tile - tile_start[e];
-  const int mt = local % mtiles;
-  return Tile{e, local / mtiles, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles};
+  const int mt = local % mtiles, nt = local / mtiles;
+  const int row_atom = nt * (BM / kAtomRows) + (half ? (unit - units.whole) % 2 * (BM / kAtomRows / 2) : 0);
+  return Tile{e, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles, half, row_atom};
 }
 
 template <int BM, int BN>
 __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
-  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
+  const Units units = schedule_units<TL::kHalves>(tile_start[a.num_experts]);
   const uint32_t act_ring_u32 = smem_u32(smem);
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
@@ -213,8 +234,8 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   const bool is_l1 = a.epilogue != kYSlot;
   const bool tma = act_by_tma<TL::kWgmma>(a);
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const Tile tl = decode_tile<BN>(a, tile_start, tile);
+  for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
+    const Tile tl = decode_unit<BM, BN>(a, tile_start, units, unit);
     // Copy j moves 16-byte piece tid % 8 of slot row n = tid / 8 + j * kProducers / 8 into its swizzled place;
     // rows past the tile's slots copy no bytes (zero fill) from row 0, so every source pointer is valid and just
     // advances a chunk at a time. The producer's instructions per stage share the schedulers with the
@@ -235,18 +256,21 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
     const uint64_t policy = weight_policy(tl.slot_tiles == 1);
-    const size_t row_block =
-        static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + static_cast<size_t>(tl.nt) * TL::kAtoms;
-    const size_t atom0 = row_block * nchunks;
+    const size_t atom0 = (static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + tl.row_atom) * nchunks;
     for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
       const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
       if ((tid & 31) == 0 && tid < 32 * TL::kCopyIssuers) {
         // An atom's consecutive K chunks are adjacent in the layout: one copy each for codes and scales.
+        // A half tile fills the first atom place of each warpgroup (every other place), from its two atoms.
         constexpr int kIssuerAtoms = TL::kAtoms / TL::kCopyIssuers;
+        auto loads = [&](int i) { return !tl.half || i % TL::kWgAtoms == 0; };
+        int atoms = 0;
+#pragma unroll
+        for (int k = 0; k < kIssuerAtoms; ++k) atoms += loads((tid >> 5) * kIssuerAtoms + k);
         const bool act_issuer = tma && tid == 0;
         ClusterTransactionBarrier::arrive_and_expect_tx(
-            &full[s], nch * (kIssuerAtoms * (kAtomBytes + kAtomScaleBytes) + (act_issuer ? TL::kChunkActBytes : 0)));
+            &full[s], nch * (atoms * (kAtomBytes + kAtomScaleBytes) + (act_issuer ? TL::kChunkActBytes : 0)));
         if (act_issuer) {
           for (int cc = 0; cc < nch; ++cc) {
             tma_load_rows(act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes, &a.act_map, (c0 + cc) * kBK,
@@ -256,7 +280,8 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
 #pragma unroll
         for (int k = 0; k < kIssuerAtoms; ++k) {
           const int i = (tid >> 5) * kIssuerAtoms + k;
-          const size_t atom = atom0 + static_cast<size_t>(i) * nchunks + c0;
+          if (!loads(i)) continue;
+          const size_t atom = atom0 + static_cast<size_t>(tl.half ? i / TL::kWgAtoms : i) * nchunks + c0;
           bulk_load(w_ring + s * TL::kWeightBytes + i * TL::kChunks * kAtomBytes, a.w + atom * kAtomBytes, &full[s],
                     nch * kAtomBytes, policy);
           bulk_load(s_ring + s * TL::kScaleBytes + i * TL::kChunks * kAtomScaleBytes,
@@ -282,7 +307,6 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
 template <int BM, int BN>
 __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
-  const int total = tile_start[a.num_experts];
   using TL = Tiles<BM, BN>;
   const uint32_t act_ring_u32 = smem_u32(smem);  // MMA operands are read through shared addresses
   const uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
@@ -298,11 +322,13 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     if (lane == 0) ClusterBarrier::arrive(&empty[s]);
   };
   int q = 0;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const Tile tl = decode_tile<BN>(a, tile_start, tile);
-    float acc[TL::kAcc];
+  // One work unit with NA atoms per warpgroup (TL::kWgAtoms, or one for a half tile): compile-time, since a run-time
+  // atom count cost the 256-row kernel 3.5 % (twelfth session).
+  auto run_unit = [&](const Tile& tl, bool last, auto na) {
+    constexpr int NA = decltype(na)::value;
+    float acc[NA * BN / 2];
 #pragma unroll
-    for (int i = 0; i < TL::kAcc; ++i) acc[i] = 0.f;
+    for (int i = 0; i < NA * BN / 2; ++i) acc[i] = 0.f;
 
     // Split K: warpgroup w computes the tile's stages sc = w mod 2, so the summation order depends on the tile
     // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
@@ -326,14 +352,14 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         // wgmma: the warpgroup's atoms of this chunk, dequantized (af[i][st]: atom i's A fragment of k16 step
         // st); each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
         // dequantization overlaps them (its fragments live in other registers); all drain at the chunk's end.
-        const int atom0 = TL::kSplitK ? 0 : wg * TL::kWgAtoms;
+        const int atom0 = TL::kSplitK ? 0 : wg * TL::kWgAtoms;  // its first atom place in the stage
         const uint8_t* codes = w_ring + s * TL::kWeightBytes + (atom0 * TL::kChunks + cc) * kAtomBytes + cw * 512 + lane * 16;
         const uint8_t* scales =
             s_ring + s * TL::kScaleBytes + (atom0 * TL::kChunks + cc) * kAtomScaleBytes + cw * 64 + g * 8;
         if constexpr (TL::kWgmma) {
-          uint32_t af[TL::kWgAtoms][4][4];
+          uint32_t af[NA][4][4];
 #pragma unroll
-          for (int ia = 0; ia < TL::kWgAtoms; ++ia) {
+          for (int ia = 0; ia < NA; ++ia) {
             dequant_atom(codes + ia * TL::kChunks * kAtomBytes, scales + ia * TL::kChunks * kAtomScaleBytes, af[ia]);
             float(&acc_i)[BN / 2] = *reinterpret_cast<float(*)[BN / 2]>(acc + ia * (BN / 2));
             wgmma_atom<BN>(act_chunk, af[ia], acc_i);
@@ -342,8 +368,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
           cute::warpgroup_wait<0>();
           fence_all(acc);
         } else {
-          hmma_chunk<BN, TL::kWgAtoms, TL::kChunks * kAtomBytes, TL::kChunks * kAtomScaleBytes>(act_chunk, codes, scales,
-                                                                                                 acc, lane);
+          hmma_chunk<BN, NA, TL::kChunks * kAtomBytes, TL::kChunks * kAtomScaleBytes>(act_chunk, codes, scales, acc,
+                                                                                       lane);
         }
       }
       release(s);
@@ -361,8 +387,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     const float scale = __fmul_rn(act_gs ? __fdiv_rn(alpha, *act_gs) : alpha, kDequantShift);
     auto store_acc = [&](int part, auto add, auto scaled) {
 #pragma unroll
-      for (int i = 0; i < TL::kWgAtoms; ++i) {
-        const int row = (TL::kSplitK ? i : wg * TL::kWgAtoms + i) * kAtomRows + cw * 16 + g;
+      for (int i = 0; i < NA; ++i) {
+        const int row = (TL::kSplitK ? i : wg * NA + i) * kAtomRows + cw * 16 + g;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           if (8 * j / TL::kEpiSlots != part) continue;
@@ -379,7 +405,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
     };
 
-    constexpr int HALF = BM / 2;
+    constexpr int kRows = (TL::kSplitK ? 1 : 2) * NA * kAtomRows;  // the unit's weight rows
+    constexpr int HALF = kRows / 2;  // L1: its intermediate columns
 #pragma unroll  // a rolled loop would keep every part's accumulators live through the first part's epilogue
     for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
       cute::tma_store_wait<0>();  // this thread's bulk stores of the previous part (or tile) have read epi
@@ -400,13 +427,13 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         cutlass::arch::fence_view_async_shared();  // the shared-memory writes, before the bulk copies read them
         consumer_sync();
         if (ctid < nvalid) {
-          cute::SM90_BULK_COPY_S2G::copy(epi + ctid * TL::kEpiStride,
-                                         a.out_f32 + static_cast<size_t>(slot0 + ctid) * a.n_rows + tl.nt * BM, BM * 4);
+          float* out = a.out_f32 + static_cast<size_t>(slot0 + ctid) * a.n_rows + tl.row_atom * kAtomRows;
+          cute::SM90_BULK_COPY_S2G::copy(epi + ctid * TL::kEpiStride, out, kRows * 4);
           cute::tma_store_arrive();
           // The CTA's shared memory stays its own until its last bulk stores have read it (the global writes need
           // no wait). Waited for here, on the CTA's last tile, not after the tile loop: a wait there made ptxas
           // spill and serialize the 256-row kernel's wgmmas (C7512).
-          if (tile + gridDim.x >= total) cute::tma_store_wait<0>();
+          if (last) cute::tma_store_wait<0>();
         }
         continue;
       }
@@ -419,7 +446,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         load4(p, gate);
         load4(p + 32, up);
       };
-      const int j0 = tl.nt * HALF;  // first intermediate column of this tile
+      const int j0 = tl.row_atom * (kAtomRows / 2);  // first intermediate column of this unit
 
       if (a.epilogue == kGateUp) {
         for (int idx = ctid; idx < nvalid * (HALF / 4); idx += kConsumers) {
@@ -457,6 +484,18 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
         }
       }
     }
+  };
+  const Units units = schedule_units<TL::kHalves>(tile_start[a.num_experts]);
+  for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
+    const Tile tl = decode_unit<BM, BN>(a, tile_start, units, unit);
+    const bool last = unit + gridDim.x >= units.count;
+    if constexpr (TL::kHalves) {
+      if (tl.half) {
+        run_unit(tl, last, std::integral_constant<int, 1>{});
+        continue;
+      }
+    }
+    run_unit(tl, last, std::integral_constant<int, TL::kWgAtoms>{});
   }
 }
 

@@ -11,8 +11,9 @@ k = 16*st + 8*h + 2*t + e with st = 2*v + sp (k16 step st; h: the fragment's k 0
 column t; e: the element of a bf16x2 pair). Byte order is [cw][g][t][r][v] of 32-bit words, each holding
 the four bf16x2 pairs (sp, h) of its row and two k16 steps, with their code bits placed where the kernel's
 e2m1_pair extracts them cheaply (STORED below). Scales are [cw][g][r][st], each byte encoded
-(encode_scales). L1 row blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU epilogue finds
-both halves of an output column in one tile.
+(encode_scales) and each 4-byte word (a row's four k16 steps) rotated left by 4 bits (scale_words). L1 row
+blocks hold 32 gate rows then the matching 32 up rows, so the SwiGLU epilogue finds both halves of an output
+column in one tile.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import torch
 from .weights import ExpertWeights
 
 LAYOUT = "sm90"
-SCALE_EXP_BASE = 236  # bf16 exponent of the smallest nonzero UE4M3 (2^-9) times 2^118
+# bf16 bits of sf * 2^118 that every nonzero UE4M3 shares (2^109 <= sf * 2^118 < 2^127: exponent bits 5-7 set, sign
+# clear); the kernel ORs them back in
+SCALE_FIXED_BITS = 0x7000
 
 
 def gate_up_row_order(inter: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -76,14 +79,25 @@ def check_tileable(weights: ExpertWeights) -> None:
 
 
 def encode_scales(s: torch.Tensor) -> torch.Tensor:
-    """UE4M3 scale bytes -> the kernels' byte (E - 236) << 3 | M, where E and M are the bf16 exponent and top three
-    mantissa bits of sf * 2^118: every UE4M3 value (subnormals included) is exact in that form, and the
-    kernel rebuilds the bf16 with one PRMT and one IMAD. Zero encodes as 0 (read back as 2^-9);
+    """UE4M3 scale bytes -> the kernels' byte: bits 4-11 of the bf16 of sf * 2^118 (its low five exponent bits and
+    three mantissa bits). Every UE4M3 value (subnormals included) is exact in that form, and its other bits are
+    SCALE_FIXED_BITS, so the kernel rebuilds the bf16 with a mask and an OR. Zero encodes as 0 (read back as 2^97);
     zero_unscaled_codes_ makes that harmless."""
     v = s.view(torch.float8_e4m3fn).float()
     bits = (v * 2.0 ** 118).to(torch.bfloat16).view(torch.int16).int()
-    code = (((bits >> 7) & 0xFF) - SCALE_EXP_BASE) << 3 | ((bits >> 4) & 7)
-    return torch.where(v > 0, code, 0).to(torch.uint8)
+    return torch.where(v > 0, (bits >> 4) & 0xFF, 0).to(torch.uint8)
+
+
+def scale_words(s: torch.Tensor) -> torch.Tensor:
+    """One expert's UE4M3 scale bytes (N, K/16) in row layout -> the kernels' scale tensor: encoded, in atom order,
+    each 4-byte word (a row's four k16 steps in one atom) rotated left by 4 bits, so that the bytes of steps 0 and 2
+    sit at bits 4-11 of the two bf16 halves where scale_pair<0> masks them, and steps 1 and 3 one byte rotation
+    away."""
+    n, ks = s.shape
+    b = tile_scales(encode_scales(s)).view(-1, 4).int()
+    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24  # int32 wraps; the shifts below mask it
+    rot = (word << 4) | ((word >> 28) & 0xF)
+    return torch.stack([(rot >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8).view(n, ks)
 
 
 def check_scales(s: torch.Tensor, name: str) -> None:
@@ -110,7 +124,7 @@ def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor
         d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])
         zero_unscaled_codes_(d, s)
         data[e].copy_(tile_packed(d))
-        scale[e].copy_(tile_scales(encode_scales(s)))
+        scale[e].copy_(scale_words(s))
 
 
 def tile_(weights: ExpertWeights) -> ExpertWeights:

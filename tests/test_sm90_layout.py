@@ -74,7 +74,7 @@ def test_tile_in_place_reorders_l1_rows_then_tiles_every_expert(gen):
     order = sm90_layout.gate_up_row_order(64)
     for e in range(3):
         assert torch.equal(w.w13[e], sm90_layout.tile_packed(before.w13[e][order]))
-        want = sm90_layout.tile_scales(sm90_layout.encode_scales(before.w2_scale[e].view(torch.uint8)))
+        want = sm90_layout.scale_words(before.w2_scale[e].view(torch.uint8))
         assert torch.equal(w.w2_scale[e].view(torch.uint8), want)
     assert torch.equal(w.w13_alpha, before.w13_alpha) and torch.equal(w.l2_input_scale, before.l2_input_scale)
 
@@ -109,12 +109,31 @@ def test_cuda_stage_rejects_row_layout_weights():
 
 
 def test_encoded_scale_rebuilds_the_exact_bf16_of_every_ue4m3_value_times_2_pow_118():
-    """The kernel's scale_pair: each half's bf16 bits = (byte << 4) + 0x7600."""
+    """Each half of the kernel's scale_pair: bf16 bits = (byte << 4) | SCALE_FIXED_BITS."""
     raw = torch.arange(1, 0x7F, dtype=torch.uint8)  # every positive finite UE4M3, subnormals included
     enc = sm90_layout.encode_scales(raw).int()
-    rebuilt = ((enc << 4) + 0x7600).to(torch.int16).view(torch.bfloat16).float()
+    rebuilt = ((enc << 4) | sm90_layout.SCALE_FIXED_BITS).to(torch.int16).view(torch.bfloat16).float()
     assert torch.equal(rebuilt, raw.view(torch.float8_e4m3fn).float() * 2.0 ** 118)
     assert sm90_layout.encode_scales(torch.tensor([0, 0x80], dtype=torch.uint8)).tolist() == [0, 0]
+
+
+def test_scale_pair_reads_every_scale_of_its_step_from_the_stored_words(gen):
+    """The kernel's scale_pair<K> on a lane's word w: ((K ? rotr(w, 8) : w) & 0x0FF00FF0) | 0x70007000 holds
+    steps K and K + 2 of that row as bf16 sf * 2^118 in its low and high halves."""
+    n, k = 128, 192
+    raw = torch.randint(1, 0x7F, (n, k // 16), generator=gen, dtype=torch.uint8)
+    words = sm90_layout.scale_words(raw).view(-1, 4).long()
+    words = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16 | words[:, 3] << 24
+    row = torch.arange(n).view(n, 1)
+    step = torch.arange(k // 16).view(1, -1)
+    rr, kb, st = row % 64, step // 4, step % 4
+    cw, r, g = rr // 16, (rr % 16) // 8, rr % 8
+    w = words[(((row // 64) * (k // 64) + kb) * 256 + cw * 64 + g * 8 + r * 4) // 4]
+    rotr8 = ((w >> 8) | (w << 24)) & 0xFFFFFFFF
+    pair = (torch.where(st % 2 == 1, rotr8, w) & 0x0FF00FF0) | 0x70007000
+    half = (pair >> (16 * (st // 2))) & 0xFFFF
+    got = half.to(torch.int16).view(torch.bfloat16).float()
+    assert torch.equal(got, raw.view(torch.float8_e4m3fn).float() * 2.0 ** 118)
 
 
 def test_tiling_zeroes_the_codes_of_blocks_whose_scale_is_zero(gen):

@@ -272,6 +272,33 @@ def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
     assert rel_l2(y, l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)) <= 4e-3
 
 
+@pytest.mark.parametrize("extra", ["a few", "all but one"])
+def test_256_row_tiles_give_the_bits_of_128_row_tiles_whether_or_not_the_last_round_runs_as_halves(extra, gen):
+    """One 256-row tile per expert, one more expert than a whole round per SM: a last round at most half full runs as
+    128-row halves (one atom per warpgroup, over all of K in order), a fuller one as whole tiles. Either way each
+    output is the sum of its 128-row tile, in L1 and in L2, and matches the reference."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    e = sms + (5 if extra == "a few" else sms - 1)
+    h, i = 1024, 128  # L1: 2i = 256 rows, K 1024 (16 chunks, more stages than the ring); L2: 1024 rows
+    counts = torch.randint(1, 129, (e,), generator=gen)  # one 128-slot tile per expert
+    idx = torch.repeat_interleave(torch.arange(e), counts).int().view(-1, 1).to(DEV)
+    slots = map_slots(idx, e, 0)
+    weights = random_weights(e, h, i, gen)
+    acts = random_acts(idx.shape[0], h, weights, W4A16, gen)
+    gu = {bm: l1_gate_up(acts, slots, weights, W4A16, 128, bm) for bm in (128, 256)}
+    assert torch.equal(gu[256], gu[128])
+    assert rel_l2(gu[256], l1_reference(acts, slots, weights, W4A16)) <= 4e-3
+    n, kw = slots.num_slots, tiled(weights)
+    w2, w2_scale = kw.w2[:, :256].contiguous(), kw.w2_scale[:, :256].contiguous()  # 256 rows: one tile per expert
+    h_in = torch.randn(n, i, generator=gen).to(DEV, torch.bfloat16)
+    ys = {bm: torch.full((n, 256), float("nan"), device=DEV) for bm in (128, 256)}
+    for bm, y in ys.items():
+        ops.grouped_l2(w2, w2_scale, kw.w2_alpha, h_in, None, slots.offsets, y, 128, bm)
+    assert torch.equal(ys[256], ys[128])
+    ref = l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)[:, :256]
+    assert rel_l2(ys[256], ref) <= 4e-3
+
+
 @pytest.mark.parametrize("limit", [10.0, None])
 @pytest.mark.parametrize("block_n,block_m", [(8, 64), (32, 128), (128, 256)])
 def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(block_n, block_m, limit, gen):
