@@ -94,9 +94,9 @@ def scale_words(s: torch.Tensor) -> torch.Tensor:
     sit at bits 4-11 of the two bf16 halves where scale_pair<0> masks them, and steps 1 and 3 one byte rotation
     away."""
     n, ks = s.shape
-    b = tile_scales(encode_scales(s)).view(-1, 4).int()
-    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24  # int32 wraps; the shifts below mask it
-    rot = (word << 4) | ((word >> 28) & 0xF)
+    b = tile_scales(encode_scales(s)).view(-1, 4).long()
+    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+    rot = (word << 4) | (word >> 28)
     return torch.stack([(rot >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8).view(n, ks)
 
 

@@ -274,9 +274,10 @@ def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
 
 @pytest.mark.parametrize("extra", ["a few", "all but one"])
 def test_256_row_tiles_give_the_bits_of_128_row_tiles_whether_or_not_the_last_round_runs_as_halves(extra, gen):
-    """One 256-row tile per expert, one more expert than a whole round per SM: a last round at most half full runs as
-    128-row halves (one atom per warpgroup, over all of K in order), a fuller one as whole tiles. Either way each
-    output is the sum of its 128-row tile, in L1 and in L2, and matches the reference."""
+    """One 256-row tile per expert and a grid of one CTA per SM: a whole round plus five tiles leaves a last round at
+    most half full, which runs as 128-row halves (one atom per warpgroup, over all of K in order); plus all but one
+    leaves one too full for halves, which runs as whole tiles. Either way each output is the sum of its 128-row tile,
+    in L1 and in L2, and matches the reference."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     e = sms + (5 if extra == "a few" else sms - 1)
     h, i = 1024, 128  # L1: 2i = 256 rows, K 1024 (16 chunks, more stages than the ring); L2: 1024 rows
