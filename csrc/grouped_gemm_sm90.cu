@@ -221,11 +221,19 @@ __device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_s
   return Tile{e, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles, half, row_atom};
 }
 
+// This CTA's work units in order, as f(tile, last): the producer and the consumers walk the same ones through here.
+template <int BM, int BN, typename F>
+__device__ __forceinline__ void for_each_unit(const GemmArgs& a, const int* tile_start, F&& f) {
+  const Units units = schedule_units<Tiles<BM, BN>::kHalves>(tile_start[a.num_experts]);
+  for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
+    f(decode_unit<BM, BN>(a, tile_start, units, unit), unit + gridDim.x >= units.count);
+  }
+}
+
 template <int BM, int BN>
 __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
   using TL = Tiles<BM, BN>;
-  const Units units = schedule_units<TL::kHalves>(tile_start[a.num_experts]);
   const uint32_t act_ring_u32 = smem_u32(smem);
   uint8_t* w_ring = smem + TL::kStages * TL::kActBytes;
   uint8_t* s_ring = w_ring + TL::kStages * TL::kWeightBytes;
@@ -234,8 +242,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
   const bool is_l1 = a.epilogue != kYSlot;
   const bool tma = act_by_tma<TL::kWgmma>(a);
   int q = 0;  // stages produced so far: the ring position and barrier phase, mirrored by the consumers
-  for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
-    const Tile tl = decode_unit<BM, BN>(a, tile_start, units, unit);
+  for_each_unit<BM, BN>(a, tile_start, [&](const Tile& tl, bool) {
     // Copy j moves 16-byte piece tid % 8 of slot row n = tid / 8 + j * kProducers / 8 into its swizzled place;
     // rows past the tile's slots copy no bytes (zero fill) from row 0, so every source pointer is valid and just
     // advances a chunk at a time. The producer's instructions per stage share the schedulers with the
@@ -300,7 +307,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       }
       cutlass::arch::cpasync_barrier_arrive_noinc(&full[s]);
     }
-  }
+  });
   asm volatile("cp.async.wait_all;" ::: "memory");
 }
 
@@ -486,18 +493,12 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
     }
   };
-  const Units units = schedule_units<TL::kHalves>(tile_start[a.num_experts]);
-  for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
-    const Tile tl = decode_unit<BM, BN>(a, tile_start, units, unit);
-    const bool last = unit + gridDim.x >= units.count;
+  for_each_unit<BM, BN>(a, tile_start, [&](const Tile& tl, bool last) {
     if constexpr (TL::kHalves) {
-      if (tl.half) {
-        run_unit(tl, last, std::integral_constant<int, 1>{});
-        continue;
-      }
+      if (tl.half) return run_unit(tl, last, std::integral_constant<int, 1>{});
     }
     run_unit(tl, last, std::integral_constant<int, TL::kWgAtoms>{});
-  }
+  });
 }
 
 template <int BM, int BN>
