@@ -7,7 +7,9 @@ events around CUDA-graph replays (eager medians too). The baseline is the torch.
 left in the tensor it allocates; grouped_mm_copy_graph_ms is the older timing that also copied it out). Weights
 (1.8 GB packed, 6.3 GB BF16) are far larger than L2, and every call streams all active experts' weights, so no
 input rotation is needed. The graph replays of ours and the baselines are timed in rounds (the order rotating), and
-each speedup is the median over rounds of the ratio within a round.
+each speedup is the median over rounds of the ratio within a round. Ours and torch._grouped_mm are also timed as
+chains of launches in one graph (per call: the cost inside a model's graph, with ours' programmatic dependent
+launch; ours once more with it off).
 
     python bench/bench_experts.py --out $OUT/experts.json [--quick] [--rounds 3]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,8 @@ from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
 COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop")  # timed per layer; the loop eager only
+CHAINED = ("ours_w4a16", "ours_w4a4", "grouped_mm")  # also timed as chains of launches in one graph
+CHAIN_MS = 4.0
 DEV = torch.device("cuda")
 
 
@@ -73,6 +78,33 @@ def gpu_state() -> dict:
 def graphed(fn):
     """Captures fn once (after a warm-up on a side stream) and returns the replay."""
     return cuda_graphs.capture(fn, warmup=1).replay
+
+
+def chained(fn, launches: int):
+    """One graph of `launches` back-to-back calls, replayed (the caller divides by `launches`): what a call costs
+    inside a model's graph, where each kernel's launch (and, with programmatic dependent launch, its prologue)
+    overlaps the end of the kernel before it. A replay of a one-call graph between two events pays a whole launch
+    and the event boundary every call. triton.testing.do_bench_cudagraph times chains like this."""
+    def run():
+        for _ in range(launches):
+            fn()
+    return graphed(run)
+
+
+def chain_launches(single_ms: float) -> int:
+    """Calls per chain: about CHAIN_MS of work, at least 2, at most 64."""
+    return max(2, min(64, math.ceil(CHAIN_MS / single_ms)))
+
+
+def without_programmatic_launch(fn):
+    """fn with the kernels' programmatic dependent launch off while it runs (and while a graph captures it)."""
+    def run():
+        previous = ops.set_programmatic_launch(False)
+        try:
+            fn()
+        finally:
+            ops.set_programmatic_launch(previous)
+    return run
 
 
 def copy_bandwidth_gbs() -> float:
@@ -200,6 +232,14 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
                 row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if "grouped_mm" in graphs:  # the same call plus a copy: it runs wherever the baseline did
             graphs["grouped_mm_copy"] = graphed(d["grouped_mm_copy"])
+        # Chains (per call, divided below); ours also with programmatic dependent launch off, which is what it buys.
+        chains = {f"{col}_chain": (col, d[col]) for col in CHAINED if col in graphs}
+        if "ours_w4a16" in graphs:
+            chains["ours_w4a16_nopdl_chain"] = ("ours_w4a16", without_programmatic_launch(d["ours_w4a16"]))
+        launches = {}
+        for col, (base, fn) in chains.items():
+            launches[col] = chain_launches(row[f"{base}_eager_ms"])
+            graphs[col] = chained(fn, launches[col])
         # Graph replays in rounds, each starting one column later: at m >= 32 the board runs near its power cap and
         # a column's time follows the GPU's state, which drifts within a run (NOTES_experts.md), so each
         # ratio is taken within a round and the median over rounds is reported, beside every round's times.
@@ -208,10 +248,13 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         for r in range(rounds):
             for i in range(len(cols)):
                 col = cols[(i + r) % len(cols)]
-                per_round[col].append(median_ms(graphs[col], reps))
+                per_round[col].append(median_ms(graphs[col], reps) / launches.get(col, 1))
         for col, times in per_round.items():
-            row[f"{col}_graph_ms_rounds"] = times
-            row[f"{col}_graph_ms"] = statistics.median(times)
+            kind = "ms" if col in launches else "graph_ms"  # a chain's times are per call already
+            row[f"{col}_{kind}_rounds"] = times
+            row[f"{col}_{kind}"] = statistics.median(times)
+        for col, n in launches.items():
+            row[f"{col}_launches"] = n
         for col in COLUMNS:
             t = row.get(f"{col}_graph_ms", row.get(f"{col}_eager_ms"))
             if t is None:
@@ -223,8 +266,14 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
             if col in per_round and "grouped_mm" in per_round:
                 row[f"{col}_speedup_vs_grouped_mm"] = statistics.median(
                     b / t for b, t in zip(per_round["grouped_mm"], per_round[col]))
+            if f"{col}_chain" in per_round and "grouped_mm_chain" in per_round:
+                row[f"{col}_chain_speedup_vs_grouped_mm"] = statistics.median(
+                    b / t for b, t in zip(per_round["grouped_mm_chain"], per_round[f"{col}_chain"]))
             if col in per_round and row.get("loop_eager_ms"):
                 row[f"{col}_speedup_vs_loop"] = row["loop_eager_ms"] / row[f"{col}_graph_ms"]
+        if "ours_w4a16_nopdl_chain" in per_round:
+            row["programmatic_launch_speedup"] = statistics.median(
+                o / t for o, t in zip(per_round["ours_w4a16_nopdl_chain"], per_round["ours_w4a16_chain"]))
         if sweep:  # tile shapes worth trying at this m (narrow slot tiles re-read weights per slot tile)
             fn = l1_w4a16 if layer == "L1" else l2_ours
             widths = [b for b in ops.BLOCK_NS if max(counts) <= 16 * b]
@@ -233,6 +282,18 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
                 for b in widths for m in (64, 128, 256) if m < 256 or b >= 64}
         result[layer] = row
     return result
+
+
+def sparse_ratios(results: list[dict]) -> dict:
+    """The sparse case's time over its experts' share (6/48) of the all-active m=1 time, per layer and timing."""
+    by_case = {r["case"]: r for r in results}
+    sparse, full = by_case.get("sparse6_m1"), by_case.get("all48_m1")
+    if not sparse or not full:
+        return {}
+    share = sparse["active_experts"] / full["active_experts"]
+    return {f"{layer}_{key}": sparse[layer][key] / (share * full[layer][key])
+            for layer in ("L1", "L2") for key in ("ours_w4a16_graph_ms", "ours_w4a16_chain_ms")
+            if key in sparse[layer] and key in full[layer]}
 
 
 def main() -> None:
@@ -255,7 +316,7 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), flush=True)
     doc = {**provenance(), "copy_gbs_read_plus_write": copy_gbs, "graph_rounds": args.rounds,
-           "shapes": {"E": E, "H": H, "I": I}, "results": results}
+           "shapes": {"E": E, "H": H, "I": I}, "sparse_over_active_share": sparse_ratios(results), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1))
     print(f"\n{doc['gpu']}  copy {copy_gbs:.0f} GB/s")
@@ -264,8 +325,9 @@ def main() -> None:
             sw = r[layer].get("ours_w4a16_graph_ms_by_tile")
             if sw:
                 print(r["case"], layer, "tile sweep (ms):", {b: round(v, 3) for b, v in sw.items()})
+    print("sparse over its share of all-active:", {k: round(v, 3) for k, v in doc["sparse_over_active_share"].items()})
     print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'x_gmm':>7}{'x_loop':>7}"
-          f"{'GB/s':>7}{'TF/s':>6}")
+          f"{'GB/s':>7}{'TF/s':>6}{'chain':>8}{'x_gmm':>7}{'x_pdl':>7}")
     for r in results:
         for layer in ("L1", "L2"):
             d = r[layer]
@@ -274,7 +336,8 @@ def main() -> None:
             print(f"{r['case']:<13}{layer:<4}{f('fp4_floor_ms')}{f('ours_w4a16_graph_ms')}{f('ours_w4a4_graph_ms')}"
                   f"{f('grouped_mm_graph_ms')}{f('loop_eager_ms')}{g('ours_w4a16_speedup_vs_grouped_mm')}"
                   f"{g('ours_w4a16_speedup_vs_loop')}{d.get('ours_w4a16_weight_gbs', 0):7.0f}"
-                  f"{d.get('ours_w4a16_tflops', 0):6.0f}")
+                  f"{d.get('ours_w4a16_tflops', 0):6.0f}{f('ours_w4a16_chain_ms')}"
+                  f"{g('ours_w4a16_chain_speedup_vs_grouped_mm')}{g('programmatic_launch_speedup')}")
 
 
 if __name__ == "__main__":

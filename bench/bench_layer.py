@@ -6,8 +6,10 @@
 Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
 events recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs
 on its own stream beside routing and the routed experts, so its stage time is what is left of it after them
-(joining and adding its output). With --kernels each row also lists the GPU time of every kernel in one
-CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay.
+(joining and adding its output). The graph is timed twice: as the runtime captures it, and captured with the
+kernels' programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of
+every kernel in one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can
+exceed the replay.
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from ep_runtime import ops
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group
 from ep_runtime.moe import EPMoE
@@ -101,15 +104,23 @@ def main() -> None:
                 moe(x, check=False)
             eager = _events_ms(lambda: moe(x, check=False), args.iters)
             stages = _stage_breakdown(moe, x, args.iters)
+            # The same layer captured with the kernels' programmatic dependent launch off: what it buys per layer.
+            previous = ops.set_programmatic_launch(False)
+            try:
+                captured = moe.capture(x)
+            finally:
+                ops.set_programmatic_launch(previous)
+            graph_nopdl = _events_ms(captured.replay, args.iters)
+            del captured
             captured = moe.capture(x)
             graph = _events_ms(captured.replay, args.iters)
-            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "stages_ms": stages}
+            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "graph_nopdl_ms": graph_nopdl, "stages_ms": stages}
             if args.kernels:
                 row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured
             rows.append(row)
             if rank == 0:
-                print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms  " +
+                print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
                 if args.kernels:
                     kernels = row["graph_kernels_us"]

@@ -8,12 +8,14 @@
 // are skipped.
 #include "cuda_check.h"
 #include "experts_device.cuh"
+#include "launch.h"
 #include "registry.h"
 
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -31,6 +33,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_kernel(const int* __r
                                                                  int* __restrict__ counts, int* __restrict__ offsets,
                                                                  int* __restrict__ slot_pair,
                                                                  int* __restrict__ pair_slot) {
+  ep::enter_grid();
   extern __shared__ int smem[];
   int* hist = smem;                                // [kAlignWarps][num_local] per-chunk counts
   int* cursor = smem + kAlignWarps * num_local;    // [num_local + 1] running counts, then offsets
@@ -101,6 +104,7 @@ template <typename OutT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ y_slot, const int* __restrict__ pair_slot,
                    const float* __restrict__ topk_weights, int topk, int hidden, OutT* __restrict__ out) {
+  ep::enter_grid();
   const int t = blockIdx.x;
   const int* slots = pair_slot + static_cast<size_t>(t) * topk;
   const float* weights = topk_weights + static_cast<size_t>(t) * topk;
@@ -149,10 +153,9 @@ void moe_align(std::uintptr_t topk_idx, int num_tokens, int topk, int num_local,
                                                                        kMaxLocalExperts + 1))));
     attr_set = true;
   }
-  moe_align_kernel<<<1, kAlignThreads, smem, ep::as_stream(stream)>>>(
-      ep::as_ptr<const int>(topk_idx), num_tokens * topk, num_local, expert_begin, ep::as_ptr<int>(counts),
-      ep::as_ptr<int>(offsets), ep::as_ptr<int>(slot_pair), ep::as_ptr<int>(pair_slot));
-  EP_CHECK_LAUNCH();
+  ep::launch(moe_align_kernel, 1, kAlignThreads, smem, ep::as_stream(stream), ep::as_ptr<const int>(topk_idx),
+             num_tokens * topk, num_local, expert_begin, ep::as_ptr<int>(counts), ep::as_ptr<int>(offsets),
+             ep::as_ptr<int>(slot_pair), ep::as_ptr<int>(pair_slot));
 }
 
 void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t topk_weights, int num_tokens, int topk,
@@ -165,16 +168,13 @@ void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t top
   const int column_blocks = (hidden / 4 + kCombineThreads - 1) / kCombineThreads;
   const int per_token = (4 * ep::num_sms() + num_tokens - 1) / num_tokens;
   const dim3 grid(num_tokens, std::max(1, std::min(column_blocks, per_token)));
-  if (out_bf16) {
-    combine_kernel<__nv_bfloat16><<<grid, kCombineThreads, 0, ep::as_stream(stream)>>>(
-        ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot), ep::as_ptr<const float>(topk_weights),
-        topk, hidden, ep::as_ptr<__nv_bfloat16>(out));
-  } else {
-    combine_kernel<float><<<grid, kCombineThreads, 0, ep::as_stream(stream)>>>(
-        ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot), ep::as_ptr<const float>(topk_weights),
-        topk, hidden, ep::as_ptr<float>(out));
-  }
-  EP_CHECK_LAUNCH();
+  auto run = [&](auto* typed_out) {
+    ep::launch(combine_kernel<std::remove_pointer_t<decltype(typed_out)>>, grid, kCombineThreads, 0,
+               ep::as_stream(stream), ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot),
+               ep::as_ptr<const float>(topk_weights), topk, hidden, typed_out);
+  };
+  if (out_bf16) run(ep::as_ptr<__nv_bfloat16>(out));
+  else run(ep::as_ptr<float>(out));
 }
 
 void bind_moe_align(pybind11::module_& m) {

@@ -2,6 +2,7 @@
 // them (the lower index first among equal scores), which torch.topk does not promise and torch.sort pays a
 // full radix sort for (measured: 21.5 us for one token of 384 experts, a tenth of a decode layer).
 #include "cuda_check.h"
+#include "launch.h"
 #include "registry.h"
 
 #include <cstdint>
@@ -22,6 +23,7 @@ __device__ __forceinline__ uint64_t selection_key(float v, int i) {
 // One warp per row: k rounds, each the warp's largest key below the previous round's.
 __global__ void __launch_bounds__(kTopkWarps * 32)
     topk_stable_kernel(const float* __restrict__ scores, int rows, int n, int k, int64_t* __restrict__ out) {
+  ep::enter_grid();
   const int row = blockIdx.x * kTopkWarps + threadIdx.x / 32;
   if (row >= rows) return;  // the whole warp leaves together
   const int lane = threadIdx.x & 31;
@@ -46,9 +48,8 @@ void topk_stable(std::uintptr_t scores, int rows, int n, int k, std::uintptr_t o
   EP_REQUIRE(n >= 1 && k >= 1 && k <= n, "topk_stable: expected 1 <= k <= n, got k=" + std::to_string(k) +
                                              " and n=" + std::to_string(n));
   if (rows == 0) return;
-  topk_stable_kernel<<<(rows + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, 0, ep::as_stream(stream)>>>(
-      ep::as_ptr<const float>(scores), rows, n, k, ep::as_ptr<int64_t>(out));
-  EP_CHECK_LAUNCH();
+  ep::launch(topk_stable_kernel, (rows + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, 0, ep::as_stream(stream),
+             ep::as_ptr<const float>(scores), rows, n, k, ep::as_ptr<int64_t>(out));
 }
 
 void bind_routing(pybind11::module_& m) {

@@ -38,6 +38,18 @@ def _ext():
     return _C
 
 
+def set_programmatic_launch(enabled: bool) -> bool:
+    """Turns programmatic dependent launch of this package's kernels on (the default) or off for the process, and
+    returns the previous setting.
+
+    With it on, each kernel may be scheduled while the kernel before it on the stream is ending: its CTAs take the
+    SMs as they free up and set up, and wait for that kernel before touching memory (csrc/launch.h). The results
+    are the same bits either way. A CUDA graph keeps the setting it was captured with."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    return _ext().set_programmatic_launch(enabled)
+
+
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 

@@ -191,3 +191,8 @@ def test_topk_stable_rejects_float64_scores():
 def test_topk_stable_rejects_cpu_scores():
     with pytest.raises(ValueError, match="scores: expected a CUDA tensor, got device cpu"):
         ops.topk_stable(torch.zeros(2, 8), 2)
+
+
+def test_programmatic_launch_switch_rejects_a_non_bool():
+    with pytest.raises(TypeError, match="enabled: expected a bool, got int"):
+        ops.set_programmatic_launch(1)

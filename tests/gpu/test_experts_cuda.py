@@ -531,6 +531,57 @@ def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     assert cosine(out, reference_stage(acts, idx, w, weights, 0, spec)) >= 0.9999
 
 
+def test_programmatic_launch_switch_returns_the_previous_setting():
+    previous = ops.set_programmatic_launch(False)
+    try:
+        assert ops.set_programmatic_launch(True) is False
+        assert ops.set_programmatic_launch(True) is True
+    finally:
+        ops.set_programmatic_launch(previous)
+
+
+def without_programmatic_launch(fn):
+    previous = ops.set_programmatic_launch(False)
+    try:
+        return fn()
+    finally:
+        ops.set_programmatic_launch(previous)
+
+
+@pytest.mark.parametrize("how", ["eager", "graph"])
+@pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
+def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_of_plain_launches(spec_name, how,
+                                                                                                  gen):
+    """With programmatic dependent launch each kernel may start while the one before it ends. Stages on four
+    batches of different routing run back to back over one workspace: a kernel that touched the workspace before
+    the previous kernel had ended would mix two batches' slots. Each output must be the bits of that batch's stage
+    run alone with plain launches."""
+    spec = SPECS[spec_name]
+    e, h, i, t, k = 16, 1024, 512, 64, 6
+    weights = random_weights(e, h, i, gen)
+    kw = tiled(weights)
+    batches = [(random_acts(t, h, weights, spec, gen), *routing(kind, t, k, e, gen))
+               for kind in ("uniform", "one_expert", "uneven", "half_idle")]
+    ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
+    expected = [without_programmatic_launch(lambda: cuda_expert_stage(a, idx, w, kw, 0, spec, workspace=ws))
+                for a, idx, w in batches]
+    outs = [torch.empty(t, h, device=DEV) for _ in batches]
+
+    def run() -> None:
+        for (a, idx, w), out in zip(batches, outs):
+            cuda_expert_stage(a, idx, w, kw, 0, spec, out=out, workspace=ws)
+
+    replay = cuda_graphs.capture(run).replay if how == "graph" else run
+    for _ in range(3):
+        poison(ws)
+        for out in outs:
+            out.fill_(float("nan"))
+        replay()
+        torch.cuda.synchronize()
+        for out, ref in zip(outs, expected):
+            assert torch.equal(out, ref)
+
+
 def test_bf16_output_is_the_rounded_fp32_output(gen):
     weights = random_weights(4, 256, 128, gen)
     acts = random_acts(30, 256, weights, W4A4, gen)
