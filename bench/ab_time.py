@@ -1,10 +1,12 @@
 """Times grouped GEMM cases of a V4-Pro rank in one process: graph-replay medians (ms and TFLOP/s), one line each.
 
-    python bench/ab_time.py "l1:128:128:256,l2:1:8:64:6"
+    python bench/ab_time.py "l1:128:128:256,l2:1:8:64:6,stage:8"
 
-A case is layer:m:block_n:block_m[:active]: m tokens on each of `active` (default all 48) experts spread as in
-bench_experts.py. bench/ab_variants.sh runs it once per build variant and round; it compares builds, it checks
-nothing (the GPU tests do).
+A GEMM case is layer:m:block_n:block_m[:active]: m tokens on each of `active` (default all 48) experts spread as
+in bench_experts.py. A stage case is stage:T: the whole W4A16 expert stage (moe_align, L1, L2, combine) of T
+tokens routed top-6 uniformly at random over the rank's 48 experts. Each case is timed as one-call graph replays
+and as a chain of calls in one graph (per call; bench_experts.chained). bench/ab_variants.sh runs it once per build
+variant and round; it compares builds, it checks nothing (the GPU tests do).
 """
 from __future__ import annotations
 
@@ -14,41 +16,67 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import DEV, E, H, I, graphed, median_ms, offsets_for, rank_weights, spread_counts  # noqa: E402
+from bench.bench_experts import (DEV, E, H, I, chain_launches, chained, graphed, median_ms, offsets_for,  # noqa: E402
+                                 rank_weights, spread_counts)
 from ep_runtime import ops  # noqa: E402
+from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage  # noqa: E402
+from ep_runtime.experts import ExpertSpec  # noqa: E402
+from ep_runtime.weights import ExpertWeights  # noqa: E402
+
+TOPK = 6
+
+
+def stage_case(t: int, w1, w2, gen: torch.Generator):
+    weights = ExpertWeights(*w1, *w2, torch.ones((), device=DEV), torch.ones(E, device=DEV), layout="sm90")
+    spec = ExpertSpec("bf16", "static", 10.0)
+    x = torch.randn(t, H, device=DEV, generator=gen).to(torch.bfloat16)
+    idx = torch.rand(t, E, device=DEV, generator=gen).topk(TOPK, dim=1).indices.int()
+    w = torch.rand(t, TOPK, device=DEV, generator=gen)
+    ws = ExpertWorkspace.allocate(t, TOPK, E, H, I, DEV, spec)
+    out = torch.empty(t, H, device=DEV)
+    return lambda: cuda_expert_stage(x, idx, w, weights, 0, spec, out=out, workspace=ws)
+
+
+def gemm_case(layer: str, m: int, bn: int, bm: int, active: int, w1, w2, gen: torch.Generator):
+    counts = spread_counts(m, active)
+    s = sum(counts)
+    offsets = offsets_for(counts)
+    if layer == "l1":
+        x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
+        h = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
+        slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
+        return (lambda: ops.grouped_l1(w1[0], w1[1], w1[2], x, None, offsets, slot_pair, 1, "bf16",
+                                       swiglu_limit=10.0, h_bf16=h, block_n=bn, block_m=bm)), 2.0 * s * 2 * I * H
+    h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
+    y = torch.empty(s, H, device=DEV)
+    return (lambda: ops.grouped_l2(w2[0], w2[1], w2[2], h_in, None, offsets, y, bn, bm)), 2.0 * s * H * I
 
 
 def main(spec: str) -> None:
     gen = torch.Generator(device=DEV).manual_seed(0)
     w1, w2, _, _ = rank_weights(gen)
     for case in spec.split(","):
-        layer, m, bn, bm, *rest = case.split(":")
-        m, bn, bm = int(m), int(bn), int(bm)
-        active = int(rest[0]) if rest else E
-        counts = spread_counts(m, active)
-        s = sum(counts)
-        offsets = offsets_for(counts)
-        if layer == "l1":
-            x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
-            h = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
-            slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
-            run = lambda: ops.grouped_l1(w1[0], w1[1], w1[2], x, None, offsets, slot_pair, 1, "bf16",  # noqa: E731
-                                         swiglu_limit=10.0, h_bf16=h, block_n=bn, block_m=bm)
-            n, k = 2 * I, H
+        kind, *fields = case.split(":")
+        if kind == "stage":
+            t = int(fields[0])
+            label, flops, reps = f"stage T={t}", 0.0, 20
+            run = stage_case(t, w1, w2, gen)
         else:
-            h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
-            y = torch.empty(s, H, device=DEV)
-            run = lambda: ops.grouped_l2(w2[0], w2[1], w2[2], h_in, None, offsets, y, bn, bm)  # noqa: E731
-            n, k = H, I
-        label = f"{layer} m={m} active={active} bn={bn} bm={bm}"
+            m, bn, bm = (int(v) for v in fields[:3])
+            active = int(fields[3]) if len(fields) > 3 else E
+            label, reps = f"{kind} m={m} active={active} bn={bn} bm={bm}", 20 if m < 2048 else 7
+            run, flops = gemm_case(kind, m, bn, bm, active, w1, w2, gen)
         try:
             run()
             torch.cuda.synchronize()
         except Exception as exc:  # a variant that cannot run a case is reported, and the others still run
             print(f"{label}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
-        ms = median_ms(graphed(run), 20 if m < 2048 else 7)
-        print(f"{label}: {ms:.4f} ms {2 * s * n * k / ms / 1e9:.0f} TF/s", flush=True)
+        ms = median_ms(graphed(run), reps)
+        n = chain_launches(ms)
+        chain = median_ms(chained(run, n), reps) / n
+        tf = f" {flops / ms / 1e9:.0f} TF/s" if flops else ""
+        print(f"{label}: {ms:.4f} ms{tf}, chain {chain:.4f} ms ({n} calls)", flush=True)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def main() -> None:
             del captured
             captured = moe.capture(x)
             graph = _events_ms(captured.replay, args.iters)
-            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "graph_nopdl_ms": graph_nopdl, "stages_ms": stages}
+            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "graph_nopdl_ms": graph_nopdl,
+                   "stages_ms": stages}
             if args.kernels:
                 row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured

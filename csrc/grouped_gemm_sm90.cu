@@ -516,7 +516,10 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   const int tid = threadIdx.x, lane = tid & 31;
   const int row_tiles = a.n_rows / BM;
 
-  ep::release_next_grid();
+  // No early release of the next grid (it is released as this one's warps end): its CTAs would take the SMs
+  // ours leave first, and where ours carry uneven work (a tile more for the low block indices) a persistent
+  // kernel after us would put its own busier CTAs on the same SMs. Measured at 3d7bf2b (NOTES_experts.md):
+  // the W4A16 stage of 1 and 8 tokens 2-3 % faster without it; sparse L1 chained 13 % slower with it in one run.
   if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
       ClusterBarrier::init(&full[s], TL::kProducers + TL::kCopyIssuers);  // cp.async arrivals + bulk-copy issuers

@@ -39,7 +39,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
 #ifdef __CUDACC__
 namespace ep {
 // Lets the next kernel on the stream start launching: its CTAs still wait for this grid to end before they touch
-// memory, so calling this first only lets them take SMs as this grid's CTAs leave.
+// memory, so calling this first only lets them take SMs as this grid's CTAs leave. Without the call the release
+// comes as this grid's warps end.
 __device__ __forceinline__ void release_next_grid() { cudaTriggerProgrammaticLaunchCompletion(); }
 // Returns once the previous kernel on the stream has ended and its writes are visible (at once without PDL).
 __device__ __forceinline__ void wait_previous_grid() { cudaGridDependencySynchronize(); }
