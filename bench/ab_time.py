@@ -2,7 +2,8 @@
 
     python bench/ab_time.py "l1:128:128:256,l2:1:8:64:6,stage:8"
 
-A GEMM case is layer:m:block_n:block_m[:active]: m tokens on each of `active` (default all 48) experts spread as
+A GEMM case is layer:m:block_n:block_m[:active] (layer l1, l2, or l1q: W4A4's activation dequantization and
+L1): m tokens on each of `active` (default all 48) experts spread as
 in bench_experts.py. A stage case is stage:T: the whole W4A16 expert stage (moe_align, L1, L2, combine) of T
 tokens routed top-6 uniformly at random over the rank's 48 experts. Each case is timed as one-call graph replays
 and as a chain of calls in one graph (per call; bench_experts.chained). bench/ab_variants.sh runs it once per build
@@ -41,6 +42,20 @@ def gemm_case(layer: str, m: int, bn: int, bm: int, active: int, w1, w2, gen: to
     counts = spread_counts(m, active)
     s = sum(counts)
     offsets = offsets_for(counts)
+    if layer == "l1q":  # W4A4: the activations' dequantization, then L1 with the NVFP4 epilogue
+        codes = torch.randint(0, 256, (s, H // 2), dtype=torch.uint8, device=DEV, generator=gen)
+        sf = torch.exp2(torch.rand(s, H // 16, device=DEV, generator=gen) * 4 - 2).to(torch.float8_e4m3fn)
+        x, x_gs = torch.empty(s, H, dtype=torch.bfloat16, device=DEV), torch.ones(1, device=DEV)
+        hq = (torch.empty(s, I // 2, dtype=torch.uint8, device=DEV),
+              torch.empty(s, I // 16, dtype=torch.float8_e4m3fn, device=DEV))
+        h, h_gs = torch.empty(s, I, dtype=torch.bfloat16, device=DEV), torch.full((E,), 300.0, device=DEV)
+        slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
+
+        def run():
+            ops.nvfp4_dequant_rows(codes, sf, x)
+            ops.grouped_l1(w1[0], w1[1], w1[2], x, x_gs, offsets, slot_pair, 1, "nvfp4", swiglu_limit=10.0,
+                           h_gs=h_gs, hq_data=hq[0], hq_scale=hq[1], h_bf16=h, block_n=bn, block_m=bm)
+        return run, 2.0 * s * 2 * I * H
     if layer == "l1":
         x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
         h = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)

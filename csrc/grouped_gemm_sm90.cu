@@ -567,7 +567,7 @@ __global__ void h_requant_kernel(const float* __restrict__ h, const int* __restr
                                  int inter, const unsigned* __restrict__ amax_bits, uint8_t* __restrict__ hq_data,
                                  uint8_t* __restrict__ hq_scale, __nv_bfloat16* __restrict__ h_bf16,
                                  float* __restrict__ h_gs) {
-  ep::enter_grid();
+  ep::wait_previous_grid();  // no early release: a grouped GEMM follows (see moe_align_kernel)
   auto gs_of = [&](int e) {
     const float amax = __uint_as_float(amax_bits[e]);
     return amax > 0.f ? __fdiv_rn(448.f * 6.f, amax) : 1.f;
@@ -594,7 +594,7 @@ __global__ void h_requant_kernel(const float* __restrict__ h, const int* __restr
 // decode(q) * sf as BF16 (exact), no global scale: the W4A4 GEMM's activation operand.
 __global__ void nvfp4_dequant_rows_kernel(const uint8_t* __restrict__ data, const uint8_t* __restrict__ scale,
                                           long num_blocks, __nv_bfloat16* __restrict__ out) {
-  ep::enter_grid();
+  ep::wait_previous_grid();  // no early release: a grouped GEMM follows (see moe_align_kernel)
   for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < num_blocks;
        i += static_cast<long>(gridDim.x) * blockDim.x) {
     const uint2 codes = *reinterpret_cast<const uint2*>(data + 8 * i);

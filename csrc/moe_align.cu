@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_kernel(const int* __r
                                                                  int* __restrict__ slot_pair,
                                                                  int* __restrict__ pair_slot) {
   // No early release of the next grid: that is a persistent GEMM whose CTAs would take every SM and idle there
-  // for as long as this one CTA runs (tens of microseconds for thousands of tokens), starving the kernels of
-  // other streams (the shared expert) that would use those SMs meanwhile.
+  // for as long as this one CTA walks the pairs, keeping the kernels of other streams (the shared expert) off
+  // those SMs meanwhile. The same holds for every kernel a grouped GEMM follows.
   ep::wait_previous_grid();
   extern __shared__ int smem[];
   int* hist = smem;                                // [kAlignWarps][num_local] per-chunk counts
