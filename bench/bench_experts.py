@@ -96,17 +96,6 @@ def chain_launches(single_ms: float) -> int:
     return max(2, min(64, math.ceil(CHAIN_MS / single_ms)))
 
 
-def without_programmatic_launch(fn):
-    """fn with the kernels' programmatic dependent launch off while it runs (and while a graph captures it)."""
-    def run():
-        previous = ops.set_programmatic_launch(False)
-        try:
-            fn()
-        finally:
-            ops.set_programmatic_launch(previous)
-    return run
-
-
 def copy_bandwidth_gbs() -> float:
     """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
@@ -233,13 +222,14 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         if "grouped_mm" in graphs:  # the same call plus a copy: it runs wherever the baseline did
             graphs["grouped_mm_copy"] = graphed(d["grouped_mm_copy"])
         # Chains (per call, divided below); ours also with programmatic dependent launch off, which is what it buys.
-        chains = {f"{col}_chain": (col, d[col]) for col in CHAINED if col in graphs}
+        chains = {f"{col}_chain": (col, True) for col in CHAINED if col in graphs}
         if "ours_w4a16" in graphs:
-            chains["ours_w4a16_nopdl_chain"] = ("ours_w4a16", without_programmatic_launch(d["ours_w4a16"]))
+            chains["ours_w4a16_nopdl_chain"] = ("ours_w4a16", False)
         launches = {}
-        for col, (base, fn) in chains.items():
+        for col, (base, pdl) in chains.items():
             launches[col] = chain_launches(row[f"{base}_eager_ms"])
-            graphs[col] = chained(fn, launches[col])
+            with ops.programmatic_launch(pdl):  # the graph keeps what it was captured with
+                graphs[col] = chained(d[base], launches[col])
         # Graph replays in rounds, each starting one column later: at m >= 32 the board runs near its power cap and
         # a column's time follows the GPU's state, which drifts within a run (NOTES_experts.md), so each
         # ratio is taken within a round and the median over rounds is reported, beside every round's times.

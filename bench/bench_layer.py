@@ -106,11 +106,8 @@ def main() -> None:
             stages = _stage_breakdown(moe, x, args.iters)
             # The same layer also captured with the kernels' programmatic dependent launch off (what it buys per
             # layer); the two graphs are timed in the order on, off, off, on, and each time is the mean of its two.
-            previous = ops.set_programmatic_launch(False)
-            try:
+            with ops.programmatic_launch(False):
                 captured_nopdl = moe.capture(x)
-            finally:
-                ops.set_programmatic_launch(previous)
             captured = moe.capture(x)
             runs = [captured, captured_nopdl, captured_nopdl, captured]
             times = [_events_ms(c.replay, args.iters) for c in runs]

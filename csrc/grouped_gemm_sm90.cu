@@ -518,8 +518,8 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
 
   // No early release of the next grid (it is released as this one's warps end): its CTAs would take the SMs
   // ours leave first, and where ours carry uneven work (a tile more for the low block indices) a persistent
-  // kernel after us would put its own busier CTAs on the same SMs. Measured at 3d7bf2b (NOTES_experts.md):
-  // the W4A16 stage of 1 and 8 tokens 2-3 % faster without it; sparse L1 chained 13 % slower with it in one run.
+  // kernel after us would put its own busier CTAs on the same SMs. Measured from 3d7bf2b (NOTES_experts.md):
+  // sparse L1 chained 13 % slower with it in one run; the W4A16 stage of 1 and 8 tokens 1-2 % faster without it.
   if (tid == 32) {
     for (int s = 0; s < TL::kStages; ++s) {
       ClusterBarrier::init(&full[s], TL::kProducers + TL::kCopyIssuers);  // cp.async arrivals + bulk-copy issuers
@@ -527,7 +527,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
     }
     cutlass::arch::fence_barrier_init();
   }
-  ep::wait_previous_grid();  // the offsets come from the kernel before (moe_align)
+  ep::wait_previous_grid();  // from here on: offsets, slots and activations that earlier kernels wrote
   if (tid < 32) {
     warp_exclusive_scan(
         lane, a.num_experts,

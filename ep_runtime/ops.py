@@ -9,7 +9,8 @@ capture see one opaque op per kernel.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -48,6 +49,16 @@ def set_programmatic_launch(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
     return _ext().set_programmatic_launch(enabled)
+
+
+@contextmanager
+def programmatic_launch(enabled: bool) -> Iterator[None]:
+    """set_programmatic_launch(enabled) for the body of a with statement, the previous setting restored after it."""
+    previous = set_programmatic_launch(enabled)
+    try:
+        yield
+    finally:
+        set_programmatic_launch(previous)
 
 
 def _stream() -> int:

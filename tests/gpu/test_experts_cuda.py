@@ -531,21 +531,13 @@ def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     assert cosine(out, reference_stage(acts, idx, w, weights, 0, spec)) >= 0.9999
 
 
-def test_programmatic_launch_switch_returns_the_previous_setting():
-    previous = ops.set_programmatic_launch(False)
-    try:
+def test_programmatic_launch_switch_returns_the_previous_setting_and_the_context_restores_it():
+    with ops.programmatic_launch(False):
         assert ops.set_programmatic_launch(True) is False
         assert ops.set_programmatic_launch(True) is True
-    finally:
-        ops.set_programmatic_launch(previous)
-
-
-def without_programmatic_launch(fn):
-    previous = ops.set_programmatic_launch(False)
-    try:
-        return fn()
-    finally:
-        ops.set_programmatic_launch(previous)
+        with ops.programmatic_launch(False):
+            assert ops.set_programmatic_launch(False) is False
+        assert ops.set_programmatic_launch(True) is True
 
 
 @pytest.mark.parametrize("how", ["eager", "graph"])
@@ -563,8 +555,8 @@ def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_
     batches = [(random_acts(t, h, weights, spec, gen), *routing(kind, t, k, e, gen))
                for kind in ("uniform", "one_expert", "uneven", "half_idle")]
     ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
-    expected = [without_programmatic_launch(lambda: cuda_expert_stage(a, idx, w, kw, 0, spec, workspace=ws))
-                for a, idx, w in batches]
+    with ops.programmatic_launch(False):
+        expected = [cuda_expert_stage(a, idx, w, kw, 0, spec, workspace=ws) for a, idx, w in batches]
     outs = [torch.empty(t, h, device=DEV) for _ in batches]
 
     def run() -> None:
