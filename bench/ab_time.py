@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_experts import (DEV, E, H, I, chain_launches, chained, graphed, median_ms, offsets_for,  # noqa: E402
+from bench.bench_experts import (DEV, E, H, I, OurCalls, chain_launches, chained, graphed, median_ms,  # noqa: E402
                                  rank_weights, spread_counts)
-from ep_runtime import ops  # noqa: E402
 from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage  # noqa: E402
 from ep_runtime.experts import ExpertSpec  # noqa: E402
 from ep_runtime.weights import ExpertWeights  # noqa: E402
@@ -39,32 +38,10 @@ def stage_case(t: int, w1, w2, gen: torch.Generator):
 
 
 def gemm_case(layer: str, m: int, bn: int, bm: int, active: int, w1, w2, gen: torch.Generator):
-    counts = spread_counts(m, active)
-    s = sum(counts)
-    offsets = offsets_for(counts)
-    if layer == "l1q":  # W4A4: the activations' dequantization, then L1 with the NVFP4 epilogue
-        codes = torch.randint(0, 256, (s, H // 2), dtype=torch.uint8, device=DEV, generator=gen)
-        sf = torch.exp2(torch.rand(s, H // 16, device=DEV, generator=gen) * 4 - 2).to(torch.float8_e4m3fn)
-        x, x_gs = torch.empty(s, H, dtype=torch.bfloat16, device=DEV), torch.ones(1, device=DEV)
-        hq = (torch.empty(s, I // 2, dtype=torch.uint8, device=DEV),
-              torch.empty(s, I // 16, dtype=torch.float8_e4m3fn, device=DEV))
-        h, h_gs = torch.empty(s, I, dtype=torch.bfloat16, device=DEV), torch.full((E,), 300.0, device=DEV)
-        slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
-
-        def run():
-            ops.nvfp4_dequant_rows(codes, sf, x)
-            ops.grouped_l1(w1[0], w1[1], w1[2], x, x_gs, offsets, slot_pair, 1, "nvfp4", swiglu_limit=10.0,
-                           h_gs=h_gs, hq_data=hq[0], hq_scale=hq[1], h_bf16=h, block_n=bn, block_m=bm)
-        return run, 2.0 * s * 2 * I * H
-    if layer == "l1":
-        x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
-        h = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
-        slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
-        return (lambda: ops.grouped_l1(w1[0], w1[1], w1[2], x, None, offsets, slot_pair, 1, "bf16",
-                                       swiglu_limit=10.0, h_bf16=h, block_n=bn, block_m=bm)), 2.0 * s * 2 * I * H
-    h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
-    y = torch.empty(s, H, device=DEV)
-    return (lambda: ops.grouped_l2(w2[0], w2[1], w2[2], h_in, None, offsets, y, bn, bm)), 2.0 * s * H * I
+    ours = OurCalls(spread_counts(m, active), w1, w2, gen)
+    n, k = (H, I) if layer == "l2" else (2 * I, H)
+    call = {"l1": ours.l1_w4a16, "l1q": ours.l1_w4a4, "l2": ours.l2}[layer]
+    return (lambda: call(bn, bm)), 2.0 * ours.slots * n * k
 
 
 def main(spec: str) -> None:

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -142,42 +143,55 @@ def offsets_for(counts: list[int]) -> torch.Tensor:
     return torch.tensor(o, dtype=torch.int32, device=DEV)
 
 
+class OurCalls:
+    """Our kernels on one case's slots (topk=1: slot s is token s), their inputs and outputs made once. Each call
+    takes the slot tile width and weight rows per tile (0: the kernel picks)."""
+
+    def __init__(self, counts: list[int], w13, w2, gen: torch.Generator):
+        s = sum(counts)
+        self.slots, self.w13, self.w2 = s, w13, w2
+        self.offsets = offsets_for(counts)
+        self.slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)
+        self.x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
+        self.xq = NVFP4Tensor(
+            torch.randint(0, 256, (s, H // 2), dtype=torch.uint8, device=DEV, generator=gen),
+            torch.exp2(torch.rand(s, H // 16, device=DEV, generator=gen) * 4 - 2).to(torch.float8_e4m3fn),
+            torch.ones((), device=DEV))
+        self.x_deq = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
+        self.x_gs = torch.ones(1, device=DEV)
+        self.h_bf16 = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
+        self.hq_data = torch.empty(s, I // 2, dtype=torch.uint8, device=DEV)
+        self.hq_scale = torch.empty(s, I // 16, dtype=torch.float8_e4m3fn, device=DEV)
+        self.h_gs = torch.full((E,), 300.0, device=DEV)
+        self.h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
+        self.y_slot = torch.empty(s, H, device=DEV)
+
+    def l1_w4a16(self, bn: int, bm: int = 0) -> None:
+        ops.grouped_l1(*self.w13, self.x, None, self.offsets, self.slot_pair, 1, "bf16", swiglu_limit=10.0,
+                       h_bf16=self.h_bf16, block_n=bn, block_m=bm)
+
+    def l1_w4a4(self, bn: int, bm: int = 0) -> None:
+        """W4A4 L1 with its activations' dequantization (a second launch)."""
+        ops.nvfp4_dequant_rows(self.xq.data, self.xq.scale, self.x_deq)
+        ops.grouped_l1(*self.w13, self.x_deq, self.x_gs, self.offsets, self.slot_pair, 1, "nvfp4",
+                       swiglu_limit=10.0, h_gs=self.h_gs, hq_data=self.hq_data, hq_scale=self.hq_scale,
+                       h_bf16=self.h_bf16, block_n=bn, block_m=bm)
+
+    def l2(self, bn: int, bm: int = 0) -> None:
+        ops.grouped_l2(*self.w2, self.h_in, self.h_gs, self.offsets, self.y_slot, bn, bm)
+
+
 def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gbs: float, reps: int,
                rounds: int, gen: torch.Generator, sweep: bool) -> dict:
-    s = sum(counts)
+    ours = OurCalls(counts, w13, w2, gen)
+    s, x, h_in = ours.slots, ours.x, ours.h_in
     active = sum(c > 0 for c in counts)
-    offsets = offsets_for(counts)
-    ends = offsets[1:].contiguous()
-    slot_pair = torch.arange(s, dtype=torch.int32, device=DEV)  # topk=1: slot s is token s
+    ends = ours.offsets[1:].contiguous()
     # what cuda_expert_stage picks: routing totals are all the host knows
     block_n = default_block_n(s, E)
-    x = torch.randn(s, H, device=DEV, generator=gen).to(torch.bfloat16)
-    xq = NVFP4Tensor(torch.randint(0, 256, (s, H // 2), dtype=torch.uint8, device=DEV, generator=gen),
-                     torch.exp2(torch.rand(s, H // 16, device=DEV, generator=gen) * 4 - 2).to(torch.float8_e4m3fn),
-                     torch.ones((), device=DEV))
-    x_deq = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
-    x_gs = torch.ones(1, device=DEV)
-    h_bf16 = torch.empty(s, I, dtype=torch.bfloat16, device=DEV)
-    hq_data = torch.empty(s, I // 2, dtype=torch.uint8, device=DEV)
-    hq_scale = torch.empty(s, I // 16, dtype=torch.float8_e4m3fn, device=DEV)
-    h_gs = torch.full((E,), 300.0, device=DEV)
-    h_in = (torch.randn(s, I, device=DEV, generator=gen)).to(torch.bfloat16)
-    y_slot = torch.empty(s, H, device=DEV)
     gu_ref = torch.empty(s, 2 * I, dtype=torch.bfloat16, device=DEV)
     y_ref = torch.empty(s, H, dtype=torch.bfloat16, device=DEV)
-    host_offs = offsets.tolist()
-
-    def l1_w4a16(bn: int = block_n, bm: int = 0):
-        ops.grouped_l1(w13[0], w13[1], w13[2], x, None, offsets, slot_pair, 1, "bf16", swiglu_limit=10.0,
-                       h_bf16=h_bf16, block_n=bn, block_m=bm)
-
-    def l1_w4a4():
-        ops.nvfp4_dequant_rows(xq.data, xq.scale, x_deq)
-        ops.grouped_l1(w13[0], w13[1], w13[2], x_deq, x_gs, offsets, slot_pair, 1, "nvfp4", swiglu_limit=10.0,
-                       h_gs=h_gs, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, block_n=block_n)
-
-    def l2_ours(bn: int = block_n, bm: int = 0):
-        ops.grouped_l2(w2[0], w2[1], w2[2], h_in, h_gs, offsets, y_slot, bn, bm)
+    host_offs = ours.offsets.tolist()
 
     def grouped_mm(a, wb):
         return lambda: torch._grouped_mm(a, wb.transpose(-2, -1), offs=ends)
@@ -198,10 +212,12 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         return run
 
     layers = {
-        "L1": dict(n=2 * I, k=H, ours_w4a16=l1_w4a16, ours_w4a4=l1_w4a4, grouped_mm=grouped_mm(x, w13_bf16),
+        "L1": dict(n=2 * I, k=H, ours_w4a16=partial(ours.l1_w4a16, block_n), ours_w4a4=partial(ours.l1_w4a4, block_n),
+                   grouped_mm=grouped_mm(x, w13_bf16),
                    grouped_mm_copy=grouped_mm_copy(x, w13_bf16, gu_ref),
                    loop=loop(x, w13_bf16, gu_ref), fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
-        "L2": dict(n=H, k=I, ours_w4a16=l2_ours, ours_w4a4=l2_ours, grouped_mm=grouped_mm(h_in, w2_bf16),
+        "L2": dict(n=H, k=I, ours_w4a16=partial(ours.l2, block_n), ours_w4a4=partial(ours.l2, block_n),
+                   grouped_mm=grouped_mm(h_in, w2_bf16),
                    grouped_mm_copy=grouped_mm_copy(h_in, w2_bf16, y_ref),
                    loop=loop(h_in, w2_bf16, y_ref), fp4_bytes=w2[0][0].numel() + w2[1][0].numel()),
     }
@@ -265,7 +281,7 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
             row["programmatic_launch_speedup"] = statistics.median(
                 o / t for o, t in zip(per_round["ours_w4a16_nopdl_chain"], per_round["ours_w4a16_chain"]))
         if sweep:  # tile shapes worth trying at this m (narrow slot tiles re-read weights per slot tile)
-            fn = l1_w4a16 if layer == "L1" else l2_ours
+            fn = ours.l1_w4a16 if layer == "L1" else ours.l2
             widths = [b for b in ops.BLOCK_NS if max(counts) <= 16 * b]
             row["ours_w4a16_graph_ms_by_tile"] = {
                 f"bn{b}_bm{m}": median_ms(graphed(lambda b=b, m=m: fn(b, m)), reps)
