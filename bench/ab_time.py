@@ -46,7 +46,7 @@ def gemm_case(layer: str, m: int, bn: int, bm: int, active: int, w1, w2, gen: to
 
 def main(spec: str) -> None:
     gen = torch.Generator(device=DEV).manual_seed(0)
-    w1, w2, _, _ = rank_weights(gen)
+    w1, w2, _ = rank_weights(gen)
     for case in spec.split(","):
         kind, *fields = case.split(":")
         if kind == "stage":

@@ -1,5 +1,8 @@
-"""Grouped expert GEMMs on one GPU: ours (W4A16, W4A4) vs torch._grouped_mm on BF16 weights vs a per-expert
-loop of BF16 matmuls, against the FP4 weight-byte floor. Ours reads the same weights re-tiled (sm90_layout).
+"""Grouped expert GEMMs on one GPU: ours (W4A16, W4A4) vs torch._grouped_mm on BF16 weights vs two per-expert
+loops of matmuls, against the FP4 weight-byte floor. Ours reads the same weights re-tiled (sm90_layout). The loop
+`loop_nvfp4` is the design being replaced: a Python loop over the experts that dequantizes each expert's NVFP4
+weights to BF16 (exactly, by our kernel, into one reused buffer) and multiplies with torch.mm; `loop` multiplies BF16
+copies of the weights made beforehand, a loop that needs 4x the weight memory.
 
 V4-Pro per-rank shapes: E=48 local experts, L1 N=2I=6144 K=H=7168, L2 N=H=7168 K=I=3072; m tokens per active
 expert with all 48 active, plus a sparse decode case (6 of 48 experts active, m=1). Times are medians of CUDA
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from ep_runtime.provenance import provenance  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
-COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop")  # timed per layer; the loop eager only
+COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop", "loop_nvfp4")  # timed per layer; the loops eager only
 CHAINED = ("ours_w4a16", "ours_w4a4", "grouped_mm")  # also timed as chains of launches in one graph
 CHAIN_MS = 4.0
 DEV = torch.device("cuda")
@@ -111,15 +115,28 @@ def random_nvfp4_weights(e: int, n: int, k: int, gen: torch.Generator):
     return data, scale, alpha
 
 
-def rank_weights(gen: torch.Generator, bf16: bool = False):
+@dataclass
+class Baselines:
+    """What the baselines read, per layer: BF16 copies of the weights (torch._grouped_mm and the BF16 loop) and
+    the NVFP4 (data, scale) in the checkpoint's row layout (the NVFP4 loop)."""
+    w13_bf16: torch.Tensor
+    w2_bf16: torch.Tensor
+    w13_rows: tuple[torch.Tensor, torch.Tensor]
+    w2_rows: tuple[torch.Tensor, torch.Tensor]
+
+
+def rank_weights(gen: torch.Generator, baselines: bool = False):
     """One V4-Pro rank's random NVFP4 experts, (data, scale, alpha) for L1 (rows [gate; up]) and L2, re-tiled in place
-    into the kernels' layout; with bf16 also their BF16 copies for the baselines (made from the row layout first)."""
+    into the kernels' layout; with baselines also what the baselines read (made from the row layout first)."""
     w13 = random_nvfp4_weights(E, 2 * I, H, gen)
     w2 = random_nvfp4_weights(E, H, I, gen)
-    w13_bf16, w2_bf16 = (dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1])) if bf16 else (None, None)
+    base = None
+    if baselines:
+        base = Baselines(dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1]),
+                         (w13[0].clone(), w13[1].clone()), (w2[0].clone(), w2[1].clone()))
     tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
     tile_stack_(w2[0], w2[1])
-    return w13, w2, w13_bf16, w2_bf16
+    return w13, w2, base
 
 
 def dequant_bf16(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -181,7 +198,7 @@ class OurCalls:
         ops.grouped_l2(*self.w2, self.h_in, self.h_gs, self.offsets, self.y_slot, bn, bm)
 
 
-def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gbs: float, reps: int,
+def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs: float, reps: int,
                rounds: int, gen: torch.Generator, sweep: bool) -> dict:
     ours = OurCalls(counts, w13, w2, gen)
     s, x, h_in = ours.slots, ours.x, ours.h_in
@@ -203,23 +220,38 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         product = grouped_mm(a, wb)
         return lambda: out.copy_(product())
 
-    def loop(a, wb, out):
+    def loop(a, weight_of, out):
+        """A Python loop over the experts with tokens: torch.mm of each one's rows by weight_of(e) (BF16, N x K)."""
         def run():
             for e in range(E):
                 lo, hi = host_offs[e], host_offs[e + 1]
                 if hi > lo:
-                    torch.mm(a[lo:hi], wb[e].t(), out=out[lo:hi])
+                    torch.mm(a[lo:hi], weight_of(e).t(), out=out[lo:hi])
         return run
+
+    def dequantized(rows):
+        """weight_of for the NVFP4 loop: expert e's weights dequantized into one buffer, reused by every expert."""
+        data, scale = rows
+        w = torch.empty(data.shape[1], 2 * data.shape[2], dtype=torch.bfloat16, device=DEV)
+
+        def weight_of(e: int) -> torch.Tensor:
+            ops.nvfp4_dequant_rows(data[e], scale[e], w)
+            return w
+        return weight_of
 
     layers = {
         "L1": dict(n=2 * I, k=H, ours_w4a16=partial(ours.l1_w4a16, block_n), ours_w4a4=partial(ours.l1_w4a4, block_n),
-                   grouped_mm=grouped_mm(x, w13_bf16),
-                   grouped_mm_copy=grouped_mm_copy(x, w13_bf16, gu_ref),
-                   loop=loop(x, w13_bf16, gu_ref), fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
+                   grouped_mm=grouped_mm(x, base.w13_bf16),
+                   grouped_mm_copy=grouped_mm_copy(x, base.w13_bf16, gu_ref),
+                   loop=loop(x, base.w13_bf16.__getitem__, gu_ref),
+                   loop_nvfp4=loop(x, dequantized(base.w13_rows), gu_ref),
+                   fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
         "L2": dict(n=H, k=I, ours_w4a16=partial(ours.l2, block_n), ours_w4a4=partial(ours.l2, block_n),
-                   grouped_mm=grouped_mm(h_in, w2_bf16),
-                   grouped_mm_copy=grouped_mm_copy(h_in, w2_bf16, y_ref),
-                   loop=loop(h_in, w2_bf16, y_ref), fp4_bytes=w2[0][0].numel() + w2[1][0].numel()),
+                   grouped_mm=grouped_mm(h_in, base.w2_bf16),
+                   grouped_mm_copy=grouped_mm_copy(h_in, base.w2_bf16, y_ref),
+                   loop=loop(h_in, base.w2_bf16.__getitem__, y_ref),
+                   loop_nvfp4=loop(h_in, dequantized(base.w2_rows), y_ref),
+                   fp4_bytes=w2[0][0].numel() + w2[1][0].numel()),
     }
     result = {"case": name, "tokens_per_active_expert": max(counts), "active_experts": active, "slots": s,
               "block_n": block_n}
@@ -231,7 +263,7 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         for col in COLUMNS:
             try:
                 row[f"{col}_eager_ms"] = median_ms(d[col], reps)
-                if col != "loop":
+                if not col.startswith("loop"):
                     graphs[col] = graphed(d[col])
             except Exception as exc:  # a baseline this torch build lacks is recorded, not fatal
                 row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -242,10 +274,10 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
         if "ours_w4a16" in graphs:
             chains["ours_w4a16_nopdl_chain"] = ("ours_w4a16", False)
         launches = {}
-        for col, (base, pdl) in chains.items():
-            launches[col] = chain_launches(row[f"{base}_eager_ms"])
+        for col, (call, pdl) in chains.items():
+            launches[col] = chain_launches(row[f"{call}_eager_ms"])
             with ops.programmatic_launch(pdl):  # the graph keeps what it was captured with
-                graphs[col] = chained(d[base], launches[col])
+                graphs[col] = chained(d[call], launches[col])
         # Graph replays in rounds, each starting one column later: at m >= 32 the board runs near its power cap and
         # a column's time follows the GPU's state, which drifts within a run (NOTES_experts.md), so each
         # ratio is taken within a round and the median over rounds is reported, beside every round's times.
@@ -275,8 +307,9 @@ def bench_case(name: str, counts: list[int], w13, w2, w13_bf16, w2_bf16, copy_gb
             if f"{col}_chain" in per_round and "grouped_mm_chain" in per_round:
                 row[f"{col}_chain_speedup_vs_grouped_mm"] = statistics.median(
                     b / t for b, t in zip(per_round["grouped_mm_chain"], per_round[f"{col}_chain"]))
-            if col in per_round and row.get("loop_eager_ms"):
-                row[f"{col}_speedup_vs_loop"] = row["loop_eager_ms"] / row[f"{col}_graph_ms"]
+            for loop_col in ("loop", "loop_nvfp4"):
+                if col in per_round and row.get(f"{loop_col}_eager_ms"):
+                    row[f"{col}_speedup_vs_{loop_col}"] = row[f"{loop_col}_eager_ms"] / row[f"{col}_graph_ms"]
         if "ours_w4a16_nopdl_chain" in per_round:
             row["programmatic_launch_speedup"] = statistics.median(
                 o / t for o, t in zip(per_round["ours_w4a16_nopdl_chain"], per_round["ours_w4a16_chain"]))
@@ -311,14 +344,14 @@ def main() -> None:
     args = p.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
-    w13, w2, w13_bf16, w2_bf16 = rank_weights(gen, bf16=True)
+    w13, w2, base = rank_weights(gen, baselines=True)
     ms = [1, 8] if args.quick else [1, 8, 32, 128, 512, 2048]
     cases = [(f"all48_m{m}", spread_counts(m)) for m in ms]
     cases.append(("sparse6_m1", spread_counts(1, 6)))
     results = []
     for name, counts in cases:
         reps = 10 if max(counts) >= 512 else 30
-        r = bench_case(name, counts, w13, w2, w13_bf16, w2_bf16, copy_gbs, reps, args.rounds, gen, args.sweep)
+        r = bench_case(name, counts, w13, w2, base, copy_gbs, reps, args.rounds, gen, args.sweep)
         results.append(r)
         print(json.dumps(r), flush=True)
     doc = {**provenance(), "copy_gbs_read_plus_write": copy_gbs, "graph_rounds": args.rounds,
@@ -332,7 +365,8 @@ def main() -> None:
             if sw:
                 print(r["case"], layer, "tile sweep (ms):", {b: round(v, 3) for b, v in sw.items()})
     print("sparse over its share of all-active:", {k: round(v, 3) for k, v in doc["sparse_over_active_share"].items()})
-    print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'x_gmm':>7}{'x_loop':>7}"
+    print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'loopq':>8}{'x_gmm':>7}{'x_loop':>7}"
+          f"{'x_lpq':>7}"
           f"{'GB/s':>7}{'TF/s':>6}{'chain':>8}{'x_gmm':>7}{'x_pdl':>7}")
     for r in results:
         for layer in ("L1", "L2"):
@@ -340,8 +374,9 @@ def main() -> None:
             f = lambda key: f"{d[key]:8.3f}" if key in d else f"{'-':>8}"  # noqa: E731
             g = lambda key: f"{d[key]:7.2f}" if key in d else f"{'-':>7}"  # noqa: E731
             print(f"{r['case']:<13}{layer:<4}{f('fp4_floor_ms')}{f('ours_w4a16_graph_ms')}{f('ours_w4a4_graph_ms')}"
-                  f"{f('grouped_mm_graph_ms')}{f('loop_eager_ms')}{g('ours_w4a16_speedup_vs_grouped_mm')}"
-                  f"{g('ours_w4a16_speedup_vs_loop')}{d.get('ours_w4a16_weight_gbs', 0):7.0f}"
+                  f"{f('grouped_mm_graph_ms')}{f('loop_eager_ms')}{f('loop_nvfp4_eager_ms')}"
+                  f"{g('ours_w4a16_speedup_vs_grouped_mm')}{g('ours_w4a16_speedup_vs_loop')}"
+                  f"{g('ours_w4a16_speedup_vs_loop_nvfp4')}{d.get('ours_w4a16_weight_gbs', 0):7.0f}"
                   f"{d.get('ours_w4a16_tflops', 0):6.0f}{f('ours_w4a16_chain_ms')}"
                   f"{g('ours_w4a16_chain_speedup_vs_grouped_mm')}{g('programmatic_launch_speedup')}")
 
