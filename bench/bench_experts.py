@@ -39,7 +39,8 @@ from ep_runtime.provenance import provenance  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
-COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "loop", "loop_nvfp4")  # timed per layer; the loops eager only
+LOOPS = ("loop", "loop_nvfp4")  # host loops over the experts: timed eagerly only
+COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", *LOOPS)  # timed per layer
 CHAINED = ("ours_w4a16", "ours_w4a4", "grouped_mm")  # also timed as chains of launches in one graph
 CHAIN_MS = 4.0
 DEV = torch.device("cuda")
@@ -263,7 +264,7 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
         for col in COLUMNS:
             try:
                 row[f"{col}_eager_ms"] = median_ms(d[col], reps)
-                if not col.startswith("loop"):
+                if col not in LOOPS:
                     graphs[col] = graphed(d[col])
             except Exception as exc:  # a baseline this torch build lacks is recorded, not fatal
                 row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -307,7 +308,7 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
             if f"{col}_chain" in per_round and "grouped_mm_chain" in per_round:
                 row[f"{col}_chain_speedup_vs_grouped_mm"] = statistics.median(
                     b / t for b, t in zip(per_round["grouped_mm_chain"], per_round[f"{col}_chain"]))
-            for loop_col in ("loop", "loop_nvfp4"):
+            for loop_col in LOOPS:
                 if col in per_round and row.get(f"{loop_col}_eager_ms"):
                     row[f"{col}_speedup_vs_{loop_col}"] = row[f"{loop_col}_eager_ms"] / row[f"{col}_graph_ms"]
         if "ours_w4a16_nopdl_chain" in per_round:
@@ -365,9 +366,8 @@ def main() -> None:
             if sw:
                 print(r["case"], layer, "tile sweep (ms):", {b: round(v, 3) for b, v in sw.items()})
     print("sparse over its share of all-active:", {k: round(v, 3) for k, v in doc["sparse_over_active_share"].items()})
-    print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'loopq':>8}{'x_gmm':>7}{'x_loop':>7}"
-          f"{'x_lpq':>7}"
-          f"{'GB/s':>7}{'TF/s':>6}{'chain':>8}{'x_gmm':>7}{'x_pdl':>7}")
+    print(f"{'case':<13}{'layer':<4}{'floor':>8}{'w4a16':>8}{'w4a4':>8}{'gmm':>8}{'loop':>8}{'loopq':>8}"
+          f"{'x_gmm':>7}{'x_loop':>7}{'x_lpq':>7}{'GB/s':>7}{'TF/s':>6}{'chain':>8}{'x_gmm':>7}{'x_pdl':>7}")
     for r in results:
         for layer in ("L1", "L2"):
             d = r[layer]
