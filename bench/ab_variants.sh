@@ -16,7 +16,7 @@ t0=$SECONDS
 for v in $VARIANTS; do
   d=/tmp/ab_$v; rm -rf "$d"; mkdir -p "$d"
   if [ -d "ab_alt/$v" ]; then cp -r "ab_alt/$v"/. "$d"/; else cp -r setup.py csrc ep_runtime bench configs "$d"/; fi
-  mkdir -p "$d/bench" && cp bench/ab_time.py bench/bench_experts.py "$d"/bench/
+  mkdir -p "$d/bench" && cp bench/ab_time.py bench/bench_experts.py bench/bar_ogs.py "$d"/bench/
   [ -f "ab_alt/$v.cu" ] && cp "ab_alt/$v.cu" "$d/csrc/grouped_gemm_sm90.cu"
   rm -f "$d"/ep_runtime/*.so
   (cd "$d" && PYTHONPATH=/tmp/site python3 setup.py -q build_ext --inplace --force > "$OUT/build_$v.log" 2>&1

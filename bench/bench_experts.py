@@ -2,7 +2,8 @@
 loops of matmuls, against the FP4 weight-byte floor. Ours reads the same weights re-tiled (sm90_layout). The loop
 `loop_nvfp4` is the design being replaced: a Python loop over the experts that dequantizes each expert's NVFP4
 weights to BF16 (exactly, by our kernel, into one reused buffer) and multiplies with torch.mm; `loop` multiplies BF16
-copies of the weights made beforehand, a loop that needs 4x the weight memory.
+copies of the weights made beforehand, a loop that needs 4x the weight memory. `ogs` is the issue's bar kernel,
+triton_kernels' matmul_ogs on MXFP4 weights (bench/bar_ogs.py), when that package is importable.
 
 V4-Pro per-rank shapes: E=48 local experts, L1 N=2I=6144 K=H=7168, L2 N=H=7168 K=I=3072; m tokens per active
 expert with all 48 active, plus a sparse decode case (6 of 48 experts active, m=1). Times are medians of CUDA
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bar_ogs import MxfpExperts  # noqa: E402
 from ep_runtime import cuda_graphs, ops  # noqa: E402
 from ep_runtime.cuda_experts import default_block_n  # noqa: E402
 from ep_runtime.nvfp4 import NVFP4Tensor  # noqa: E402
@@ -40,8 +42,9 @@ from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 E, H, I = 48, 7168, 3072
 LOOPS = ("loop", "loop_nvfp4")  # host loops over the experts: timed eagerly only
-COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", *LOOPS)  # timed per layer
-CHAINED = ("ours_w4a16", "ours_w4a4", "grouped_mm")  # also timed as chains of launches in one graph
+COLUMNS = ("ours_w4a16", "ours_w4a4", "grouped_mm", "ogs", *LOOPS)  # timed per layer
+CHAINED = ("ours_w4a16", "ours_w4a4", "grouped_mm", "ogs")  # also timed as chains of launches in one graph
+RATIOED = ("ours_w4a16", "ours_w4a4", "ogs")  # each over torch._grouped_mm
 CHAIN_MS = 4.0
 DEV = torch.device("cuda")
 
@@ -118,12 +121,16 @@ def random_nvfp4_weights(e: int, n: int, k: int, gen: torch.Generator):
 
 @dataclass
 class Baselines:
-    """What the baselines read, per layer: BF16 copies of the weights (torch._grouped_mm and the BF16 loop) and
-    the NVFP4 (data, scale) in the checkpoint's row layout (the NVFP4 loop)."""
+    """What the baselines read, per layer: BF16 copies of the weights (torch._grouped_mm and the BF16 loop), the
+    NVFP4 (data, scale) in the checkpoint's row layout (the NVFP4 loop) and the bar's MXFP4 experts (None, with
+    bar_error saying why, where triton_kernels is missing or fails)."""
     w13_bf16: torch.Tensor
     w2_bf16: torch.Tensor
     w13_rows: tuple[torch.Tensor, torch.Tensor]
     w2_rows: tuple[torch.Tensor, torch.Tensor]
+    w13_mx: MxfpExperts | None = None
+    w2_mx: MxfpExperts | None = None
+    bar_error: str = ""
 
 
 def rank_weights(gen: torch.Generator, baselines: bool = False):
@@ -135,6 +142,10 @@ def rank_weights(gen: torch.Generator, baselines: bool = False):
     if baselines:
         base = Baselines(dequant_bf16(w13[0], w13[1]), dequant_bf16(w2[0], w2[1]),
                          (w13[0].clone(), w13[1].clone()), (w2[0].clone(), w2[1].clone()))
+        try:
+            base.w13_mx, base.w2_mx = MxfpExperts(base.w13_bf16), MxfpExperts(base.w2_bf16)
+        except Exception as exc:  # the bar is optional: its column records why it is missing
+            base.bar_error = f"{type(exc).__name__}: {exc}"[:300]
     tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
     tile_stack_(w2[0], w2[1])
     return w13, w2, base
@@ -230,6 +241,12 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                     torch.mm(a[lo:hi], weight_of(e).t(), out=out[lo:hi])
         return run
 
+    def bar(mx: MxfpExperts | None, a):
+        """The bar's call on a; without the bar one that raises why (recorded as the column's error)."""
+        def unavailable():
+            raise RuntimeError(f"the bar kernel is unavailable: {base.bar_error}")
+        return unavailable if mx is None else mx.call(a, counts)
+
     def dequantized(rows):
         """weight_of for the NVFP4 loop: expert e's weights dequantized into one buffer, reused by every expert."""
         data, scale = rows
@@ -242,13 +259,13 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
 
     layers = {
         "L1": dict(n=2 * I, k=H, ours_w4a16=partial(ours.l1_w4a16, block_n), ours_w4a4=partial(ours.l1_w4a4, block_n),
-                   grouped_mm=grouped_mm(x, base.w13_bf16),
+                   grouped_mm=grouped_mm(x, base.w13_bf16), ogs=bar(base.w13_mx, x), bar_experts=base.w13_mx, a=x,
                    grouped_mm_copy=grouped_mm_copy(x, base.w13_bf16, gu_ref),
                    loop=loop(x, base.w13_bf16.__getitem__, gu_ref),
                    loop_nvfp4=loop(x, dequantized(base.w13_rows), gu_ref),
                    fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
         "L2": dict(n=H, k=I, ours_w4a16=partial(ours.l2, block_n), ours_w4a4=partial(ours.l2, block_n),
-                   grouped_mm=grouped_mm(h_in, base.w2_bf16),
+                   grouped_mm=grouped_mm(h_in, base.w2_bf16), ogs=bar(base.w2_mx, h_in), bar_experts=base.w2_mx, a=h_in,
                    grouped_mm_copy=grouped_mm_copy(h_in, base.w2_bf16, y_ref),
                    loop=loop(h_in, base.w2_bf16.__getitem__, y_ref),
                    loop_nvfp4=loop(h_in, dequantized(base.w2_rows), y_ref),
@@ -268,6 +285,8 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                     graphs[col] = graphed(d[col])
             except Exception as exc:  # a baseline this torch build lacks is recorded, not fatal
                 row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        if "ogs" in graphs:  # the bar's bits against its own weights, so that no broken call is timed unnoticed
+            row["ogs_rel_l2_vs_its_weights"] = d["bar_experts"].rel_l2(d["a"], counts)
         if "grouped_mm" in graphs:  # the same call plus a copy: it runs wherever the baseline did
             graphs["grouped_mm_copy"] = graphed(d["grouped_mm_copy"])
         # Chains (per call, divided below); ours also with programmatic dependent launch off, which is what it buys.
@@ -301,13 +320,10 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
             row[f"{col}_tflops"] = flops / t / 1e9
             if col.startswith("ours"):
                 row[f"{col}_weight_gbs"] = active * d["fp4_bytes"] / t / 1e6
+        for col in RATIOED:
+            row.update(speedups(per_round, col, "grouped_mm"))
+        row.update(speedups(per_round, "ours_w4a16", "ogs"))
         for col in ("ours_w4a16", "ours_w4a4"):
-            if col in per_round and "grouped_mm" in per_round:
-                row[f"{col}_speedup_vs_grouped_mm"] = statistics.median(
-                    b / t for b, t in zip(per_round["grouped_mm"], per_round[col]))
-            if f"{col}_chain" in per_round and "grouped_mm_chain" in per_round:
-                row[f"{col}_chain_speedup_vs_grouped_mm"] = statistics.median(
-                    b / t for b, t in zip(per_round["grouped_mm_chain"], per_round[f"{col}_chain"]))
             for loop_col in LOOPS:
                 if col in per_round and row.get(f"{loop_col}_eager_ms"):
                     row[f"{col}_speedup_vs_{loop_col}"] = row[f"{loop_col}_eager_ms"] / row[f"{col}_graph_ms"]
@@ -322,6 +338,13 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                 for b in widths for m in (64, 128, 256) if m < 256 or b >= 64}
         result[layer] = row
     return result
+
+
+def speedups(per_round: dict[str, list[float]], col: str, over: str) -> dict[str, float]:
+    """Median over rounds of over's time / col's time, for single replays and for chains, where both ran."""
+    return {f"{col}{suffix}_speedup_vs_{over}": statistics.median(
+                b / t for b, t in zip(per_round[over + suffix], per_round[col + suffix]))
+            for suffix in ("", "_chain") if col + suffix in per_round and over + suffix in per_round}
 
 
 def sparse_ratios(results: list[dict]) -> dict:
@@ -379,6 +402,16 @@ def main() -> None:
                   f"{g('ours_w4a16_speedup_vs_loop_nvfp4')}{d.get('ours_w4a16_weight_gbs', 0):7.0f}"
                   f"{d.get('ours_w4a16_tflops', 0):6.0f}{f('ours_w4a16_chain_ms')}"
                   f"{g('ours_w4a16_chain_speedup_vs_grouped_mm')}{g('programmatic_launch_speedup')}")
+    print("\nthe bar (triton_kernels matmul_ogs, MXFP4): ms, x_gmm single / chain, ours W4A16 over it single / chain")
+    for r in results:
+        for layer in ("L1", "L2"):
+            d = r[layer]
+            if "ogs_graph_ms" not in d:
+                print(r["case"], layer, d.get("ogs_error", "-"))
+                continue
+            print(f"{r['case']:<13}{layer:<4}{d['ogs_graph_ms']:8.3f}{d['ogs_speedup_vs_grouped_mm']:7.2f}"
+                  f"{d.get('ogs_chain_speedup_vs_grouped_mm', 0):7.2f}{d['ours_w4a16_speedup_vs_ogs']:7.2f}"
+                  f"{d.get('ours_w4a16_chain_speedup_vs_ogs', 0):7.2f}  rel-L2 {d['ogs_rel_l2_vs_its_weights']:.1e}")
 
 
 if __name__ == "__main__":
