@@ -2,7 +2,8 @@
 //
 // Design (see shared/DESIGN.md, bench/NOTES_experts.md):
 // - A/B swapped: weight rows are the wgmma M side (64 per warpgroup), slots (tokens) the N side (8..128), so
-//   an expert with one token wastes no weight bandwidth and prefill still gets full-width HGMMA tiles.
+//   an expert with one token wastes no weight bandwidth and prefill still gets full-width HGMMA tiles (HMMA for
+//   slot tiles under 64 wide, except 256-row tiles, which are HGMMA from 32 slots on).
 // - Weights are re-tiled once at load (ep_runtime/sm90_layout.py): each 64-row x 64-K atom is 2 KB of
 //   packed E2M1 plus 256 B of scales, contiguous, ordered so that one lds.128 hands each lane exactly the
 //   codes of its A fragments for four k16 steps, with their bits placed where few instructions extract them.
@@ -73,8 +74,12 @@ constexpr int kAtomBytes = kAtomRows * kBK / 2;          // packed E2M1 of one a
 constexpr int kAtomScaleBytes = kAtomRows * kBK / 16;    // its UE4M3 scales
 constexpr int kConsumers = 256;                          // two warpgroups after the producer
 constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left in the dequantized weights
-constexpr int kMinWgmmaSlots = 64;                       // slot tiles from this width on use wgmma, narrower HMMA
-constexpr bool uses_wgmma(int block_n) { return block_n >= kMinWgmmaSlots; }
+// Slot tiles from 64 wide use wgmma, narrower ones HMMA; 256-row tiles (from 32 slots on) use wgmma at any width:
+// 32 slots on 256 rows cost each weight row half the activation bytes of a 128-row HMMA tile, and ran m=32 (all
+// 48 experts) 11 % faster in L1 and 6 % in L2 (eighteenth session), where 128-row wgmma tiles had lost to HMMA.
+constexpr int kMinWgmmaSlots = 64;
+constexpr int kMinWideSlots = 32;  // slot tiles from this width on may take 256 rows
+constexpr bool uses_wgmma(int block_m, int block_n) { return block_n >= kMinWgmmaSlots || block_m == 256; }
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
@@ -133,7 +138,8 @@ __device__ __forceinline__ void swiglu_columns(const GateUp4& gate_up4, int n, i
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
-  static constexpr bool kWgmma = uses_wgmma(BN);
+  static_assert(BM != 256 || BN >= kMinWideSlots, "256-row tiles need wide slot tiles");
+  static constexpr bool kWgmma = uses_wgmma(BM, BN);
   static constexpr int kAtoms = BM / kAtomRows;
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp (two for 32 slots, whose 24 copies per thread and stage made the
@@ -351,9 +357,9 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       }
       // cp.async data -> wgmma's proxy (TMA writes in that proxy already)
       if (TL::kWgmma && !act_by_tma<TL::kWgmma>(a)) cutlass::arch::fence_view_async_shared();
-      // Rolled for wgmma (the chunks' fragments would compete for registers); HMMA tiles unrolled start the next
-      // chunk's loads under this chunk's math (32-slot tiles too since the scales take fewer registers: 96 per
-      // thread, no spill, 3-5 % faster at m=32).
+      // Rolled for wgmma from 64 slots (the chunks' fragments would compete for registers); narrower tiles
+      // unrolled start the next chunk's loads under this chunk's math (32-slot HMMA tiles too since the scales
+      // take fewer registers: 96 per thread, no spill, 3-5 % faster at m=32; 32-slot wgmma tiles measured so).
 #pragma unroll (BN <= 32 ? TL::kChunks : 1)
       for (int cc = 0; cc < TL::kChunks; ++cc) {
         if (sc * TL::kChunks + cc == nchunks) break;
@@ -637,8 +643,8 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 }
 
 // Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
-// few active experts still spread over every SM (sparse decode); 256 (wgmma slot tiles only) halves the
-// activation bytes each weight row costs, which bound prefill on L2 bandwidth. block_m 0 counts the tiles of
+// few active experts still spread over every SM (sparse decode); 256 (slot tiles of 32 and more, on wgmma) halves
+// the activation bytes each weight row costs, which bound prefill on L2 bandwidth, and m=32 too. block_m 0 counts the tiles of
 // the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
 // routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
 // a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
@@ -652,7 +658,7 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 //   tiles against 72.4 with 128). bench/NOTES_experts.md has the numbers.
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
-  auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || uses_wgmma(BN)); };
+  auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || BN >= kMinWideSlots); };
   if (block_m == 0) {
     const long active = std::min(a.num_experts, std::max(max_slots, 1));
     const long slot_tiles = std::max(1L, ((max_slots + active - 1) / active + BN - 1) / BN);  // per active expert
@@ -661,13 +667,13 @@ void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stre
     auto fills = [&](int bm, int times) { return fits(bm) && tiles(bm) >= times * sms; };
     block_m = fills(256, 4) ? 256 : fills(128, 1) ? 128 : 64;
     auto busiest_rows = [&](int bm) { return (tiles(bm) + sms - 1) / sms * bm; };
-    if (!uses_wgmma(BN) && (BN == 8 || busiest_rows(64) * 20 <= busiest_rows(128) * 17)) block_m = 64;
+    if (!uses_wgmma(block_m, BN) && (BN == 8 || busiest_rows(64) * 20 <= busiest_rows(128) * 17)) block_m = 64;
   }
   EP_REQUIRE((block_m == 64 || block_m == 128 || block_m == 256) && fits(block_m),
              "grouped gemm: block_m must be 0, 64, 128 (row count a multiple of 128) or 256 (row count a multiple "
-             "of 256, block_n >= 64), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
+             "of 256, block_n >= 32), got " + std::to_string(block_m) + " for " + std::to_string(a.n_rows) +
                  " rows and block_n " + std::to_string(BN));
-  if constexpr (uses_wgmma(BN)) {
+  if constexpr (BN >= kMinWideSlots) {
     if (block_m == 256) return launch_gemm<256, BN>(a, max_slots, stream);
   }
   if (block_m == 128) launch_gemm<128, BN>(a, max_slots, stream);
@@ -763,7 +769,7 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
   GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
-  if (uses_wgmma(block_n) && max_slots > 0) {
+  if (block_n >= kMinWideSlots && max_slots > 0) {  // wherever the tiles may be wgmma ones (block_m may be 0)
     a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
   }
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));

@@ -207,9 +207,9 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
 def _check_tiles(block_n: int, block_m: int, rows: int) -> None:
     if block_n not in BLOCK_NS:
         raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
-    if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and block_n < 64):
+    if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and block_n < 32):
         raise ValueError(f"block_m: expected one of {BLOCK_MS} (128 or 256 only where it divides the weight row "
-                         f"count {rows}; 256 only with block_n >= 64), got {block_m} with block_n {block_n}")
+                         f"count {rows}; 256 only with block_n >= 32), got {block_m} with block_n {block_n}")
 
 
 def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:

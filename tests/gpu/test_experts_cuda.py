@@ -212,19 +212,19 @@ def test_l1_gate_up_matches_reference(spec_name, e, h, i, t, block_n, gen):
 @pytest.mark.parametrize("h", [256, 320])
 def test_l1_slot_tile_width_does_not_change_bits_within_one_mma_path(h, gen):
     """Slot tiles of 8-32 (HMMA) and of 64-128 (wgmma) each sum every output's K in one order whatever their
-    width (and, for wgmma, whether the tile has 128 or 256 rows). Between the paths, and between 64 and 128 rows
-    (which decide whether the two consumer warpgroups split K and add their halves), only the fp32 rounding of
-    the sum differs."""
+    width (and, for wgmma, whether the tile has 128 or 256 rows; 256-row tiles are wgmma from 32 slots on). Between
+    the paths, and between 64 and 128 rows (which decide whether the two consumer warpgroups split K and add their
+    halves), only the fp32 rounding of the sum differs."""
     weights = random_weights(4, h, 128, gen)
     acts = random_acts(70, h, weights, W4A4, gen)
     slots = map_slots(routing("uneven", 70, 3, 4, gen)[0], 4, 0)
     outs = {(bn, bm): l1_gate_up(acts, slots, weights, W4A4, bn, bm) for bn in ops.BLOCK_NS for bm in (64, 128)}
-    outs.update({(bn, 256): l1_gate_up(acts, slots, weights, W4A4, bn, 256) for bn in (64, 128)})
+    outs.update({(bn, 256): l1_gate_up(acts, slots, weights, W4A4, bn, 256) for bn in (32, 64, 128)})
     for bm in (64, 128):
         for path in ((8, 16, 32), (64, 128)):
             assert all(torch.equal(outs[(path[0], bm)], outs[(bn, bm)]) for bn in path[1:])
     # 128- and 256-row wgmma tiles both give each warpgroup whole atoms over all of K: the same sums
-    assert all(torch.equal(outs[(bn, 256)], outs[(64, 128)]) for bn in (64, 128))
+    assert all(torch.equal(outs[(bn, 256)], outs[(64, 128)]) for bn in (32, 64, 128))
     assert all(rel_l2(o, outs[(8, 64)]) <= 1e-6 for o in outs.values())
 
 
@@ -256,7 +256,7 @@ def test_hmma_tiles_of_64_and_128_rows_match_the_reference_over_a_long_k(block_m
     assert rel_l2(got, l1_reference(acts, slots, weights, W4A4)) <= 4e-3
 
 
-@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("block_n", [32, 64, 128])
 def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
     """256-row tiles: each warpgroup holds two atoms' accumulators and the epilogue runs in two slot halves."""
     e, h, i, t, k = 3, 512, 256, 200, 2
@@ -301,7 +301,7 @@ def test_256_row_tiles_give_the_bits_of_128_row_tiles_whether_or_not_the_last_ro
 
 
 @pytest.mark.parametrize("limit", [10.0, None])
-@pytest.mark.parametrize("block_n,block_m", [(8, 64), (32, 128), (128, 256)])
+@pytest.mark.parametrize("block_n,block_m", [(8, 64), (32, 128), (32, 256), (128, 256)])
 def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(block_n, block_m, limit, gen):
     """The epilogue's SwiGLU against the reference's on the kernel's own gate|up, value by value, within 2^-20
     relative (a few ulp: exp's last step may fuse with the 1 +, the division rounds as IEEE's). Alphas 40x the
@@ -477,7 +477,8 @@ def v4_pro_rank_weights():
     return tile_(random_weights(48, 7168, 3072, torch.Generator().manual_seed(7)))
 
 
-@pytest.mark.parametrize("block_n,block_m", [(8, 128), (8, 64), (32, 128), (64, 64), (128, 128), (128, 256)])
+@pytest.mark.parametrize("block_n,block_m", [(8, 128), (8, 64), (32, 128), (32, 256), (64, 64), (128, 128),
+                                              (128, 256)])
 def test_the_stage_ring_gives_the_same_bits_over_many_back_to_back_launches(v4_pro_rank_weights, block_n, block_m,
                                                                             gen):
     """A full rank at decode: every CTA cycles its stage ring hundreds of times, with the two consumer
