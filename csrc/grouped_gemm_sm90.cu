@@ -19,7 +19,7 @@
 //   where no other slot tile reads them; the slots' activation rows by cp.async, gathered through slot_pair for
 //   L1, or for L2's wgmma tiles, whose slot rows are contiguous, by one TMA copy per chunk; two K chunks per
 //   stage, three for HMMA tiles). With wgmma and 128-
-//   or 256-row tiles each consumer owns half the rows (256 rows: 128 accumulators per thread,
+//   or 256-row tiles each consumer owns half the rows (256 rows by 128 slots: 128 accumulators per thread,
 //   registers moved from the producer by setmaxnreg); otherwise they split K by alternate stages and add their
 //   partial sums in the epilogue.
 // - Measured on H100: alone, a consumer chunk (dequantization and wgmmas of two warpgroups) keeps the tensor pipe
@@ -144,9 +144,10 @@ struct Tiles {
   // The producer threads follow the two consumer warpgroups (which wgmma needs warpgroup-aligned): a whole
   // warpgroup for wgmma tiles, else one warp (two for 32 slots, whose 24 copies per thread and stage made the
   // one warp's scheduler the slowest, and every stage waits for the slowest consumer warp's release), leaving
-  // registers for more CTAs per SM (decode is latency-bound). With 256 rows each consumer thread holds 128
-  // accumulators, more than an even split of the register file gives it, so the producer warpgroup hands most
-  // of its registers over (setmaxnreg).
+  // registers for more CTAs per SM (decode is latency-bound). With 256 rows by 128 slots each consumer thread
+  // holds 128 accumulators, more than an even split of the register file gives it, so the producer warpgroup hands
+  // most of its registers over (setmaxnreg); 256-row tiles of fewer slots need less but run one CTA per SM as well,
+  // so the same split costs them nothing.
   static constexpr int kProducers = kWgmma ? 128 : BN == 32 ? 64 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
