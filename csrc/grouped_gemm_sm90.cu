@@ -79,7 +79,9 @@ constexpr float kDequantShift = 256.f;                   // undoes the 2^-8 left
 // 48 experts) 11 % faster in L1 and 6 % in L2 (eighteenth session), where 128-row wgmma tiles had lost to HMMA.
 constexpr int kMinWgmmaSlots = 64;
 constexpr int kMinWideSlots = 32;  // slot tiles from this width on may take 256 rows
-constexpr bool uses_wgmma(int block_m, int block_n) { return block_n >= kMinWgmmaSlots || block_m == 256; }
+constexpr bool uses_wgmma(int block_m, int block_n) {
+  return block_n >= kMinWgmmaSlots || (block_m == 256 && block_n >= kMinWideSlots);
+}
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
 // Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
 constexpr int kProducerRegs = 72, kConsumerRegs = 216;
@@ -180,8 +182,9 @@ struct Tiles {
   static constexpr int kWeightBytes = kAtoms * kChunks * kAtomBytes;  // [atom][chunk]
   static constexpr int kScaleBytes = kAtoms * kChunks * kAtomScaleBytes;
   static constexpr int kStageBytes = kActBytes + kWeightBytes + kScaleBytes;
-  // The epilogue goes through shared memory in parts of kEpiSlots slots: a whole 256-row tile would crowd
-  // the ring out, so those go in two halves (the first half's accumulators die before its epilogue runs).
+  // The epilogue goes through shared memory in parts of kEpiSlots slots: a whole 256-row tile of 128 slots would
+  // crowd the ring out, so 256-row tiles go in two halves (the first half's accumulators die before its epilogue
+  // runs; 32-slot tiles would fit whole, but take the same path: one epilogue for every 256-row tile).
   static constexpr int kEpiSlots = BM == 256 ? BN / 2 : BN;
   static constexpr int kEpiParts = BN / kEpiSlots;
   static constexpr int kEpiStride = BM + 4;  // floats; +4 keeps the fragment stores conflict-free
@@ -645,8 +648,8 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 
 // Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
 // few active experts still spread over every SM (sparse decode); 256 (slot tiles of 32 and more, on wgmma) halves
-// the activation bytes each weight row costs, which bound prefill on L2 bandwidth, and m=32 too. block_m 0 counts the tiles of
-// the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
+// the activation bytes each weight row costs, which bound prefill on L2 bandwidth, and m=32 too. block_m 0 counts
+// the tiles of the slots spread evenly over as many experts as they can reach (the host knows the slot count, not the
 // routing) and picks 256 where they fill the GPU four times over, else 128 where they fill it once, else 64:
 // a shared expert (one expert, every token) thus gets prefill tiles from its slot tiles alone, where counting
 // experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles take 64 rows

@@ -173,9 +173,10 @@ def test_l2_rejects_256_row_tiles_when_hidden_is_not_a_multiple_of_256():
         l2_with_tiles(384, 64, 256)
 
 
-def test_l2_rejects_256_row_tiles_for_slot_tiles_under_32():
-    with pytest.raises(ValueError, match=r"block_m: .*256 only with block_n >= 32\), got 256 with block_n 16"):
-        l2_with_tiles(512, 16, 256)
+@pytest.mark.parametrize("block_n", [8, 16])
+def test_l2_rejects_256_row_tiles_for_slot_tiles_under_32(block_n):
+    with pytest.raises(ValueError, match=rf"block_m: .*256 only with block_n >= 32\), got 256 with block_n {block_n}"):
+        l2_with_tiles(512, block_n, 256)
 
 
 def test_topk_stable_rejects_k_above_the_row_length():
