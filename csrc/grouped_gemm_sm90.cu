@@ -103,14 +103,38 @@ struct GemmArgs {
   uint8_t* hq_data;
   uint8_t* hq_scale;
   __nv_bfloat16* h_bf16;
-  // L2's activations (built by grouped_l2 for wgmma tiles, which take them by TMA: see act_by_tma).
+  // L2's activations, for the tiles that take them by TMA (act_by_tma): made by launch_gemm for those alone.
   CUtensorMap act_map;
 };
 
 // L2 with wgmma tiles: a slot tile's rows of `act` are contiguous, so one TMA copy per K chunk brings them
 // (128B-swizzled, rows past the activations zero-filled) instead of 16-byte cp.async by every producer thread.
 template <bool kWgmma>
-__device__ __forceinline__ bool act_by_tma(const GemmArgs& a) { return kWgmma && a.epilogue == kYSlot; }
+__host__ __device__ __forceinline__ bool act_by_tma(const GemmArgs& a) { return kWgmma && a.epilogue == kYSlot; }
+
+// TMA map of the L2 activations (rows x k BF16, row-major): boxes of 64 K by box_rows rows, 128B-swizzled as the
+// wgmma stage expects, rows past the end read as zeros. The encoder is the driver's, reached through the runtime
+// (no libcuda link).
+CUtensorMap act_tensor_map(const void* act, int rows, int k, int box_rows) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    EP_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    EP_REQUIRE(found == cudaDriverEntryPointSuccess && fn != nullptr,
+               "grouped_l2: the CUDA driver does not provide cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(k) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t unit_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(act), dims, row_stride, box,
+                            unit_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  EP_REQUIRE(r == CUDA_SUCCESS, "grouped_l2: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
+  return map;
+}
 
 // The consumer warpgroups' own barrier (the producer never waits on it).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers)); }
@@ -643,7 +667,9 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
   const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(ep::num_sms()) * per_sm));
   if (grid <= 0) return;
-  ep::launch(kernel, grid, TL::kThreads, TL::smem_bytes(a.num_experts), stream, a);
+  GemmArgs args = a;
+  if (act_by_tma<TL::kWgmma>(a) && max_slots > 0) args.act_map = act_tensor_map(a.act, max_slots, a.k, BN);
+  ep::launch(kernel, grid, TL::kThreads, TL::smem_bytes(a.num_experts), stream, args);
 }
 
 // Weight rows per tile: 128 gives each consumer warpgroup its own 64 rows; 64 doubles the tiles so that a
@@ -741,30 +767,6 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
-// TMA map of the L2 activations (rows x k BF16, row-major): boxes of 64 K by box_rows rows, 128B-swizzled as the
-// wgmma stage expects, rows past the end read as zeros. The encoder is the driver's, reached through the runtime
-// (no libcuda link).
-CUtensorMap act_tensor_map(const void* act, int rows, int k, int box_rows) {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    EP_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    EP_REQUIRE(found == cudaDriverEntryPointSuccess && fn != nullptr,
-               "grouped_l2: the CUDA driver does not provide cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(k) * sizeof(__nv_bfloat16)};
-  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t unit_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(act), dims, row_stride, box,
-                            unit_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  EP_REQUIRE(r == CUDA_SUCCESS, "grouped_l2: cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
-  return map;
-}
-
 void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_alpha, std::uintptr_t act,
                 std::uintptr_t h_gs, std::uintptr_t offsets, int num_experts, int hidden, int inter, int max_slots,
                 std::uintptr_t y_slot, int block_n, int block_m, std::uintptr_t stream) {
@@ -773,9 +775,6 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
   GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
   a.out_f32 = ep::as_ptr<float>(y_slot);
-  if (block_n >= kMinWideSlots && max_slots > 0) {  // wherever the tiles may be wgmma ones (block_m may be 0)
-    a.act_map = act_tensor_map(a.act, max_slots, inter, block_n);
-  }
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }
 
