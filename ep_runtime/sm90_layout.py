@@ -93,11 +93,9 @@ def scale_words(s: torch.Tensor) -> torch.Tensor:
     each 4-byte word (a row's four k16 steps in one atom) rotated left by 4 bits, so that the bytes of steps 0 and 2
     sit at bits 4-11 of the two bf16 halves where scale_pair<0> masks them, and steps 1 and 3 one byte rotation
     away."""
-    n, ks = s.shape
-    b = tile_scales(encode_scales(s)).view(-1, 4).long()
-    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
-    rot = (word << 4) | (word >> 28)
-    return torch.stack([(rot >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8).view(n, ks)
+    b = tile_scales(encode_scales(s)).view(-1, 4).int()
+    # byte i of the little-endian word rotated by 4: its own low nibble over the high nibble of byte i - 1 (mod 4)
+    return ((b << 4 | b.roll(1, dims=-1) >> 4) & 0xFF).to(torch.uint8).view(s.shape)
 
 
 def check_scales(s: torch.Tensor, name: str) -> None:
