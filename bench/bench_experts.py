@@ -145,7 +145,7 @@ def rank_weights(gen: torch.Generator, baselines: bool = False):
         try:
             base.w13_mx, base.w2_mx = MxfpExperts(base.w13_bf16), MxfpExperts(base.w2_bf16)
         except Exception as exc:  # the bar is optional: its column records why it is missing
-            base.bar_error = f"{type(exc).__name__}: {exc}"[:300]
+            base.bar_error = failure(exc)
     tile_stack_(w13[0], w13[1], gate_up_row_order(I, DEV))
     tile_stack_(w2[0], w2[1])
     return w13, w2, base
@@ -241,19 +241,6 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                     torch.mm(a[lo:hi], weight_of(e).t(), out=out[lo:hi])
         return run
 
-    def bar(mx: MxfpExperts | None, a):
-        """The bar's call on a; where it cannot be made, one that raises why (recorded as the column's error)."""
-        reason = base.bar_error
-        if mx is not None:
-            try:
-                return mx.call(a, counts)
-            except Exception as exc:  # the bar is optional: its column records why it is missing
-                reason = f"{type(exc).__name__}: {exc}"[:300]
-
-        def unavailable():
-            raise RuntimeError(f"the bar kernel is unavailable: {reason}")
-        return unavailable
-
     def dequantized(rows):
         """weight_of for the NVFP4 loop: expert e's weights dequantized into one buffer, reused by every expert."""
         data, scale = rows
@@ -264,15 +251,17 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
             return w
         return weight_of
 
+    bar_l1, check_l1 = bar_column(base.w13_mx, base.bar_error, x, counts)
+    bar_l2, check_l2 = bar_column(base.w2_mx, base.bar_error, h_in, counts)
     layers = {
         "L1": dict(n=2 * I, k=H, ours_w4a16=partial(ours.l1_w4a16, block_n), ours_w4a4=partial(ours.l1_w4a4, block_n),
-                   grouped_mm=grouped_mm(x, base.w13_bf16), ogs=bar(base.w13_mx, x), bar_experts=base.w13_mx, a=x,
+                   grouped_mm=grouped_mm(x, base.w13_bf16), ogs=bar_l1, bar_check=check_l1,
                    grouped_mm_copy=grouped_mm_copy(x, base.w13_bf16, gu_ref),
                    loop=loop(x, base.w13_bf16.__getitem__, gu_ref),
                    loop_nvfp4=loop(x, dequantized(base.w13_rows), gu_ref),
                    fp4_bytes=w13[0][0].numel() + w13[1][0].numel()),
         "L2": dict(n=H, k=I, ours_w4a16=partial(ours.l2, block_n), ours_w4a4=partial(ours.l2, block_n),
-                   grouped_mm=grouped_mm(h_in, base.w2_bf16), ogs=bar(base.w2_mx, h_in), bar_experts=base.w2_mx, a=h_in,
+                   grouped_mm=grouped_mm(h_in, base.w2_bf16), ogs=bar_l2, bar_check=check_l2,
                    grouped_mm_copy=grouped_mm_copy(h_in, base.w2_bf16, y_ref),
                    loop=loop(h_in, base.w2_bf16.__getitem__, y_ref),
                    loop_nvfp4=loop(h_in, dequantized(base.w2_rows), y_ref),
@@ -283,7 +272,7 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
     for layer, d in layers.items():
         floor_ms = active * d["fp4_bytes"] / (copy_gbs * 1e6)
         flops = 2.0 * s * d["n"] * d["k"]
-        row = {"fp4_floor_ms": floor_ms, "gpu_state_before": gpu_state()}
+        row = {"fp4_floor_ms": floor_ms, "gpu_state_before": gpu_state(), **d["bar_check"]}
         graphs = {}
         for col in COLUMNS:
             try:
@@ -291,12 +280,7 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                 if col not in LOOPS:
                     graphs[col] = graphed(d[col])
             except Exception as exc:  # a baseline this torch build lacks is recorded, not fatal
-                row[f"{col}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        if "ogs" in graphs:  # the bar's bits against its own weights, so that no broken call is timed unnoticed
-            try:
-                row["ogs_rel_l2_vs_its_weights"] = d["bar_experts"].rel_l2(d["a"], counts)
-            except Exception as exc:  # a check that cannot run is recorded beside the bar's timings, not fatal
-                row["ogs_rel_l2_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                row[f"{col}_error"] = failure(exc)
         if "grouped_mm" in graphs:  # the same call plus a copy: it runs wherever the baseline did
             graphs["grouped_mm_copy"] = graphed(d["grouped_mm_copy"])
         # Chains (per call, divided below); ours also with programmatic dependent launch off, which is what it buys.
@@ -348,6 +332,34 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
                 for b in widths for m in (64, 128, 256) if m < 256 or b >= 32}
         result[layer] = row
     return result
+
+
+def failure(exc: Exception) -> str:
+    """How the JSON records what an optional baseline raised."""
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def bar_column(mx: MxfpExperts | None, why_missing: str, a: torch.Tensor, counts: list[int]):
+    """The bar kernel's call on a's rows and its check against its own weights (the JSON keys it adds), so that no
+    broken call is timed unnoticed. Where the bar cannot run, a call that raises why, which the column records as its
+    error, and no check."""
+    if mx is None:
+        return unavailable(why_missing), {}
+    try:
+        run = mx.call(a, counts)
+    except Exception as exc:  # the bar is optional: its column records why it is missing
+        return unavailable(failure(exc)), {}
+    try:
+        return run, {"ogs_rel_l2_vs_its_weights": mx.rel_l2(a, counts)}
+    except Exception as exc:  # a check that cannot run is recorded beside the bar's timings, not fatal
+        return run, {"ogs_rel_l2_error": failure(exc)}
+
+
+def unavailable(reason: str):
+    """A call standing in for the bar kernel that cannot run: it raises why."""
+    def run():
+        raise RuntimeError(f"the bar kernel is unavailable: {reason}")
+    return run
 
 
 def cell(d: dict, key: str, width: int, digits: int) -> str:
