@@ -83,8 +83,6 @@ constexpr bool uses_wgmma(int block_m, int block_n) {
   return block_n >= kMinWgmmaSlots || (block_m == 256 && block_n >= kMinWideSlots);
 }
 constexpr int kMaxExperts = 1024;                        // local experts one launch takes
-// Registers per thread after setmaxnreg (Tiles::kRegSplit): producer + 2 consumers <= 65536 / 128.
-constexpr int kProducerRegs = 72, kConsumerRegs = 216;
 
 struct GemmArgs {
   const uint8_t* w;        // (E, N, K/2) bytes in the SM90 atom layout
@@ -172,12 +170,20 @@ struct Tiles {
   // one warp's scheduler the slowest, and every stage waits for the slowest consumer warp's release), leaving
   // registers for more CTAs per SM (decode is latency-bound). With 256 rows by 128 slots each consumer thread
   // holds 128 accumulators, more than an even split of the register file gives it, so the producer warpgroup hands
-  // most of its registers over (setmaxnreg); 256-row tiles of fewer slots need less but run one CTA per SM as well,
-  // so the same split costs them nothing.
+  // most of its registers over (setmaxnreg). 256-row tiles of 32 slots (32 accumulators) run two CTAs per SM, so
+  // that one CTA's epilogue overlaps the other's mainloop (m=32: L2 3-7 % faster, the whole expert stage at 256
+  // tokens 2-4 %; nineteenth session); their split fits the 80 registers a thread of two 384-thread CTAs gets
+  // (setmaxnreg.inc waits forever for registers the SM does not have).
   static constexpr int kProducers = kWgmma ? 128 : BN == 32 ? 64 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
-  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma ? 1 : 2;  // CTAs per SM
+  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma && BN >= kMinWgmmaSlots ? 1 : 2;  // CTAs per SM
+  // Registers per thread after setmaxnreg, within what the launch bound gives a CTA (allocated 8 per thread).
+  static constexpr int kProducerRegs = kMinBlocks == 1 ? 72 : 40;
+  static constexpr int kConsumerRegs = kMinBlocks == 1 ? 216 : 96;
+  static constexpr int kBoundRegs = 65536 / (kThreads * kMinBlocks) / 8 * 8;
+  static_assert(!kRegSplit || kProducers * kProducerRegs + kConsumers * kConsumerRegs <= kThreads * kBoundRegs,
+                "the setmaxnreg split must fit the registers the launch bound gives a CTA");
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
   // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
@@ -570,10 +576,10 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   }
   __syncthreads();
   if (tid >= kConsumers) {
-    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<TL::kProducerRegs>();
     produce<BM, BN>(a, tile_start, smem, full, empty);
   } else {
-    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+    if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_alloc<TL::kConsumerRegs>();
     consume<BM, BN>(a, tile_start, smem, full, empty);
   }
 }

@@ -272,32 +272,36 @@ def test_256_row_tiles_match_the_reference_in_l1_and_l2(block_n, gen):
     assert rel_l2(y, l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)) <= 4e-3
 
 
+@pytest.mark.parametrize("block_n", [32, 128])
 @pytest.mark.parametrize("extra", ["a few", "all but one"])
-def test_256_row_tiles_give_the_bits_of_128_row_tiles_whether_or_not_the_last_round_runs_as_halves(extra, gen):
-    """One 256-row tile per expert and a grid of one CTA per SM: a whole round plus five tiles leaves a last round at
-    most half full, which runs as 128-row halves (one atom per warpgroup, over all of K in order); plus all but one
-    leaves one too full for halves, which runs as whole tiles. Either way each output is the sum of its 128-row tile,
-    in L1 and in L2, and matches the reference."""
+def test_256_row_tiles_give_the_bits_of_128_row_tiles_whether_or_not_the_last_round_runs_as_halves(extra, block_n,
+                                                                                                      gen):
+    """One 256-row tile per expert on a grid of one or two CTAs per SM: 2 x SMs + 5 tiles leave a last round at most
+    half full, which runs as 128-row halves (one atom per warpgroup, over all of K in order); 4 x SMs - 1 leave one
+    too full for halves, which runs as whole tiles. Either way each output is the sum of its 128-row wgmma tile (64
+    slots: 32-slot tiles of 128 rows are HMMA ones, which sum in another order), in L1 and in L2, and matches the
+    reference."""
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    e = sms + (5 if extra == "a few" else sms - 1)
+    e = 2 * sms + 5 if extra == "a few" else 4 * sms - 1
     h, i = 1024, 128  # L1: 2i = 256 rows, K 1024 (16 chunks, more stages than the ring); L2: 1024 rows
-    counts = torch.randint(1, 129, (e,), generator=gen)  # one 128-slot tile per expert
+    counts = torch.randint(1, block_n + 1, (e,), generator=gen)  # one slot tile per expert
     idx = torch.repeat_interleave(torch.arange(e), counts).int().view(-1, 1).to(DEV)
     slots = map_slots(idx, e, 0)
     weights = random_weights(e, h, i, gen)
     acts = random_acts(idx.shape[0], h, weights, W4A16, gen)
-    gu = {bm: l1_gate_up(acts, slots, weights, W4A16, 128, bm) for bm in (128, 256)}
-    assert torch.equal(gu[256], gu[128])
-    assert rel_l2(gu[256], l1_reference(acts, slots, weights, W4A16)) <= 4e-3
+    tiles = {"256 rows": (block_n, 256), "128 rows": (64, 128)}  # (block_n, block_m)
+    gu = {name: l1_gate_up(acts, slots, weights, W4A16, *tile) for name, tile in tiles.items()}
+    assert torch.equal(gu["256 rows"], gu["128 rows"])
+    assert rel_l2(gu["256 rows"], l1_reference(acts, slots, weights, W4A16)) <= 4e-3
     n, kw = slots.num_slots, tiled(weights)
     w2, w2_scale = kw.w2[:, :256].contiguous(), kw.w2_scale[:, :256].contiguous()  # 256 rows: one tile per expert
     h_in = torch.randn(n, i, generator=gen).to(DEV, torch.bfloat16)
-    ys = {bm: torch.full((n, 256), float("nan"), device=DEV) for bm in (128, 256)}
-    for bm, y in ys.items():
-        ops.grouped_l2(w2, w2_scale, kw.w2_alpha, h_in, None, slots.offsets, y, 128, bm)
-    assert torch.equal(ys[256], ys[128])
+    ys = {name: torch.full((n, 256), float("nan"), device=DEV) for name in tiles}
+    for name, y in ys.items():
+        ops.grouped_l2(w2, w2_scale, kw.w2_alpha, h_in, None, slots.offsets, y, *tiles[name])
+    assert torch.equal(ys["256 rows"], ys["128 rows"])
     ref = l2_reference(h_in, torch.ones(e, device=DEV), slots, weights, W4A16)[:, :256]
-    assert rel_l2(ys[256], ref) <= 4e-3
+    assert rel_l2(ys["256 rows"], ref) <= 4e-3
 
 
 @pytest.mark.parametrize("limit", [10.0, None])
