@@ -172,7 +172,7 @@ struct Tiles {
   // holds 128 accumulators, more than an even split of the register file gives it, so the producer warpgroup hands
   // most of its registers over (setmaxnreg). 256-row tiles of 32 slots (32 accumulators) run two CTAs per SM, so
   // that one CTA's epilogue overlaps the other's mainloop (m=32: L2 3-7 % faster, the whole expert stage at 256
-  // tokens 2-4 %; nineteenth session); their split fits the 80 registers a thread of two 384-thread CTAs gets
+  // tokens 3-5 %; nineteenth session); their split fits the 80 registers a thread of two 384-thread CTAs gets
   // (setmaxnreg.inc waits forever for registers the SM does not have).
   static constexpr int kProducers = kWgmma ? 128 : BN == 32 ? 64 : 32;
   static constexpr bool kRegSplit = BM == 256;
