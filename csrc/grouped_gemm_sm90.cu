@@ -662,6 +662,16 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   static std::array<std::atomic<int>, kMaxExperts + 1> per_sm_by_experts{};  // 0: not asked yet
   int per_sm = per_sm_by_experts[a.num_experts].load(std::memory_order_relaxed);
   if (per_sm == 0) {
+    if constexpr (TL::kRegSplit) {
+      // setmaxnreg only moves registers within the CTA's allocation, which the kernel's compiled register count sets:
+      // below the split's total the consumers' setmaxnreg.inc would wait forever (the ring's 20 s trap).
+      cudaFuncAttributes attr{};
+      EP_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      if (attr.numRegs * TL::kThreads < TL::kProducers * TL::kProducerRegs + kConsumers * TL::kConsumerRegs)
+        throw std::runtime_error("grouped gemm: the " + std::to_string(BM) + "x" + std::to_string(BN) +
+                                 " kernel was compiled to " + std::to_string(attr.numRegs) +
+                                 " registers per thread, too few for its setmaxnreg split");
+    }
     EP_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(kMaxExperts)));
     EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, TL::kThreads,
