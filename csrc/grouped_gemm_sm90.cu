@@ -177,12 +177,13 @@ struct Tiles {
   static constexpr int kProducers = kWgmma ? 128 : BN == 32 ? 64 : 32;
   static constexpr bool kRegSplit = BM == 256;
   static constexpr int kThreads = kConsumers + kProducers;
-  static constexpr int kMinBlocks = BN == 8 ? 3 : kWgmma && BN >= kMinWgmmaSlots ? 1 : 2;  // CTAs per SM
+  static constexpr int kMinBlocks = BN == 8 ? 3 : BN >= kMinWgmmaSlots ? 1 : 2;  // CTAs per SM
   // Registers per thread after setmaxnreg, within what the launch bound gives a CTA (allocated 8 per thread).
   static constexpr int kProducerRegs = kMinBlocks == 1 ? 72 : 40;
   static constexpr int kConsumerRegs = kMinBlocks == 1 ? 216 : 96;
+  static constexpr int kSplitRegs = kProducers * kProducerRegs + kConsumers * kConsumerRegs;  // the CTA's total
   static constexpr int kBoundRegs = 65536 / (kThreads * kMinBlocks) / 8 * 8;
-  static_assert(!kRegSplit || kProducers * kProducerRegs + kConsumers * kConsumerRegs <= kThreads * kBoundRegs,
+  static_assert(!kRegSplit || kSplitRegs <= kThreads * kBoundRegs,
                 "the setmaxnreg split must fit the registers the launch bound gives a CTA");
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
   // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
@@ -667,7 +668,7 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
       // below the split's total the consumers' setmaxnreg.inc would wait forever (the ring's 20 s trap).
       cudaFuncAttributes attr{};
       EP_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      if (attr.numRegs * TL::kThreads < TL::kProducers * TL::kProducerRegs + kConsumers * TL::kConsumerRegs)
+      if (attr.numRegs * TL::kThreads < TL::kSplitRegs)
         throw std::runtime_error("grouped gemm: the " + std::to_string(BM) + "x" + std::to_string(BN) +
                                  " kernel was compiled to " + std::to_string(attr.numRegs) +
                                  " registers per thread, too few for its setmaxnreg split");
