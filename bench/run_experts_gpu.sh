@@ -14,7 +14,9 @@ grep -E "spill" "$OUT/build.log" | sort | uniq > "$OUT/spills.txt"
 cuobjdump --dump-sass build/temp*/csrc/grouped_gemm_sm90.cu.o > /tmp/grouped_gemm.sass 2>&1
 python3 bench/sass_report.py /tmp/grouped_gemm.sass "$OUT/build.log" > "$OUT/sass.txt" 2>&1
 cat "$OUT/sass.txt"
-timeout ${TEST_TIMEOUT:-220} python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/gpu/test_experts_cuda.py} > "$OUT/tests.log" 2>&1
+# TESTS: paths (split on spaces); MARK: a marker expression for -m, kept whole (e.g. MARK="not multigpu")
+timeout ${TEST_TIMEOUT:-220} python3 -m pytest -q --maxfail=25 -p no:cacheprovider ${TESTS:-tests/gpu/test_experts_cuda.py} \
+  ${MARK:+-m "$MARK"} > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
 timeout ${BENCH_TIMEOUT:-240} python3 bench/bench_experts.py --out "$OUT/experts.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -22 "$OUT/bench.log"
