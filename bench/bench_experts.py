@@ -329,7 +329,7 @@ def bench_case(name: str, counts: list[int], w13, w2, base: Baselines, copy_gbs:
             widths = [b for b in ops.BLOCK_NS if max(counts) <= 16 * b]
             row["ours_w4a16_graph_ms_by_tile"] = {
                 f"bn{b}_bm{m}": median_ms(graphed(lambda b=b, m=m: fn(b, m)), reps)
-                for b in widths for m in (64, 128, 256) if m < 256 or b >= 32}
+                for b in widths for m in (64, 128, 256) if m < 256 or b >= ops.MIN_WIDE_BLOCK_N}
         result[layer] = row
     return result
 

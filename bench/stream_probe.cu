@@ -118,19 +118,54 @@ __global__ void read_bulk_ldg(const uint8_t* src, size_t slice, int stages, int 
   }
 }
 
+enum class Path { kBulk, kCpAsync, kLdg, kBulkLdg };
+
 struct Probe {
-  const char* path;
-  int stages, bytes, threads, per_sm;  // bytes: per bulk copy (the first of a stage's two), or 0
-  size_t smem;
-  void (*launch)(const Probe&, int grid, const uint8_t* src, size_t slice, unsigned* sink);
-  int second = 0, issuers = 1;  // bulk: a second copy per stage of this many bytes; warps issuing
+  Path path;
+  int stages;
+  int bytes = 0;    // bulk: per copy (the first of a stage's two)
+  int second = 0;   // bulk: a second copy per stage of this many bytes
+  int issuers = 1;  // bulk: warps issuing, one stream each
+  int per_sm = 1;   // CTAs per SM (run on every SM only)
 };
 
+const char* name(Path p) {
+  return p == Path::kBulk ? "bulk" : p == Path::kCpAsync ? "cpasync" : p == Path::kLdg ? "ldg" : "bulk+ldg";
+}
+
+int threads(const Probe& p) {
+  return p.path == Path::kBulk ? 32 * p.issuers : p.path == Path::kCpAsync ? 256 : 1024;
+}
+
+size_t smem_bytes(const Probe& p) {
+  constexpr size_t kBarriers = 1024;
+  switch (p.path) {
+    case Path::kBulk: return static_cast<size_t>(p.issuers) * p.stages * (p.bytes + p.second) + kBarriers;
+    case Path::kBulkLdg: return static_cast<size_t>(p.stages) * p.bytes + kBarriers;
+    case Path::kCpAsync: return static_cast<size_t>(p.stages) * 16384;
+    default: return 0;
+  }
+}
+
 template <typename K, typename... A>
-void run(K kernel, const Probe& pr, int grid, A... args) {
-  EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(pr.smem)));
-  kernel<<<grid, pr.threads, pr.smem>>>(args...);
+void run(K kernel, const Probe& p, int grid, A... args) {
+  const size_t smem = smem_bytes(p);
+  EP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, threads(p), smem>>>(args...);
   EP_CHECK_LAUNCH();
+}
+
+void launch(const Probe& p, int grid, const uint8_t* src, size_t slice, unsigned* sink) {
+  switch (p.path) {
+    case Path::kBulk: return run(read_bulk, p, grid, src, slice, p.stages, p.bytes, p.second, p.issuers);
+    case Path::kBulkLdg: return run(read_bulk_ldg, p, grid, src, slice, p.stages, p.bytes, sink);
+    case Path::kCpAsync:
+      return p.stages == 4 ? run(read_cpasync<4>, p, grid, src, slice) : run(read_cpasync<8>, p, grid, src, slice);
+    case Path::kLdg:
+      return p.stages == 2   ? run(read_ldg<2>, p, grid, src, slice, sink)
+             : p.stages == 4 ? run(read_ldg<4>, p, grid, src, slice, sink)
+                             : run(read_ldg<8>, p, grid, src, slice, sink);
+  }
 }
 
 }  // namespace
@@ -145,38 +180,26 @@ int main() {  // a CUDA error ends it with the failing call's message (EP_CUDA_C
   EP_CUDA_CHECK(cudaMalloc(&sink, sizeof(unsigned)));
   EP_CUDA_CHECK(cudaMemset(buf, 0x5a, kBuffer));
 
-  auto bulk = [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned*) {
-    run(read_bulk, p, g, s, sl, p.stages, p.bytes, p.second, p.issuers);
-  };
-  auto bulk_ldg = [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned* k) {
-    run(read_bulk_ldg, p, g, s, sl, p.stages, p.bytes, k);
-  };
-  const size_t bar_pad = 1024;
-  std::vector<Probe> probes = {
-      {"bulk", 4, 16384, 32, 1, 4 * 16384 + bar_pad, bulk},
-      {"bulk", 8, 16384, 32, 1, 8 * 16384 + bar_pad, bulk},
-      {"bulk", 12, 16384, 32, 1, 12 * 16384 + bar_pad, bulk},
-      {"bulk", 4, 49152, 32, 1, 4 * 49152 + bar_pad, bulk},
-      {"bulk", 3, 13824, 32, 3, 3 * 13824 + bar_pad, bulk},  // the 64x8 decode kernel's ring: 3 CTAs x 3 stages
+  const std::vector<Probe> probes = {
+      {Path::kBulk, 4, 16384},
+      {Path::kBulk, 8, 16384},
+      {Path::kBulk, 12, 16384},
+      {Path::kBulk, 4, 49152},
+      {Path::kBulk, 3, 13824, 0, 1, 3},  // the 64x8 decode kernel's ring: 3 CTAs x 3 stages
       // Copy sizes, and a stage as the decode kernels bring it: 12 KB of codes, then 1.5 KB of scales.
-      {"bulk", 8, 1536, 32, 1, 8 * 1536 + bar_pad, bulk},
-      {"bulk", 8, 4096, 32, 1, 8 * 4096 + bar_pad, bulk},
-      {"bulk", 8, 12288, 32, 1, 8 * 12288 + bar_pad, bulk},
-      {"bulk", 8, 12288, 32, 1, 8 * 13824 + bar_pad, bulk, 1536},
-      {"bulk", 3, 12288, 32, 3, 3 * 13824 + bar_pad, bulk, 1536},
-      {"bulk", 3, 16384, 128, 1, 4 * 3 * 16384 + bar_pad, bulk, 0, 4},  // four warps issuing, one stream each
-      {"bulk", 3, 12288, 128, 1, 4 * 3 * 13824 + bar_pad, bulk, 1536, 4},
-      {"cpasync", 4, 0, 256, 1, 4 * 16384,
-       [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned*) { run(read_cpasync<4>, p, g, s, sl); }},
-      {"cpasync", 8, 0, 256, 1, 8 * 16384,
-       [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned*) { run(read_cpasync<8>, p, g, s, sl); }},
-      {"ldg", 2, 0, 1024, 1, 0,
-       [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned* k) { run(read_ldg<2>, p, g, s, sl, k); }},
-      {"ldg", 4, 0, 1024, 1, 0,
-       [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned* k) { run(read_ldg<4>, p, g, s, sl, k); }},
-      {"ldg", 8, 0, 1024, 1, 0,
-       [](const Probe& p, int g, const uint8_t* s, size_t sl, unsigned* k) { run(read_ldg<8>, p, g, s, sl, k); }},
-      {"bulk+ldg", 8, 16384, 1024, 1, 8 * 16384 + bar_pad, bulk_ldg},
+      {Path::kBulk, 8, 1536},
+      {Path::kBulk, 8, 4096},
+      {Path::kBulk, 8, 12288},
+      {Path::kBulk, 8, 12288, 1536},
+      {Path::kBulk, 3, 12288, 1536, 1, 3},
+      {Path::kBulk, 3, 16384, 0, 4},  // four warps issuing, one stream each
+      {Path::kBulk, 3, 12288, 1536, 4},
+      {Path::kCpAsync, 4},
+      {Path::kCpAsync, 8},
+      {Path::kLdg, 2},
+      {Path::kLdg, 4},
+      {Path::kLdg, 8},
+      {Path::kBulkLdg, 8, 16384},
   };
   cudaEvent_t t0, t1;
   EP_CUDA_CHECK(cudaEventCreate(&t0));
@@ -197,7 +220,7 @@ int main() {  // a CUDA error ends it with the failing call's message (EP_CUDA_C
       for (int rep = 0; rep < 3; ++rep) {
         const uint8_t* src = buf + static_cast<size_t>(rep) * grid * slice;
         EP_CUDA_CHECK(cudaEventRecord(t0));
-        pr.launch(pr, grid, src, slice, sink);
+        launch(pr, grid, src, slice, sink);
         EP_CUDA_CHECK(cudaEventRecord(t1));
         EP_CUDA_CHECK(cudaEventSynchronize(t1));
         float t = 0.f;
@@ -206,8 +229,8 @@ int main() {  // a CUDA error ends it with the failing call's message (EP_CUDA_C
       }
       std::sort(ms.begin(), ms.end());
       const double gbs = static_cast<double>(grid) * slice / (ms[1] * 1e6);
-      std::printf("%-9s %6d %7d %6d %7d %7d %6d %6d %10.0f %12.1f\n", pr.path, pr.stages, pr.bytes, pr.second,
-                  pr.issuers, pr.threads, pr.per_sm, used, gbs, gbs / used);
+      std::printf("%-9s %6d %7d %6d %7d %7d %6d %6d %10.0f %12.1f\n", name(pr.path), pr.stages, pr.bytes, pr.second,
+                  pr.issuers, threads(pr), pr.per_sm, used, gbs, gbs / used);
     }
   }
   EP_CUDA_CHECK(cudaFree(buf));

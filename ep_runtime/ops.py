@@ -20,6 +20,7 @@ SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds th
 EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
+MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 
 
 def extension_available(*symbols: str) -> bool:
@@ -207,9 +208,11 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
 def _check_tiles(block_n: int, block_m: int, rows: int) -> None:
     if block_n not in BLOCK_NS:
         raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
-    if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and block_n < 32):
+    wide = block_n >= MIN_WIDE_BLOCK_N
+    if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and not wide):
         raise ValueError(f"block_m: expected one of {BLOCK_MS} (128 or 256 only where it divides the weight row "
-                         f"count {rows}; 256 only with block_n >= 32), got {block_m} with block_n {block_n}")
+                         f"count {rows}; 256 only with block_n >= {MIN_WIDE_BLOCK_N}), got {block_m} with block_n "
+                         f"{block_n}")
 
 
 def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
