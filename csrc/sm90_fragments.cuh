@@ -56,14 +56,20 @@ __device__ __forceinline__ uint32_t rotr(uint32_t w, int r) { return __funnelshi
 
 // Pair I of a weight word as a bf16x2 holding value * 2^-126 per half: E2M1 code bits m, e0, e1 at bf16
 // bits 6-8 (a bf16 whose exponent field is the E2M1 exponent: code 1 = 0.5 is a bf16 subnormal) and the sign
-// at 15. sm90_layout.STORED placed the bits so that this takes 1, 2, 2 and 4 instructions for I = 0..3.
+// at 15. sm90_layout.STORED placed the bits so that pairs 0 and 1 take a left shift and an AND, pair 2 a rotate and
+// an AND, pair 3 a rotate and two LOPs: 9 instructions per word, as with the rotations before (twentieth session),
+// but ptxas issues the left shifts as IMADs on the FMA pipe, so the integer pipe, which decode saturates, gets 7 of
+// them instead of 9 (twenty-first session: 3-7 % faster from m=1 to m=128 on an H200). Pair 3's OR is written in PTX:
+// in C ptxas spilled 4 bytes in the 128x32 kernel.
 template <int I>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   constexpr uint32_t kBits = 0x81C081C0u;  // bits 6-8 and 15 of each half
-  if constexpr (I == 0) return w & kBits;
-  if constexpr (I == 1) return rotr(w, 4) & kBits;
-  if constexpr (I == 2) return rotr(w, 10) & kBits;
-  return (rotr(w, 6) & 0x81808180u) | (rotr(w, 14) & 0x00400040u);
+  if constexpr (I == 0) return (w << 6) & kBits;
+  if constexpr (I == 1) return (w << 2) & kBits;
+  if constexpr (I == 2) return rotr(w, 20) & kBits;
+  uint32_t d;  // (rotr(w, 24) & bits 6 and 22) | (w & the rest)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(rotr(w, 24)), "n"(0x00400040), "r"(w & 0x81808180u));
+  return d;
 }
 
 // Scale bytes K and K+2 (K = 0 or 1) of a lane's scale word w -> bf16x2 (s_K, s_K+2) with s = sf * 2^118. Each

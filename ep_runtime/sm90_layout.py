@@ -37,15 +37,16 @@ def gate_up_row_order(inter: int, device: torch.device | str = "cpu") -> torch.T
 
 # Where each code bit sits in a 32-bit word. A word holds four bf16x2 pairs I = 2*sp + h; the kernel turns
 # pair I into a bf16x2 whose halves are value * 2^-126 (code bits m, e0, e1 at bf16 bits 6-8, sign at 15)
-# with e2m1_pair<I>: pair 0 is stored in place (one AND), pairs 1 and 2 rotated by 4 and 10 bits (rotate +
-# AND), and pair 3 in the eight bits left over (two rotates, two LOPs): 9 instructions for 8 values.
+# with e2m1_pair<I>: pairs 0 and 1 are stored 6 and 2 bits below (left shift + AND), pair 2 rotated by 20 bits
+# (rotate + AND), and pair 3 in the eight bits left over, six of them in place and two rotated by 24 (rotate, two
+# LOPs): 9 instructions for 8 values, 7 of them on the integer pipe (the left shifts can go to the FMA pipe).
 # TARGET[e][b]: the bf16x2 bit of element e's code bit b; STORED[I][t]: the word bit holding target bit t.
 TARGET = ((6, 7, 8, 15), (22, 23, 24, 31))
 STORED = (
-    {t: t for t in TARGET[0] + TARGET[1]},
-    {t: (t + 4) % 32 for t in TARGET[0] + TARGET[1]},
-    {t: (t + 10) % 32 for t in TARGET[0] + TARGET[1]},
-    {6: 20, 7: 13, 8: 14, 15: 21, 22: 4, 23: 29, 24: 30, 31: 5},  # rotate 14 brings 6, 22; rotate 6 the rest
+    {t: t - 6 for t in TARGET[0] + TARGET[1]},
+    {t: t - 2 for t in TARGET[0] + TARGET[1]},
+    {t: (t + 20) % 32 for t in TARGET[0] + TARGET[1]},
+    {6: 30, 7: 7, 8: 8, 15: 15, 22: 14, 23: 23, 24: 24, 31: 31},  # rotate 24 brings 6, 22; the rest in place
 )
 
 

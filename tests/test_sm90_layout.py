@@ -17,12 +17,12 @@ def kernel_pair(words: torch.Tensor, pair: int) -> torch.Tensor:
 
     bits = 0x81C081C0
     if pair == 0:
-        return words & bits
+        return (words << 6) & bits
     if pair == 1:
-        return rotr(words, 4) & bits
+        return (words << 2) & bits
     if pair == 2:
-        return rotr(words, 10) & bits
-    return (rotr(words, 6) & 0x81808180) | (rotr(words, 14) & 0x00400040)
+        return rotr(words, 20) & bits
+    return (rotr(words, 24) & 0x00400040) | (words & 0x81808180)
 
 
 def test_each_lanes_fragment_words_decode_to_its_elements(gen):
