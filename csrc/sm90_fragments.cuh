@@ -57,10 +57,10 @@ __device__ __forceinline__ uint32_t rotr(uint32_t w, int r) { return __funnelshi
 // Pair I of a weight word as a bf16x2 holding value * 2^-126 per half: E2M1 code bits m, e0, e1 at bf16
 // bits 6-8 (a bf16 whose exponent field is the E2M1 exponent: code 1 = 0.5 is a bf16 subnormal) and the sign
 // at 15. sm90_layout.STORED placed the bits so that pairs 0 and 1 take a left shift and an AND, pair 2 a rotate and
-// an AND, pair 3 a rotate and two LOPs: 9 instructions per word, as with the rotations before (twentieth session),
-// but ptxas issues the left shifts as IMADs on the FMA pipe, so the integer pipe, which decode saturates, gets 7 of
-// them instead of 9 (twenty-first session: 3-7 % faster from m=1 to m=128 on an H200). Pair 3's OR is written in PTX:
-// in C ptxas spilled 4 bytes in the 128x32 kernel.
+// an AND, pair 3 a rotate and two LOPs: 9 instructions per word. ptxas issues the left shifts as IMADs on the FMA
+// pipe, so 7 of them load the integer pipe, which the dequantization keeps busy in decode (9 when pairs 1-3 were
+// rotated: 3-7 % slower from m=1 to m=128 on an H200, NOTES_experts.md, twenty-first session). Pair 3's OR is in PTX:
+// written in C, ptxas spilled 4 bytes in the 128x32 kernel.
 template <int I>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   constexpr uint32_t kBits = 0x81C081C0u;  // bits 6-8 and 15 of each half
