@@ -156,9 +156,9 @@ __device__ __forceinline__ void swiglu_columns(const GateUp4& gate_up4, int n, i
   }
 }
 
-// Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers and
-// the per-expert tile prefix. Activation stages come first and are 1024-byte multiples, as the 128B swizzle
-// needs. Narrow slot tiles (decode) share an SM between two or three CTAs; their stages are small, so there
+// Shared memory: [activations | weights | scales] x stages, the epilogue tile, the full/empty barriers, the
+// per-expert tile prefix and the slot offsets. Activation stages come first and are 1024-byte multiples, as the 128B
+// swizzle needs. Narrow slot tiles (decode) share an SM between two or three CTAs; their stages are small, so there
 // are still many in flight per SM.
 template <int BM, int BN>
 struct Tiles {
@@ -186,7 +186,7 @@ struct Tiles {
   static_assert(!kRegSplit || kSplitRegs <= kThreads * kBoundRegs,
                 "the setmaxnreg split must fit the registers the launch bound gives a CTA");
   // ring + epilogue buffer; one CTA per SM may take nearly all of the 227 KB
-  // (a few KB stay free for the per-expert tile prefix and the 1 KB each CTA's runtime reserve takes)
+  // (a few KB stay free for the per-expert tile prefix and slot offsets and the 1 KB each CTA's runtime reserve takes)
   static constexpr int kSmemBudget = (kMinBlocks == 1 ? 220 : 216) * 1024 / kMinBlocks;
   static constexpr int kCopies = BN * 8 / kProducers;  // 16-byte activation copies per producer thread and chunk
   // Producer warps that issue weight copies: each bulk copy costs its issuing warp a few dozen instructions, and
@@ -225,7 +225,7 @@ struct Tiles {
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
-  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 4 * (num_experts + 1); }
+  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 8 * (num_experts + 1); }
 };
 
 struct Tile {
@@ -254,8 +254,9 @@ __device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_s
   const bool half = Tiles<BM, BN>::kHalves && unit >= units.whole;
   const int tile = half ? units.whole + (unit - units.whole) / 2 : unit;
   const int e = expert_of(tile_start, a.num_experts, tile);
-  const int slot_begin = a.offsets[e];
-  const int count = a.offsets[e + 1] - slot_begin;
+  const int* offsets = tile_start + a.num_experts + 1;  // the slot offsets, copied to shared memory by the prologue
+  const int slot_begin = offsets[e];
+  const int count = offsets[e + 1] - slot_begin;
   const int mtiles = (count + BN - 1) / BN;
   const int local = tile - tile_start[e];
   const int mt = local % mtiles, nt = local / mtiles;
@@ -553,7 +554,7 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + TL::kBarrierOffset);
   uint64_t* empty = full + TL::kStages;
-  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);  // [E+1]
+  int* tile_start = reinterpret_cast<int*>(smem + TL::kTileStartOffset);  // [E+1], then the offsets [E+1]
   const int tid = threadIdx.x, lane = tid & 31;
   const int row_tiles = a.n_rows / BM;
 
@@ -575,6 +576,9 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
         [&](int e) { return (a.offsets[e + 1] - a.offsets[e] + BN - 1) / BN * row_tiles; },
         [&](int e, int prefix) { tile_start[e] = prefix; });
   }
+  // Every unit's decoding reads the slot offsets: from shared memory, not global, each CTA's first copies go out
+  // sooner and later units start sooner (the W4A16 stage of 128 tokens 2 % faster on an H200, twenty-second session).
+  for (int e = tid; e <= a.num_experts; e += TL::kThreads) tile_start[a.num_experts + 1 + e] = a.offsets[e];
   __syncthreads();
   if (tid >= kConsumers) {
     if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<TL::kProducerRegs>();
@@ -657,9 +661,9 @@ template <int BM, int BN>
 void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   using TL = Tiles<BM, BN>;
   auto kernel = grouped_gemm_kernel<BM, BN>;
-  // CTAs per SM: the per-expert tile prefix shares the CTA's shared memory, so it depends on the expert count
-  // (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand). Asked once
-  // per expert count, with the kernel's shared-memory limit set before the first query.
+  // CTAs per SM: the per-expert tile prefix and slot offsets share the CTA's shared memory, so it depends on the
+  // expert count (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand). Asked
+  // once per expert count, with the kernel's shared-memory limit set before the first query.
   static std::array<std::atomic<int>, kMaxExperts + 1> per_sm_by_experts{};  // 0: not asked yet
   int per_sm = per_sm_by_experts[a.num_experts].load(std::memory_order_relaxed);
   if (per_sm == 0) {
@@ -698,11 +702,11 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
 // experts gave it 64-row tiles (measured in the layer at 8192 tokens: 3.6 ms). HMMA tiles take 64 rows
 // - always with 8 slots: measured never slower than 128 rows, from 1 to 48 active experts at m=1 and at m=4
 //   and 8 (L1 m=1, all active: 0.407 against 0.412 ms), while 16-slot tiles lose 5-7 % at m=16;
-// - with 16 or 32 slots where 128-row tiles would load the SMs unevenly (a decode SM streams at a nearly fixed
-//   rate, so the SM with the most rows sets the time) by at least 15 %, since a 64-row tile streams a little
-//   slower. The count takes tile t to run on SM t mod SMs, which the hardware does not do (bench/smid_probe.cu),
-//   so it is an estimate; the rule stands on measurement (6 of 48 experts at m=1 in L1: 65.6 us with 64-row
-//   tiles against 72.4 with 128). bench/NOTES_experts.md has the numbers.
+// - with 16 or 32 slots where 128-row tiles would load the SMs unevenly by at least 15 %, since a 64-row tile
+//   streams a little slower. The count takes tile t to run on SM t mod SMs, which the hardware does not do
+//   (bench/smid_probe.cu), and equal work per SM did not speed sparse decode up on an H200 (twenty-second session),
+//   so the count is a proxy: the rule stands on measurement (6 of 48 experts at m=1 in L1: 65.6 us with 64-row tiles
+//   against 72.4 with 128). bench/NOTES_experts.md has the numbers.
 template <int BN>
 void dispatch_m(const GemmArgs& a, int max_slots, int block_m, cudaStream_t stream) {
   auto fits = [&](int bm) { return a.n_rows % bm == 0 && (bm != 256 || BN >= kMinWideSlots); };

@@ -204,10 +204,11 @@ __device__ __forceinline__ void hmma_chunk(uint32_t act_chunk, const uint8_t* co
   constexpr int kS = BN == 32 ? 1 : 2;
   constexpr int kJ = 2 / kS;  // 8-slot groups per ldmatrix.x4 (its four 8x8 matrices: kJ groups x kS steps x b0/b1)
   // Lanes 8m..8m+7 point at the rows of matrix m: slot group m / (2 kS) of the load, 16-byte piece
-  // 2 kS G + m % (2 kS) of group G, swizzled by the row (an XOR: group G's address is group 0's XOR (2 kS G) << 4,
-  // the chunk being 1024-byte aligned).
+  // 2 kS G + m % (2 kS) of group G, swizzled by the row (an XOR: group G's offset is group 0's XOR (2 kS G) << 4).
+  // The chunk being 1024-byte aligned, the XOR applies to the lane's offset in it, which stays in a register for the
+  // whole kernel: each load's address is then one add (an add and an XOR when applied to the address).
   const int m = lane >> 3;
-  const uint32_t lane_addr = act_chunk + (8 * (m / (2 * kS)) + (lane & 7)) * 128 + (((m % (2 * kS)) ^ (lane & 7)) << 4);
+  const uint32_t lane_off = (8 * (m / (2 * kS)) + (lane & 7)) * 128 + (((m % (2 * kS)) ^ (lane & 7)) << 4);
   uint4 wv[NA];
   uint2 sv[NA];
 #pragma unroll
@@ -218,7 +219,7 @@ __device__ __forceinline__ void hmma_chunk(uint32_t act_chunk, const uint8_t* co
     uint32_t b[BN / 8][kS][2];
 #pragma unroll
     for (int l = 0; l < BN / 8 / kJ; ++l) {
-      const uint4 v = ldsm_x4((lane_addr ^ (kS * G << 5)) + l * kJ * 1024);
+      const uint4 v = ldsm_x4(act_chunk + (lane_off ^ (kS * G << 5)) + l * kJ * 1024);
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int w = 0; w < 4; ++w) b[l * kJ + w / (2 * kS)][(w / 2) % kS][w % 2] = words[w];
