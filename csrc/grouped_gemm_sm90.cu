@@ -225,8 +225,13 @@ struct Tiles {
   static constexpr int kRingBytes = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kRingBytes + kEpiBytes;
   static constexpr int kTileStartOffset = kBarrierOffset + 2 * kStages * 8;
-  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 8 * (num_experts + 1); }
+  // the tile prefix and the slot offsets: E+1 ints each
+  static int smem_bytes(int num_experts) { return 1024 + kTileStartOffset + 2 * 4 * (num_experts + 1); }
 };
+
+// The kernel's shared-memory copy of the slot offsets [E+1], after the per-expert tile prefix [E+1].
+template <typename Int>
+__device__ __forceinline__ Int* slot_offsets(Int* tile_start, int num_experts) { return tile_start + num_experts + 1; }
 
 struct Tile {
   int e, slot0, nvalid;
@@ -254,7 +259,7 @@ __device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_s
   const bool half = Tiles<BM, BN>::kHalves && unit >= units.whole;
   const int tile = half ? units.whole + (unit - units.whole) / 2 : unit;
   const int e = expert_of(tile_start, a.num_experts, tile);
-  const int* offsets = tile_start + a.num_experts + 1;  // the slot offsets, copied to shared memory by the prologue
+  const int* offsets = slot_offsets(tile_start, a.num_experts);
   const int slot_begin = offsets[e];
   const int count = offsets[e + 1] - slot_begin;
   const int mtiles = (count + BN - 1) / BN;
@@ -571,14 +576,16 @@ __global__ void __launch_bounds__(Tiles<BM, BN>::kThreads, Tiles<BM, BN>::kMinBl
   }
   ep::wait_previous_grid();  // from here on: offsets, slots and activations that earlier kernels wrote
   if (tid < 32) {
+    // The slot offsets are read once, into shared memory: the tile prefix and every unit's decoding read the copy
+    // (from global, each unit's decoding delayed its first copies: the W4A16 stage of 128 tokens 2 % slower on an
+    // H200, twenty-second session).
+    int* offsets = slot_offsets(tile_start, a.num_experts);
+    for (int e = lane; e <= a.num_experts; e += 32) offsets[e] = a.offsets[e];
+    __syncwarp();
     warp_exclusive_scan(
-        lane, a.num_experts,
-        [&](int e) { return (a.offsets[e + 1] - a.offsets[e] + BN - 1) / BN * row_tiles; },
+        lane, a.num_experts, [&](int e) { return (offsets[e + 1] - offsets[e] + BN - 1) / BN * row_tiles; },
         [&](int e, int prefix) { tile_start[e] = prefix; });
   }
-  // Every unit's decoding reads the slot offsets: from shared memory, not global, each CTA's first copies go out
-  // sooner and later units start sooner (the W4A16 stage of 128 tokens 2 % faster on an H200, twenty-second session).
-  for (int e = tid; e <= a.num_experts; e += TL::kThreads) tile_start[a.num_experts + 1 + e] = a.offsets[e];
   __syncthreads();
   if (tid >= kConsumers) {
     if constexpr (TL::kRegSplit) cutlass::arch::warpgroup_reg_dealloc<TL::kProducerRegs>();
