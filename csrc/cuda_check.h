@@ -10,10 +10,14 @@
 #define EP_CUDA_CHECK(expr)                                                                    \
   do {                                                                                         \
     cudaError_t ep_err_ = (expr);                                                              \
-    if (ep_err_ != cudaSuccess)                                                                \
+    if (ep_err_ != cudaSuccess) {                                                              \
+      /* the runtime also keeps a failed call's error as the thread's last error, which the */ \
+      /* next launch check would report again at an unrelated call: it is cleared here */      \
+      (void)cudaGetLastError();                                                                \
       throw std::runtime_error(std::string("CUDA error at " __FILE__ ":") +                    \
                                std::to_string(__LINE__) + " (" #expr "): " +                   \
                                cudaGetErrorString(ep_err_));                                   \
+    }                                                                                          \
   } while (0)
 
 // After a <<<...>>> launch: catches bad configurations immediately (not asynchronous faults).

@@ -48,8 +48,6 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -670,10 +668,8 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
   auto kernel = grouped_gemm_kernel<BM, BN>;
   // CTAs per SM: the per-expert tile prefix and slot offsets share the CTA's shared memory, so it depends on the
   // expert count (three decode CTAs fit beside each other for a rank's few dozen experts, not for a thousand). Asked
-  // once per expert count, with the kernel's shared-memory limit set before the first query.
-  static std::array<std::atomic<int>, kMaxExperts + 1> per_sm_by_experts{};  // 0: not asked yet
-  int per_sm = per_sm_by_experts[a.num_experts].load(std::memory_order_relaxed);
-  if (per_sm == 0) {
+  // once per device and expert count, with the kernel's shared-memory limit set before the first query.
+  const int per_sm = ep::once_per_device(a.num_experts, [&] {
     if constexpr (TL::kRegSplit) {
       // setmaxnreg only moves registers within the CTA's allocation, which the kernel's compiled register count sets:
       // below the split's total the consumers' setmaxnreg.inc would wait forever (the ring's 20 s trap).
@@ -686,11 +682,11 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
     }
     EP_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, TL::smem_bytes(kMaxExperts)));
-    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, TL::kThreads,
+    int blocks = 0;
+    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, TL::kThreads,
                                                                 TL::smem_bytes(a.num_experts)));
-    per_sm = std::max(per_sm, 1);
-    per_sm_by_experts[a.num_experts].store(per_sm, std::memory_order_relaxed);
-  }
+    return std::max(blocks, 1);
+  });
   // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
   const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(ep::num_sms()) * per_sm));

@@ -7,6 +7,8 @@
 // a grid that ends without waiting could end before its predecessor, and its successor would wait on it alone.
 #pragma once
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "cuda_check.h"
@@ -17,6 +19,24 @@ namespace ep {
 inline std::atomic<bool>& programmatic_launch() {
   static std::atomic<bool> enabled{true};
   return enabled;
+}
+
+// What a call site's launches need to know about a kernel on the device they run on (its shared-memory limit set,
+// its occupancy): cudaFuncSetAttribute and the occupancy query act on the current device only, so a process that
+// drives several devices asks on each. compute() runs once per (device, key) for the call site (whose lambda type
+// gives it its own table); its exceptions propagate and leave nothing recorded.
+template <typename Compute>
+int once_per_device(int key, Compute&& compute) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int> known;
+  int dev = 0;
+  EP_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find({dev, key});
+  if (it != known.end()) return it->second;
+  const int value = compute();
+  known.emplace(std::make_pair(dev, key), value);
+  return value;
 }
 
 template <typename... Params, typename... Args>

@@ -149,13 +149,12 @@ void moe_align(std::uintptr_t topk_idx, int num_tokens, int topk, int num_local,
   EP_REQUIRE(num_local >= 1 && num_local <= kMaxLocalExperts,
              "moe_align: num_local must be in [1, 1024], got " + std::to_string(num_local));
   const size_t smem = sizeof(int) * (static_cast<size_t>(kAlignWarps) * num_local + num_local + 1);
-  static bool attr_set = false;
-  if (!attr_set) {
+  ep::once_per_device(0, [] {
     EP_CUDA_CHECK(cudaFuncSetAttribute(moe_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(sizeof(int) * (kAlignWarps * kMaxLocalExperts +
                                                                        kMaxLocalExperts + 1))));
-    attr_set = true;
-  }
+    return 1;
+  });
   ep::launch(moe_align_kernel, 1, kAlignThreads, smem, ep::as_stream(stream), ep::as_ptr<const int>(topk_idx),
              num_tokens * topk, num_local, expert_begin, ep::as_ptr<int>(counts), ep::as_ptr<int>(offsets),
              ep::as_ptr<int>(slot_pair), ep::as_ptr<int>(pair_slot));

@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .dist_utils import CommTimeoutError
+
 ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
@@ -27,12 +29,12 @@ _PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-sho
 DEFAULT_ONESHOT_MAX_BYTES = {2: 64 << 10, 4: 64 << 10, 8: 32 << 10}
 
 
-class CommTimeoutError(TimeoutError):
-    """A symmetric-memory barrier gave up waiting; `missing` lists the peers that never arrived."""
-
-    def __init__(self, message: str, rank: int, missing: list[int]):
-        super().__init__(message)
-        self.rank, self.missing = rank, missing
+def resolve_oneshot_max_bytes(world_size: int, value: int | None = None) -> int:
+    """The one-shot/two-shot threshold: value, else EP_ALLREDUCE_ONESHOT_MAX_BYTES, else the measured default."""
+    if value is not None:
+        return value
+    env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
+    return int(env) if env else DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
 
 
 def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:
@@ -96,10 +98,7 @@ class SymmAllReduce:
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
         self.signal_ptrs = list(signal_ptrs)
         self._locate = locate
-        env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
-        if oneshot_max_bytes is None:
-            oneshot_max_bytes = int(env) if env else DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
-        self.oneshot_max_bytes = oneshot_max_bytes
+        self.oneshot_max_bytes = resolve_oneshot_max_bytes(world_size, oneshot_max_bytes)
         self.max_ctas = max_ctas  # grid cap, identical on every rank (0: one CTA per SM)
         self.status = HostStatus()
         self._id = len(_registry)
@@ -134,11 +133,10 @@ class SymmAllReduce:
         return t
 
     def launch(self, t: torch.Tensor, algo_code: int) -> None:
-        from . import _C
+        from .ops import launch
 
-        _C.all_reduce(self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
-                      _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas,
-                      torch.cuda.current_stream(t.device).cuda_stream)
+        launch("all_reduce", t.device, self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
+               _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas)
 
     def barrier(self, timeout_s: float | None = None) -> None:
         """Device barrier among the ranks on the current stream, then a host sync and a status check."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import nvfp4
+from . import nvfp4, sm90_layout
 from .config import ModelConfig
 from .experts import swiglu
 from .weights import PROJECTIONS, ExpertWeights
@@ -87,34 +88,37 @@ class CheckpointReader:
                 raise CheckpointError(f"checkpoint: no {INDEX_FILE} and no *.safetensors in {self.path}")
             for f in files:
                 for key in _header(f):
+                    if key in self.key_file:  # without an index nothing says which copy is meant
+                        raise CheckpointError(f"checkpoint {self.path}: tensor {key!r} is in both "
+                                              f"{self.key_file[key].name} and {f.name}")
                     self.key_file[key] = f
 
     def _read_index(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint index {index}: malformed ({e!r})") from None
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"checkpoint {index}: weight_map expected an object, got {reprlib.repr(weight_map)}")
         for key, fname in weight_map.items():
+            if not isinstance(fname, str):
+                raise CheckpointError(f"checkpoint {index}: weight_map[{key!r}] expected a file name, "
+                                      f"got {reprlib.repr(fname)}")
             self.key_file[key] = index.parent / fname
 
     @staticmethod
     def _check_quant_config(root: Path) -> None:
-        for name, pick in (("hf_quant_config.json", lambda d: d.get("quantization")),
-                           ("config.json", lambda d: d.get("quantization_config"))):
+        for name, field in (("hf_quant_config.json", "quantization"), ("config.json", "quantization_config")):
             f = root / name
             if not f.exists():
                 continue
-            try:
-                q = pick(json.loads(f.read_text()))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"checkpoint {f}: malformed JSON ({e})") from None
+            q = _read_json(f).get(field)
             if not q:
                 continue
-            algo, group = q.get("quant_algo"), q.get("group_size", 16)
+            if not isinstance(q, dict):
+                raise CheckpointError(f"checkpoint {f}: {field} expected an object, got {reprlib.repr(q)}")
+            algo, group = q.get("quant_algo"), q.get("group_size", nvfp4.BLOCK)
             if algo is not None and str(algo).upper() != "NVFP4":
                 raise CheckpointError(f"checkpoint {f}: quant_algo expected NVFP4, got {algo!r}")
-            if int(group) != nvfp4.BLOCK:
-                raise CheckpointError(f"checkpoint {f}: group_size expected {nvfp4.BLOCK}, got {group}")
+            if group != nvfp4.BLOCK:
+                raise CheckpointError(f"checkpoint {f}: group_size expected {nvfp4.BLOCK}, got {group!r}")
 
     def file_of(self, key: str) -> Path:
         if key not in self.key_file:
@@ -165,6 +169,39 @@ def _open(f: Path):
         raise CheckpointError(f"checkpoint file {f}: cannot open ({e})") from None
 
 
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {f}: malformed JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"checkpoint {f}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _is_index(v: object) -> bool:
+    return type(v) is int and v >= 0  # type(), not isinstance: JSON true/false are not sizes
+
+
+# The header fields the reader relies on: (field, what it must be, test).
+_ENTRY_FIELDS = (
+    ("dtype", "a string", lambda v: isinstance(v, str)),
+    ("shape", "a list of non-negative integers", lambda v: isinstance(v, list) and all(map(_is_index, v))),
+    ("data_offsets", "[begin, end] with 0 <= begin <= end",
+     lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_index, v)) and v[0] <= v[1]),
+)
+
+
+def _check_entry(f: Path, key: str, meta: object) -> None:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint file {f}: tensor {key!r} expected a header entry object, "
+                              f"got {reprlib.repr(meta)}")
+    for name, expected, ok in _ENTRY_FIELDS:
+        if not ok(meta.get(name)):
+            raise CheckpointError(f"checkpoint file {f}: tensor {key!r} header field {name!r} expected {expected}, "
+                                  f"got {reprlib.repr(meta.get(name))}")
+
+
 def _header(f: Path) -> dict:
     """Parse a safetensors header and check that the data it describes is all there (truncation)."""
     try:
@@ -180,7 +217,12 @@ def _header(f: Path) -> dict:
             header = json.loads(fh.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {f}: corrupt header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"checkpoint file {f}: corrupt header (expected a JSON object, "
+                              f"got {type(header).__name__})")
     header.pop("__metadata__", None)
+    for key, meta in header.items():
+        _check_entry(f, key, meta)
     end = max((m["data_offsets"][1] for m in header.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"checkpoint file {f}: truncated: header describes {8 + n + end} bytes, "
@@ -243,11 +285,16 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
     tensors = reader.read([*router, *(k for g in groups for k in g[2])], desc=f"layer {layer} rank {rank}",
                           progress=progress)
     router_t = {key: next(tensors)[1] for key in router}
+    for key in (nm.router_key(layer, "weight"), nm.router_key(layer, "e_score_correction_bias")):
+        if key in router_t:
+            _check_tensor(nvfp4.check_finite, router_t[key], key)
     l1_scales: list[torch.Tensor] = []
     for target, e, keys, proj in groups:
         weight, scale, scale_2, input_scale = (next(tensors)[1] for _ in keys)
-        _check_positive(scale_2, keys[2])
-        _check_positive(input_scale, keys[3])
+        # The CUDA layout rejects NaN and negative block scales anyway; rejecting them here makes every backend agree.
+        _check_tensor(lambda t, name: sm90_layout.check_scales(t.view(torch.uint8), name), scale, keys[1])
+        _check_tensor(nvfp4.check_positive_scale, scale_2, keys[2])
+        _check_tensor(nvfp4.check_positive_scale, input_scale, keys[3])
         if scale.dtype == torch.uint8:
             scale = scale.view(torch.float8_e4m3fn)  # some exports store the scale bytes as U8
         target.set_expert(e, proj, weight, scale, scale_2)
@@ -270,10 +317,12 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
                         None if tid2eid is None else tid2eid.to(torch.int32), stack, shared_stack)
 
 
-def _check_positive(t: torch.Tensor, key: str) -> None:
-    v = t.float().reshape(-1)
-    if not (torch.isfinite(v).all() and (v > 0).all()):
-        raise CheckpointError(f"checkpoint: tensor {key!r} expected a finite positive scale, got {v.tolist()}")
+def _check_tensor(check: Callable[[torch.Tensor, str], None], t: torch.Tensor, key: str) -> None:
+    """A numerics rule on the checkpoint tensor `key`, its ValueError raised as a CheckpointError naming the key."""
+    try:
+        check(t, f"checkpoint: tensor {key!r}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -20,7 +21,8 @@ import torch.distributed as dist
 
 from .checkpoint import write_synthetic_checkpoint
 from .config import Config, load_config
-from .dist_utils import init_process_group, pick_device, spawn_local, under_torchrun
+from .dist_utils import (collective, init_process_group, local_rank_and_size, pick_device, spawn_local,
+                         under_torchrun)
 from .moe import EPMoE
 from .provenance import provenance
 
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-reference", action="store_true", help="skip the single-process reference check")
     p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="level of the ep_runtime log on stderr (info: the chosen backends and buffer capacities)")
     return p.parse_args(argv)
 
 
@@ -63,15 +67,20 @@ def _synthetic_checkpoint(cfg: Config, rank: int, world_size: int) -> str:
         write_synthetic_checkpoint(path[0], cfg.model, num_layers=cfg.runtime.layer + 1, seed=cfg.runtime.seed,
                                    shards=world_size)
     if world_size > 1:
-        dist.broadcast_object_list(path, src=0)
+        with collective("broadcast of the synthetic checkpoint path"):
+            dist.broadcast_object_list(path, src=0)
     return path[0]
 
 
 def run_rank(rank: int, world_size: int, cfg: Config, checkpoint: str | None, device_kind: str, reference: bool,
-             graph: bool, out_path: str | None) -> dict | None:
-    device = pick_device(device_kind, int(os.environ.get("LOCAL_RANK", rank)), world_size)
+             graph: bool, out_path: str | None, log_level: str) -> dict | None:
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")  # per process: spawned ranks too
+    logging.getLogger("ep_runtime").setLevel(log_level.upper())
+    device = pick_device(device_kind)
     init_process_group(device, cfg.runtime.barrier_timeout_s)
-    written = checkpoint is None and device.type == "cpu"
+    # Files only where every rank can read rank 0's temporary directory (one node); ranks spread over nodes
+    # generate their share of the same synthetic layer in memory, as GPU ranks do.
+    written = checkpoint is None and device.type == "cpu" and local_rank_and_size()[1] == world_size
     if written:
         checkpoint = _synthetic_checkpoint(cfg, rank, world_size)
     try:
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             not any(o.split("=")[0].endswith("world_size") for o in overrides):
         overrides.insert(0, f"world_size={torch.cuda.device_count()}")  # one rank per visible GPU
     cfg = load_config(name, overrides)
-    job = (cfg, args.checkpoint, args.device, not args.no_reference, args.graph, args.out)
+    job = (cfg, args.checkpoint, args.device, not args.no_reference, args.graph, args.out, args.log_level)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         run_rank(int(os.environ["RANK"]), world, cfg.replace(world_size=world), *job[1:])

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,31 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_KINDS = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _is_kind(v: Any, kind: type) -> bool:
+    if isinstance(v, bool):  # YAML's true/false are neither counts nor numbers (no field is a bool)
+        return False
+    return isinstance(v, (int, float) if kind is float else kind)
+
+
+def _check_fields(obj: Any, section: str, choices: dict[str, tuple[str, ...]], positive: tuple[str, ...],
+                  non_negative: tuple[str, ...]) -> None:
+    """YAML files and `key=value` overrides can put any value in any field: check each against its annotation,
+    its allowed values and its range before anything computes with it."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, kinds = getattr(obj, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+        if not any(_is_kind(v, k) for k in kinds):
+            raise TypeError(f"{section}.{f.name}: expected {' or '.join(_KINDS[k] for k in kinds)}, "
+                            f"got {v!r} ({type(v).__name__})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{section}.{f.name}: expected a finite number, got {v!r}")
+        if f.name in choices and v not in choices[f.name]:
+            raise ValueError(f"{section}.{f.name}: expected one of {choices[f.name]}, got {v!r}")
+        if v is not None and (f.name in positive and v <= 0 or f.name in non_negative and v < 0):
+            raise ValueError(f"{section}.{f.name}: expected {'> 0' if f.name in positive else '>= 0'}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -31,21 +58,31 @@ class ModelConfig:
     vocab_size: int = 0
 
     def __post_init__(self) -> None:
-        h, i = self.hidden_size, self.moe_intermediate_size
+        # topk_method: noaux_tc routers carry an e_score_correction_bias, greedy ones none
+        choices = {"scoring_func": ("sqrtsoftplus", "sigmoid"), "topk_method": ("noaux_tc", "greedy")}
+        _check_fields(self, "model", choices,
+                      positive=("n_routed_experts", "num_moe_layers", "n_group", "topk_group", "routed_scaling_factor",
+                                "swiglu_limit"),
+                      non_negative=("n_shared_experts", "num_hash_layers", "vocab_size"))
+        h, i, e, k = self.hidden_size, self.moe_intermediate_size, self.n_routed_experts, self.num_experts_per_tok
         # 64: one int32 word of packed block scales covers 64 elements (NVFP4_SPEC section 1).
         for name, v in (("hidden_size", h), ("moe_intermediate_size", i)):
             if v <= 0 or v % 64:
                 raise ValueError(f"model.{name}: expected a positive multiple of 64, got {v}")
-        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-            raise ValueError(f"model.num_experts_per_tok: expected 1..{self.n_routed_experts}, "
-                             f"got {self.num_experts_per_tok}")
-        if self.scoring_func not in ("sqrtsoftplus", "sigmoid"):
-            raise ValueError(f"model.scoring_func: expected 'sqrtsoftplus' or 'sigmoid', got {self.scoring_func!r}")
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(f"model.n_group: expected a divisor of n_routed_experts={self.n_routed_experts}, "
-                             f"got {self.n_group}")
-        if self.n_group > 1 and not 0 < self.topk_group <= self.n_group:
-            raise ValueError(f"model.topk_group: expected 1..{self.n_group}, got {self.topk_group}")
+        if not 0 < k <= e:
+            raise ValueError(f"model.num_experts_per_tok: expected 1..{e}, got {k}")
+        if e % self.n_group:
+            raise ValueError(f"model.n_group: expected a divisor of n_routed_experts={e}, got {self.n_group}")
+        if self.n_group > 1:
+            if self.topk_group > self.n_group:
+                raise ValueError(f"model.topk_group: expected 1..{self.n_group}, got {self.topk_group}")
+            # group-limited routing picks the k experts from the topk_group kept groups only
+            if k > self.topk_group * (e // self.n_group):
+                raise ValueError(f"model.num_experts_per_tok: expected at most topk_group * n_routed_experts / n_group"
+                                 f" = {self.topk_group * (e // self.n_group)}, got {k}")
+        if self.num_hash_layers > self.num_moe_layers:
+            raise ValueError(f"model.num_hash_layers: expected 0..num_moe_layers={self.num_moe_layers}, "
+                             f"got {self.num_hash_layers}")
         if self.num_hash_layers and self.vocab_size <= 0:
             raise ValueError("model.vocab_size: hash layers need a positive vocab_size")
 
@@ -70,16 +107,11 @@ class RuntimeConfig:
         choices = {"act_mode": ("nvfp4", "bf16"), "act_scale": ("static", "dynamic"),
                    "dtype": ("bfloat16", "float32"), "backend": ("reference", "cuda", "auto"),
                    "symm_backend": ("cpu", "torch", "nvshmem", "auto")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"runtime.{name}: expected one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("world_size", "max_tokens", "tokens", "iters"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"runtime.{name}: expected a positive integer, got {getattr(self, name)}")
+        _check_fields(self, "runtime", choices,
+                      positive=("world_size", "max_tokens", "tokens", "iters", "barrier_timeout_s"),
+                      non_negative=("layer", "seed"))
         if self.tokens > self.max_tokens:
             raise ValueError(f"runtime.tokens: expected at most max_tokens={self.max_tokens}, got {self.tokens}")
-        if self.barrier_timeout_s <= 0:
-            raise ValueError(f"runtime.barrier_timeout_s: expected > 0, got {self.barrier_timeout_s}")
 
     @property
     def torch_dtype(self):
@@ -128,7 +160,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
         _apply_override(item, model, runtime)
     try:
         return Config(ModelConfig(**model), RuntimeConfig(**runtime))
-    except TypeError as e:  # unknown keys
+    except (TypeError, ValueError) as e:  # name the file; TypeError: unknown or missing keys, or a wrong type
         raise ValueError(f"config {path}: {e}") from None
 
 

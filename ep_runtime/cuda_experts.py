@@ -6,7 +6,7 @@ around cuda_expert_stage replays on the same addresses. Nothing here synchronize
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -87,16 +87,57 @@ def default_block_n(num_pairs: int, num_experts: int) -> int:
     return next((b for b in ops.BLOCK_NS if b >= per_expert), ops.BLOCK_NS[-1])
 
 
+def _check_args(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
+                spec: ExpertSpec, out: torch.Tensor | None, workspace: ExpertWorkspace | None,
+                block_n: int | None) -> None:
+    """Every check of cuda_expert_stage's arguments, naming them. The ops check again what they are handed, but
+    only when their turn comes (after earlier kernels ran), naming the workspace views passed to them."""
+    weights.require_layout("sm90", "the CUDA expert stage (tile them once with sm90_layout.tile_)")
+    e, hidden, inter = ops.check_l1_weights(weights.w13, weights.w13_scale, weights.w13_alpha, "weights.")
+    if ops.check_l2_weights(weights.w2, weights.w2_scale, weights.w2_alpha, "weights.") != (e, hidden, inter):
+        raise ValueError(f"weights.w2: expected shape {(e, hidden, inter // 2)} (that of weights.w13), got "
+                         f"{tuple(weights.w2.shape)}")
+    used = ["w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha"]
+    if spec.act_mode == "nvfp4" and spec.l2_scale_mode == "static":
+        ops.check_tensor(weights.l2_input_scale, "weights.l2_input_scale", torch.float32, (e,))
+        used.append("l2_input_scale")
+    named = {f"weights.{n}": getattr(weights, n) for n in used}
+    named["topk_idx"] = ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))
+    t, k = topk_idx.shape
+    named["topk_weights"] = ops.check_tensor(topk_weights, "topk_weights", torch.float32, (t, k))
+    if spec.act_mode == "nvfp4":
+        if not isinstance(acts, NVFP4Tensor):
+            raise TypeError(f"acts: expected an NVFP4Tensor in act_mode 'nvfp4', got {type(acts).__name__}")
+        named["acts.data"] = ops.check_tensor(acts.data, "acts.data", torch.uint8, (t, hidden // 2))
+        ops.check_block_scales(acts.scale, "acts.scale", t, hidden)
+        named["acts.scale"] = acts.scale
+        named["acts.global_scale"] = ops.check_one_value(acts.global_scale, "acts.global_scale")
+    else:
+        if not isinstance(acts, torch.Tensor):
+            raise TypeError(f"acts: expected a bf16 (T, H) tensor in act_mode 'bf16', got {type(acts).__name__}")
+        named["acts"] = ops.check_tensor(acts, "acts", torch.bfloat16, (t, hidden))
+    if out is not None:
+        named["out"] = ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
+    if block_n is not None:
+        ops.check_tiles(block_n, 0, 2 * inter)
+    if workspace is not None:
+        workspace.check_fits(t, k, weights, spec)
+        named.update({f"workspace.{f.name}": getattr(workspace, f.name) for f in fields(workspace)
+                      if isinstance(getattr(workspace, f.name), torch.Tensor)})
+    ops.check_same_device(named)
+
+
 def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
                       expert_begin: int, spec: ExpertSpec, out: torch.Tensor | None = None,
                       workspace: ExpertWorkspace | None = None, block_n: int | None = None) -> torch.Tensor:
-    """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts."""
-    weights.require_layout("sm90", "the CUDA expert stage (tile them once with sm90_layout.tile_)")
+    """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts.
+
+    Every argument is checked before the first kernel runs."""
+    _check_args(acts, topk_idx, topk_weights, weights, spec, out, workspace, block_n)
     t, k = topk_idx.shape
     e, hidden, inter = weights.num_experts, weights.hidden_size, weights.intermediate_size
     device = weights.w13.device
     ws = workspace or ExpertWorkspace.allocate(t, k, e, hidden, inter, device, spec)
-    ws.check_fits(t, k, weights, spec)
     if out is None:
         out = torch.empty(t, hidden, dtype=torch.float32, device=device)
     if t == 0:
@@ -107,14 +148,10 @@ def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: t
     ops.moe_align(topk_idx, e, expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
 
     if spec.act_mode == "nvfp4":
-        if not isinstance(acts, NVFP4Tensor):
-            raise TypeError(f"acts: expected an NVFP4Tensor in act_mode 'nvfp4', got {type(acts).__name__}")
         x = ws.x_bf16[:t]
         ops.nvfp4_dequant_rows(acts.data, acts.scale, x)
         x_gs = acts.global_scale.reshape(1)
     else:
-        if not isinstance(acts, torch.Tensor):
-            raise TypeError(f"acts: expected a bf16 (T, H) tensor in act_mode 'bf16', got {type(acts).__name__}")
         x, x_gs = acts, None
 
     h_bf16 = ws.h_bf16[:n]

@@ -1,32 +1,56 @@
-"""Plain torch.distributed plumbing: join a torchrun job, or spawn local ranks when not under torchrun."""
+"""Plain torch.distributed plumbing: join a torchrun job, or spawn local ranks when not under torchrun; a host
+barrier and collective calls that fail naming this rank instead of hanging or failing anonymously."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+class CommTimeoutError(TimeoutError):
+    """A barrier gave up waiting; `missing` lists the ranks that never arrived."""
+
+    def __init__(self, message: str, rank: int, missing: list[int]):
+        super().__init__(message)
+        self.rank, self.missing = rank, missing
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def pick_device(kind: str, local_rank: int, world_size: int) -> torch.device:
-    """cpu | cuda | auto (one GPU per rank when there are enough of them, else CPU)."""
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device: 'cuda' requested but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    if kind != "cpu":
+def local_rank_and_size() -> tuple[int, int]:
+    """This process's rank among the ranks of its node, and their number: torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE (without them, or outside any job, the ranks are taken to share one node)."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def pick_device(kind: str) -> torch.device:
+    """cpu | cuda | auto (cuda when a GPU is visible, else cpu). On cuda every rank of this node takes its own GPU,
+    the one of its local rank: too few GPUs for this node's ranks is an error, never a silent fallback to CPU."""
+    if kind not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'auto', got {kind!r}")
-    return torch.device("cpu")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device: 'cuda' requested but no CUDA device is visible")
+    local_rank, local_world = local_rank_and_size()
+    visible = torch.cuda.device_count()
+    if local_world > visible:
+        raise RuntimeError(f"device: {local_world} ranks on this node need a GPU each, got {visible} visible GPUs; "
+                           f"run at most {visible} ranks per node or pass --device cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def init_process_group(device: torch.device, timeout_s: float) -> None:
@@ -38,6 +62,63 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
+# Per process group, how many barriers this rank has entered: the ranks' n-th barriers meet on the same keys.
+_barrier_count: dict[str, int] = {}
+
+
+def host_barrier(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
+    """Wait on the host for every rank of the group, through the group's store, so it works over any backend (gloo,
+    NCCL). After timeout_s every waiting rank raises CommTimeoutError naming itself and the ranks that did not
+    arrive. A rank that timed out has left its group's barriers out of step: end the job."""
+    group = group if group is not None else dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if world == 1:
+        return
+    n = _barrier_count.get(group.group_name, 0)
+    _barrier_count[group.group_name] = n + 1
+    store = group.get_group_store()
+    keys = [f"ep_runtime/barrier/{n}/{q}" for q in range(world)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except dist.DistError:
+        missing = [q for q, key in enumerate(keys) if not store.check([key])]
+        raise CommTimeoutError(f"rank {rank}: barrier over {world} ranks timed out after {timeout_s:g}s waiting "
+                               f"for rank(s) {missing}", rank, missing) from None
+    # Every rank that set its key here has left barrier n - 1, so nobody waits on that one's keys any more.
+    if n:
+        store.delete_key(f"ep_runtime/barrier/{n - 1}/{rank}")
+
+
+@contextlib.contextmanager
+def collective(what: str, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Around one torch.distributed collective: its failure (a timeout, a peer gone) is re-raised as a
+    RuntimeError that names this rank, the collective, the group size and how long it waited."""
+    start = time.monotonic()
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL errors, torch.distributed.DistError included
+        raise RuntimeError(f"rank {dist.get_rank(group)}: {what} over {dist.get_world_size(group)} ranks failed "
+                           f"after {time.monotonic() - start:.1f}s: {e}") from e
+
+
+def check_same_on_every_rank(values: dict[str, Any], group: dist.ProcessGroup | None = None) -> None:
+    """Collective: every rank must hold the same values (settings that index shared memory, region layouts)."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    with collective(f"all-gather of {', '.join(values)}", group):
+        dist.all_gather_object(gathered, values, group=group)
+    check_same_values(gathered, dist.get_rank(group))
+
+
+def check_same_values(gathered: list[dict[str, Any]], rank: int) -> None:
+    """Raise ValueError naming the first of rank `rank`'s values that another rank holds differently."""
+    for name, value in gathered[rank].items():
+        for q, theirs in enumerate(gathered):
+            if theirs.get(name) != value:
+                raise ValueError(f"{name}: expected the same value on every rank, rank {rank} has {value!r}, "
+                                 f"rank {q} has {theirs.get(name)!r}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,7 +127,7 @@ def _free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # several ranks share the few cores of a CPU machine
     try:
         fn(rank, world_size, *args)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import nvfp4
 from .nvfp4 import NVFP4Tensor
+from .ops import check_swiglu_limit
 from .weights import ExpertWeights
 
 if TYPE_CHECKING:  # the CUDA stage imports this module
@@ -32,6 +33,7 @@ class ExpertSpec:
             raise ValueError(f"act_mode: expected 'nvfp4' or 'bf16', got {self.act_mode!r}")
         if self.l2_scale_mode not in ("static", "dynamic"):
             raise ValueError(f"l2_scale_mode: expected 'static' or 'dynamic', got {self.l2_scale_mode!r}")
+        check_swiglu_limit(self.swiglu_limit)
 
 
 @dataclass

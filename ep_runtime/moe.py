@@ -16,11 +16,12 @@ from torch import nn
 
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
-from .config import Config
+from .config import Config, ModelConfig
+from .dist_utils import collective
 from .experts import ExpertSpec, expert_stage
-from .nvfp4 import NVFP4Tensor
+from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
-from .sm90_layout import tile_
+from .sm90_layout import check_tileable, tile_
 from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from .weights import ExpertWeights
 
@@ -33,8 +34,10 @@ def cuda_backend_available(device: torch.device) -> bool:
 
 
 class EPMoE(nn.Module):
-    """One MoE layer of an expert-parallel model. It takes ownership of `weights`: on the CUDA backend their
-    expert tensors are re-tiled in place for the SM90 kernels."""
+    """One MoE layer of an expert-parallel model. It takes ownership of `weights`: on the CUDA backend, expert
+    weights already on the device are re-tiled in place for the SM90 kernels (their layout then says 'sm90');
+    weights elsewhere are copied to the device and keep their bytes. A failed construction changes nothing.
+    With world_size > 1 the default process group must exist and have this rank and size."""
 
     def __init__(self, cfg: Config, weights: LayerWeights, rank: int = 0, world_size: int = 1,
                  buffer: SymmBuffer | None = None, device: torch.device | str = "cpu"):
@@ -43,18 +46,18 @@ class EPMoE(nn.Module):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" means the current device; name it
             device = torch.device("cuda", torch.cuda.current_device())
-        if m.n_routed_experts % world_size:
-            raise ValueError(f"world_size: must divide n_routed_experts={m.n_routed_experts}, got {world_size}")
-        n_local = m.n_routed_experts // world_size
+        n_local = _check_placement(m, rank, world_size)
         if weights.experts.num_experts != n_local:
             raise ValueError(f"weights: expected {n_local} local experts for world_size={world_size}, "
                              f"got {weights.experts.num_experts}")
-        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.expert_begin = rank * n_local
-        self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
-        self.experts = weights.experts.to(device)
-        self.shared = weights.shared.to(device) if weights.shared is not None else None
-        self.spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
+        stacks = [("weights.experts", weights.experts, n_local, m.moe_intermediate_size)]
+        if weights.shared is not None:
+            stacks.append(("weights.shared", weights.shared, 1, m.moe_intermediate_size * m.n_shared_experts))
+        for name, w, n, inter in stacks:
+            w.check_sizes(name, n, m.hidden_size, inter)
+            w.require_layout("rows", "EPMoE")
+        if buffer is not None:
+            _check_buffer(buffer, cfg, rank, world_size, device)
         if rt.backend == "auto":
             self.backend = "cuda" if cuda_backend_available(device) else "reference"
         else:
@@ -62,10 +65,16 @@ class EPMoE(nn.Module):
                 raise RuntimeError(f"backend: 'cuda' needs an sm_90 CUDA device and the built extension "
                                    f"(device {device})")
             self.backend = rt.backend
-        if self.backend == "cuda":  # the module owns its weights: re-tiled in place, once
-            tile_(self.experts)
-            if self.shared is not None:
-                tile_(self.shared)
+        if self.backend == "cuda":  # both stacks checked before either is tiled
+            for name, w, _, _ in stacks:
+                check_tileable(w, name)
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.expert_begin = rank * n_local
+        self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
+        # Already on the device, these are the caller's objects, so the tiling below relabels what it re-tiles.
+        self.experts = weights.experts.to(device)
+        self.shared = weights.shared.to(device) if weights.shared is not None else None
+        self.spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
         if buffer is None:
             shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
             # One rank owns every expert: nothing to exchange, whatever process group may exist.
@@ -90,6 +99,10 @@ class EPMoE(nn.Module):
         # Every token visits the shared expert once with weight 1: its routing is constant.
         self._shared_idx = torch.zeros(rt.max_tokens, 1, dtype=torch.int32, device=device)
         self._shared_w = torch.ones(rt.max_tokens, 1, dtype=torch.float32, device=device)
+        if self.backend == "cuda":  # last, once nothing else can fail: the module owns its weights, re-tiled in place
+            tile_(self.experts)
+            if self.shared is not None:
+                tile_(self.shared)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
@@ -97,10 +110,12 @@ class EPMoE(nn.Module):
                         naming: Naming = Naming(), progress: bool = False) -> "EPMoE":
         """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
         over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
+        _check_placement(cfg.model, rank, world_size)
         weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
         if world_size > 1:
             scale = weights.experts.l1_input_scale.to(device)
-            dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+            with collective("MAX all-reduce of the layer's input scales"):
+                dist.all_reduce(scale, op=dist.ReduceOp.MAX)
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
@@ -110,6 +125,7 @@ class EPMoE(nn.Module):
     def from_synthetic(cls, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
                        buffer: SymmBuffer | None = None, device: torch.device | str = "cpu") -> "EPMoE":
         """A model-sized layer of random weights generated on the device (see checkpoint.synthetic_layer)."""
+        _check_placement(cfg.model, rank, world_size)
         weights = synthetic_layer(cfg.model, layer, rank, world_size, cfg.runtime.seed, device)
         return cls(cfg, weights, rank, world_size, buffer, device)
 
@@ -123,17 +139,26 @@ class EPMoE(nn.Module):
         """Build from dense BF16/fp32 weights of ALL experts: gate/up (E, I, H), down (E, H, I); only this rank's
         experts are quantized (ModelOpt writer rules). shared = (gate, up, down, l2_input_scale) of the shared
         expert, dense (I_s, H), (I_s, H), (H, I_s)."""
-        e_total = cfg.model.n_routed_experts
-        for name, t in (("gate", gate), ("up", up), ("down", down)):
-            if t.shape[0] != e_total:
-                raise ValueError(f"{name}: expected {e_total} experts in dim 0, got shape {tuple(t.shape)}")
-        n_local = e_total // world_size
+        m = cfg.model
+        e, h, i = m.n_routed_experts, m.hidden_size, m.moe_intermediate_size
+        n_local = _check_placement(m, rank, world_size)
+        for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
+                               ("l2_input_scale", l2_input_scale, (e,))):
+            _check_dense(name, t, shape, per_expert=True)
+        check_positive_scale(torch.tensor(float(l1_input_scale)), "l1_input_scale")
+        check_positive_scale(l2_input_scale, "l2_input_scale")
+        if shared is not None:
+            sg, su, sd, s_l2 = shared
+            i_s = i * m.n_shared_experts
+            for name, t, shape in (("shared gate", sg, (i_s, h)), ("shared up", su, (i_s, h)),
+                                   ("shared down", sd, (h, i_s))):
+                _check_dense(name, t, shape)
+            check_positive_scale(torch.tensor(float(s_l2)), "shared l2_input_scale")
         local = slice(rank * n_local, (rank + 1) * n_local)
         experts = ExpertWeights.from_dense(gate[local], up[local], down[local], l1_input_scale,
                                            l2_input_scale[local])
         shared_w = None
         if shared is not None:
-            sg, su, sd, s_l2 = shared
             shared_w = ExpertWeights.from_dense(sg[None], su[None], sd[None], l1_input_scale,
                                                 torch.tensor([float(s_l2)]))
         return cls(cfg, LayerWeights(router_weight, router_bias, tid2eid, experts, shared_w), rank, world_size,
@@ -219,6 +244,50 @@ class EPMoE(nn.Module):
         `captured.hidden` / `captured.input_ids` and call `captured.replay()`. Every rank must capture and
         replay the same number of times (the graph holds the all-reduce)."""
         return CapturedLayer(self, hidden, input_ids)
+
+
+def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:
+    """This rank's number of local experts. Ranks all-reduce over the default process group, so with more
+    than one rank it must exist and agree with rank and world_size."""
+    e = m.n_routed_experts
+    if world_size < 1 or e % world_size:
+        raise ValueError(f"world_size: must divide n_routed_experts={e}, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    if world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"world_size: {world_size} ranks need an initialized default process group "
+                             f"(torch.distributed.init_process_group), found none")
+        if dist.get_world_size() != world_size:
+            raise ValueError(f"world_size: expected the default process group's size {dist.get_world_size()}, "
+                             f"got {world_size}")
+        if dist.get_rank() != rank:
+            raise ValueError(f"rank: expected this process's rank in the default process group, "
+                             f"{dist.get_rank()}, got {rank}")
+    return e // world_size
+
+
+def _check_buffer(buffer: SymmBuffer, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
+    """A buffer passed in must be the one the layer would allocate itself."""
+    m, rt = cfg.model, cfg.runtime
+    for what, want, got in (("max_tokens", rt.max_tokens, buffer.max_tokens), ("hidden", m.hidden_size, buffer.hidden),
+                            ("topk", m.num_experts_per_tok, buffer.topk), ("act_mode", rt.act_mode, buffer.act_mode),
+                            ("output dtype", rt.torch_dtype, buffer.y.dtype), ("device", device, buffer.y.device),
+                            ("communicator world_size", world_size, buffer.backend.world_size),
+                            ("communicator rank", rank, buffer.backend.rank)):
+        if got != want:
+            raise ValueError(f"buffer: expected {what} {want!r}, got {got!r}")
+
+
+def _check_dense(name: str, t: torch.Tensor, shape: tuple[int, ...], per_expert: bool = False) -> None:
+    """A dense weight of from_dense: a finite floating-point tensor of this shape (experts in dim 0 if
+    per_expert)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != shape:
+        want = f"{shape[0]} experts of shape {shape[1:]}" if per_expert else f"shape {shape}"
+        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
+    check_finite(t, name)
 
 
 def _rows(acts: NVFP4Tensor | torch.Tensor, lo: int, hi: int) -> NVFP4Tensor | torch.Tensor:

@@ -103,6 +103,13 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected finite values, found {x[tuple(bad)].item()} at index {bad}")
 
 
+def check_positive_scale(t: torch.Tensor, name: str) -> None:
+    """A global scale (or input scale) divides or multiplies every value: it must be finite and positive."""
+    v = t.float().reshape(-1)
+    if not (torch.isfinite(v).all() and (v > 0).all()):
+        raise ValueError(f"{name}: expected a finite positive scale, got {v.tolist()}")
+
+
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, check: bool = True) -> NVFP4Tensor:
     """Quantize (..., K) to NVFP4 along the last dimension (K a multiple of 16).
 
@@ -117,9 +124,12 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, 
     if global_scale is None:
         gs = dynamic_global_scale(xf)
     else:
-        gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
-        if check and not (torch.isfinite(gs) and gs > 0):
-            raise ValueError(f"global_scale: expected a finite positive scale, got {gs.item()}")
+        gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+        if gs.numel() != 1:
+            raise ValueError(f"global_scale: expected one value, got shape {tuple(gs.shape)}")
+        gs = gs.reshape(())
+        if check:
+            check_positive_scale(gs, "global_scale")
     blocks = xf.reshape(*xf.shape[:-1], -1, BLOCK)
     sf = e4m3_from_float(_div(gs * blocks.abs().amax(-1), E2M1_MAX))
     sf_f = sf.float().unsqueeze(-1)
@@ -134,11 +144,12 @@ def block_dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """decode(q) * sf in fp32, without the global scale (each product is exact in BF16)."""
     vals = e2m1_decode(unpack_nibbles(data))
     _require_dtype(scale, torch.float8_e4m3fn, "scale")
-    sf = scale.float()
-    if vals.shape[-1] != sf.shape[-1] * BLOCK:
-        raise ValueError(f"scale: expected last dimension {vals.shape[-1] // BLOCK} for data of "
-                         f"{vals.shape[-1]} elements, got {sf.shape[-1]}")
-    return (vals.reshape(*vals.shape[:-1], -1, BLOCK) * sf.unsqueeze(-1)).reshape(vals.shape)
+    # one scale per 16 elements of each row: a broadcastable shape would silently reuse scales across rows
+    want = (*data.shape[:-1], vals.shape[-1] // BLOCK)
+    if vals.shape[-1] % BLOCK or tuple(scale.shape) != want:
+        raise ValueError(f"scale: expected shape {want} (one per {BLOCK} elements of data of shape "
+                         f"{tuple(data.shape)}), got {tuple(scale.shape)}")
+    return (vals.reshape(*vals.shape[:-1], -1, BLOCK) * scale.float().unsqueeze(-1)).reshape(vals.shape)
 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

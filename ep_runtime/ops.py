@@ -9,10 +9,12 @@ capture see one opaque op per kernel.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _NS = "ep_runtime"
 ALIGN_BYTES = 16
@@ -62,8 +64,13 @@ def programmatic_launch(enabled: bool) -> Iterator[None]:
         set_programmatic_launch(previous)
 
 
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
+def launch(kernel: str, device: torch.device, *args: object) -> None:
+    """_C.<kernel>(*args, stream) with `device` made current and on its current stream.
+
+    The tensors' device need not be the caller's current one, and csrc/ launches on the current device (sizing
+    grids by its SM count), so every kernel of this package goes through here."""
+    with torch.cuda.device(device):
+        getattr(_ext(), kernel)(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
@@ -79,10 +86,48 @@ def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
-    if t.numel() and t.data_ptr() % ALIGN_BYTES:
+    misaligned = _misalignment(t) if t.numel() else 0
+    if misaligned:
         raise ValueError(f"{name}: expected a {ALIGN_BYTES}-byte aligned data pointer, got address % "
-                         f"{ALIGN_BYTES} = {t.data_ptr() % ALIGN_BYTES}")
+                         f"{ALIGN_BYTES} = {misaligned}")
     return t
+
+
+def _misalignment(t: torch.Tensor) -> int:
+    """Bytes past a 16-byte boundary. A fake tensor (torch.compile, FakeTensorMode) has no address: allocations
+    start aligned, so its offset into its storage decides."""
+    if is_fake(t):
+        return t.storage_offset() * t.element_size() % ALIGN_BYTES
+    return t.data_ptr() % ALIGN_BYTES
+
+
+def check_one_value(t: object, name: str) -> torch.Tensor:
+    """Validates an fp32 scalar held on the device, of any shape with one element."""
+    check_tensor(t, name, torch.float32)
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected one value, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_block_scales(scale: object, name: str, rows: int, k: int) -> None:
+    """Block scales of a (rows, k) NVFP4 tensor: UE4M3 bytes (rows, k/16) or packed int32 words (rows, k/64)."""
+    if isinstance(scale, torch.Tensor) and scale.dtype == torch.int32:
+        check_tensor(scale, name, torch.int32, (rows, k // 64))
+    else:
+        check_tensor(scale, name, SCALE_DTYPES, (rows, k // 16))
+
+
+def check_top_k(k: int, n: int, name: str = "k") -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{name}: expected 1..{n} (the scores per row), got {k!r}")
+
+
+def check_swiglu_limit(limit: float | None) -> None:
+    """None (no clamp) or a finite positive number: the kernels' fminf would clamp nothing to a NaN limit where
+    the reference's clamp makes everything NaN."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or limit <= 0):
+        raise ValueError(f"swiglu_limit: expected None or a finite number > 0, got {limit!r}")
 
 
 def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
@@ -107,13 +152,14 @@ def _multiple(value: int, m: int, name: str) -> None:
 def _moe_align_op(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts: torch.Tensor,
                   offsets: torch.Tensor, slot_pair: torch.Tensor, pair_slot: torch.Tensor) -> None:
     t, k = topk_idx.shape
-    _ext().moe_align(topk_idx.data_ptr(), t, k, num_local, expert_begin, counts.data_ptr(), offsets.data_ptr(),
-                     slot_pair.data_ptr(), pair_slot.data_ptr(), _stream())
+    launch("moe_align", topk_idx.device, topk_idx.data_ptr(), t, k, num_local, expert_begin, counts.data_ptr(),
+           offsets.data_ptr(), slot_pair.data_ptr(), pair_slot.data_ptr())
 
 
 @torch.library.custom_op(f"{_NS}::nvfp4_dequant_rows", mutates_args=("out",))
 def _dequant_op(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    _ext().nvfp4_dequant_rows(data.data_ptr(), scale.data_ptr(), out.shape[0], out.shape[1], out.data_ptr(), _stream())
+    launch("nvfp4_dequant_rows", out.device, data.data_ptr(), scale.data_ptr(), out.shape[0], out.shape[1],
+           out.data_ptr())
 
 
 @torch.library.custom_op(f"{_NS}::grouped_l1",
@@ -123,41 +169,40 @@ def _l1_op(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, 
            swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
            hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
     e, n2, kh = w13.shape
-    _ext().grouped_l1(w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
-                      0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e,
-                      2 * kh, n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit,
-                      0 if h_gs is None else h_gs.data_ptr(), out_f32.data_ptr(), hq_data.data_ptr(),
-                      hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m, _stream())
+    launch("grouped_l1", w13.device, w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
+           0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e, 2 * kh,
+           n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit, 0 if h_gs is None else h_gs.data_ptr(),
+           out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m)
 
 
 @torch.library.custom_op(f"{_NS}::grouped_l2", mutates_args=("y_slot",))
 def _l2_op(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
            h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
     e, h, ih = w2.shape
-    _ext().grouped_l2(w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
-                      0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],
-                      y_slot.data_ptr(), block_n, block_m, _stream())
+    launch("grouped_l2", w2.device, w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
+           0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],
+           y_slot.data_ptr(), block_n, block_m)
 
 
 @torch.library.custom_op(f"{_NS}::requant_dynamic", mutates_args=("amax_ws", "hq_data", "hq_scale", "h_bf16", "h_gs"))
 def _requant_op(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
                 hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
     s, i = h_f32.shape
-    _ext().requant_dynamic(h_f32.data_ptr(), offsets.data_ptr(), offsets.shape[0] - 1, i, s, amax_ws.data_ptr(),
-                           hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), h_gs.data_ptr(), _stream())
+    launch("requant_dynamic", h_f32.device, h_f32.data_ptr(), offsets.data_ptr(), offsets.shape[0] - 1, i, s,
+           amax_ws.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), h_gs.data_ptr())
 
 
 @torch.library.custom_op(f"{_NS}::combine", mutates_args=("out",))
 def _combine_op(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
     t, k = topk_weights.shape
-    _ext().moe_combine(y_slot.data_ptr(), pair_slot.data_ptr(), topk_weights.data_ptr(), t, k, out.shape[1],
-                       out.data_ptr(), out.dtype == torch.bfloat16, _stream())
+    launch("moe_combine", out.device, y_slot.data_ptr(), pair_slot.data_ptr(), topk_weights.data_ptr(), t, k,
+           out.shape[1], out.data_ptr(), out.dtype == torch.bfloat16)
 
 
 @torch.library.custom_op(f"{_NS}::topk_stable", mutates_args=("out",))
 def _topk_op(scores: torch.Tensor, out: torch.Tensor) -> None:
     rows, n = scores.shape
-    _ext().topk_stable(scores.data_ptr(), rows, n, out.shape[1], out.data_ptr(), _stream())
+    launch("topk_stable", scores.device, scores.data_ptr(), rows, n, out.shape[1], out.data_ptr())
 
 
 for _op in (_moe_align_op, _dequant_op, _l1_op, _l2_op, _requant_op, _combine_op, _topk_op):
@@ -196,16 +241,13 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
     check_tensor(data, "data", torch.uint8, (None, None))
     r, kh = data.shape
     _multiple(2 * kh, 64, "data.shape[1] * 2 (K)")
-    if scale.dtype == torch.int32:
-        check_tensor(scale, "scale", torch.int32, (r, 2 * kh // 64))
-    else:
-        check_tensor(scale, "scale", SCALE_DTYPES, (r, 2 * kh // 16))
+    check_block_scales(scale, "scale", r, 2 * kh)
     check_tensor(out, "out", torch.bfloat16, (r, 2 * kh))
     check_same_device(dict(data=data, scale=scale, out=out))
     torch.ops.ep_runtime.nvfp4_dequant_rows(data, scale, out)
 
 
-def _check_tiles(block_n: int, block_m: int, rows: int) -> None:
+def check_tiles(block_n: int, block_m: int, rows: int) -> None:
     if block_n not in BLOCK_NS:
         raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
     wide = block_n >= MIN_WIDE_BLOCK_N
@@ -223,6 +265,35 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
+def check_l1_weights(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor,
+                     prefix: str = "") -> tuple[int, int, int]:
+    """L1's stacked weights (E, 2I, H/2), (E, 2I, H/16), (E, 2); returns (E, H, I). prefix names their owner."""
+    check_tensor(w13, prefix + "w13", torch.uint8, (None, None, None))
+    e, n2, kh = w13.shape
+    if n2 % 2:
+        raise ValueError(f"{prefix}w13: expected an even row count (I gate rows, then I up rows), got shape "
+                         f"{tuple(w13.shape)}")
+    hidden, inter = 2 * kh, n2 // 2
+    _multiple(hidden, 64, prefix + "w13.shape[2] * 2 (hidden)")
+    _multiple(inter, 64, prefix + "w13.shape[1] / 2 (intermediate)")
+    check_tensor(w13_scale, prefix + "w13_scale", SCALE_DTYPES, (e, n2, hidden // 16))
+    check_tensor(w13_alpha, prefix + "w13_alpha", torch.float32, (e, 2))
+    return e, hidden, inter
+
+
+def check_l2_weights(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
+                     prefix: str = "") -> tuple[int, int, int]:
+    """L2's stacked weights (E, H, I/2), (E, H, I/16), (E,); returns (E, H, I). prefix names their owner."""
+    check_tensor(w2, prefix + "w2", torch.uint8, (None, None, None))
+    e, hidden, ih = w2.shape
+    inter = 2 * ih
+    _multiple(hidden, 64, prefix + "w2.shape[1] (hidden)")
+    _multiple(inter, 64, prefix + "w2.shape[2] * 2 (intermediate)")
+    check_tensor(w2_scale, prefix + "w2_scale", SCALE_DTYPES, (e, hidden, inter // 16))
+    check_tensor(w2_alpha, prefix + "w2_alpha", torch.float32, (e,))
+    return e, hidden, inter
+
+
 def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
                x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: str,
                *, swiglu_limit: float | None = None, h_gs: torch.Tensor | None = None,
@@ -237,13 +308,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
     (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
     """
-    check_tensor(w13, "w13", torch.uint8, (None, None, None))
-    e, n2, kh = w13.shape
-    hidden, inter = 2 * kh, n2 // 2
-    _multiple(hidden, 64, "w13.shape[2] * 2 (hidden)")
-    _multiple(inter, 64, "w13.shape[1] / 2 (intermediate)")
-    check_tensor(w13_scale, "w13_scale", SCALE_DTYPES, (e, n2, hidden // 16))
-    check_tensor(w13_alpha, "w13_alpha", torch.float32, (e, 2))
+    e, hidden, inter = check_l1_weights(w13, w13_scale, w13_alpha)
     check_tensor(act, "act", torch.bfloat16, (None, hidden))
     if x_gs is not None:
         check_tensor(x_gs, "x_gs", torch.float32, (1,))
@@ -254,7 +319,8 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         raise ValueError(f"slot_pair: expected {act.shape[0]} * topk={topk} entries (one per (token, k) pair), got {s}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {sorted(EPILOGUES)}, got {epilogue!r}")
-    _check_tiles(block_n, block_m, 2 * inter)
+    check_swiglu_limit(swiglu_limit)
+    check_tiles(block_n, block_m, 2 * inter)
     dev = w13.device
     if epilogue in ("gate_up", "fp32"):
         out_f32 = check_tensor(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))
@@ -283,19 +349,13 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot.
 
     w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged."""
-    check_tensor(w2, "w2", torch.uint8, (None, None, None))
-    e, hidden, ih = w2.shape
-    inter = 2 * ih
-    _multiple(hidden, 64, "w2.shape[1] (hidden)")
-    _multiple(inter, 64, "w2.shape[2] * 2 (intermediate)")
-    check_tensor(w2_scale, "w2_scale", SCALE_DTYPES, (e, hidden, inter // 16))
-    check_tensor(w2_alpha, "w2_alpha", torch.float32, (e,))
+    e, hidden, inter = check_l2_weights(w2, w2_scale, w2_alpha)
     check_tensor(act, "act", torch.bfloat16, (None, inter))
     if h_gs is not None:
         check_tensor(h_gs, "h_gs", torch.float32, (e,))
     _check_slots(offsets, e)
     check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
-    _check_tiles(block_n, block_m, hidden)
+    check_tiles(block_n, block_m, hidden)
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
     torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
@@ -322,10 +382,11 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
 
 
 def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t] = sum over k ascending of topk_weights[t,k] * y_slot[pair_slot[t*k+k]] (fp32); 0 without local slots."""
+    """out[t] = sum over j ascending of topk_weights[t, j] * y_slot[pair_slot[t*k + j]] (fp32), pairs with slot -1
+    skipped (0 without local slots). y_slot has a row per pair: any slot in [0, T*k) may be read."""
     check_tensor(topk_weights, "topk_weights", torch.float32, (None, None))
     t, k = topk_weights.shape
-    check_tensor(y_slot, "y_slot", torch.float32, (None, None))
+    check_tensor(y_slot, "y_slot", torch.float32, (t * k, None))
     hidden = y_slot.shape[1]
     _multiple(hidden, 64, "y_slot.shape[1] (hidden)")
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
@@ -339,9 +400,7 @@ def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     index first among equal scores, NaN above everything): torch.sort(scores, descending=True,
     stable=True).indices[:, :k] without the full sort."""
     check_tensor(scores, "scores", torch.float32, (None, None))
-    n = scores.shape[1]
-    if not 1 <= k <= n:
-        raise ValueError(f"k: expected 1..{n} (the scores per row), got {k}")
+    check_top_k(k, scores.shape[1])
     check_same_device(dict(scores=scores))
     out = torch.empty(scores.shape[0], k, dtype=torch.int64, device=scores.device)
     torch.ops.ep_runtime.topk_stable(scores, out)

@@ -21,9 +21,10 @@ def _gpu_selection() -> bool:
     return ops.extension_available("topk_stable")
 
 
-def _top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _top_k_stable(scores: torch.Tensor, k: int, name: str = "k") -> torch.Tensor:
     """The first k of a stable descending sort; on an sm_90 GPU with the extension, ops.topk_stable (the same
-    indices without the full sort)."""
+    indices without the full sort). Both paths reject k outside 1..scores.shape[-1] (named `name`)."""
+    ops.check_top_k(k, scores.shape[-1], name)
     if scores.is_cuda and _gpu_selection():
         n = scores.shape[-1]
         return ops.topk_stable(scores.reshape(-1, n).contiguous(), k).view(*scores.shape[:-1], k)
@@ -55,7 +56,7 @@ def route_v3(logits: torch.Tensor, bias: torch.Tensor | None, k: int, scaling: f
         grouped = b.view(t, n_group, e // n_group)
         group_score = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
         keep = torch.zeros(t, n_group, dtype=torch.bool, device=b.device)
-        keep.scatter_(1, _top_k_stable(group_score, topk_group), True)
+        keep.scatter_(1, _top_k_stable(group_score, topk_group, "topk_group"), True)
         b = b.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
     ids = _top_k_stable(b, k)
     return ids.to(torch.int32), _normalize(s.gather(-1, ids), scaling)

@@ -72,11 +72,16 @@ def tile_scales(s: torch.Tensor) -> torch.Tensor:
     return s.view(n // 64, 4, 2, 8, ks // 4, 4).permute(0, 4, 1, 3, 2, 5).reshape(n, ks)
 
 
-def check_tileable(weights: ExpertWeights) -> None:
+def check_tileable(weights: ExpertWeights, name: str = "weights") -> None:
+    """What tile_ needs of row-layout weights: raises before it changes a byte."""
     h, i = weights.hidden_size, weights.intermediate_size
     if h % 64 or i % 64:
-        raise ValueError(f"weights: the SM90 layout needs hidden and intermediate sizes that are multiples of 64, "
+        raise ValueError(f"{name}: the SM90 layout needs hidden and intermediate sizes that are multiples of 64, "
                          f"got hidden={h}, intermediate={i}")
+    for stack in ("w13_scale", "w2_scale"):
+        scales = getattr(weights, stack).view(torch.uint8)
+        for e in range(weights.num_experts):
+            check_scales(scales[e], f"{name}: {stack} of expert {e}")
 
 
 def encode_scales(s: torch.Tensor) -> torch.Tensor:
@@ -131,10 +136,6 @@ def tile_(weights: ExpertWeights) -> ExpertWeights:
     if weights.layout != "rows":
         raise ValueError(f"weights: expected layout 'rows' to tile, got {weights.layout!r}")
     check_tileable(weights)
-    for name in ("w13_scale", "w2_scale"):  # all checked first: a bad scale leaves the weights untouched
-        stack = getattr(weights, name).view(torch.uint8)
-        for e in range(weights.num_experts):
-            check_scales(stack[e], f"{name} of expert {e}")
     tile_stack_(weights.w13, weights.w13_scale, gate_up_row_order(weights.intermediate_size, weights.w13.device))
     tile_stack_(weights.w2, weights.w2_scale)
     weights.layout = LAYOUT

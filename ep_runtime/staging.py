@@ -1,21 +1,22 @@
 """Staging: BF16 hidden states (T, H) -> NVFP4 written straight into the symmetric buffer's x / x_sf / x_global.
 
 Bit for bit what ep_runtime.nvfp4.quantize computes (NVFP4_SPEC section 2), with the scales packed as the
-buffer's int32 words. Dynamic scaling runs two kernels on the current stream (amax, then quantize), so it
-needs no host sync and captures into a CUDA graph. Only `check=True` syncs (to reject non-finite input).
+buffer's int32 words. Dynamic scaling runs two kernels on the current stream of hidden's device (amax, then
+quantize), so it needs no host sync and captures into a CUDA graph. Only `check=True` syncs (to reject non-finite
+input).
 """
 from __future__ import annotations
 
 import torch
 
 from .nvfp4 import NVFP4Tensor, check_finite
-from .ops import check_same_device, check_tensor
+from .ops import check_one_value, check_same_device, check_tensor, launch
 
 _OP = "ep_runtime::stage_nvfp4"
 
 
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
-                        global_scale: torch.Tensor | None) -> None:
+                        global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
     """Every check that needs no GPU: dtypes, shapes, contiguity, alignment, capacity, then devices."""
     check_tensor(hidden, "hidden", torch.bfloat16, (None, None))
     t, h = hidden.shape
@@ -28,20 +29,18 @@ def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tenso
     if t > cap:
         raise ValueError(f"hidden: {t} tokens exceed the staging buffer capacity max_tokens={cap}")
     if global_scale is not None:
-        check_tensor(global_scale, "global_scale", torch.float32)
-        if global_scale.numel() != 1:
-            raise ValueError(f"global_scale: expected one value, got shape {tuple(global_scale.shape)}")
-    check_same_device({"hidden": hidden, "x": x, "x_sf": x_sf, "x_global": x_global, "global_scale": global_scale})
+        check_one_value(global_scale, "global_scale")
+    check_tensor(amax_scratch, "amax_scratch", torch.int32, (1,))
+    check_same_device({"hidden": hidden, "x": x, "x_sf": x_sf, "x_global": x_global, "global_scale": global_scale,
+                       "amax_scratch": amax_scratch})
 
 
 @torch.library.custom_op(_OP, mutates_args=("x", "x_sf", "x_global", "amax_scratch"))
 def _stage_op(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
               global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
-    from . import _C
-
-    _C.stage_nvfp4(hidden.data_ptr(), hidden.numel(), 0 if global_scale is None else global_scale.data_ptr(),
-                   amax_scratch.data_ptr(), x.data_ptr(), x_sf.data_ptr(), x_global.data_ptr(),
-                   torch.cuda.current_stream(hidden.device).cuda_stream)
+    launch("stage_nvfp4", hidden.device, hidden.data_ptr(), hidden.numel(),
+           0 if global_scale is None else global_scale.data_ptr(), amax_scratch.data_ptr(), x.data_ptr(),
+           x_sf.data_ptr(), x_global.data_ptr())
 
 
 @_stage_op.register_fake
@@ -60,12 +59,11 @@ def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_glo
     once (a CUDA graph captures its address). check=True rejects non-finite input or a non-positive scale
     (syncs the host).
     """
-    validate_stage_args(hidden, x, x_sf, x_global, global_scale)
+    validate_stage_args(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     if check:
         check_finite(hidden, "hidden")
         if global_scale is not None and not (torch.isfinite(global_scale).all() and (global_scale > 0).all()):
             raise ValueError(f"global_scale: expected a finite positive scale, got {global_scale.item()}")
-    check_tensor(amax_scratch, "amax_scratch", torch.int32, (1,))
     _stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.

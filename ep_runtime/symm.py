@@ -7,7 +7,6 @@ symmetric memory, NVSHMEM) allocate memory every peer can address and plug in be
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 from typing import Protocol
@@ -15,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from .dist_utils import collective, host_barrier
 from .nvfp4 import NVFP4Tensor, quantize
 
 log = logging.getLogger("ep_runtime")
@@ -51,7 +51,8 @@ class SymmBackend(Protocol):
 
 
 class CpuBackend:
-    """Plain tensors and gloo collectives: the replicated-token path on CPU ranks (or one process)."""
+    """Plain tensors and process-group collectives: the replicated-token path on CPU ranks (gloo) or one process;
+    on CUDA devices it sums through NCCL (slower than the P2P backends, but not bound to one NVLink domain)."""
 
     name = "cpu"
 
@@ -67,17 +68,13 @@ class CpuBackend:
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def barrier(self, timeout_s: float) -> None:
-        if self.world_size == 1:
-            return
-        try:
-            dist.monitored_barrier(self.group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-        except RuntimeError as e:
-            raise TimeoutError(f"rank {self.rank}: barrier not completed by every rank within {timeout_s}s: {e}") \
-                from None
+        if self.world_size > 1:
+            host_barrier(timeout_s, self.group)
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t, group=self.group)
+            with collective("sum all-reduce", self.group):
+                dist.all_reduce(t, group=self.group)
         return t
 
 
@@ -112,10 +109,27 @@ class SymmBuffer:
         log.info("SymmBuffer: backend=%s rank=%d/%d max_tokens=%d hidden=%d topk=%d act=%s y=%s",
                  backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype)
 
-    def check_tokens(self, num_tokens: int) -> None:
+    def check_tokens(self, num_tokens: int, name: str = "hidden") -> None:
         if num_tokens > self.max_tokens:
-            raise ValueError(f"hidden: {num_tokens} tokens exceed the symmetric buffer capacity "
+            raise ValueError(f"{name}: {num_tokens} tokens exceed the symmetric buffer capacity "
                              f"max_tokens={self.max_tokens}")
+
+    def _check_rows(self, t: torch.Tensor, name: str, dtype: torch.dtype | None, width: int,
+                    rows: int | None = None) -> int:
+        """t is (T, width) rows for the buffer, T within capacity (and T == rows when given), of this dtype (None:
+        any floating-point one) on the buffer's device; returns T."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not (t.dtype == dtype if dtype is not None else t.is_floating_point()):
+            want = f"dtype {dtype}" if dtype is not None else "a floating-point dtype"
+            raise TypeError(f"{name}: expected {want}, got {t.dtype}")
+        if t.dim() != 2 or t.shape[1] != width or (rows is not None and t.shape[0] != rows):
+            raise ValueError(f"{name}: expected shape ({'T' if rows is None else rows}, {width}), "
+                             f"got {tuple(t.shape)}")
+        if t.device != self.y.device:
+            raise ValueError(f"{name}: expected device {self.y.device}, got {t.device}")
+        self.check_tokens(t.shape[0], name)
+        return t.shape[0]
 
     def activations(self, num_tokens: int) -> NVFP4Tensor | torch.Tensor:
         """Views of the staged activations of the first num_tokens rows."""
@@ -128,8 +142,7 @@ class SymmBuffer:
     def stage(self, hidden: torch.Tensor, global_scale: torch.Tensor | None = None,
               check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Quantize hidden (T, H) into x / x_sf / x_global (or copy it, bf16 mode); return the staged views."""
-        t = hidden.shape[0]
-        self.check_tokens(t)
+        t = self._check_rows(hidden, "hidden", torch.bfloat16 if self.act_mode != "nvfp4" else None, self.hidden)
         if self.act_mode != "nvfp4":
             self.x[:t].copy_(hidden)
             return self.activations(t)
@@ -146,8 +159,9 @@ class SymmBuffer:
         return staged
 
     def set_routing(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = topk_idx.shape[0]
-        self.check_tokens(t)
+        """Copy int32 topk ids and fp32 weights, both (T, topk), into the buffer; return the views of the T rows."""
+        t = self._check_rows(topk_idx, "topk_idx", self.topk_idx.dtype, self.topk)
+        self._check_rows(topk_weights, "topk_weights", self.topk_weights.dtype, self.topk, rows=t)
         self.topk_idx[:t].copy_(topk_idx)
         self.topk_weights[:t].copy_(topk_weights)
         return self.topk_idx[:t], self.topk_weights[:t]

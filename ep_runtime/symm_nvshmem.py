@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from .dist_utils import collective, host_barrier
 from .symm_torch import P2PArenaBackend
 
 for _var, _val in (("NVSHMEM_DISABLE_NVLS", "1"), ("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
@@ -34,7 +35,8 @@ class NvshmemBackend(P2PArenaBackend):
                                    f"cuda-core: {e}") from None
         Device(self.device.index).set_current()
         uid = [nvshmem.get_unique_id(empty=self.rank != 0)]
-        dist.broadcast_object_list(uid, src=dist.get_global_rank(self.group, 0), group=self.group)
+        with collective("broadcast of the NVSHMEM unique id", self.group):
+            dist.broadcast_object_list(uid, src=dist.get_global_rank(self.group, 0), group=self.group)
         nvshmem.init(device=Device(self.device.index), uid=uid[0], rank=self.rank, nranks=self.world_size,
                      initializer_method="uid")
         self._nvshmem = nvshmem
@@ -51,7 +53,7 @@ class NvshmemBackend(P2PArenaBackend):
     def close(self) -> None:
         """Collective: free the arena and finalize NVSHMEM (before process exit)."""
         torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)
+        host_barrier(self.comm.timeout_s, self.group)
         self._peers = []
         self._nvshmem.free_tensor(self._arena)
         self._nvshmem.finalize()

@@ -16,7 +16,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .allreduce import SymmAllReduce
+from .allreduce import SymmAllReduce, resolve_oneshot_max_bytes
+from .dist_utils import check_same_on_every_rank, collective, host_barrier
 from .symm import align as _align
 
 for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -54,6 +55,10 @@ class P2PArenaBackend:
         self.capacity = _align(capacity_bytes if capacity_bytes is not None else DEFAULT_CAPACITY_BYTES)
         if timeout_s is None:
             timeout_s = float(os.environ.get("EP_SYMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+        # Every rank's kernels work on the same signal blocks and buffers: a rank picking another algorithm or grid
+        # than its peers would race with them or time out.
+        settings = {"oneshot_max_bytes": resolve_oneshot_max_bytes(self.world_size, oneshot_max_bytes), "max_ctas": 0}
+        check_same_on_every_rank(settings, self.group)
         signal_bytes = _C.allreduce_signal_bytes()
         total = self.capacity + signal_bytes
         self._arena, self._peers = self._map_arena(total)
@@ -63,7 +68,7 @@ class P2PArenaBackend:
 
         self._signals = self._arena[self.capacity:]
         self.comm = SymmAllReduce(self.rank, self.world_size, [b + self.capacity for b in self._peer_base],
-                                  self._locate, timeout_s, oneshot_max_bytes)
+                                  self._locate, timeout_s, **settings)
         self._zero_signals()
         log.info("%s: rank %d/%d on %s, arena %.1f MiB (+%d B signals), one-shot up to %d B, "
                  "barrier timeout %.1fs, multicast disabled", type(self).__name__, self.rank, self.world_size,
@@ -80,10 +85,7 @@ class P2PArenaBackend:
             raise ValueError(f"{name}: {nbytes} bytes at offset {offset} exceed the symmetric arena of "
                              f"{self.capacity} bytes; construct the backend with capacity_bytes >= "
                              f"{_align(offset + nbytes)} (see region_bytes)")
-        layouts = [None] * self.world_size
-        dist.all_gather_object(layouts, (name, offset, shape, str(dtype)), group=self.group)
-        if any(lay != layouts[self.rank] for lay in layouts):
-            raise RuntimeError(f"{name}: ranks carved different symmetric regions: {layouts}")
+        check_same_on_every_rank({"region": (name, offset, shape, str(dtype))}, self.group)
         self._regions[name] = (offset, shape, dtype)
         self._used = offset + nbytes
         log.info("%s: region %s %s %s at offset %d (%d B), arena used %d/%d B", type(self).__name__, name, shape,
@@ -97,16 +99,17 @@ class P2PArenaBackend:
         return self.comm(t, algo=algo, check=check)
 
     def reset_signals(self) -> None:
-        """Collective: bring every rank's signal epochs back to zero (needed after a barrier timeout)."""
+        """Collective: bring every rank's signal epochs back to zero (needed after a barrier timeout). A rank that
+        does not come within the backend's timeout is named in a CommTimeoutError."""
         torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)
+        host_barrier(self.comm.timeout_s, self.group)
         self._zero_signals()
 
     def _zero_signals(self) -> None:
         self._signals.zero_()
         self.comm.status.clear()
         torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)
+        host_barrier(self.comm.timeout_s, self.group)
 
     def _view(self, arena: torch.Tensor, name: str) -> torch.Tensor:
         offset, shape, dtype = self._regions[name]
@@ -136,7 +139,8 @@ class TorchSymmBackend(P2PArenaBackend):
         # implicit memory pool); measure the gap on this rank and insist it is the same on every rank.
         gap = arena.data_ptr() - handle.get_buffer(self.rank, (1,), torch.uint8, 0).data_ptr()
         gaps = [None] * self.world_size
-        dist.all_gather_object(gaps, gap, group=self.group)
+        with collective("all-gather of the arena offsets", self.group):
+            dist.all_gather_object(gaps, gap, group=self.group)
         if gap < 0 or len(set(gaps)) != 1:
             raise RuntimeError(f"TorchSymmBackend: the arena sits at different offsets of the ranks' symmetric "
                                f"allocations ({gaps}); allocate it before any other symmetric memory")

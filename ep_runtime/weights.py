@@ -72,13 +72,28 @@ class ExpertWeights:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
 
     def to(self, device: torch.device | str) -> "ExpertWeights":
-        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+        """Self when every tensor is already on `device` (like Tensor.to), else new tensors throughout: two
+        objects never share bytes that tile_ could re-tile under one of them while the other still says 'rows'."""
+        old = self._tensors()
+        new = {k: v.to(device) for k, v in old.items()}
+        if all(new[k] is v for k, v in old.items()):
+            return self
+        return replace(self, **{k: v.clone() if v is old[k] else v for k, v in new.items()})
 
     def clone(self) -> "ExpertWeights":
         return replace(self, **{k: v.clone() for k, v in self._tensors().items()})
 
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self._tensors().values())
+
+    def check_sizes(self, name: str, num_experts: int, hidden: int, inter: int) -> None:
+        """Every tensor has the shape and dtype `empty` gives these sizes."""
+        want = ExpertWeights.empty(num_experts, hidden, inter, "meta")._tensors()
+        for k, v in self._tensors().items():
+            if v.shape != want[k].shape or v.dtype != want[k].dtype:
+                raise ValueError(f"{name}.{k}: expected {want[k].dtype} of shape {tuple(want[k].shape)} for "
+                                 f"{num_experts} experts of hidden {hidden}, intermediate {inter}; "
+                                 f"got {v.dtype} of shape {tuple(v.shape)}")
 
     def require_layout(self, layout: str, user: str) -> None:
         if self.layout != layout:

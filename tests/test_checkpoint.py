@@ -1,11 +1,13 @@
 """ModelOpt NVFP4 checkpoints: lazy per-rank reads, validation before any data is read, clear errors."""
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ep_runtime.checkpoint import CheckpointError, CheckpointReader, Naming, load_layer, write_synthetic_checkpoint
+from ep_runtime.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, Naming, load_layer,
+                                   write_synthetic_checkpoint)
 from ep_runtime.config import load_config
 
 CFG = load_config("tiny").model  # 32 experts, hash layer 0
@@ -122,13 +124,12 @@ def test_non_positive_global_scale_is_rejected(ckpt, tmp_path):
         load_layer(CheckpointReader(path), CFG, 1, 0, 4)
 
 
-def test_truncated_file_is_detected_before_any_tensor_is_read(ckpt, tmp_path):
+def test_truncated_single_file_is_rejected_when_the_reader_opens_it(ckpt, tmp_path):
     path = _copy(ckpt, tmp_path)
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="truncated"):
-        reader = CheckpointReader(path)
-        load_layer(reader, CFG, 1, 0, 4)
+        CheckpointReader(path)
 
 
 def test_truncated_shard_fails_the_load_before_reading_data(ckpt, tmp_path):
@@ -163,3 +164,92 @@ def test_a_non_nvfp4_quant_config_is_rejected(ckpt, tmp_path):
 def test_a_missing_checkpoint_path_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         CheckpointReader(tmp_path / "nope")
+
+
+def _rewrite_header(f, edit):
+    """Rewrite the JSON header of safetensors file f as edit(header) returns it; the data stays as it is."""
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    f.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+
+W = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}  # the header entry of torch.zeros(4) saved as "w"
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ({"dtype": "F32", "shape": [4]}, "header field 'data_offsets' expected"),
+    ({**W, "data_offsets": ["a", "b"]}, "header field 'data_offsets' expected"),
+    ({**W, "data_offsets": [16, 0]}, "header field 'data_offsets' expected"),
+    ({"shape": [4], "data_offsets": [0, 16]}, "header field 'dtype' expected"),
+    ({**W, "shape": 5}, "header field 'shape' expected"),
+    ({**W, "shape": [-4]}, "header field 'shape' expected"),
+    ("x", "expected a header entry object"),
+], ids=["no-offsets", "string-offsets", "reversed-offsets", "no-dtype", "int-shape", "negative-shape", "string"])
+def test_malformed_header_entry_is_named_with_its_file_and_tensor(tmp_path, entry, expected):
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4)}, str(f))
+    _rewrite_header(f, lambda h: {**h, "w": entry})
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor 'w' {re.escape(expected)}.*, got"):
+        CheckpointReader(tmp_path)
+
+
+def test_a_header_that_is_not_a_json_object_is_named_with_its_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4)}, str(f))
+    _rewrite_header(f, lambda h: [1, 2, 3])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt header \(expected a JSON object, got list"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    (INDEX_FILE, b'{"weight_map": [1, 2]}', "weight_map expected an object, got [1, 2]"),
+    (INDEX_FILE, b'{"weight_map": {"w": 5}}', "weight_map['w'] expected a file name, got 5"),
+    (INDEX_FILE, b"[]", "expected a JSON object, got list"),
+    (INDEX_FILE, b"\xff\xfe{", "malformed JSON"),
+    ("config.json", b"\xff\xff", "malformed JSON"),
+    ("hf_quant_config.json", b'{"quantization": "nvfp4"}', "quantization expected an object, got 'nvfp4'"),
+    ("hf_quant_config.json", b"[1]", "expected a JSON object, got list"),
+    ("hf_quant_config.json", b'{"quantization": {"group_size": "abc"}}', "group_size expected 16, got 'abc'"),
+    ("hf_quant_config.json", b'{"quantization": {"group_size": null}}', "group_size expected 16, got None"),
+], ids=["map-list", "name-int", "index-list", "index-utf8", "config-utf8", "quant-str", "quant-list", "group-str",
+        "group-null"])
+def test_malformed_index_or_quant_config_is_named_with_its_file_and_field(tmp_path, name, content, expected):
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(f"{name}: {expected}")):
+        CheckpointReader(tmp_path)
+
+
+def test_a_tensor_in_two_files_without_an_index_is_rejected_naming_both(tmp_path):
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(4)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match="tensor 'w' is in both a.safetensors and b.safetensors"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("key,byte", [
+    (EXPERT.format(2, "gate_proj", "weight_scale"), 0x7F),  # NaN
+    (EXPERT.format(5, "down_proj", "weight_scale"), 0xFF),  # NaN with the sign bit
+    (EXPERT.format(0, "up_proj", "weight_scale"), 0xC0),  # -2
+    ("model.layers.1.mlp.shared_experts.down_proj.weight_scale", 0x80 | 0x38),  # -1
+])
+def test_a_nan_or_negative_block_scale_is_rejected_naming_its_key(ckpt, tmp_path, key, byte):
+    def corrupt(tensors):
+        tensors[key].view(torch.uint8).view(-1)[3] = byte
+
+    path = _copy(ckpt, tmp_path, corrupt)
+    with pytest.raises(CheckpointError, match=f"tensor '{key}': block scales must be finite, non-negative"):
+        load_layer(CheckpointReader(path), CFG, 1, 0, 4)
+
+
+@pytest.mark.parametrize("tensor,value", [("weight", float("nan")), ("e_score_correction_bias", float("inf"))])
+def test_a_non_finite_router_tensor_is_rejected_naming_its_key(ckpt, tmp_path, tensor, value):
+    key = f"model.layers.1.mlp.gate.{tensor}"
+
+    def corrupt(tensors):
+        tensors[key].view(-1)[5] = value
+
+    path = _copy(ckpt, tmp_path, corrupt)
+    with pytest.raises(CheckpointError, match=f"tensor '{key}': expected finite values, found {value}"):
+        load_layer(CheckpointReader(path), CFG, 1, 0, 4)

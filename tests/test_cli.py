@@ -4,6 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from ep_runtime.dist_utils import pick_device
+
 REQUIRED = {"world_size", "experts_per_rank", "tokens", "backend", "median_ms", "rel_l2_vs_reference"}
 
 
@@ -39,3 +44,29 @@ def test_command_line_overrides_reach_the_job(tmp_path):
 def test_bad_config_values_fail_with_a_message():
     proc = _cli("--set", "world_size=3", timeout=120)
     assert proc.returncode != 0 and "world_size: must divide" in proc.stderr
+
+
+def test_the_job_logs_its_buffer_backend_and_capacity():
+    proc = _cli("--set", "world_size=1", "--set", "iters=1", "--no-reference", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SymmBuffer: backend=cpu rank=0/1 max_tokens=" in proc.stderr
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+
+def test_auto_device_gives_a_rank_of_a_two_node_job_its_local_gpu(eight_gpus, monkeypatch):
+    for var, value in {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}.items():
+        monkeypatch.setenv(var, value)
+    assert pick_device("auto") == torch.device("cuda", 3)
+
+
+def test_auto_device_refuses_more_ranks_on_a_node_than_gpus_instead_of_falling_back_to_cpu(eight_gpus, monkeypatch):
+    for var, value in {"RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "16"}.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(RuntimeError, match="device: 16 ranks on this node need a GPU each, got 8 visible GPUs"):
+        pick_device("auto")

@@ -1,12 +1,14 @@
-"""Argument validation of the staging and all-reduce wrappers: bad input fails with a clear error, on CPU."""
+"""Argument validation of the staging and all-reduce wrappers and of the symmetric buffer: bad input fails with a
+clear error, on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from ep_runtime.allreduce import SymmAllReduce, validate_all_reduce_args
+from ep_runtime.dist_utils import check_same_values
 from ep_runtime.staging import validate_stage_args
-from ep_runtime.symm import region_bytes
+from ep_runtime.symm import CpuBackend, SymmBuffer, region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
 
 H = 128
@@ -15,7 +17,7 @@ H = 128
 def _stage_args(t: int = 4, cap: int = 8, h: int = H) -> dict:
     return dict(hidden=torch.randn(t, h).to(torch.bfloat16), x=torch.empty(cap, h // 2, dtype=torch.uint8),
                 x_sf=torch.empty(cap, h // 64, dtype=torch.int32), x_global=torch.empty(1),
-                global_scale=None)
+                global_scale=None, amax_scratch=torch.zeros(1, dtype=torch.int32))
 
 
 def test_stage_rejects_non_bf16_hidden() -> None:
@@ -113,3 +115,61 @@ def test_torch_backend_needs_a_cuda_device() -> None:
 def test_region_bytes_aligns_every_region_to_256_bytes() -> None:
     assert region_bytes([("a", (3,), torch.uint8), ("b", (1,), torch.float32)]) == 512
     assert region_bytes([("y", (64, 7168), torch.bfloat16)]) == 64 * 7168 * 2
+
+
+def _buffer(act_mode: str = "nvfp4") -> SymmBuffer:
+    return SymmBuffer(CpuBackend(local=True), 16, H, 6, torch.float32, act_mode)
+
+
+def test_set_routing_rejects_ids_of_fewer_columns_than_topk() -> None:
+    with pytest.raises(ValueError, match=r"topk_idx: expected shape \(T, 6\), got \(4, 1\)"):
+        _buffer().set_routing(torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1))
+
+
+def test_set_routing_rejects_int64_ids() -> None:
+    with pytest.raises(TypeError, match="topk_idx: expected dtype torch.int32, got torch.int64"):
+        _buffer().set_routing(torch.zeros(4, 6, dtype=torch.int64), torch.ones(4, 6))
+
+
+def test_set_routing_rejects_weights_for_another_number_of_tokens() -> None:
+    with pytest.raises(ValueError, match=r"topk_weights: expected shape \(4, 6\), got \(5, 6\)"):
+        _buffer().set_routing(torch.zeros(4, 6, dtype=torch.int32), torch.ones(5, 6))
+
+
+def test_set_routing_leaves_the_buffer_untouched_when_the_weights_are_wrong() -> None:
+    buf = _buffer()
+    buf.topk_idx.fill_(-1)
+    with pytest.raises(TypeError, match="topk_weights: expected dtype torch.float32, got torch.bfloat16"):
+        buf.set_routing(torch.zeros(4, 6, dtype=torch.int32), torch.ones(4, 6, dtype=torch.bfloat16))
+    assert bool((buf.topk_idx == -1).all())
+
+
+def test_set_routing_over_capacity_names_the_ids() -> None:
+    with pytest.raises(ValueError, match="topk_idx: 20 tokens exceed the symmetric buffer capacity max_tokens=16"):
+        _buffer().set_routing(torch.zeros(20, 6, dtype=torch.int32), torch.ones(20, 6))
+
+
+def test_stage_rejects_hidden_of_another_width() -> None:
+    with pytest.raises(ValueError, match=rf"hidden: expected shape \(T, {H}\), got \(4, 1\)"):
+        _buffer("bf16").stage(torch.randn(4, 1).to(torch.bfloat16))
+
+
+def test_stage_in_bf16_mode_rejects_fp32_hidden() -> None:
+    with pytest.raises(TypeError, match="hidden: expected dtype torch.bfloat16, got torch.float32"):
+        _buffer("bf16").stage(torch.randn(4, H))
+
+
+def test_stage_in_nvfp4_mode_rejects_integer_hidden() -> None:
+    with pytest.raises(TypeError, match="hidden: expected a floating-point dtype, got torch.int32"):
+        _buffer().stage(torch.zeros(4, H, dtype=torch.int32))
+
+
+def test_all_reduce_settings_that_differ_between_ranks_are_named_with_both_values() -> None:
+    gathered = [{"oneshot_max_bytes": 65536, "max_ctas": 0}, {"oneshot_max_bytes": 1024, "max_ctas": 0}]
+    with pytest.raises(ValueError, match="oneshot_max_bytes: expected the same value on every rank, rank 1 has 1024, "
+                                         "rank 0 has 65536"):
+        check_same_values(gathered, rank=1)
+
+
+def test_all_reduce_settings_equal_on_every_rank_pass() -> None:
+    check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8}] * 4, rank=2)

@@ -1,6 +1,6 @@
 import pytest
 
-from ep_runtime.config import load_config
+from ep_runtime.config import ModelConfig, load_config
 
 
 @pytest.mark.parametrize("name,hidden,inter,experts,topk,limit", [
@@ -46,3 +46,76 @@ def test_hidden_size_must_be_a_multiple_of_64():
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(FileNotFoundError, match="tiny"):
         load_config("no_such_model")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("max_tokens=2.5", "runtime.max_tokens"),
+    ("max_tokens=1e3", "runtime.max_tokens"),  # YAML reads 1e3 as a string
+    ("world_size=2.0", "runtime.world_size"),
+    ("tokens=1.5", "runtime.tokens"),
+    ("iters=true", "runtime.iters"),
+    ("seed=x", "runtime.seed"),
+    ("barrier_timeout_s=abc", "runtime.barrier_timeout_s"),
+    ("barrier_timeout_s=.inf", "runtime.barrier_timeout_s"),
+    ("hidden_size=128.0", "model.hidden_size"),
+    ("hidden_size=abc", "model.hidden_size"),
+    ("routed_scaling_factor=.nan", "model.routed_scaling_factor"),
+    ("name=7", "model.name"),
+    ("topk_method=bogus", "model.topk_method"),
+])
+def test_a_value_of_the_wrong_type_names_the_key(override, key):
+    with pytest.raises(ValueError, match=rf"{key}: expected .*, got"):
+        load_config("tiny", [override])
+
+
+def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
+    with pytest.raises(ValueError, match=r"runtime\.max_tokens: expected an integer, got 2\.5 \(float\)"):
+        load_config("tiny", ["max_tokens=2.5", "tokens=2"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("n_group=0", "model.n_group"),
+    ("topk_group=0", "model.topk_group"),
+    ("n_shared_experts=-1", "model.n_shared_experts"),
+    ("num_moe_layers=0", "model.num_moe_layers"),
+    ("num_hash_layers=3", "model.num_hash_layers"),  # tiny has 2 MoE layers
+    ("vocab_size=-1", "model.vocab_size"),
+    ("routed_scaling_factor=0", "model.routed_scaling_factor"),
+    ("world_size=0", "runtime.world_size"),
+    ("iters=0", "runtime.iters"),
+    ("layer=-1", "runtime.layer"),
+    ("seed=-1", "runtime.seed"),
+    ("barrier_timeout_s=0", "runtime.barrier_timeout_s"),
+])
+def test_a_value_out_of_range_names_the_key(override, key):
+    with pytest.raises(ValueError, match=rf"{key}: expected .*, got"):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("limit", [".nan", ".inf", "0", "-1"])
+def test_swiglu_limit_must_be_null_or_finite_and_positive(limit):
+    with pytest.raises(ValueError, match=r"model\.swiglu_limit"):
+        load_config("tiny", [f"swiglu_limit={limit}"])
+
+
+GROUPED = dict(name="t", hidden_size=64, moe_intermediate_size=64, n_routed_experts=8, scoring_func="sigmoid",
+               n_group=4)
+
+
+def test_grouped_routing_rejects_a_top_k_larger_than_the_kept_groups_hold():
+    with pytest.raises(ValueError, match=r"model\.num_experts_per_tok: expected at most .* = 2, got 4"):
+        ModelConfig(**GROUPED, num_experts_per_tok=4, topk_group=1)
+
+
+def test_grouped_routing_accepts_a_top_k_the_kept_groups_hold():
+    assert ModelConfig(**GROUPED, num_experts_per_tok=4, topk_group=2).num_experts_per_tok == 4
+
+
+def test_n_group_must_divide_the_routed_experts():
+    with pytest.raises(ValueError, match=r"model\.n_group: expected a divisor of n_routed_experts=8, got 3"):
+        ModelConfig(**{**GROUPED, "n_group": 3}, num_experts_per_tok=2)
+
+
+def test_top_k_cannot_exceed_the_routed_experts():
+    with pytest.raises(ValueError, match=r"model\.num_experts_per_tok: expected 1\.\.8, got 9"):
+        ModelConfig(**{**GROUPED, "n_group": 1}, num_experts_per_tok=9)

@@ -1,14 +1,21 @@
-"""Expert parallelism on CPU ranks (gloo): the EP output equals the single-process reference."""
+"""Expert parallelism on CPU ranks (gloo): the EP output equals the single-process reference; host barriers and
+collectives fail within their timeout, naming the rank."""
+import datetime
+import re
 import time
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ep_runtime.checkpoint import write_synthetic_checkpoint
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
-from ep_runtime.symm import CpuBackend
+from ep_runtime.symm import CpuBackend, make_backend
 
 V3_STYLE = ["scoring_func=sigmoid", "n_group=4", "topk_group=2", "swiglu_limit=null"]
 
@@ -72,24 +79,63 @@ def test_ep_modes_on_four_ranks_equal_the_reference(ckpt, tmp_path, overrides, t
     assert _rel(torch.load(tmp_path / "out0.pt"), _single_process(ckpt, overrides, seed)) <= tol
 
 
-def _barrier_worker(rank, world, out_dir):
+def _write(out_dir, rank, call):
+    """Run call() on this rank; record how long it took and what it raised."""
+    start = time.monotonic()
+    try:
+        call()
+        msg = "no error"
+    except (TimeoutError, RuntimeError) as e:
+        msg = str(e)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{msg}")
+
+
+def _read(out_dir, rank):
+    elapsed, msg = (Path(out_dir) / f"rank{rank}.txt").read_text().split("\n", 1)
+    return float(elapsed), msg
+
+
+def _barrier_worker(rank, world, absent, out_dir):
     init_process_group(torch.device("cpu"), 60)
     backend = CpuBackend()
-    if rank == 1:
-        time.sleep(6)  # never reaches the barrier in time
+    if rank == absent:
+        time.sleep(5)  # alive, but never reaches the barrier in time
         return
-    t0 = time.monotonic()
-    try:
-        backend.barrier(timeout_s=2)
-        msg = "no error"
-    except TimeoutError as e:
-        msg = str(e)
-    with open(f"{out_dir}/barrier.txt", "w") as f:
-        f.write(f"{time.monotonic() - t0:.1f}\n{msg}")
+    _write(out_dir, rank, lambda: backend.barrier(timeout_s=1))
 
 
-def test_a_rank_missing_the_barrier_fails_the_others_within_the_timeout(tmp_path):
-    spawn_local(_barrier_worker, 2, str(tmp_path))
-    elapsed, msg = (tmp_path / "barrier.txt").read_text().split("\n", 1)
-    assert float(elapsed) < 5
-    assert msg.startswith("rank 0: barrier not completed") and "Ranks 1 failed" in msg
+@pytest.mark.parametrize("absent", [0, 1])
+def test_every_rank_at_the_barrier_fails_within_the_timeout_naming_the_absent_rank(tmp_path, absent):
+    spawn_local(_barrier_worker, 3, absent, str(tmp_path))
+    for rank in {0, 1, 2} - {absent}:
+        elapsed, msg = _read(tmp_path, rank)
+        assert elapsed < 1 + 2
+        assert msg == f"rank {rank}: barrier over 3 ranks timed out after 1s waiting for rank(s) [{absent}]"
+
+
+def _cuda_cpu_backend_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    backend = make_backend("cpu", torch.device("cuda", rank), 0)  # plain tensors summed by NCCL on GPUs
+    with mock.patch.object(c10d, "get_backend", return_value="nccl"):  # what init_process_group gives CUDA ranks
+        _write(out_dir, rank, lambda: [backend.barrier(timeout_s=10) for _ in range(3)])
+
+
+def test_cpu_backend_barrier_works_on_an_nccl_process_group(tmp_path):
+    spawn_local(_cuda_cpu_backend_worker, 2, str(tmp_path))
+    assert [_read(tmp_path, rank)[1] for rank in range(2)] == ["no error"] * 2
+
+
+def _all_reduce_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    group = dist.new_group(timeout=datetime.timedelta(seconds=1))
+    if rank == 1:
+        time.sleep(4)  # never joins the all-reduce
+        return
+    _write(out_dir, rank, lambda: CpuBackend(group).all_reduce_(torch.ones(8)))
+
+
+def test_an_all_reduce_without_its_peer_fails_naming_this_rank(tmp_path):
+    spawn_local(_all_reduce_worker, 2, str(tmp_path))
+    elapsed, msg = _read(tmp_path, 0)
+    assert elapsed < 1 + 2
+    assert re.match(r"rank 0: sum all-reduce over 2 ranks failed after \d+\.\ds: .*Timed out", msg, re.S)

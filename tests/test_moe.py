@@ -2,8 +2,13 @@
 import pytest
 import torch
 
+from ep_runtime import moe as moe_module
+from ep_runtime.checkpoint import synthetic_layer
 from ep_runtime.config import load_config
+from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
+from ep_runtime.symm import CpuBackend, SymmBuffer
+from ep_runtime.weights import ExpertWeights
 
 CFG = load_config("tiny", ["world_size=1", "max_tokens=16", "tokens=16"])
 M = CFG.model
@@ -81,3 +86,186 @@ def test_outputs_do_not_alias_the_communication_buffer(gen):
     kept = first.clone()
     moe(torch.randn(4, M.hidden_size, generator=gen), ids)
     assert torch.equal(first, kept)
+
+
+def _layer(world_size=1):
+    """Synthetic row-layout weights of rank 0 for CFG."""
+    return synthetic_layer(M, 0, 0, world_size, 0, "cpu")
+
+
+def _same_bytes(a: ExpertWeights, b: ExpertWeights) -> bool:
+    return a.layout == b.layout and all(torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+                                        for x, y in zip(a._tensors().values(), b._tensors().values()))
+
+
+@pytest.fixture
+def cuda_simulated(monkeypatch):
+    """Construction takes the CUDA backend (tiling, workspaces) on CPU tensors, which on a GPU are the
+    caller's own tensors whenever the weights already are on the device; forward is never run."""
+    monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: True)
+
+
+def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simulated):
+    w = _layer()
+    w.shared.w2_scale.view(torch.uint8)[0, 1, 0] = 0x7F  # NaN, in the stack checked after the routed experts'
+    experts, shared = w.experts.clone(), w.shared.clone()
+    with pytest.raises(ValueError):
+        EPMoE(CFG, w)
+    assert _same_bytes(w.experts, experts) and _same_bytes(w.shared, shared)
+
+
+def test_a_bad_shared_expert_scale_names_the_shared_expert(cuda_simulated):
+    w = _layer()
+    w.shared.w2_scale.view(torch.uint8)[0, 1, 0] = 0x7F
+    with pytest.raises(ValueError, match="weights.shared: w2_scale of expert 0: block scales must be finite"):
+        EPMoE(CFG, w)
+
+
+def test_weights_tiled_in_place_say_so_to_the_caller(cuda_simulated):
+    w = _layer()
+    w.shared = None  # its CUDA stream cannot be made on a CPU-only machine
+    moe = EPMoE(CFG, w)
+    assert moe.experts is w.experts and w.experts.layout == "sm90"
+
+
+def test_weights_already_tiled_are_rejected(cuda_simulated, monkeypatch):
+    w = _layer()
+    w.shared = None
+    EPMoE(CFG, w)
+    monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: False)
+    with pytest.raises(ValueError, match="weights: EPMoE takes layout 'rows', got 'sm90'"):
+        EPMoE(CFG, w)
+
+
+@pytest.mark.parametrize("rank", [-1, 4])
+def test_a_rank_outside_the_world_is_rejected(gen, rank):
+    with pytest.raises(ValueError, match=f"rank: expected 0..3, got {rank}"):
+        EPMoE.from_dense(CFG, **_dense(gen), rank=rank, world_size=4)
+
+
+@pytest.mark.parametrize("world_size", [0, 3])
+def test_a_world_size_not_dividing_the_experts_is_rejected(gen, world_size):
+    with pytest.raises(ValueError, match=f"world_size: must divide n_routed_experts=32, got {world_size}"):
+        EPMoE.from_dense(CFG, **_dense(gen), world_size=world_size)
+
+
+def test_constructing_with_a_rank_outside_the_world_is_rejected():
+    with pytest.raises(ValueError, match="rank: expected 0..3, got 5"):
+        EPMoE(CFG, _layer(), rank=5, world_size=4)
+
+
+@pytest.mark.parametrize("name,index", [("gate", 2), ("up", 2), ("down", 1)])
+def test_dense_weights_of_the_wrong_size_are_rejected(gen, name, index):
+    d = _dense(gen)
+    d[name] = d[name].narrow(index, 0, 64)
+    with pytest.raises(ValueError, match=f"{name}: expected 32 experts of shape"):
+        EPMoE.from_dense(CFG, **d)
+
+
+@pytest.mark.parametrize("index,name", [(0, "shared gate"), (2, "shared down")])
+def test_a_shared_dense_weight_of_the_wrong_size_is_rejected(gen, index, name):
+    d = _dense(gen)
+    shared = list(d["shared"])
+    shared[index] = shared[index][:64]
+    with pytest.raises(ValueError, match=f"{name}: expected shape"):
+        EPMoE.from_dense(CFG, **{**d, "shared": tuple(shared)})
+
+
+def test_l2_input_scale_of_the_wrong_shape_is_rejected(gen):
+    with pytest.raises(ValueError, match=r"l2_input_scale: expected 32 experts of shape \(\), got shape \(\)"):
+        EPMoE.from_dense(CFG, **{**_dense(gen), "l2_input_scale": torch.tensor(2 / 2688)})
+
+
+def test_a_non_finite_dense_weight_is_named_with_its_expert(gen):
+    d = _dense(gen)
+    d["gate"][3, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"gate: expected finite values, found nan at index \[3, 0, 0\]"):
+        EPMoE.from_dense(CFG, **d)
+
+
+@pytest.mark.parametrize("stack", ["experts", "shared"])
+def test_expert_weights_of_another_hidden_size_are_rejected(stack):
+    w = _layer()
+    setattr(w, stack, ExpertWeights.synthetic(range(getattr(w, stack).num_experts), 128, 128, 0, "cpu"))
+    with pytest.raises(ValueError, match=f"weights.{stack}.w13: expected torch.uint8 of shape"):
+        EPMoE(CFG, w)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_non_positive_or_non_finite_l1_input_scale_is_rejected(gen, scale):
+    with pytest.raises(ValueError, match="l1_input_scale: expected a finite positive scale"):
+        EPMoE.from_dense(CFG, **{**_dense(gen), "l1_input_scale": scale})
+
+
+def test_a_negative_l2_input_scale_is_rejected(gen):
+    d = _dense(gen)
+    d["l2_input_scale"][5] = -1.0
+    with pytest.raises(ValueError, match="l2_input_scale: expected a finite positive scale"):
+        EPMoE.from_dense(CFG, **d)
+
+
+def test_a_zero_shared_l2_input_scale_is_rejected(gen):
+    d = _dense(gen)
+    d["shared"] = (*d["shared"][:3], 0.0)
+    with pytest.raises(ValueError, match="shared l2_input_scale: expected a finite positive scale"):
+        EPMoE.from_dense(CFG, **d)
+
+
+def _buffer(max_tokens=16, hidden=256, topk=6, out_dtype=torch.float32, act_mode="nvfp4"):
+    return SymmBuffer(CpuBackend(local=True), max_tokens, hidden, topk, out_dtype, act_mode)
+
+
+def test_a_buffer_matching_the_config_is_used():
+    buf = _buffer()
+    assert EPMoE(CFG, _layer(), buffer=buf).buffer is buf
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("act_mode", "bf16", "act_mode 'nvfp4', got 'bf16'"),
+    ("hidden", 128, "hidden 256, got 128"),
+    ("topk", 2, "topk 6, got 2"),
+    ("out_dtype", torch.bfloat16, "output dtype torch.float32, got torch.bfloat16"),
+    ("max_tokens", 32, "max_tokens 16, got 32"),
+])
+def test_a_buffer_not_matching_the_config_is_rejected(field, value, message):
+    with pytest.raises(ValueError, match=f"buffer: expected {message}"):
+        EPMoE(CFG, _layer(), buffer=_buffer(**{field: value}))
+
+
+def test_several_ranks_without_a_process_group_are_rejected():
+    with pytest.raises(ValueError, match="world_size: 2 ranks need an initialized default process group"):
+        EPMoE(CFG, _layer(2), world_size=2)
+
+
+def _group_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    attempts = {"size": dict(rank=rank, world_size=4), "rank": dict(rank=world - 1 - rank, world_size=world),
+                "buffer": dict(rank=rank, world_size=world, buffer=_buffer())}
+    for name, kwargs in attempts.items():
+        try:
+            EPMoE.from_synthetic(CFG, **kwargs)
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+        with open(f"{out_dir}/{name}{rank}.txt", "w") as f:
+            f.write(msg)
+
+
+@pytest.fixture(scope="module")
+def group_errors(tmp_path_factory):
+    """What construction says on each of two gloo ranks when its arguments disagree with the process group."""
+    out = tmp_path_factory.mktemp("group")
+    spawn_local(_group_worker, 2, str(out))
+    return lambda name, rank: (out / f"{name}{rank}.txt").read_text()
+
+
+def test_a_world_size_other_than_the_process_groups_is_rejected(group_errors):
+    assert group_errors("size", 0) == "world_size: expected the default process group's size 2, got 4"
+
+
+def test_a_rank_other_than_the_process_groups_is_rejected(group_errors):
+    assert group_errors("rank", 1) == "rank: expected this process's rank in the default process group, 1, got 0"
+
+
+def test_a_buffer_reducing_over_another_world_is_rejected(group_errors):
+    assert group_errors("buffer", 0) == "buffer: expected communicator world_size 2, got 1"

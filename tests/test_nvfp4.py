@@ -60,6 +60,19 @@ def test_block_dequantize_rejects_value_scales_given_as_bytes():
         nvfp4.block_dequantize(_bytes(0x22).repeat(8).reshape(1, 8), _bytes(0x3F).reshape(1, 1))
 
 
+def test_block_dequantize_rejects_scales_for_fewer_rows_than_the_data():
+    data = _bytes(0x22).repeat(32).reshape(4, 8)  # four rows of sixteen codes
+    scale = _bytes(0x38).reshape(1, 1).view(torch.float8_e4m3fn)  # one row of scales: would broadcast
+    with pytest.raises(ValueError, match=r"scale: expected shape \(4, 1\) .*got \(1, 1\)"):
+        nvfp4.block_dequantize(data, scale)
+
+
+def test_dequantize_rejects_scales_for_fewer_rows_than_the_data():
+    q = nvfp4.quantize(torch.ones(4, 16))
+    with pytest.raises(ValueError, match=r"scale: expected shape \(4, 1\)"):
+        nvfp4.dequantize(nvfp4.NVFP4Tensor(q.data, q.scale[:1], q.global_scale))
+
+
 def test_scale_words_are_little_endian():
     scales = _bytes(0x01, 0x02, 0x03, 0x04, 0x00, 0x00, 0x00, 0x80).view(torch.float8_e4m3fn).reshape(1, 8)
     words = nvfp4.pack_scales_u32(scales)
@@ -143,6 +156,11 @@ def test_quantize_rejects_non_finite_input(bad):
     x[0, 5] = bad
     with pytest.raises(ValueError, match=r"x: expected finite values"):
         nvfp4.quantize(x)
+
+
+def test_quantize_rejects_a_global_scale_with_several_values():
+    with pytest.raises(ValueError, match=r"global_scale: expected one value, got shape \(2,\)"):
+        nvfp4.quantize(torch.ones(2, 16), global_scale=torch.tensor([1.0, 2.0]))
 
 
 def test_quantize_rejects_k_not_a_multiple_of_16():

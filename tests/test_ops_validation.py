@@ -2,31 +2,40 @@
 shape / layout / alignment / device -> ValueError, each naming the argument, what was expected and what came.
 
 All of this runs on the CPU: validation happens before any CUDA call, and for the device check a CPU tensor
-is the bad input.
+is the bad input. Where a test needs validation to pass, fake CUDA tensors (FakeTensorMode) stand in, or CPU
+tensors with the device check and the kernel launches stubbed out.
 """
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from ep_runtime import ops
+from ep_runtime import nvfp4, ops, staging
+from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage
+from ep_runtime.experts import ExpertSpec
+from ep_runtime.weights import ExpertWeights
 
 E, H, I, T, K = 4, 128, 64, 5, 2
 
 
-def good_l1_args() -> dict:
-    """Arguments that pass every check but the device one (they live on the CPU)."""
+def good_l1_args(device: str = "cpu") -> dict:
+    """Arguments that pass every check but the device one when they live on the CPU."""
     return dict(
-        w13=torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8),
-        w13_scale=torch.zeros(E, 2 * I, H // 16, dtype=torch.float8_e4m3fn),
-        w13_alpha=torch.ones(E, 2),
-        act=torch.zeros(T, H, dtype=torch.bfloat16),
-        x_gs=torch.ones(1),
-        offsets=torch.zeros(E + 1, dtype=torch.int32),
-        slot_pair=torch.zeros(T * K, dtype=torch.int32),
+        w13=torch.zeros(E, 2 * I, H // 2, dtype=torch.uint8, device=device),
+        w13_scale=torch.zeros(E, 2 * I, H // 16, dtype=torch.float8_e4m3fn, device=device),
+        w13_alpha=torch.ones(E, 2, device=device),
+        act=torch.zeros(T, H, dtype=torch.bfloat16, device=device),
+        x_gs=torch.ones(1, device=device),
+        offsets=torch.zeros(E + 1, dtype=torch.int32, device=device),
+        slot_pair=torch.zeros(T * K, dtype=torch.int32, device=device),
         topk=K,
         epilogue="gate_up",
-        out_f32=torch.zeros(T * K, 2 * I),
+        out_f32=torch.zeros(T * K, 2 * I, device=device),
     )
 
 
@@ -91,6 +100,20 @@ def test_l1_rejects_missing_output_for_its_epilogue():
         ops.grouped_l1(**args)
 
 
+def test_l1_rejects_an_odd_weight_row_count():
+    args = good_l1_args()
+    args["w13"] = torch.zeros(E, 2 * I + 1, H // 2, dtype=torch.uint8)
+    args["w13_scale"] = torch.zeros(E, 2 * I + 1, H // 16, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"w13: expected an even row count .*got shape \(4, 129, 64\)"):
+        ops.grouped_l1(**args)
+
+
+@pytest.mark.parametrize("limit", [float("nan"), float("inf"), 0.0, -1.0, "10"])
+def test_l1_rejects_a_swiglu_limit_that_is_not_a_finite_positive_number(limit):
+    with pytest.raises(ValueError, match="swiglu_limit: expected None or a finite number > 0"):
+        ops.grouped_l1(**good_l1_args(), swiglu_limit=limit)
+
+
 def test_l1_rejects_unknown_epilogue():
     args = good_l1_args()
     args["epilogue"] = "fp8"
@@ -134,6 +157,12 @@ def test_dequant_accepts_packed_int32_scales_up_to_the_device_check():
     with pytest.raises(ValueError, match="data: expected a CUDA tensor"):
         ops.nvfp4_dequant_rows(torch.zeros(T, H // 2, dtype=torch.uint8), torch.zeros(T, H // 64, dtype=torch.int32),
                                torch.zeros(T, H, dtype=torch.bfloat16))
+
+
+def test_combine_rejects_y_slot_with_fewer_rows_than_pairs():
+    """The kernel reads y_slot at any slot of pair_slot, and slots run up to T*k - 1."""
+    with pytest.raises(ValueError, match=r"y_slot: expected shape \(10, \*\), got \(1, 128\)"):
+        ops.combine(torch.zeros(1, H), torch.zeros(T * K, dtype=torch.int32), torch.zeros(T, K), torch.zeros(T, H))
 
 
 def test_combine_rejects_bf16_routing_weights():
@@ -197,3 +226,167 @@ def test_topk_stable_rejects_cpu_scores():
 def test_programmatic_launch_switch_rejects_a_non_bool():
     with pytest.raises(TypeError, match="enabled: expected a bool, got int"):
         ops.set_programmatic_launch(1)
+
+
+# ---- where kernels launch ----
+
+def test_kernels_launch_on_the_tensors_device_and_its_stream_whatever_device_is_current(monkeypatch):
+    current = [torch.device("cuda", 0)]
+    calls = []
+
+    @contextmanager
+    def device_guard(d):
+        before, current[0] = current[0], torch.device(d)
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda d=None: SimpleNamespace(cuda_stream=f"stream of {torch.device(d or current[0])}"))
+    monkeypatch.setattr(ops, "_ext", lambda: SimpleNamespace(moe_combine=lambda *a: calls.append((current[0], a))))
+    ops.launch("moe_combine", torch.device("cuda", 1), 7)
+    assert calls == [(torch.device("cuda", 1), (7, "stream of cuda:1"))]
+    assert current[0] == torch.device("cuda", 0)
+
+
+# ---- fake tensors (torch.compile, FakeTensorMode) ----
+
+@pytest.fixture
+def fake_addresses_raise(monkeypatch) -> None:
+    """A fake tensor has no address: torch warns (once per process) that data_ptr() will become an error; make it
+    one now."""
+    def data_ptr(self):
+        raise AssertionError("data_ptr() called on a FakeTensor")
+
+    monkeypatch.setattr(FakeTensor, "data_ptr", data_ptr)
+
+
+@pytest.mark.usefixtures("fake_addresses_raise")
+def test_wrappers_validate_fake_tensors_without_reading_their_addresses():
+    with FakeTensorMode():
+        ops.grouped_l1(**good_l1_args("cuda"))
+        ops.combine(torch.zeros(T * K, H, device="cuda"), torch.zeros(T * K, dtype=torch.int32, device="cuda"),
+                    torch.zeros(T, K, device="cuda"), torch.zeros(T, H, device="cuda"))
+        assert ops.topk_stable(torch.zeros(T, 8, device="cuda"), K).shape == (T, K)
+
+
+@pytest.mark.usefixtures("fake_addresses_raise")
+def test_fake_tensors_are_checked_for_alignment_by_their_storage_offset():
+    with FakeTensorMode():
+        args = good_l1_args()
+        args["out_f32"] = misaligned(args["out_f32"])
+        with pytest.raises(ValueError, match="out_f32: expected a 16-byte aligned data pointer, got address % 16 = 4"):
+            ops.grouped_l1(**args)
+
+
+# ---- staging ----
+
+def stage_buffers(device: str = "cpu") -> dict:
+    return dict(hidden=torch.zeros(2, H, dtype=torch.bfloat16, device=device),
+                x=torch.zeros(4, H // 2, dtype=torch.uint8, device=device),
+                x_sf=torch.zeros(4, H // 64, dtype=torch.int32, device=device), x_global=torch.zeros(1, device=device),
+                amax_scratch=torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def test_staging_rejects_an_amax_scratch_of_the_wrong_dtype_before_the_finite_check_syncs():
+    args = stage_buffers()
+    args["hidden"][1, 3] = float("inf")
+    args["amax_scratch"] = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(TypeError, match="amax_scratch: expected dtype torch.int32, got torch.int64"):
+        staging.stage_nvfp4(**args, check=True)
+
+
+def test_staging_rejects_an_amax_scratch_on_another_device():
+    with FakeTensorMode():
+        args = stage_buffers("cuda")
+        args["amax_scratch"] = torch.zeros(1, dtype=torch.int32)
+        with pytest.raises(ValueError, match="amax_scratch: expected a CUDA tensor, got device cpu"):
+            staging.stage_nvfp4(**args)
+
+
+# ---- the CUDA expert stage: every argument checked before its first kernel ----
+
+@pytest.fixture
+def launches(monkeypatch) -> list[str]:
+    """The kernels the stage launches, on CPU tensors: the CPU stands in for the GPU, any other device (meta) is a
+    second one."""
+    def same_device(named: dict) -> None:
+        for name, t in named.items():
+            if t is not None and t.device.type != "cpu":
+                raise ValueError(f"{name}: expected device cpu, got {t.device}")
+
+    launched = []
+    monkeypatch.setattr(ops, "launch", lambda kernel, device, *args: launched.append(kernel))
+    monkeypatch.setattr(ops, "check_same_device", same_device)
+    return launched
+
+
+def stage_args(act_mode: str = "nvfp4") -> dict:
+    weights = dataclasses.replace(ExpertWeights.empty(E, H, I), layout="sm90")
+    weights.l2_input_scale.fill_(1.0)
+    acts = nvfp4.quantize(torch.ones(T, H)) if act_mode == "nvfp4" else torch.zeros(T, H, dtype=torch.bfloat16)
+    return dict(acts=acts, topk_idx=torch.zeros(T, K, dtype=torch.int32), topk_weights=torch.ones(T, K),
+                weights=weights, expert_begin=0, spec=ExpertSpec(act_mode))
+
+
+@pytest.mark.parametrize("act_mode,kernels", [
+    ("nvfp4", ["moe_align", "nvfp4_dequant_rows", "grouped_l1", "grouped_l2", "moe_combine"]),
+    ("bf16", ["moe_align", "grouped_l1", "grouped_l2", "moe_combine"])])
+def test_stage_with_valid_arguments_runs_all_of_its_kernels(launches, act_mode, kernels):
+    cuda_expert_stage(**stage_args(act_mode))
+    assert launches == kernels
+
+
+def bad_stage_arguments() -> list:
+    """(argument name, a bad value, error type, message): the ways each argument of cuda_expert_stage can be wrong."""
+    def nvfp4_acts(rows: int = T, scale_rows: int = T, gs: torch.Tensor = torch.ones(())) -> nvfp4.NVFP4Tensor:
+        return nvfp4.NVFP4Tensor(torch.zeros(rows, H // 2, dtype=torch.uint8),
+                                 torch.zeros(scale_rows, H // 16, dtype=torch.float8_e4m3fn), gs)
+
+    w2_of_another_inter = dict(w2=torch.empty(E, H, I, dtype=torch.uint8),
+                               w2_scale=torch.empty(E, H, I // 8, dtype=torch.float8_e4m3fn))
+    cases = {
+        "int64_ids": ("topk_idx", torch.zeros(T, K, dtype=torch.int64), TypeError,
+                      "topk_idx: expected dtype torch.int32"),
+        "transposed_weights": ("topk_weights", torch.ones(K, T), ValueError,
+                               r"topk_weights: expected shape \(5, 2\), got \(2, 5\)"),
+        "bf16_weights": ("topk_weights", torch.ones(T, K, dtype=torch.bfloat16), TypeError,
+                         "topk_weights: expected dtype torch.float32"),
+        "weights_on_another_device": ("topk_weights", torch.ones(T, K, device="meta"), ValueError,
+                                      "topk_weights: expected device cpu, got meta"),
+        "more_act_rows_than_ids": ("acts", nvfp4_acts(rows=T + 1), ValueError,
+                                   r"acts.data: expected shape \(5, 64\), got \(6, 64\)"),
+        "scales_for_one_row": ("acts", nvfp4_acts(scale_rows=1), ValueError,
+                               r"acts.scale: expected shape \(5, 8\), got \(1, 8\)"),
+        "two_global_scales": ("acts", nvfp4_acts(gs=torch.ones(2)), ValueError,
+                              r"acts.global_scale: expected one value, got shape \(2,\)"),
+        "bf16_acts_in_nvfp4_mode": ("acts", torch.zeros(T, H, dtype=torch.bfloat16), TypeError,
+                                    "acts: expected an NVFP4Tensor in act_mode 'nvfp4', got Tensor"),
+        "out_rows": ("out", torch.empty(K, H), ValueError, r"out: expected shape \(5, 128\), got \(2, 128\)"),
+        "fp16_out": ("out", torch.empty(T, H, dtype=torch.float16), TypeError,
+                     "out: expected dtype torch.float32 or torch.bfloat16, got torch.float16"),
+        "small_workspace": ("workspace", ExpertWorkspace.allocate(T - 1, K, E, H, I, "cpu"), ValueError,
+                            "workspace: holds 4 tokens of top-2, got 5 tokens of top-2"),
+        "block_n": ("block_n", 12, ValueError, r"block_n: expected one of \(8, 16, 32, 64, 128\), got 12"),
+        "w2_unlike_w13": ("weights", dataclasses.replace(ExpertWeights.empty(E, H, I), layout="sm90",
+                                                         **w2_of_another_inter), ValueError,
+                          r"weights.w2: expected shape \(4, 128, 32\) \(that of weights.w13\), got \(4, 128, 64\)"),
+    }
+    return [pytest.param(*case, id=name) for name, case in cases.items()]
+
+
+@pytest.mark.parametrize("name,bad,error,message", bad_stage_arguments())
+def test_stage_rejects_a_bad_argument_before_launching_anything(launches, name, bad, error, message):
+    args = stage_args()
+    args[name] = bad
+    with pytest.raises(error, match=message):
+        cuda_expert_stage(**args)
+    assert launches == []
+
+
+def test_stage_rejects_bf16_activations_of_another_hidden_size_before_launching_anything(launches):
+    args = stage_args("bf16")
+    args["acts"] = torch.zeros(T, 2 * H, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"acts: expected shape \(5, 128\), got \(5, 256\)"):
+        cuda_expert_stage(**args)
+    assert launches == []

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ep_runtime import nvfp4
@@ -79,3 +80,27 @@ def test_dequantized_weights_approximate_the_dense_ones(gen):
     ref = torch.cat([gate, up], dim=1)
     assert 0 < ((w13 - ref).norm() / ref.norm()).item() < 0.15
     assert 0 < ((w2 - down).norm() / down.norm()).item() < 0.15
+
+
+def test_to_the_device_the_weights_are_on_returns_them_as_they_are():
+    w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
+    assert w.to("cpu") is w
+
+
+def test_to_a_device_holding_some_of_the_tensors_shares_none_of_them():
+    w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
+    w.w2 = w.w2.to("meta")
+    moved = w.to("meta")
+    assert not any(a is b for a, b in zip(moved._tensors().values(), w._tensors().values()))
+
+
+def test_check_sizes_names_the_tensor_that_does_not_match():
+    w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
+    w.l2_input_scale = torch.ones(())
+    with pytest.raises(ValueError, match=r"w.l2_input_scale: expected torch.float32 of shape \(2,\) for 2 experts "
+                                         r"of hidden 64, intermediate 64; got torch.float32 of shape \(\)"):
+        w.check_sizes("w", 2, 64, 64)
+
+
+def test_check_sizes_accepts_the_sizes_the_weights_have():
+    ExpertWeights.synthetic(range(2), 64, 128, seed=1, device="cpu").check_sizes("w", 2, 64, 128)

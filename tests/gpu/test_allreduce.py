@@ -37,7 +37,8 @@ def multigpu(f):
 
 
 def emulated(f):
-    skip = pytest.mark.skipif(_TORCHRUN or not extension_available("all_reduce"), reason="needs one GPU and the built extension")
+    skip = pytest.mark.skipif(_TORCHRUN or not extension_available("all_reduce"),
+                              reason="needs one GPU and the built extension")
     return pytest.mark.gpu(skip(f))
 
 
@@ -178,6 +179,14 @@ def test_cuda_graph_replay_gives_the_same_bits_as_eager(backend, algo: str) -> N
 @multigpu
 def test_device_barrier_passes_when_every_rank_arrives(backend) -> None:
     backend.barrier(timeout_s=10.0)
+
+
+@multigpu
+def test_a_one_shot_threshold_that_differs_between_ranks_is_refused_naming_both_values(backend) -> None:
+    mine = 1024 * (backend.rank + 1)  # as if EP_ALLREDUCE_ONESHOT_MAX_BYTES differed between the ranks
+    with pytest.raises(ValueError, match=rf"oneshot_max_bytes: expected the same value on every rank, "
+                                         rf"rank {backend.rank} has {mine}, rank \d+ has \d+"):
+        TorchSymmBackend(backend.device, capacity_bytes=1 << 20, oneshot_max_bytes=mine)
 
 
 @multigpu

@@ -187,7 +187,7 @@ def test_combine_equals_the_reference_combine_bitwise(t, k, hidden, ranks, out_d
     slots = map_slots(idx, e_local, 0)
     pair_slot = torch.full((t * k,), -1, dtype=torch.int32, device=DEV)
     pair_slot[slots.slot_pair[: slots.num_slots].long()] = torch.arange(slots.num_slots, dtype=torch.int32, device=DEV)
-    y_slot = torch.randn(max(slots.num_slots, 1), hidden, generator=gen).to(DEV)
+    y_slot = torch.randn(t * k, hidden, generator=gen).to(DEV)  # a row per pair; rows past num_slots go unread
     out = torch.full((t, hidden), float("nan"), dtype=out_dtype, device=DEV)
     ops.combine(y_slot, pair_slot, w, out)
     ref = combine(y_slot, slots, w, t)
@@ -577,6 +577,28 @@ def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_
         torch.cuda.synchronize()
         for out, ref in zip(outs, expected):
             assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
+def test_stage_on_a_gpu_other_than_the_current_one_gives_the_bits_it_gives_on_the_current_one(spec_name, gen):
+    """Every kernel launches on its tensors' device, on that device's stream, with grids sized for that device,
+    whichever device is current."""
+    spec = SPECS[spec_name]
+    e, h, i, t, k = 8, 512, 256, 48, 4
+    weights = random_weights(e, h, i, gen)
+    acts = random_acts(t, h, weights, spec, gen)
+    idx, w = routing("uneven", t, k, e, gen)
+    second = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        expected, _ = run_stage(acts, idx, w, weights, spec)
+        if spec.act_mode == "nvfp4":
+            acts = NVFP4Tensor(acts.data.to(second), acts.scale.to(second), acts.global_scale.to(second))
+        else:
+            acts = acts.to(second)
+        out = cuda_expert_stage(acts, idx.to(second), w.to(second), tiled(weights).to(second), 0, spec)
+        assert out.device == second and torch.cuda.current_device() == 0
+        assert torch.equal(out.cpu(), expected.cpu())
 
 
 def test_bf16_output_is_the_rounded_fp32_output(gen):

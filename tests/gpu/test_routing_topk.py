@@ -42,6 +42,14 @@ def test_topk_stable_on_distinct_random_scores(gen):
     assert torch.equal(ops.topk_stable(scores, 6), want)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_topk_stable_on_a_gpu_other_than_the_current_one(gen):
+    scores = tricky_scores(37, 256, gen).to(torch.device("cuda", 1))
+    with torch.cuda.device(0):
+        got = ops.topk_stable(scores, 8)
+        assert torch.equal(got, torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :8])
+
+
 def test_routing_on_the_gpu_selects_what_the_stable_sort_selects(gen, monkeypatch):
     """route_v4 / route_v3 with the kernel give the ids and weights of the same routing with torch.sort, on the
     same device (so on the same scores)."""

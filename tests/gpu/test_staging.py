@@ -157,3 +157,14 @@ def test_check_rejects_a_non_positive_static_scale() -> None:
     x, x_sf, x_global = _poisoned_buffers(64)
     with pytest.raises(ValueError, match="global_scale"):
         stage_nvfp4(hidden, x, x_sf, x_global, AMAX, global_scale=torch.zeros((), device=DEV), check=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_staging_on_a_gpu_other_than_the_current_one_matches_reference_bitwise(gen: torch.Generator) -> None:
+    second = torch.device("cuda", 1)
+    hidden = _random_hidden(7, 4096, gen)
+    x, x_sf, x_global = (b.to(second) for b in _poisoned_buffers(4096))
+    with torch.cuda.device(0):
+        stage_nvfp4(hidden.to(second), x, x_sf, x_global, torch.zeros(1, dtype=torch.int32, device=second))
+    torch.cuda.synchronize(second)
+    _assert_staged_equals_reference(hidden, x, x_sf, x_global)
