@@ -50,6 +50,7 @@ class EPMoE(nn.Module):
         if weights.experts.num_experts != n_local:
             raise ValueError(f"weights: expected {n_local} local experts for world_size={world_size}, "
                              f"got {weights.experts.num_experts}")
+        _check_shared_present(m, weights.shared is not None, "weights.shared")
         stacks = [("weights.experts", weights.experts, n_local, m.moe_intermediate_size)]
         if weights.shared is not None:
             stacks.append(("weights.shared", weights.shared, 1, m.moe_intermediate_size * m.n_shared_experts))
@@ -147,6 +148,7 @@ class EPMoE(nn.Module):
             _check_dense(name, t, shape, per_expert=True)
         check_positive_scale(torch.tensor(float(l1_input_scale)), "l1_input_scale")
         check_positive_scale(l2_input_scale, "l2_input_scale")
+        _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
             sg, su, sd, s_l2 = shared
             i_s = i * m.n_shared_experts
@@ -265,6 +267,14 @@ def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:
             raise ValueError(f"rank: expected this process's rank in the default process group, "
                              f"{dist.get_rank()}, got {rank}")
     return e // world_size
+
+
+def _check_shared_present(m: ModelConfig, present: bool, name: str) -> None:
+    """The config decides whether the layer has a shared expert: weights without it would silently drop it."""
+    if present != (m.n_shared_experts > 0):
+        want = f"the shared expert (model.n_shared_experts={m.n_shared_experts})" if m.n_shared_experts else \
+            "none (model.n_shared_experts=0)"
+        raise ValueError(f"{name}: expected {want}, got {'one' if present else 'none'}")
 
 
 def _check_buffer(buffer: SymmBuffer, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:

@@ -1,4 +1,6 @@
 """EPMoE as an nn.Module a custom model calls: construction, validation, capacity."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,10 +37,27 @@ def test_a_module_built_from_dense_weights_runs_and_is_deterministic(gen):
 def test_shared_expert_is_added_to_the_routed_sum(gen):
     d = _dense(gen)
     with_shared = EPMoE.from_dense(CFG, **d)
-    without = EPMoE.from_dense(CFG, **{**d, "shared": None})
+    without = EPMoE.from_dense(_without_shared_expert(CFG), **{**d, "shared": None})
     x = torch.randn(4, M.hidden_size, generator=gen)
     ids = torch.randint(0, M.vocab_size, (4,), generator=gen)
     assert not torch.equal(with_shared(x, ids), without(x, ids))
+
+
+def _without_shared_expert(cfg):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_shared_experts=0))
+
+
+def test_dense_weights_must_have_a_shared_expert_exactly_when_the_config_does(gen):
+    d = _dense(gen)
+    with pytest.raises(ValueError, match=r"shared: expected the shared expert \(model.n_shared_experts=1\), got none"):
+        EPMoE.from_dense(CFG, **{**d, "shared": None})
+    with pytest.raises(ValueError, match=r"shared: expected none \(model.n_shared_experts=0\), got one"):
+        EPMoE.from_dense(_without_shared_expert(CFG), **d)
+
+
+def test_layer_weights_without_the_configured_shared_expert_are_rejected():
+    with pytest.raises(ValueError, match=r"weights.shared: expected the shared expert"):
+        EPMoE(CFG, dataclasses.replace(_layer(), shared=None))
 
 
 def test_more_tokens_than_the_buffer_holds_is_a_clear_error(gen):
@@ -124,17 +143,18 @@ def test_a_bad_shared_expert_scale_names_the_shared_expert(cuda_simulated):
 def test_weights_tiled_in_place_say_so_to_the_caller(cuda_simulated):
     w = _layer()
     w.shared = None  # its CUDA stream cannot be made on a CPU-only machine
-    moe = EPMoE(CFG, w)
+    moe = EPMoE(_without_shared_expert(CFG), w)
     assert moe.experts is w.experts and w.experts.layout == "sm90"
 
 
 def test_weights_already_tiled_are_rejected(cuda_simulated, monkeypatch):
     w = _layer()
-    w.shared = None
-    EPMoE(CFG, w)
+    w.shared = None  # as above
+    cfg = _without_shared_expert(CFG)
+    EPMoE(cfg, w)
     monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: False)
     with pytest.raises(ValueError, match="weights: EPMoE takes layout 'rows', got 'sm90'"):
-        EPMoE(CFG, w)
+        EPMoE(cfg, w)
 
 
 @pytest.mark.parametrize("rank", [-1, 4])
