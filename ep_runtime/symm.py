@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .dist_utils import collective, host_barrier
-from .nvfp4 import NVFP4Tensor, quantize
+from .nvfp4 import NVFP4Tensor, check_finite, quantize
 
 log = logging.getLogger("ep_runtime")
 
@@ -143,14 +143,16 @@ class SymmBuffer:
               check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Quantize hidden (T, H) into x / x_sf / x_global (or copy it, bf16 mode); return the staged views."""
         t = self._check_rows(hidden, "hidden", torch.bfloat16 if self.act_mode != "nvfp4" else None, self.hidden)
-        if self.act_mode != "nvfp4":
-            self.x[:t].copy_(hidden)
-            return self.activations(t)
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16:
-            from .staging import stage_nvfp4
+        if self.act_mode == "nvfp4" and hidden.is_cuda and hidden.dtype == torch.bfloat16:
+            from .staging import stage_nvfp4  # checks hidden itself, beside its launch
 
             gs = None if global_scale is None else global_scale.reshape(1).float()
             return stage_nvfp4(hidden, self.x, self.x_sf, self.x_global, self._amax, gs, check)
+        if check:
+            check_finite(hidden, "hidden")
+        if self.act_mode != "nvfp4":
+            self.x[:t].copy_(hidden)
+            return self.activations(t)
         q = quantize(hidden, global_scale, check=check)
         staged = self.activations(t)
         staged.data.copy_(q.data)

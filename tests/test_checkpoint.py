@@ -39,12 +39,23 @@ def _copy(ckpt, dst, edit=None):
 def test_loaded_stacks_hold_the_files_tensors_for_the_local_experts(ckpt):
     layer = load_layer(CheckpointReader(ckpt), CFG, 1, rank=2, world_size=4)
     t = _all_tensors(ckpt)
+    x = layer.experts
     for local, e in enumerate(range(16, 24)):
-        gate, up = t[EXPERT.format(e, "gate_proj", "weight")], t[EXPERT.format(e, "up_proj", "weight")]
-        assert torch.equal(layer.experts.w13[local], torch.cat([gate, up]))
-        assert torch.equal(layer.experts.w2[local], t[EXPERT.format(e, "down_proj", "weight")])
-        assert layer.experts.w2_alpha[local].item() == t[EXPERT.format(e, "down_proj", "weight_scale_2")].item()
-        assert layer.experts.l2_input_scale[local].item() == t[EXPERT.format(e, "down_proj", "input_scale")].item()
+        def f(proj, tensor):
+            return t[EXPERT.format(e, proj, tensor)]
+
+        def scale_bytes(proj):  # compared as bytes: the loader must copy every bit of the e4m3 scales
+            return f(proj, "weight_scale").view(torch.uint8)
+
+        assert torch.equal(x.w13[local], torch.cat([f("gate_proj", "weight"), f("up_proj", "weight")]))
+        assert torch.equal(x.w13_scale[local].view(torch.uint8),
+                           torch.cat([scale_bytes("gate_proj"), scale_bytes("up_proj")]))
+        assert x.w13_alpha[local].tolist() == [f("gate_proj", "weight_scale_2").item(),
+                                               f("up_proj", "weight_scale_2").item()]
+        assert torch.equal(x.w2[local], f("down_proj", "weight"))
+        assert torch.equal(x.w2_scale[local].view(torch.uint8), scale_bytes("down_proj"))
+        assert x.w2_alpha[local].item() == f("down_proj", "weight_scale_2").item()
+        assert x.l2_input_scale[local].item() == f("down_proj", "input_scale").item()
 
 
 def test_a_rank_reads_only_its_own_experts(ckpt):
@@ -68,12 +79,20 @@ def test_single_file_checkpoints_load_like_sharded_ones(ckpt, tmp_path):
     assert torch.equal(a.experts.w13, b.experts.w13) and torch.equal(a.tid2eid, b.tid2eid)
 
 
-def test_the_layer_input_scale_is_the_max_over_gate_and_up_input_scales(ckpt):
-    t = _all_tensors(ckpt)
-    layer = load_layer(CheckpointReader(ckpt), CFG, 1, rank=0, world_size=4)
+@pytest.mark.parametrize("key", [EXPERT.format(5, "up_proj", "input_scale"),
+                                 "model.layers.1.mlp.shared_experts.up_proj.input_scale"], ids=["expert", "shared"])
+def test_the_layer_input_scale_is_the_max_over_gate_and_up_input_scales(ckpt, tmp_path, key):
+    # The synthetic writer gives gate and up one input scale; raising a single up_proj scale above every other
+    # one shows that up scales (the shared expert's included: it sees the same layer input) enter the max.
+    def raise_up_scale(tensors):
+        tensors[key] = 2 * max(v.max() for k, v in tensors.items() if k.endswith("input_scale")).reshape(1)
+
+    t = _all_tensors(_copy(ckpt, tmp_path, raise_up_scale))
+    layer = load_layer(CheckpointReader(tmp_path), CFG, 1, rank=0, world_size=4)
     scales = [t[EXPERT.format(e, p, "input_scale")].item() for e in range(8) for p in ("gate_proj", "up_proj")]
-    scales.append(t["model.layers.1.mlp.shared_experts.gate_proj.input_scale"].item())
-    assert layer.experts.l1_input_scale.item() == max(scales)
+    scales += [t[f"model.layers.1.mlp.shared_experts.{p}.input_scale"].item() for p in ("gate_proj", "up_proj")]
+    assert layer.experts.l1_input_scale.item() == max(scales) == t[key].item()
+    assert layer.shared.l1_input_scale.item() == max(scales)
 
 
 def test_a_key_map_hook_reads_other_namings(ckpt, tmp_path):
@@ -91,9 +110,13 @@ def test_scales_stored_as_bytes_are_reinterpreted_as_e4m3(ckpt, tmp_path):
         for k in [k for k in tensors if k.endswith("weight_scale")]:
             tensors[k] = tensors[k].view(torch.uint8)
 
-    a = load_layer(CheckpointReader(ckpt), CFG, 1, 0, 4)
+    t = _all_tensors(ckpt)
     b = load_layer(CheckpointReader(_copy(ckpt, tmp_path, as_bytes)), CFG, 1, 0, 4)
-    assert torch.equal(a.experts.w13_scale.view(torch.uint8), b.experts.w13_scale.view(torch.uint8))
+    for e in range(8):
+        gate, up, down = (t[EXPERT.format(e, p, "weight_scale")].view(torch.uint8)
+                          for p in ("gate_proj", "up_proj", "down_proj"))
+        assert torch.equal(b.experts.w13_scale[e].view(torch.uint8), torch.cat([gate, up]))
+        assert torch.equal(b.experts.w2_scale[e].view(torch.uint8), down)
 
 
 def test_missing_tensor_is_named(ckpt, tmp_path):
@@ -120,7 +143,7 @@ def test_wrong_shape_is_named(ckpt, tmp_path):
 def test_non_positive_global_scale_is_rejected(ckpt, tmp_path):
     key = EXPERT.format(1, "gate_proj", "weight_scale_2")
     path = _copy(ckpt, tmp_path, lambda t: t.__setitem__(key, torch.zeros(1)))
-    with pytest.raises(CheckpointError, match=key):
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(key)}': expected a finite positive scale"):
         load_layer(CheckpointReader(path), CFG, 1, 0, 4)
 
 

@@ -52,7 +52,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("world", [2, 4, 8])  # world=1 would compare the reference with itself
 def test_ep_output_equals_the_single_process_reference(ckpt, tmp_path, world):
     seed = int(torch.seed() % 2**31)
     overrides = ["tokens=48", "layer=1"]

@@ -114,19 +114,8 @@ def test_expert_stage_matches_an_independent_per_token_model(gen, act_mode, scal
     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
 
-def test_w4a16_and_w4a4_differ_by_activation_quantization_only(gen):
-    weights = _random_experts(gen)
-    x = torch.randn(5, H, generator=gen)
-    topk_idx = torch.randint(0, E, (5, TOPK), generator=gen, dtype=torch.int32)
-    w = torch.rand(5, TOPK, generator=gen)
-    a4 = expert_stage(nvfp4.quantize(x), topk_idx, w, weights, 0, ExpertSpec("nvfp4", "dynamic"))
-    a16 = expert_stage(x.to(torch.bfloat16), topk_idx, w, weights, 0, ExpertSpec("bf16", "dynamic"))
-    rel = ((a4 - a16).norm() / a16.norm()).item()
-    assert 1e-3 < rel < 0.3
-
-
 def test_unknown_backend_is_rejected(gen):
     weights = _random_experts(gen)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match=r"^backend: expected 'reference' or 'cuda', got 'magic'$"):
         expert_stage(nvfp4.quantize(torch.randn(1, H)), torch.zeros(1, TOPK, dtype=torch.int32),
                      torch.ones(1, TOPK), weights, 0, ExpertSpec(), backend="magic")

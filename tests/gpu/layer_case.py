@@ -1,19 +1,42 @@
 """The mid-sized V4-style layer the GPU layer tests share (not a test module)."""
+import dataclasses
+
 import torch
 
 from ep_runtime.config import Config, load_config
+from ep_runtime.moe import EPMoE
 
 LAYER = ["hidden_size=1024", "moe_intermediate_size=512", "n_routed_experts=32", "num_hash_layers=0",
          "dtype=bfloat16", "max_tokens=512", "tokens=256", "layer=0"]
 
 
-def layer_config(world_size: int, *overrides: str) -> Config:
-    return load_config("tiny", [*LAYER, f"world_size={world_size}", *overrides])
+def layer_config(world_size: int, *overrides: str, seed: int) -> Config:
+    """seed: the synthetic weights' seed (runtime.seed), fresh per run like the inputs."""
+    return load_config("tiny", [*LAYER, f"world_size={world_size}", f"seed={seed}", *overrides])
 
 
 def layer_inputs(cfg: Config, seed: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(cfg.runtime.tokens, cfg.model.hidden_size, generator=g, device=device).to(torch.bfloat16)
+
+
+def poison_module(moe: EPMoE) -> None:
+    """NaN into every floating-point tensor a forward writes before it reads it, so that anything a forward leaves
+    unwritten shows: the buffer's bf16 x (W4A16) or NVFP4 global scale, routing weights and all-reduce buffer y, the
+    expert workspaces (None on the reference backend) and the shared expert's output. Not the shared expert's
+    constant routing weights (moe._shared_w), which every forward only reads."""
+    buf = moe.buffer
+    # x is packed uint8 in W4A4 and x_global exists only then; integer regions (x_sf, topk_idx) are left alone
+    tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")] + [moe._shared_y]
+    for ws in (moe._workspace, moe._shared_workspace):
+        if ws is not None:
+            tensors += [getattr(ws, f.name) for f in dataclasses.fields(ws)]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            if t.element_size() == 1:  # e4m3 block scales: the byte 0x7F is NaN
+                t.view(torch.uint8).fill_(0x7F)
+            else:
+                t.fill_(float("nan"))
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

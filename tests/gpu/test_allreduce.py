@@ -102,6 +102,7 @@ def _run(be: TorchSymmBackend, buf: torch.Tensor, seed: int, t: int, algo: str) 
 @pytest.mark.parametrize("algo", ["oneshot", "twoshot", "auto"])
 @pytest.mark.parametrize("t", TOKENS)
 def test_bf16_result_is_the_fp32_ascending_rank_sum_exactly(backend, algo: str, t: int) -> None:
+    """Every rank checks against the same deterministic sum, so the ranks also get identical bits."""
     got, want = _run(backend, backend.y, seed=backend.seed + t, t=t, algo=algo)
     torch.cuda.synchronize()
     assert torch.equal(_bits(got), _bits(want))
@@ -134,17 +135,6 @@ def test_agrees_with_nccl_all_reduce_up_to_bf16_rounding(backend, t: int) -> Non
     dist.all_reduce(ref)  # NCCL, fp32, its own summation order
     torch.cuda.synchronize()
     torch.testing.assert_close(backend.y[:t].float(), ref, rtol=2**-7, atol=1e-5)
-
-
-@multigpu
-@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
-@pytest.mark.parametrize("t", [1, 512, 8192])
-def test_every_rank_gets_identical_bits(backend, algo: str, t: int) -> None:
-    got, _ = _run(backend, backend.y, seed=backend.seed + 3000 + t, t=t, algo=algo)
-    gathered = [torch.empty_like(got) for _ in range(backend.world_size)]
-    dist.all_gather(gathered, got)
-    torch.cuda.synchronize()
-    assert all(torch.equal(_bits(g), _bits(gathered[0])) for g in gathered)
 
 
 @multigpu

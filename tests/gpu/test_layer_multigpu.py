@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ep_runtime.moe import EPMoE
 
-from layer_case import cosine, layer_config, layer_inputs
+from layer_case import cosine, layer_config, layer_inputs, poison_module
 
 _TORCHRUN = ("RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
              and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]))
@@ -27,7 +27,8 @@ def group():
     device = torch.device("cuda", local)
     dist.init_process_group("nccl", device_id=device)
     seed = [torch.seed() % 2**31]
-    dist.broadcast_object_list(seed, src=0)  # the same fresh inputs on every rank
+    dist.broadcast_object_list(seed, src=0)  # the same fresh weights and inputs on every rank
+    print(f"rank {dist.get_rank()}: seed {seed[0]}")
     yield dist.get_rank(), dist.get_world_size(), device, seed[0]
     dist.barrier()
     dist.destroy_process_group()
@@ -36,7 +37,7 @@ def group():
 @pytest.fixture(scope="module")
 def layer(group):
     rank, world, device, seed = group
-    cfg = layer_config(world, "backend=cuda", "symm_backend=torch", "act_scale=static")
+    cfg = layer_config(world, "backend=cuda", "symm_backend=torch", "act_scale=static", seed=seed)
     return cfg, EPMoE.from_synthetic(cfg, 0, rank, world, device=device)
 
 
@@ -50,9 +51,11 @@ def test_ep_output_matches_the_single_gpu_reference_on_every_rank(group, layer):
     rank, world, device, seed = group
     cfg, moe = layer
     x = layer_inputs(cfg, seed, device)
+    poison_module(moe)
     out = moe(x)
     outs = _gathered(out, world)
     ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference"), device=device)
+    poison_module(ref)
     expected = ref(x)
     assert all(torch.equal(o, outs[0]) for o in outs)  # the all-reduce gives every rank the same bits
     assert cosine(out, expected) >= 0.9999
@@ -62,8 +65,10 @@ def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
     rank, world, device, seed = group
     cfg, moe = layer
     x = layer_inputs(cfg, seed + 1, device)
+    poison_module(moe)
     eager = moe(x).clone()
     captured = moe.capture(x)
+    poison_module(moe)
     captured.out.fill_(float("nan"))
     replayed = captured.replay().clone()
     torch.cuda.synchronize()
