@@ -110,17 +110,19 @@ def check_positive_scale(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected a finite positive scale, got {v.tolist()}")
 
 
-def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, check: bool = True) -> NVFP4Tensor:
+def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, check: bool = True,
+             name: str = "x") -> NVFP4Tensor:
     """Quantize (..., K) to NVFP4 along the last dimension (K a multiple of 16).
 
     global_scale None -> dynamic (amax) scale; otherwise the given fp32 scale (static: 1/input_scale).
+    name: what errors call x (the caller's argument).
     """
     if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
-    _require_multiple(x, BLOCK, "x")
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    _require_multiple(x, BLOCK, name)
     xf = x.float()
     if check:
-        check_finite(xf, "x")
+        check_finite(xf, name)
     if global_scale is None:
         gs = dynamic_global_scale(xf)
     else:

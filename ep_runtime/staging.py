@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvfp4 import NVFP4Tensor, check_finite
+from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .ops import check_one_value, check_same_device, check_tensor, launch
 
 _OP = "ep_runtime::stage_nvfp4"
@@ -62,8 +62,8 @@ def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_glo
     validate_stage_args(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     if check:
         check_finite(hidden, "hidden")
-        if global_scale is not None and not (torch.isfinite(global_scale).all() and (global_scale > 0).all()):
-            raise ValueError(f"global_scale: expected a finite positive scale, got {global_scale.item()}")
+        if global_scale is not None:
+            check_positive_scale(global_scale, "global_scale")
     _stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.

@@ -148,12 +148,12 @@ class SymmBuffer:
 
             gs = None if global_scale is None else global_scale.reshape(1).float()
             return stage_nvfp4(hidden, self.x, self.x_sf, self.x_global, self._amax, gs, check)
-        if check:
-            check_finite(hidden, "hidden")
         if self.act_mode != "nvfp4":
+            if check:
+                check_finite(hidden, "hidden")
             self.x[:t].copy_(hidden)
             return self.activations(t)
-        q = quantize(hidden, global_scale, check=check)
+        q = quantize(hidden, global_scale, check=check, name="hidden")
         staged = self.activations(t)
         staged.data.copy_(q.data)
         staged.scale.view(torch.uint8).copy_(q.scale.view(torch.uint8))
