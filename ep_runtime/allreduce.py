@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dist_utils import CommTimeoutError
+from .ops import define_op, launch
 
 ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
@@ -133,8 +134,6 @@ class SymmAllReduce:
         return t
 
     def launch(self, t: torch.Tensor, algo_code: int) -> None:
-        from .ops import launch
-
         launch("all_reduce", t.device, self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
                _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas)
 
@@ -154,11 +153,8 @@ class SymmAllReduce:
 _registry: list[SymmAllReduce] = []
 
 
-@torch.library.custom_op("ep_runtime::symm_all_reduce_", mutates_args=("t",))
-def _all_reduce_op(t: torch.Tensor, comm: int, algo: int) -> None:
+def _all_reduce_impl(t: torch.Tensor, comm: int, algo: int) -> None:
     _registry[comm].launch(t, algo)
 
 
-@_all_reduce_op.register_fake
-def _(t, comm, algo) -> None:
-    return None
+_all_reduce_op = define_op("symm_all_reduce_(Tensor(a!) t, int comm, int algo) -> ()", _all_reduce_impl)

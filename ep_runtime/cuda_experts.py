@@ -2,11 +2,11 @@
 
 Same contract as experts.expert_stage (the oracle): this rank's partial output (T, H) for its local experts.
 All buffers live in an ExpertWorkspace sized for the largest batch, allocated once, so a CUDA graph captured
-around cuda_expert_stage replays on the same addresses. Nothing here synchronizes with the host.
+around a CudaExpertStage call replays on the same addresses. Nothing here synchronizes with the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -16,9 +16,26 @@ from .nvfp4 import NVFP4Tensor
 from .weights import ExpertWeights
 
 
-@dataclass
+def _workspace_layout(max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
+                      spec: ExpertSpec) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
+    """(field, shape, dtype, whether the spec uses it) of every workspace buffer."""
+    s = max_tokens * topk
+    nvfp4 = spec.act_mode == "nvfp4"
+    dynamic = nvfp4 and spec.l2_scale_mode == "dynamic"
+    return [("counts", (num_experts,), torch.int32, True), ("offsets", (num_experts + 1,), torch.int32, True),
+            ("slot_pair", (s,), torch.int32, True), ("pair_slot", (s,), torch.int32, True),
+            ("x_bf16", (max_tokens, hidden), torch.bfloat16, nvfp4),
+            ("h_f32", (s, inter), torch.float32, dynamic),
+            ("hq_data", (s, inter // 2), torch.uint8, nvfp4),
+            ("hq_scale", (s, inter // 16), torch.float8_e4m3fn, nvfp4),
+            ("h_bf16", (s, inter), torch.bfloat16, True), ("h_gs", (num_experts,), torch.float32, dynamic),
+            ("amax_ws", (num_experts,), torch.int32, dynamic), ("y_slot", (s, hidden), torch.float32, True)]
+
+
+@dataclass(frozen=True)
 class ExpertWorkspace:
-    """Slot metadata and intermediates for up to max_tokens tokens of top-k routing (S = max_tokens * topk)."""
+    """Slot metadata and intermediates for up to max_tokens tokens of top-k routing (S = max_tokens * topk).
+    Buffers a spec does not use are allocated empty for it (the kernels then only receive their address)."""
 
     max_tokens: int
     topk: int
@@ -34,46 +51,33 @@ class ExpertWorkspace:
     hq_data: torch.Tensor  # uint8 (S, I/2)
     hq_scale: torch.Tensor  # float8_e4m3fn (S, I/16)
     h_bf16: torch.Tensor  # (S, I): L2's operand (exact decode*sf of hq, or h itself in W4A16)
-    h_gs: torch.Tensor  # fp32 (E,) global scale of each expert's h
-    amax_ws: torch.Tensor  # int32 (E,) bit patterns of per-expert amax (dynamic scale)
+    h_gs: torch.Tensor  # fp32 (E,) global scale of each expert's h (dynamic)
+    amax_ws: torch.Tensor  # int32 (E,) bit patterns of per-expert amax (dynamic)
     y_slot: torch.Tensor  # fp32 (S, H)
 
     @classmethod
     def allocate(cls, max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
                  device: torch.device | str, spec: ExpertSpec = ExpertSpec()) -> "ExpertWorkspace":
-        s = max_tokens * topk
         dev = torch.device(device)
+        return cls(max_tokens, topk, num_experts, hidden, inter, **{
+            name: torch.empty(shape if used else (0,) * len(shape), dtype=dtype, device=dev)
+            for name, shape, dtype, used in _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)})
 
-        def buf(shape: tuple[int, ...], dtype: torch.dtype, needed: bool = True) -> torch.Tensor:
-            return torch.empty(shape if needed else (0,) * len(shape), dtype=dtype, device=dev)
-
-        nvfp4 = spec.act_mode == "nvfp4"
-        dynamic = nvfp4 and spec.l2_scale_mode == "dynamic"
-        return cls(
-            max_tokens, topk, num_experts, hidden, inter,
-            counts=buf((num_experts,), torch.int32), offsets=buf((num_experts + 1,), torch.int32),
-            slot_pair=buf((s,), torch.int32), pair_slot=buf((s,), torch.int32),
-            x_bf16=buf((max_tokens, hidden), torch.bfloat16, nvfp4),
-            h_f32=buf((s, inter), torch.float32, dynamic),
-            hq_data=buf((s, inter // 2), torch.uint8, nvfp4),
-            hq_scale=buf((s, inter // 16), torch.float8_e4m3fn, nvfp4),
-            h_bf16=buf((s, inter), torch.bfloat16),
-            h_gs=buf((num_experts,), torch.float32), amax_ws=buf((num_experts,), torch.int32),
-            y_slot=buf((s, hidden), torch.float32),
-        )
-
-    def check_fits(self, num_tokens: int, topk: int, weights: ExpertWeights, spec: ExpertSpec) -> None:
+    def check(self, weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.Tensor]:
+        """Fits these weights, and every buffer the spec uses has its dtype, shape and layout; returns the buffers
+        by name."""
         want = (weights.num_experts, weights.hidden_size, weights.intermediate_size)
         if (self.num_experts, self.hidden, self.inter) != want:
             raise ValueError(f"workspace: built for (E, H, I) = {(self.num_experts, self.hidden, self.inter)}, "
                              f"weights have {want}")
+        return {f"workspace.{name}": ops.check_tensor(getattr(self, name), f"workspace.{name}", dtype,
+                                                      shape if used else None)
+                for name, shape, dtype, used in _workspace_layout(self.max_tokens, self.topk, *want, spec)}
+
+    def check_tokens(self, num_tokens: int, topk: int) -> None:
         if topk != self.topk or num_tokens > self.max_tokens:
             raise ValueError(f"workspace: holds {self.max_tokens} tokens of top-{self.topk}, got {num_tokens} "
                              f"tokens of top-{topk}")
-        if spec.act_mode == "nvfp4" and self.hq_data.numel() == 0:
-            raise ValueError("workspace: allocated for act_mode 'bf16', the spec asks for 'nvfp4'")
-        if spec.act_mode == "nvfp4" and spec.l2_scale_mode == "dynamic" and self.h_f32.numel() == 0:
-            raise ValueError("workspace: allocated without the dynamic-scale buffer, the spec asks for it")
 
     def slots(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """slot_pair, pair_slot views for num_tokens tokens."""
@@ -87,11 +91,8 @@ def default_block_n(num_pairs: int, num_experts: int) -> int:
     return next((b for b in ops.BLOCK_NS if b >= per_expert), ops.BLOCK_NS[-1])
 
 
-def _check_args(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
-                spec: ExpertSpec, out: torch.Tensor | None, workspace: ExpertWorkspace | None,
-                block_n: int | None) -> None:
-    """Every check of cuda_expert_stage's arguments, naming them. The ops check again what they are handed, but
-    only when their turn comes (after earlier kernels ran), naming the workspace views passed to them."""
+def _check_weights(weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.Tensor]:
+    """The stacked weights the stage reads, in the SM90 layout; returns them by name."""
     weights.require_layout("sm90", "the CUDA expert stage (tile them once with sm90_layout.tile_)")
     e, hidden, inter = ops.check_l1_weights(weights.w13, weights.w13_scale, weights.w13_alpha, "weights.")
     if ops.check_l2_weights(weights.w2, weights.w2_scale, weights.w2_alpha, "weights.") != (e, hidden, inter):
@@ -101,78 +102,99 @@ def _check_args(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.T
     if spec.act_mode == "nvfp4" and spec.l2_scale_mode == "static":
         ops.check_tensor(weights.l2_input_scale, "weights.l2_input_scale", torch.float32, (e,))
         used.append("l2_input_scale")
-    named = {f"weights.{n}": getattr(weights, n) for n in used}
-    named["topk_idx"] = ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))
-    t, k = topk_idx.shape
-    named["topk_weights"] = ops.check_tensor(topk_weights, "topk_weights", torch.float32, (t, k))
-    if spec.act_mode == "nvfp4":
-        if not isinstance(acts, NVFP4Tensor):
-            raise TypeError(f"acts: expected an NVFP4Tensor in act_mode 'nvfp4', got {type(acts).__name__}")
-        named["acts.data"] = ops.check_tensor(acts.data, "acts.data", torch.uint8, (t, hidden // 2))
-        ops.check_block_scales(acts.scale, "acts.scale", t, hidden)
-        named["acts.scale"] = acts.scale
-        named["acts.global_scale"] = ops.check_one_value(acts.global_scale, "acts.global_scale")
-    else:
-        if not isinstance(acts, torch.Tensor):
-            raise TypeError(f"acts: expected a bf16 (T, H) tensor in act_mode 'bf16', got {type(acts).__name__}")
-        named["acts"] = ops.check_tensor(acts, "acts", torch.bfloat16, (t, hidden))
-    if out is not None:
-        named["out"] = ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
-    if block_n is not None:
-        ops.check_tiles(block_n, 0, 2 * inter)
-    if workspace is not None:
-        workspace.check_fits(t, k, weights, spec)
-        named.update({f"workspace.{f.name}": getattr(workspace, f.name) for f in fields(workspace)
-                      if isinstance(getattr(workspace, f.name), torch.Tensor)})
-    ops.check_same_device(named)
+    return {f"weights.{n}": getattr(weights, n) for n in used}
+
+
+class CudaExpertStage:
+    """The expert stage of one weight stack on the CUDA kernels.
+
+    The weights, spec and workspace are checked once, here; each call checks only its own arguments (activations,
+    routing, output) and then launches the registered ops unchecked. An eager forward's host time then stays
+    near its launches (the ops' own wrappers would check the weights and workspace again at every kernel).
+    The static L2 scale 1/l2_input_scale is computed here once too. EPMoE holds one stage per weight stack."""
+
+    def __init__(self, weights: ExpertWeights, expert_begin: int, spec: ExpertSpec, workspace: ExpertWorkspace):
+        named = _check_weights(weights, spec)
+        if not isinstance(workspace, ExpertWorkspace):
+            raise TypeError(f"workspace: expected an ExpertWorkspace, got {type(workspace).__name__}")
+        named.update(workspace.check(weights, spec))
+        if isinstance(expert_begin, bool) or not isinstance(expert_begin, int) or expert_begin < 0:
+            raise ValueError(f"expert_begin: expected an int >= 0, got {expert_begin!r}")
+        ops.check_same_device(named)
+        self.weights, self.expert_begin, self.spec, self.workspace = weights, expert_begin, spec, workspace
+        static = spec.act_mode == "nvfp4" and spec.l2_scale_mode == "static"
+        self._static_h_gs = torch.reciprocal(weights.l2_input_scale) if static else None
+        self._epilogue = ops.EPILOGUES["bf16" if spec.act_mode == "bf16" else "nvfp4" if static else "fp32"]
+        self._swiglu_limit = float("inf") if spec.swiglu_limit is None else float(spec.swiglu_limit)
+
+    def _check_call(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                    out: torch.Tensor | None, block_n: int | None) -> dict[str, torch.Tensor]:
+        hidden = self.weights.hidden_size
+        named = {"topk_idx": ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))}
+        t, k = topk_idx.shape
+        named["topk_weights"] = ops.check_tensor(topk_weights, "topk_weights", torch.float32, (t, k))
+        if self.spec.act_mode == "nvfp4":
+            if not isinstance(acts, NVFP4Tensor):
+                raise TypeError(f"acts: expected an NVFP4Tensor in act_mode 'nvfp4', got {type(acts).__name__}")
+            named["acts.data"] = ops.check_tensor(acts.data, "acts.data", torch.uint8, (t, hidden // 2))
+            ops.check_block_scales(acts.scale, "acts.scale", t, hidden)
+            named["acts.scale"] = acts.scale
+            named["acts.global_scale"] = ops.check_one_value(acts.global_scale, "acts.global_scale")
+        else:
+            if not isinstance(acts, torch.Tensor):
+                raise TypeError(f"acts: expected a bf16 (T, H) tensor in act_mode 'bf16', got {type(acts).__name__}")
+            named["acts"] = ops.check_tensor(acts, "acts", torch.bfloat16, (t, hidden))
+        if out is not None:
+            named["out"] = ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
+        if block_n is not None:
+            ops.check_tiles(block_n, 0, 2 * self.weights.intermediate_size)
+        self.workspace.check_tokens(t, k)
+        named["weights.w13"] = self.weights.w13
+        ops.check_same_device(named)
+        return named
+
+    def __call__(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                 out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+        """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts."""
+        self._check_call(acts, topk_idx, topk_weights, out, block_n)
+        w, ws = self.weights, self.workspace
+        t, k = topk_idx.shape
+        e = w.num_experts
+        if out is None:
+            out = torch.empty(t, w.hidden_size, dtype=torch.float32, device=w.w13.device)
+        if t == 0:
+            return out
+        n = t * k
+        bn = block_n or default_block_n(n, e)
+        slot_pair, pair_slot = ws.slots(t)
+        ops.moe_align_op(topk_idx, e, self.expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
+        if self.spec.act_mode == "nvfp4":
+            x = ws.x_bf16[:t]
+            ops.dequant_rows_op(acts.data, acts.scale, x)
+            x_gs = acts.global_scale.reshape(1)
+        else:
+            x, x_gs = acts, None
+        h_bf16, hq_data, hq_scale, h_f32 = ws.h_bf16[:n], ws.hq_data[:n], ws.hq_scale[:n], ws.h_f32[:n]
+        ops.grouped_l1_op(w.w13, w.w13_scale, w.w13_alpha, x, x_gs, ws.offsets, slot_pair, k, self._epilogue,
+                          self._swiglu_limit, self._static_h_gs, h_f32, hq_data, hq_scale, h_bf16, bn, 0)
+        h_gs = self._static_h_gs
+        if self._epilogue == ops.EPILOGUES["fp32"]:
+            ops.requant_dynamic_op(h_f32, ws.offsets, ws.amax_ws, hq_data, hq_scale, h_bf16, ws.h_gs)
+            h_gs = ws.h_gs
+        y_slot = ws.y_slot[:n]
+        ops.grouped_l2_op(w.w2, w.w2_scale, w.w2_alpha, h_bf16, h_gs, ws.offsets, y_slot, bn, 0)
+        ops.combine_op(y_slot, pair_slot, topk_weights, out)
+        return out
 
 
 def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
                       expert_begin: int, spec: ExpertSpec, out: torch.Tensor | None = None,
                       workspace: ExpertWorkspace | None = None, block_n: int | None = None) -> torch.Tensor:
-    """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts.
-
-    Every argument is checked before the first kernel runs."""
-    _check_args(acts, topk_idx, topk_weights, weights, spec, out, workspace, block_n)
-    t, k = topk_idx.shape
-    e, hidden, inter = weights.num_experts, weights.hidden_size, weights.intermediate_size
-    device = weights.w13.device
-    ws = workspace or ExpertWorkspace.allocate(t, k, e, hidden, inter, device, spec)
-    if out is None:
-        out = torch.empty(t, hidden, dtype=torch.float32, device=device)
-    if t == 0:
-        return out
-    n = t * k
-    bn = block_n or default_block_n(n, e)
-    slot_pair, pair_slot = ws.slots(t)
-    ops.moe_align(topk_idx, e, expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
-
-    if spec.act_mode == "nvfp4":
-        x = ws.x_bf16[:t]
-        ops.nvfp4_dequant_rows(acts.data, acts.scale, x)
-        x_gs = acts.global_scale.reshape(1)
-    else:
-        x, x_gs = acts, None
-
-    h_bf16 = ws.h_bf16[:n]
-    l1 = dict(swiglu_limit=spec.swiglu_limit, block_n=bn)
-    if spec.act_mode == "bf16":
-        ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, None, ws.offsets, slot_pair, k, "bf16",
-                       h_bf16=h_bf16, **l1)
-        h_gs = None
-    elif spec.l2_scale_mode == "static":
-        torch.reciprocal(weights.l2_input_scale, out=ws.h_gs)
-        ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, x_gs, ws.offsets, slot_pair, k, "nvfp4",
-                       h_gs=ws.h_gs, hq_data=ws.hq_data[:n], hq_scale=ws.hq_scale[:n], h_bf16=h_bf16, **l1)
-        h_gs = ws.h_gs
-    else:
-        h_f32 = ws.h_f32[:n]
-        ops.grouped_l1(weights.w13, weights.w13_scale, weights.w13_alpha, x, x_gs, ws.offsets, slot_pair, k, "fp32",
-                       out_f32=h_f32, **l1)
-        ops.requant_dynamic(h_f32, ws.offsets, ws.amax_ws, ws.hq_data[:n], ws.hq_scale[:n], h_bf16, ws.h_gs)
-        h_gs = ws.h_gs
-
-    y_slot = ws.y_slot[:n]
-    ops.grouped_l2(weights.w2, weights.w2_scale, weights.w2_alpha, h_bf16, h_gs, ws.offsets, y_slot, bn)
-    ops.combine(y_slot, pair_slot, topk_weights, out)
-    return out
+    """One call of CudaExpertStage (a workspace for this call's tokens when none is given): every argument is
+    checked before the first kernel runs."""
+    if workspace is None:
+        _check_weights(weights, spec)
+        t, k = ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None)).shape
+        workspace = ExpertWorkspace.allocate(t, k, weights.num_experts, weights.hidden_size,
+                                             weights.intermediate_size, weights.w13.device, spec)
+    return CudaExpertStage(weights, expert_begin, spec, workspace)(acts, topk_idx, topk_weights, out, block_n)

@@ -83,27 +83,31 @@ class EPMoE(nn.Module):
                 make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
             buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
-        self._workspace = self._shared_workspace = self._shared_y = self._shared_stream = None
-        if self.backend == "cuda":
-            from .cuda_experts import ExpertWorkspace
-
-            n = rt.max_tokens
-            self._workspace = ExpertWorkspace.allocate(n, m.num_experts_per_tok, n_local, m.hidden_size,
-                                                       m.moe_intermediate_size, device, self.spec)
-            if self.shared is not None:
-                self._shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size,
-                                                                  self.shared.intermediate_size, device, self.spec)
-                self._shared_y = torch.empty(n, m.hidden_size, dtype=torch.float32, device=device)
-                self._shared_stream = torch.cuda.Stream(device)
+        self._stage = self._shared_stage = self._shared_y = self._shared_stream = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # Every token visits the shared expert once with weight 1: its routing is constant.
         self._shared_idx = torch.zeros(rt.max_tokens, 1, dtype=torch.int32, device=device)
         self._shared_w = torch.ones(rt.max_tokens, 1, dtype=torch.float32, device=device)
-        if self.backend == "cuda":  # last, once nothing else can fail: the module owns its weights, re-tiled in place
+        # The layer input's static global scale, once rather than in every forward.
+        self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
+        if self.backend == "cuda":
+            from .cuda_experts import CudaExpertStage, ExpertWorkspace
+
+            n = rt.max_tokens
+            workspace = ExpertWorkspace.allocate(n, m.num_experts_per_tok, n_local, m.hidden_size,
+                                                 m.moe_intermediate_size, device, self.spec)
+            if self.shared is not None:
+                shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size, self.shared.intermediate_size,
+                                                            device, self.spec)
+                self._shared_y = torch.empty(n, m.hidden_size, dtype=torch.float32, device=device)
+                self._shared_stream = torch.cuda.Stream(device)
+            # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
+            self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, workspace)
             if self.shared is not None:
                 tile_(self.shared)
+                self._shared_stage = CudaExpertStage(self.shared, 0, self.spec, shared_workspace)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
@@ -181,10 +185,9 @@ class EPMoE(nn.Module):
 
     def stage_activations(self, hidden: torch.Tensor, check: bool = True):
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
-        gs = None if self.cfg.runtime.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
         if self.spec.act_mode == "bf16":
             return self.buffer.stage(hidden.to(torch.bfloat16), check=check)
-        return self.buffer.stage(hidden, gs, check=check)
+        return self.buffer.stage(hidden, self._l1_gs, check=check)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
@@ -195,12 +198,11 @@ class EPMoE(nn.Module):
         acts = self.stage_activations(hidden, check)
         mark("staging")
         shared = self._start_shared_expert(acts, t)
-        topk_idx, topk_weights = self.buffer.set_routing(*self.router(hidden, input_ids, check))
+        topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
         y = self.buffer.y[:t]
-        if self.backend == "cuda":  # the combine writes straight into the all-reduce buffer
-            expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec, "cuda",
-                         self._workspace, y)
+        if self._stage is not None:  # the combine writes straight into the all-reduce buffer
+            self._stage(acts, topk_idx, topk_weights, y)
         else:
             y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
         mark("experts")
@@ -225,13 +227,12 @@ class EPMoE(nn.Module):
         lo, hi = self._shared_token_slice(t)
         if hi <= lo:
             return None
-        args = (_rows(acts, lo, hi), self._shared_idx[: hi - lo], self._shared_w[: hi - lo], self.shared, 0,
-                self.spec, self.backend, self._shared_workspace)
-        if self._shared_stream is None:
-            return lo, hi, expert_stage(*args)
+        args = (_rows(acts, lo, hi), self._shared_idx[: hi - lo], self._shared_w[: hi - lo])
+        if self._shared_stage is None:
+            return lo, hi, expert_stage(*args, self.shared, 0, self.spec)
         self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._shared_stream):
-            return lo, hi, expert_stage(*args, self._shared_y[: hi - lo])
+            return lo, hi, self._shared_stage(*args, self._shared_y[: hi - lo])
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each

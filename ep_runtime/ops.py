@@ -4,14 +4,14 @@ csrc/ takes raw pointers, so every tensor is checked here (dtype, shape, contigu
 device) before its address crosses the boundary; a bad argument raises TypeError (dtype) or ValueError
 (everything else) naming the argument, what was expected and what it got, before any CUDA call. The kernels
 write into caller-provided outputs (preallocated workspaces keep CUDA-graph addresses fixed), so the ops
-are registered as mutating custom ops whose fake implementations do nothing: torch.compile and graph
-capture see one opaque op per kernel.
+are registered as mutating torch.library ops (the `*_op` objects, unchecked) whose fake implementations do
+nothing: torch.compile and graph capture see one opaque op per kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -22,6 +22,7 @@ SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds th
 EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
+MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 
 
@@ -54,7 +55,7 @@ def set_programmatic_launch(enabled: bool) -> bool:
     return _ext().set_programmatic_launch(enabled)
 
 
-@contextmanager
+@contextlib.contextmanager
 def programmatic_launch(enabled: bool) -> Iterator[None]:
     """set_programmatic_launch(enabled) for the body of a with statement, the previous setting restored after it."""
     previous = set_programmatic_launch(enabled)
@@ -65,12 +66,14 @@ def programmatic_launch(enabled: bool) -> Iterator[None]:
 
 
 def launch(kernel: str, device: torch.device, *args: object) -> None:
-    """_C.<kernel>(*args, stream) with `device` made current and on its current stream.
+    """_C.<kernel>(*args, stream) on `device` and its current stream.
 
     The tensors' device need not be the caller's current one, and csrc/ launches on the current device (sizing
-    grids by its SM count), so every kernel of this package goes through here."""
-    with torch.cuda.device(device):
-        getattr(_ext(), kernel)(*args, torch.cuda.current_stream(device).cuda_stream)
+    grids by its SM count), so every kernel of this package goes through here. It runs on every eager forward: the
+    raw stream handle (what Triton's launcher reads too) costs a tenth of a torch.cuda.Stream object."""
+    index = device.index
+    with contextlib.nullcontext() if index == torch.cuda.current_device() else torch.cuda.device(device):
+        getattr(_ext(), kernel)(*args, torch._C._cuda_getCurrentRawStream(index))
 
 
 def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype],
@@ -146,28 +149,42 @@ def _multiple(value: int, m: int, name: str) -> None:
         raise ValueError(f"{name}: expected a positive multiple of {m}, got {value}")
 
 
-# ---- custom ops (no validation here: the public wrappers below validate) ----
+# ---- the registered ops (no validation here: the public wrappers below, or a caller that checked its arguments
+# once, as cuda_experts.CudaExpertStage does, validate) ----
 
-@torch.library.custom_op(f"{_NS}::moe_align", mutates_args=("counts", "offsets", "slot_pair", "pair_slot"))
-def _moe_align_op(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts: torch.Tensor,
-                  offsets: torch.Tensor, slot_pair: torch.Tensor, pair_slot: torch.Tensor) -> None:
+_LIB = torch.library.Library(_NS, "DEF")
+
+
+def define_op(schema: str, impl: Callable[..., None]) -> torch._ops.OpOverload:
+    """Registers ep_runtime::<schema>, a kernel launch writing into its `Tensor(a!)` arguments, with impl for every
+    device and a fake that does nothing (torch.compile and CUDA-graph capture see one opaque op); returns the op.
+
+    Plain torch.library.Library ops rather than torch.library.custom_op, whose Python layers (alias checks,
+    autograd and version-counter wrappers) cost several times the dispatch itself on every launch of every eager
+    forward."""
+    name = schema[: schema.index("(")]
+    _LIB.define(schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{_NS}::{name}", lambda *args, **kwargs: None, lib=_LIB)
+    return getattr(getattr(torch.ops, _NS), name).default
+
+
+def _moe_align_impl(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts: torch.Tensor,
+                    offsets: torch.Tensor, slot_pair: torch.Tensor, pair_slot: torch.Tensor) -> None:
     t, k = topk_idx.shape
     launch("moe_align", topk_idx.device, topk_idx.data_ptr(), t, k, num_local, expert_begin, counts.data_ptr(),
            offsets.data_ptr(), slot_pair.data_ptr(), pair_slot.data_ptr())
 
 
-@torch.library.custom_op(f"{_NS}::nvfp4_dequant_rows", mutates_args=("out",))
-def _dequant_op(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+def _dequant_impl(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
     launch("nvfp4_dequant_rows", out.device, data.data_ptr(), scale.data_ptr(), out.shape[0], out.shape[1],
            out.data_ptr())
 
 
-@torch.library.custom_op(f"{_NS}::grouped_l1",
-                         mutates_args=("out_f32", "hq_data", "hq_scale", "h_bf16"))
-def _l1_op(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
-           x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
-           swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
-           hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
+def _l1_impl(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
+             x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
+             swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
+             hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
     e, n2, kh = w13.shape
     launch("grouped_l1", w13.device, w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
            0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e, 2 * kh,
@@ -175,38 +192,60 @@ def _l1_op(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, 
            out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m)
 
 
-@torch.library.custom_op(f"{_NS}::grouped_l2", mutates_args=("y_slot",))
-def _l2_op(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
-           h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
+def _l2_impl(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
+             h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
     e, h, ih = w2.shape
     launch("grouped_l2", w2.device, w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
            0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],
            y_slot.data_ptr(), block_n, block_m)
 
 
-@torch.library.custom_op(f"{_NS}::requant_dynamic", mutates_args=("amax_ws", "hq_data", "hq_scale", "h_bf16", "h_gs"))
-def _requant_op(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
-                hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
+def _requant_impl(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
+                  hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
     s, i = h_f32.shape
     launch("requant_dynamic", h_f32.device, h_f32.data_ptr(), offsets.data_ptr(), offsets.shape[0] - 1, i, s,
            amax_ws.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), h_gs.data_ptr())
 
 
-@torch.library.custom_op(f"{_NS}::combine", mutates_args=("out",))
-def _combine_op(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+def _combine_impl(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor,
+                  out: torch.Tensor) -> None:
     t, k = topk_weights.shape
     launch("moe_combine", out.device, y_slot.data_ptr(), pair_slot.data_ptr(), topk_weights.data_ptr(), t, k,
            out.shape[1], out.data_ptr(), out.dtype == torch.bfloat16)
 
 
-@torch.library.custom_op(f"{_NS}::topk_stable", mutates_args=("out",))
-def _topk_op(scores: torch.Tensor, out: torch.Tensor) -> None:
+def _topk_impl(scores: torch.Tensor, out: torch.Tensor) -> None:
     rows, n = scores.shape
     launch("topk_stable", scores.device, scores.data_ptr(), rows, n, out.shape[1], out.data_ptr())
 
 
-for _op in (_moe_align_op, _dequant_op, _l1_op, _l2_op, _requant_op, _combine_op, _topk_op):
-    _op.register_fake(lambda *args, **kwargs: None)
+moe_align_op = define_op("moe_align(Tensor topk_idx, int num_local, int expert_begin, Tensor(a!) counts, "
+                         "Tensor(b!) offsets, Tensor(c!) slot_pair, Tensor(d!) pair_slot) -> ()", _moe_align_impl)
+dequant_rows_op = define_op("nvfp4_dequant_rows(Tensor data, Tensor scale, Tensor(a!) out) -> ()", _dequant_impl)
+grouped_l1_op = define_op(
+    "grouped_l1(Tensor w13, Tensor w13_scale, Tensor w13_alpha, Tensor act, Tensor? x_gs, Tensor offsets, "
+    "Tensor slot_pair, int topk, int epilogue, float swiglu_limit, Tensor? h_gs, Tensor(a!) out_f32, "
+    "Tensor(b!) hq_data, Tensor(c!) hq_scale, Tensor(d!) h_bf16, int block_n, int block_m) -> ()", _l1_impl)
+grouped_l2_op = define_op("grouped_l2(Tensor w2, Tensor w2_scale, Tensor w2_alpha, Tensor act, Tensor? h_gs, "
+                          "Tensor offsets, Tensor(a!) y_slot, int block_n, int block_m) -> ()", _l2_impl)
+requant_dynamic_op = define_op(
+    "requant_dynamic(Tensor h_f32, Tensor offsets, Tensor(a!) amax_ws, Tensor(b!) hq_data, Tensor(c!) hq_scale, "
+    "Tensor(d!) h_bf16, Tensor(e!) h_gs) -> ()", _requant_impl)
+combine_op = define_op("combine(Tensor y_slot, Tensor pair_slot, Tensor topk_weights, Tensor(a!) out) -> ()",
+                       _combine_impl)
+topk_stable_op = define_op("topk_stable(Tensor scores, Tensor(a!) out) -> ()", _topk_impl)
+
+
+def _route_v4_impl(logits: torch.Tensor, bias: torch.Tensor | None, given_ids: torch.Tensor | None, scaling: float,
+                   ids: torch.Tensor, weights: torch.Tensor) -> None:
+    rows, n = logits.shape
+    launch("route_v4", logits.device, logits.data_ptr(), 0 if bias is None else bias.data_ptr(),
+           0 if given_ids is None else given_ids.data_ptr(), rows, n, ids.shape[1], scaling, ids.data_ptr(),
+           weights.data_ptr())
+
+
+route_v4_op = define_op("route_v4(Tensor logits, Tensor? bias, Tensor? given_ids, float scaling, Tensor(a!) ids, "
+                        "Tensor(b!) weights) -> ()", _route_v4_impl)
 
 
 # ---- validated public API ----
@@ -233,7 +272,7 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
         if lo < 0 or hi >= total:
             raise ValueError(f"topk_idx: expected expert ids in [0, {total}), got values in [{lo}, {hi}]")
-    torch.ops.ep_runtime.moe_align(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
+    moe_align_op(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
 
 
 def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
@@ -244,7 +283,7 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
     check_block_scales(scale, "scale", r, 2 * kh)
     check_tensor(out, "out", torch.bfloat16, (r, 2 * kh))
     check_same_device(dict(data=data, scale=scale, out=out))
-    torch.ops.ep_runtime.nvfp4_dequant_rows(data, scale, out)
+    dequant_rows_op(data, scale, out)
 
 
 def check_tiles(block_n: int, block_m: int, rows: int) -> None:
@@ -334,7 +373,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16))
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
-    torch.ops.ep_runtime.grouped_l1(
+    grouped_l1_op(
         w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
         h_gs if epilogue == "nvfp4" else None,
         out_f32 if out_f32 is not None else _placeholder(dev, torch.float32),
@@ -358,7 +397,7 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     check_tiles(block_n, block_m, hidden)
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
-    torch.ops.ep_runtime.grouped_l2(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
+    grouped_l2_op(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
 
 
 def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
@@ -378,7 +417,7 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_tensor(h_gs, "h_gs", torch.float32, (e,))
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, h_gs=h_gs))
-    torch.ops.ep_runtime.requant_dynamic(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
+    requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
 
 def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
@@ -392,7 +431,7 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
-    torch.ops.ep_runtime.combine(y_slot, pair_slot, topk_weights, out)
+    combine_op(y_slot, pair_slot, topk_weights, out)
 
 
 def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -403,5 +442,24 @@ def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     check_top_k(k, scores.shape[1])
     check_same_device(dict(scores=scores))
     out = torch.empty(scores.shape[0], k, dtype=torch.int64, device=scores.device)
-    torch.ops.ep_runtime.topk_stable(scores, out)
+    topk_stable_op(scores, out)
     return out
+
+
+def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, scaling: float, ids: torch.Tensor,
+             weights: torch.Tensor, given_ids: torch.Tensor | None = None) -> None:
+    """DeepSeek-V4 routing (NVFP4_SPEC section 6) of fp32 router logits (T, E) in one kernel, into int32 ids and
+    fp32 weights (T, k): sqrt(softplus) scores as torch computes them; the k experts of the best biased scores in
+    the order topk_stable gives, or given_ids (T, k) int32 (hash layers; an id outside [0, E) gets a NaN weight);
+    weights = score / (sum of the k scores, added in ascending k, + 1e-20) * scaling. k <= MAX_ROUTE_TOP_K."""
+    check_tensor(logits, "logits", torch.float32, (None, None))
+    t, n = logits.shape
+    check_tensor(ids, "ids", torch.int32, (t, None))
+    check_top_k(ids.shape[1], min(n, MAX_ROUTE_TOP_K), "ids.shape[1] (k)")
+    check_tensor(weights, "weights", torch.float32, tuple(ids.shape))
+    if bias is not None:
+        check_tensor(bias, "bias", torch.float32, (n,))
+    if given_ids is not None:
+        check_tensor(given_ids, "given_ids", torch.int32, tuple(ids.shape))
+    check_same_device(dict(logits=logits, bias=bias, given_ids=given_ids, ids=ids, weights=weights))
+    route_v4_op(logits, bias, given_ids, float(scaling), ids, weights)

@@ -17,8 +17,9 @@ from .config import ModelConfig
 
 @functools.cache
 def _gpu_selection() -> bool:
-    """ops.topk_stable can run (an sm_90 GPU and the built extension): asked once, not in every forward."""
-    return ops.extension_available("topk_stable")
+    """ops.topk_stable and ops.route_v4 can run (an sm_90 GPU and the built extension): asked once, not in every
+    forward."""
+    return ops.extension_available("topk_stable", "route_v4")
 
 
 def _top_k_stable(scores: torch.Tensor, k: int, name: str = "k") -> torch.Tensor:
@@ -84,14 +85,22 @@ class Router(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
 
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None,
-                check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """check=False skips the token-id range check (a host sync; CUDA-graph capture needs it off)."""
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """check=False skips the token-id range check (a host sync; CUDA-graph capture needs it off). out: int32 ids
+        and fp32 weights (T, topk) to write into (the symmetric buffer's rows), returned; else new tensors.
+
+        On an sm_90 GPU with the extension, V4 routing after the router GEMM is one kernel (ops.route_v4), whose
+        weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum)."""
         cfg = self.cfg
+        t, k = hidden.shape[0], cfg.num_experts_per_tok
+        if out is not None:
+            ops.check_tensor(out[0], "out[0] (ids)", torch.int32, (t, k))
+            ops.check_tensor(out[1], "out[1] (weights)", torch.float32, (t, k))
         logits = hidden.float() @ self.weight.t()
         if cfg.scoring_func == "sigmoid":
-            return route_v3(logits, self.bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor,
-                            cfg.n_group, cfg.topk_group)
+            return _into(out, *route_v3(logits, self.bias, k, cfg.routed_scaling_factor, cfg.n_group,
+                                        cfg.topk_group))
         hash_ids = None
         if self.tid2eid is not None:
             if input_ids is None:
@@ -103,4 +112,18 @@ class Router(nn.Module):
                 raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
                                  f"[{input_ids.min().item()}, {input_ids.max().item()}]")
             hash_ids = self.tid2eid[input_ids.long()]
-        return route_v4(logits, self.bias, cfg.num_experts_per_tok, cfg.routed_scaling_factor, hash_ids)
+        if logits.is_cuda and k <= ops.MAX_ROUTE_TOP_K and _gpu_selection():
+            ids, w = out if out is not None else (torch.empty(t, k, dtype=torch.int32, device=logits.device),
+                                                  torch.empty(t, k, dtype=torch.float32, device=logits.device))
+            ops.route_v4(logits, self.bias, cfg.routed_scaling_factor, ids, w, hash_ids)
+            return ids, w
+        return _into(out, *route_v4(logits, self.bias, k, cfg.routed_scaling_factor, hash_ids))
+
+
+def _into(out: tuple[torch.Tensor, torch.Tensor] | None, ids: torch.Tensor,
+          w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return ids, w
+    out[0].copy_(ids)
+    out[1].copy_(w)
+    return out

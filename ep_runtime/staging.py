@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
-from .ops import check_one_value, check_same_device, check_tensor, launch
-
-_OP = "ep_runtime::stage_nvfp4"
-
+from .ops import check_one_value, check_same_device, check_tensor, define_op, launch
 
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
                         global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
@@ -35,17 +32,15 @@ def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tenso
                        "amax_scratch": amax_scratch})
 
 
-@torch.library.custom_op(_OP, mutates_args=("x", "x_sf", "x_global", "amax_scratch"))
-def _stage_op(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
-              global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
+def _stage_impl(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
+                global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
     launch("stage_nvfp4", hidden.device, hidden.data_ptr(), hidden.numel(),
            0 if global_scale is None else global_scale.data_ptr(), amax_scratch.data_ptr(), x.data_ptr(),
            x_sf.data_ptr(), x_global.data_ptr())
 
 
-@_stage_op.register_fake
-def _(hidden, x, x_sf, x_global, global_scale, amax_scratch) -> None:
-    return None
+stage_op = define_op("stage_nvfp4(Tensor hidden, Tensor(a!) x, Tensor(b!) x_sf, Tensor(c!) x_global, "
+                     "Tensor? global_scale, Tensor(d!) amax_scratch) -> ()", _stage_impl)
 
 
 def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
@@ -64,7 +59,7 @@ def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_glo
         check_finite(hidden, "hidden")
         if global_scale is not None:
             check_positive_scale(global_scale, "global_scale")
-    _stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
+    stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.
     return NVFP4Tensor(x[:t], x_sf[:t].view(torch.uint8).view(torch.float8_e4m3fn), x_global[0])

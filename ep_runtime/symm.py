@@ -164,9 +164,15 @@ class SymmBuffer:
         """Copy int32 topk ids and fp32 weights, both (T, topk), into the buffer; return the views of the T rows."""
         t = self._check_rows(topk_idx, "topk_idx", self.topk_idx.dtype, self.topk)
         self._check_rows(topk_weights, "topk_weights", self.topk_weights.dtype, self.topk, rows=t)
-        self.topk_idx[:t].copy_(topk_idx)
-        self.topk_weights[:t].copy_(topk_weights)
-        return self.topk_idx[:t], self.topk_weights[:t]
+        rows = self.routing(t)
+        rows[0].copy_(topk_idx)
+        rows[1].copy_(topk_weights)
+        return rows
+
+    def routing(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the topk ids and weights of the first num_tokens rows (a router's `out`)."""
+        self.check_tokens(num_tokens)
+        return self.topk_idx[:num_tokens], self.topk_weights[:num_tokens]
 
 
 def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBackend:

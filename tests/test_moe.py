@@ -123,8 +123,8 @@ def _same_bytes(a: ExpertWeights, b: ExpertWeights) -> bool:
 
 
 @pytest.fixture
-def cuda_simulated(monkeypatch):
-    """Construction takes the CUDA backend (tiling, workspaces) on CPU tensors, which on a GPU are the
+def cuda_simulated(monkeypatch, cpu_devices_pass):
+    """Construction takes the CUDA backend (tiling, workspaces, stages) on CPU tensors, which on a GPU are the
     caller's own tensors whenever the weights already are on the device; forward is never run."""
     monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: True)
 

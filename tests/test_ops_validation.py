@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ep_runtime import nvfp4, ops, staging
-from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage
+from ep_runtime.cuda_experts import CudaExpertStage, ExpertWorkspace, cuda_expert_stage
 from ep_runtime.experts import ExpertSpec
 from ep_runtime.weights import ExpertWeights
 
@@ -228,9 +228,45 @@ def test_programmatic_launch_switch_rejects_a_non_bool():
         ops.set_programmatic_launch(1)
 
 
+# ---- V4 routing in one kernel ----
+
+def route_args(t: int = T, n: int = 16, k: int = K) -> dict:
+    return dict(logits=torch.zeros(t, n), bias=torch.zeros(n), scaling=1.0,
+                ids=torch.zeros(t, k, dtype=torch.int32), weights=torch.zeros(t, k))
+
+
+@pytest.mark.parametrize("name,bad,error,message", [
+    ("logits", torch.zeros(T, 16, dtype=torch.bfloat16), TypeError, "logits: expected dtype torch.float32"),
+    ("ids", torch.zeros(T, 33, dtype=torch.int32), ValueError, r"ids.shape\[1\] \(k\): expected 1..16"),
+    ("ids", torch.zeros(T, K, dtype=torch.int64), TypeError, "ids: expected dtype torch.int32"),
+    ("weights", torch.zeros(T, K + 1), ValueError, r"weights: expected shape \(5, 2\), got \(5, 3\)"),
+    ("bias", torch.zeros(15), ValueError, r"bias: expected shape \(16\), got \(15,\)"),
+    ("given_ids", torch.zeros(T, K, dtype=torch.int64), TypeError, "given_ids: expected dtype torch.int32"),
+])
+def test_route_v4_rejects_a_bad_argument(name, bad, error, message):
+    args = route_args()
+    args[name] = bad
+    with pytest.raises(error, match=message):
+        ops.route_v4(**args)
+
+
+def test_route_v4_caps_k_at_a_warp_of_experts():
+    args = route_args(n=64, k=33)
+    with pytest.raises(ValueError, match=r"ids.shape\[1\] \(k\): expected 1..32 \(the scores per row\), got 33"):
+        ops.route_v4(**args)
+
+
+def test_route_v4_rejects_cpu_logits():
+    with pytest.raises(ValueError, match="logits: expected a CUDA tensor, got device cpu"):
+        ops.route_v4(**route_args())
+
+
 # ---- where kernels launch ----
 
-def test_kernels_launch_on_the_tensors_device_and_its_stream_whatever_device_is_current(monkeypatch):
+@pytest.fixture
+def fake_cuda(monkeypatch) -> tuple[list[torch.device], list]:
+    """A current device, a device guard that switches it, raw streams named by their device, and the launches
+    `moe_combine` records with the device current at the time."""
     current = [torch.device("cuda", 0)]
     calls = []
 
@@ -241,9 +277,14 @@ def test_kernels_launch_on_the_tensors_device_and_its_stream_whatever_device_is_
         current[0] = before
 
     monkeypatch.setattr(torch.cuda, "device", device_guard)
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda d=None: SimpleNamespace(cuda_stream=f"stream of {torch.device(d or current[0])}"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0].index)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: f"stream of cuda:{index}", raising=False)
     monkeypatch.setattr(ops, "_ext", lambda: SimpleNamespace(moe_combine=lambda *a: calls.append((current[0], a))))
+    return current, calls
+
+
+def test_kernels_launch_on_the_tensors_device_and_its_stream_whatever_device_is_current(fake_cuda):
+    current, calls = fake_cuda
     ops.launch("moe_combine", torch.device("cuda", 1), 7)
     assert calls == [(torch.device("cuda", 1), (7, "stream of cuda:1"))]
     assert current[0] == torch.device("cuda", 0)
@@ -307,17 +348,10 @@ def test_staging_rejects_an_amax_scratch_on_another_device():
 # ---- the CUDA expert stage: every argument checked before its first kernel ----
 
 @pytest.fixture
-def launches(monkeypatch) -> list[str]:
-    """The kernels the stage launches, on CPU tensors: the CPU stands in for the GPU, any other device (meta) is a
-    second one."""
-    def same_device(named: dict) -> None:
-        for name, t in named.items():
-            if t is not None and t.device.type != "cpu":
-                raise ValueError(f"{name}: expected device cpu, got {t.device}")
-
+def launches(monkeypatch, cpu_devices_pass) -> list[str]:
+    """The kernels the stage launches, on CPU tensors."""
     launched = []
     monkeypatch.setattr(ops, "launch", lambda kernel, device, *args: launched.append(kernel))
-    monkeypatch.setattr(ops, "check_same_device", same_device)
     return launched
 
 
@@ -390,3 +424,28 @@ def test_stage_rejects_bf16_activations_of_another_hidden_size_before_launching_
     with pytest.raises(ValueError, match=r"acts: expected shape \(5, 128\), got \(5, 256\)"):
         cuda_expert_stage(**args)
     assert launches == []
+
+
+def test_stage_rejects_a_workspace_buffer_of_the_wrong_shape_when_built(cpu_devices_pass):
+    args = stage_args()
+    ws = ExpertWorkspace.allocate(T, K, E, H, I, "cpu")
+    ws = dataclasses.replace(ws, y_slot=torch.empty(T * K, H + 64))
+    with pytest.raises(ValueError, match=r"workspace.y_slot: expected shape \(10, 128\), got \(10, 192\)"):
+        CudaExpertStage(args["weights"], 0, args["spec"], ws)
+
+
+def test_stage_rejects_a_workspace_without_the_buffers_its_spec_uses(cpu_devices_pass):
+    args = stage_args()
+    ws = ExpertWorkspace.allocate(T, K, E, H, I, "cpu", ExpertSpec("bf16"))
+    with pytest.raises(ValueError, match=r"workspace.x_bf16: expected shape \(5, 128\), got \(0, 0\)"):
+        CudaExpertStage(args["weights"], 0, args["spec"], ws)
+
+
+def test_a_built_stage_checks_each_calls_arguments_before_launching_anything(launches):
+    args = stage_args()
+    stage = CudaExpertStage(args["weights"], 0, args["spec"], ExpertWorkspace.allocate(T, K, E, H, I, "cpu"))
+    stage(args["acts"], args["topk_idx"], args["topk_weights"])
+    assert len(launches) == 5
+    with pytest.raises(ValueError, match=r"topk_weights: expected shape \(5, 2\), got \(5, 3\)"):
+        stage(args["acts"], args["topk_idx"], torch.ones(T, K + 1))
+    assert len(launches) == 5

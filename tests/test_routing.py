@@ -94,3 +94,19 @@ def test_router_rejects_a_hash_table_with_expert_ids_out_of_range():
 def test_router_rejects_a_weight_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"router weight: expected shape \(8, 64\)"):
         Router(_cfg(), torch.randn(8, 32))
+
+
+def test_router_writes_into_the_rows_it_is_given():
+    r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
+    hidden = torch.randn(3, 64)
+    out = torch.full((3, 2), -1, dtype=torch.int32), torch.full((3, 2), float("nan"))
+    ids, w = r(hidden, out=out)
+    assert ids is out[0] and w is out[1]
+    want_ids, want_w = r(hidden)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+def test_router_rejects_rows_of_another_shape_to_write_into():
+    r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"out\[0\] \(ids\): expected shape \(3, 2\), got \(4, 2\)"):
+        r(torch.randn(3, 64), out=(torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2)))

@@ -407,9 +407,10 @@ def test_l2_matches_reference_on_the_kernels_own_h(spec_name, gen):
     _, ws = run_stage(acts, idx, w, weights, spec)
     slots = slots_from_workspace(ws, t)
     n = slots.num_slots
-    if spec.act_mode == "nvfp4":
-        hq = NVFP4Tensor(ws.hq_data[:n], ws.hq_scale[:n], ws.h_gs)
-        ref = l2_reference(hq, ws.h_gs, slots, weights, spec)
+    if spec.act_mode == "nvfp4":  # the static h scale is the stage's own, not the workspace's
+        h_gs = ws.h_gs if spec.l2_scale_mode == "dynamic" else 1.0 / weights.l2_input_scale
+        hq = NVFP4Tensor(ws.hq_data[:n], ws.hq_scale[:n], h_gs)
+        ref = l2_reference(hq, h_gs, slots, weights, spec)
     else:
         ref = l2_reference(ws.h_bf16[:n], torch.ones(e, device=DEV), slots, weights, spec)
     assert rel_l2(ws.y_slot[:n], ref) <= 4e-3

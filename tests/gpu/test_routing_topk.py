@@ -1,5 +1,6 @@
 """The GPU expert selection (ops.topk_stable) against a stable descending torch.sort, on fresh random scores
-with many ties, signed zeros, infinities and NaN."""
+with many ties, signed zeros, infinities and NaN; the one-kernel V4 routing (ops.route_v4) against the spec's formula
+in torch ops on the same device."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,8 @@ if not extension_available("topk_stable"):
     pytest.skip("needs an sm_90 CUDA device and the built extension", allow_module_level=True)
 
 from ep_runtime import ops, routing  # noqa: E402
-from ep_runtime.routing import route_v3, route_v4  # noqa: E402
+from ep_runtime.config import ModelConfig  # noqa: E402
+from ep_runtime.routing import Router, route_v3, route_v4  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -60,3 +62,71 @@ def test_routing_on_the_gpu_selects_what_the_stable_sort_selects(gen, monkeypatc
     with_sort = route_v4(logits, bias, 6, 2.5), route_v3(logits, bias, 8, 1.0, 8, 4)
     for (ids, w), (ids_ref, w_ref) in zip(with_kernel, with_sort):
         assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+
+
+def spec_v4_routing(logits: torch.Tensor, bias: torch.Tensor | None, k: int, scaling: float,
+                    given_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4_SPEC section 6 in torch ops on the kernel's device, with the k-term sum added in ascending k (the order
+    the kernel fixes); selection by a stable descending sort."""
+    s = torch.sqrt(torch.nn.functional.softplus(logits))
+    if given_ids is None:
+        b = s + bias if bias is not None else s
+        given_ids = torch.sort(b, dim=-1, descending=True, stable=True).indices[:, :k]
+    w = s.gather(-1, given_ids.long())
+    total = w[:, 0].clone()
+    for j in range(1, k):
+        total = total + w[:, j]
+    return given_ids.to(torch.int32), w / (total.unsqueeze(1) + 1e-20) * scaling
+
+
+def poisoned_routing(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.full((t, k), -7, dtype=torch.int32, device=DEV),
+            torch.full((t, k), float("nan"), device=DEV))
+
+
+@pytest.mark.parametrize("t,n,k,coarse", [(1, 384, 6, False), (300, 384, 6, False), (50, 64, 6, True),
+                                          (7, 40, 32, False), (3, 5, 5, True)])
+def test_route_v4_kernel_gives_the_spec_routing_bit_for_bit(t, n, k, coarse, gen):
+    if coarse:  # few distinct logits and biases: most scores tie
+        logits = (torch.randint(-4, 5, (t, n), generator=gen).float() / 4).to(DEV)
+        bias = (torch.randint(-2, 3, (n,), generator=gen).float() / 8).to(DEV)
+    else:
+        logits, bias = (3 * torch.randn(t, n, generator=gen)).to(DEV), (0.1 * torch.randn(n, generator=gen)).to(DEV)
+    for b in (bias, None):
+        ids, w = poisoned_routing(t, k)
+        ops.route_v4(logits, b, 2.5, ids, w)
+        want_ids, want_w = spec_v4_routing(logits, b, k, 2.5)
+        assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+def test_route_v4_kernel_takes_given_ids_for_hash_layers(gen):
+    logits = torch.randn(33, 384, generator=gen).to(DEV)
+    given = torch.randint(0, 384, (33, 6), generator=gen, dtype=torch.int32).to(DEV)
+    ids, w = poisoned_routing(33, 6)
+    ops.route_v4(logits, None, 1.5, ids, w, given)
+    want_ids, want_w = spec_v4_routing(logits, None, 6, 1.5, given)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+def test_route_v4_kernel_gives_a_nan_weight_for_a_given_id_out_of_range(gen):
+    logits = torch.randn(2, 16, generator=gen).to(DEV)
+    given = torch.tensor([[0, 16], [3, 4]], dtype=torch.int32, device=DEV)
+    ids, w = poisoned_routing(2, 2)
+    ops.route_v4(logits, None, 1.0, ids, w, given)
+    assert torch.isnan(w[0]).all() and torch.isfinite(w[1]).all()
+
+
+def test_router_on_the_gpu_routes_as_its_torch_path_does(gen, monkeypatch):
+    """The Router's one-kernel V4 routing against its torch ops on the same device: the same experts, weights
+    within the last bit (the torch path's sum adds in its own order)."""
+    cfg = ModelConfig(name="t", hidden_size=256, moe_intermediate_size=64, n_routed_experts=384,
+                      num_experts_per_tok=6, routed_scaling_factor=2.5)
+    router = Router(cfg, torch.randn(384, 256, generator=gen) / 16, 0.1 * torch.randn(384, generator=gen)).to(DEV)
+    hidden = torch.randn(64, 256, generator=gen).to(DEV, torch.bfloat16)
+    out = poisoned_routing(64, 6)
+    ids, w = router(hidden, out=out)
+    assert ids is out[0] and w is out[1]
+    monkeypatch.setattr(routing, "_gpu_selection", lambda: False)
+    ids_ref, w_ref = router(hidden)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
