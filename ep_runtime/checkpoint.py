@@ -169,10 +169,20 @@ def _open(f: Path):
         raise CheckpointError(f"checkpoint file {f}: cannot open ({e})") from None
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object_pairs_hook: a key given twice is an error (json.loads would keep the last one silently)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return d
+
+
 def _read_json(f: Path) -> dict:
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        d = json.loads(f.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError or a repeated key
         raise CheckpointError(f"checkpoint {f}: malformed JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"checkpoint {f}: expected a JSON object, got {type(d).__name__}")
@@ -214,8 +224,8 @@ def _header(f: Path) -> dict:
             if n > size - 8:
                 raise CheckpointError(f"checkpoint file {f}: truncated or corrupt header ({n} bytes declared, "
                                       f"{size - 8} present)")
-            header = json.loads(fh.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {f}: corrupt header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"checkpoint file {f}: corrupt header (expected a JSON object, "

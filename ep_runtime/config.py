@@ -129,6 +129,9 @@ class Config:
         e, w = self.model.n_routed_experts, self.runtime.world_size
         if e % w:
             raise ValueError(f"runtime.world_size: must divide model.n_routed_experts={e}, got {w}")
+        if self.runtime.layer >= self.model.num_moe_layers:
+            raise ValueError(f"runtime.layer: expected 0..{self.model.num_moe_layers - 1} (model.num_moe_layers="
+                             f"{self.model.num_moe_layers}), got {self.runtime.layer}")
 
     @property
     def experts_per_rank(self) -> int:

@@ -244,6 +244,26 @@ def test_malformed_index_or_quant_config_is_named_with_its_file_and_field(tmp_pa
         CheckpointReader(tmp_path)
 
 
+def test_a_tensor_named_twice_in_the_index_is_rejected(tmp_path):
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(4)}, str(tmp_path / "b.safetensors"))
+    (tmp_path / INDEX_FILE).write_text('{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}')
+    with pytest.raises(CheckpointError, match=f"{INDEX_FILE}: malformed JSON \\(key 'w' appears twice"):
+        CheckpointReader(tmp_path)
+
+
+def test_a_tensor_named_twice_in_one_header_is_rejected(tmp_path):
+    f = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4)}, str(f))
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    entry = json.dumps(W)
+    header = f'{{"w": {entry}, "w": {entry}}}'.encode()
+    f.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt header \(key 'w' appears twice"):
+        CheckpointReader(tmp_path)
+
+
 def test_a_tensor_in_two_files_without_an_index_is_rejected_naming_both(tmp_path):
     save_file({"w": torch.zeros(4)}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.ones(4)}, str(tmp_path / "b.safetensors"))

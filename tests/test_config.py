@@ -96,6 +96,7 @@ def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
     ("world_size=0", "runtime.world_size"),
     ("iters=0", "runtime.iters"),
     ("layer=-1", "runtime.layer"),
+    ("layer=2", "runtime.layer"),  # tiny has MoE layers 0 and 1
     ("seed=-1", "runtime.seed"),
     ("barrier_timeout_s=0", "runtime.barrier_timeout_s"),
 ])
