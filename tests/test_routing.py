@@ -110,3 +110,15 @@ def test_router_rejects_rows_of_another_shape_to_write_into():
     r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
     with pytest.raises(ValueError, match=r"out\[0\] \(ids\): expected shape \(3, 2\), got \(4, 2\)"):
         r(torch.randn(3, 64), out=(torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, 2)))
+
+
+def test_router_keeps_a_bf16_copy_of_a_weight_exact_in_bf16():
+    w = torch.randn(8, 64).bfloat16()
+    assert torch.equal(Router(_cfg(num_hash_layers=0), w).weight_bf16, w)
+    assert torch.equal(Router(_cfg(num_hash_layers=0), w.float()).weight_bf16, w)
+
+
+def test_router_keeps_no_bf16_copy_of_a_weight_bf16_would_round():
+    w = torch.randn(8, 64).bfloat16().float()
+    w[3, 5] += w[3, 5].abs() * 2**-12  # below a bf16 ulp
+    assert Router(_cfg(num_hash_layers=0), w).weight_bf16 is None

@@ -130,3 +130,24 @@ def test_router_on_the_gpu_routes_as_its_torch_path_does(gen, monkeypatch):
     ids_ref, w_ref = router(hidden)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
+
+
+def test_router_gemm_on_bf16_tensor_cores_routes_as_the_fp32_gemm_does(gen):
+    """With a router weight exact in bf16 and bf16 hidden states the logits come from a bf16 GEMM with fp32 output:
+    the same exact products summed in another order, so the same experts and weights within fp32 rounding."""
+    cfg = ModelConfig(name="t", hidden_size=7168, moe_intermediate_size=64, n_routed_experts=384,
+                      num_experts_per_tok=6, routed_scaling_factor=2.5)
+    weight = (torch.randn(384, 7168, generator=gen) / 84).bfloat16()
+    router = Router(cfg, weight, 0.01 * torch.randn(384, generator=gen)).to(DEV)
+    assert router.weight_bf16 is not None
+    hidden = torch.randn(256, 7168, generator=gen).to(DEV, torch.bfloat16)
+    ids, w = router(hidden)
+    router.weight_bf16 = None  # the fp32 GEMM
+    ids_ref, w_ref = router(hidden)
+    # Tokens whose first seven biased scores lie within 1e-4 of each other may rank differently on either GEMM.
+    biased = torch.sqrt(torch.nn.functional.softplus(hidden.float() @ router.weight.t())) + router.bias
+    top = biased.sort(dim=-1, descending=True).values[:, :7]
+    clear = (top[:, :-1] - top[:, 1:]).min(dim=-1).values > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(ids[clear], ids_ref[clear])
+    torch.testing.assert_close(w[clear], w_ref[clear], rtol=1e-5, atol=0)
