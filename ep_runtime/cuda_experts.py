@@ -157,6 +157,12 @@ class CudaExpertStage:
                  out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
         """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts."""
         self._check_call(acts, topk_idx, topk_weights, out, block_n)
+        return self.run(acts, topk_idx, topk_weights, out, block_n)
+
+    def run(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+            out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+        """__call__ without its checks, for a caller whose arguments are its own buffers' views, valid by
+        construction (EPMoE's forward: the staged activations, the routing rows and the all-reduce buffer)."""
         w, ws = self.weights, self.workspace
         t, k = topk_idx.shape
         e = w.num_experts

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, RuntimeConfig
 from .dist_utils import collective
 from .experts import ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
@@ -69,6 +69,7 @@ class EPMoE(nn.Module):
         if self.backend == "cuda":  # both stacks checked before either is tiled
             for name, w, _, _ in stacks:
                 check_tileable(w, name)
+            _check_shared_rows_aligned(m, rt, world_size)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
         self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
@@ -202,7 +203,7 @@ class EPMoE(nn.Module):
         mark("routing")
         y = self.buffer.y[:t]
         if self._stage is not None:  # the combine writes straight into the all-reduce buffer
-            self._stage(acts, topk_idx, topk_weights, y)
+            self._stage.run(acts, topk_idx, topk_weights, y)  # its own buffers' views: nothing to check
         else:
             y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
         mark("experts")
@@ -232,7 +233,7 @@ class EPMoE(nn.Module):
             return lo, hi, expert_stage(*args, self.shared, 0, self.spec)
         self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._shared_stream):
-            return lo, hi, self._shared_stage(*args, self._shared_y[: hi - lo])
+            return lo, hi, self._shared_stage.run(*args, self._shared_y[: hi - lo])
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
@@ -276,6 +277,17 @@ def _check_shared_present(m: ModelConfig, present: bool, name: str) -> None:
         want = f"the shared expert (model.n_shared_experts={m.n_shared_experts})" if m.n_shared_experts else \
             "none (model.n_shared_experts=0)"
         raise ValueError(f"{name}: expected {want}, got {'one' if present else 'none'}")
+
+
+def _check_shared_rows_aligned(m: ModelConfig, rt: RuntimeConfig, world_size: int) -> None:
+    """forward hands the CUDA shared-expert stage, unchecked, rank r's rows of the staged activations from row
+    r*T/W on (static NVFP4 scale with several ranks): their block scales, hidden/16 bytes a row, must start 16-byte
+    aligned for any T."""
+    token_split = m.n_shared_experts > 0 and rt.act_mode == "nvfp4" and rt.act_scale == "static" and world_size > 1
+    if token_split and m.hidden_size % 256:
+        raise ValueError(f"model.hidden_size: with {world_size} ranks each runs the shared expert on a slice of the "
+                         f"tokens, whose NVFP4 scale rows (hidden/16 bytes each) must start 16-byte aligned: expected "
+                         f"a multiple of 256 on the CUDA backend, got {m.hidden_size}")
 
 
 def _check_buffer(buffer: SymmBuffer, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:

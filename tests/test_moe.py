@@ -289,3 +289,18 @@ def test_a_rank_other_than_the_process_groups_is_rejected(group_errors):
 
 def test_a_buffer_reducing_over_another_world_is_rejected(group_errors):
     assert group_errors("buffer", 0) == "buffer: expected communicator world_size 2, got 1"
+
+
+@pytest.mark.parametrize("hidden,world_size,act_scale,ok", [
+    (320, 2, "static", False),  # rank 1's scale rows could start at 20 bytes past a boundary
+    (512, 2, "static", True),
+    (320, 1, "static", True),  # one rank takes every token from row 0
+    (320, 2, "dynamic", True),  # rank 0 takes every token (the h amax spans them)
+])
+def test_the_cuda_shared_expert_token_split_needs_16_byte_aligned_scale_rows(hidden, world_size, act_scale, ok):
+    cfg = load_config("tiny", [f"hidden_size={hidden}", f"act_scale={act_scale}"])
+    if ok:
+        moe_module._check_shared_rows_aligned(cfg.model, cfg.runtime, world_size)
+    else:
+        with pytest.raises(ValueError, match=r"model\.hidden_size: .* expected a multiple of 256 .*, got 320"):
+            moe_module._check_shared_rows_aligned(cfg.model, cfg.runtime, world_size)
