@@ -237,9 +237,8 @@ class EPMoE(nn.Module):
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
-        token's exactly once. Tokens are split over ranks (1/W of the compute each) when every row quantizes on
-        its own; a dynamic h scale is an amax over all the expert's tokens, so rank 0 then takes them all."""
-        if self.spec.act_mode == "nvfp4" and self.spec.l2_scale_mode == "dynamic":
+        token's exactly once (see _shared_tokens_split)."""
+        if not _shared_tokens_split(self.spec):
             return (0, t) if self.rank == 0 else (0, 0)
         return self.rank * t // self.world_size, (self.rank + 1) * t // self.world_size
 
@@ -279,12 +278,19 @@ def _check_shared_present(m: ModelConfig, present: bool, name: str) -> None:
         raise ValueError(f"{name}: expected {want}, got {'one' if present else 'none'}")
 
 
+def _shared_tokens_split(spec: ExpertSpec) -> bool:
+    """Whether the ranks split the shared expert's tokens (1/W of the compute each), which they do when every row
+    quantizes on its own; a dynamic h scale is an amax over all the expert's tokens, so rank 0 then takes them all."""
+    return not (spec.act_mode == "nvfp4" and spec.l2_scale_mode == "dynamic")
+
+
 def _check_shared_rows_aligned(m: ModelConfig, rt: RuntimeConfig, world_size: int) -> None:
     """forward hands the CUDA shared-expert stage, unchecked, rank r's rows of the staged activations from row
-    r*T/W on (static NVFP4 scale with several ranks): their block scales, hidden/16 bytes a row, must start 16-byte
-    aligned for any T."""
-    token_split = m.n_shared_experts > 0 and rt.act_mode == "nvfp4" and rt.act_scale == "static" and world_size > 1
-    if token_split and m.hidden_size % 256:
+    r*T/W on: with NVFP4 activations their block scales, hidden/16 bytes a row, must start 16-byte aligned for any
+    T (bf16 rows always do)."""
+    spec = ExpertSpec(rt.act_mode, rt.act_scale)
+    split = m.n_shared_experts > 0 and world_size > 1 and _shared_tokens_split(spec)
+    if split and spec.act_mode == "nvfp4" and m.hidden_size % 256:
         raise ValueError(f"model.hidden_size: with {world_size} ranks each runs the shared expert on a slice of the "
                          f"tokens, whose NVFP4 scale rows (hidden/16 bytes each) must start 16-byte aligned: expected "
                          f"a multiple of 256 on the CUDA backend, got {m.hidden_size}")

@@ -219,6 +219,14 @@ def _topk_impl(scores: torch.Tensor, out: torch.Tensor) -> None:
     launch("topk_stable", scores.device, scores.data_ptr(), rows, n, out.shape[1], out.data_ptr())
 
 
+def _route_v4_impl(logits: torch.Tensor, bias: torch.Tensor | None, given_ids: torch.Tensor | None, scaling: float,
+                   ids: torch.Tensor, weights: torch.Tensor) -> None:
+    rows, n = logits.shape
+    launch("route_v4", logits.device, logits.data_ptr(), 0 if bias is None else bias.data_ptr(),
+           0 if given_ids is None else given_ids.data_ptr(), rows, n, ids.shape[1], scaling, ids.data_ptr(),
+           weights.data_ptr())
+
+
 moe_align_op = define_op("moe_align(Tensor topk_idx, int num_local, int expert_begin, Tensor(a!) counts, "
                          "Tensor(b!) offsets, Tensor(c!) slot_pair, Tensor(d!) pair_slot) -> ()", _moe_align_impl)
 dequant_rows_op = define_op("nvfp4_dequant_rows(Tensor data, Tensor scale, Tensor(a!) out) -> ()", _dequant_impl)
@@ -234,16 +242,6 @@ requant_dynamic_op = define_op(
 combine_op = define_op("combine(Tensor y_slot, Tensor pair_slot, Tensor topk_weights, Tensor(a!) out) -> ()",
                        _combine_impl)
 topk_stable_op = define_op("topk_stable(Tensor scores, Tensor(a!) out) -> ()", _topk_impl)
-
-
-def _route_v4_impl(logits: torch.Tensor, bias: torch.Tensor | None, given_ids: torch.Tensor | None, scaling: float,
-                   ids: torch.Tensor, weights: torch.Tensor) -> None:
-    rows, n = logits.shape
-    launch("route_v4", logits.device, logits.data_ptr(), 0 if bias is None else bias.data_ptr(),
-           0 if given_ids is None else given_ids.data_ptr(), rows, n, ids.shape[1], scaling, ids.data_ptr(),
-           weights.data_ptr())
-
-
 route_v4_op = define_op("route_v4(Tensor logits, Tensor? bias, Tensor? given_ids, float scaling, Tensor(a!) ids, "
                         "Tensor(b!) weights) -> ()", _route_v4_impl)
 
