@@ -5,8 +5,8 @@
 
 Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
 events recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs
-on its own stream beside routing and the routed experts, so its stage time is what is left of it after them
-(joining and adding its output). The graph is timed twice: as the runtime captures it, and captured with the
+on its own stream beside routing and the routed experts, whose combine waits for it and adds its output, so what
+is left of it after them counts in the experts stage. The graph is timed twice: as the runtime captures it, and captured with the
 kernels' programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of
 every kernel in one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can
 exceed the replay.
@@ -28,7 +28,7 @@ from ep_runtime.dist_utils import init_process_group
 from ep_runtime.moe import EPMoE
 from ep_runtime.provenance import provenance
 
-STAGES = ("staging", "routing", "experts", "shared", "all_reduce")
+STAGES = ("staging", "routing", "experts", "all_reduce")
 
 
 def _events_ms(fn, iters: int) -> float:

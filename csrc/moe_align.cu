@@ -99,19 +99,25 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_kernel(const int* __r
 constexpr int kCombineThreads = 256;
 constexpr int kCombineChunk = 4;  // routing weights whose rows one thread loads at once
 
-// y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference. A token's
-// columns are split over gridDim.y CTAs, each thread taking a float4 of columns at a time. For kCombineChunk
-// weights at once the thread reads their slots, then loads all their rows, then adds them in order: in decode a
-// token's combine is a few CTAs whose time is load latency, so no row load waits for another.
+// y[t] = sum over k ascending of w[t,k] * y_slot[slot(t,k)], fp32, unfused mul/add like the reference, plus the
+// addend's row for tokens [addend_begin, addend_begin + addend_rows) (the shared expert's output) before the cast.
+// A token's columns are split over gridDim.y CTAs, each thread taking a float4 of columns at a time. For
+// kCombineChunk weights at once the thread reads their slots, then loads all their rows, then adds them in order:
+// in decode a token's combine is a few CTAs whose time is load latency, so no row load waits for another (the
+// addend's is loaded first, beside them).
 template <typename OutT>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const float* __restrict__ y_slot, const int* __restrict__ pair_slot,
-                   const float* __restrict__ topk_weights, int topk, int hidden, OutT* __restrict__ out) {
+                   const float* __restrict__ topk_weights, int topk, int hidden, const float* __restrict__ addend,
+                   int addend_begin, int addend_rows, OutT* __restrict__ out) {
   ep::enter_grid();
   const int t = blockIdx.x;
   const int* slots = pair_slot + static_cast<size_t>(t) * topk;
   const float* weights = topk_weights + static_cast<size_t>(t) * topk;
+  const bool added = addend != nullptr && t >= addend_begin && t - addend_begin < addend_rows;
+  const float* add_row = added ? addend + static_cast<size_t>(t - addend_begin) * hidden : nullptr;
   for (int c = (blockIdx.y * kCombineThreads + threadIdx.x) * 4; c < hidden; c += gridDim.y * kCombineThreads * 4) {
+    const float4 a = added ? *reinterpret_cast<const float4*>(add_row + c) : make_float4(0.f, 0.f, 0.f, 0.f);
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k0 = 0; k0 < topk; k0 += kCombineChunk) {
       int s[kCombineChunk];
@@ -131,6 +137,12 @@ __global__ void __launch_bounds__(kCombineThreads)
         acc[2] = __fadd_rn(acc[2], __fmul_rn(w, v[j].z));
         acc[3] = __fadd_rn(acc[3], __fmul_rn(w, v[j].w));
       }
+    }
+    if (added) {
+      acc[0] = __fadd_rn(acc[0], a.x);
+      acc[1] = __fadd_rn(acc[1], a.y);
+      acc[2] = __fadd_rn(acc[2], a.z);
+      acc[3] = __fadd_rn(acc[3], a.w);
     }
     OutT* dst = out + static_cast<size_t>(t) * hidden + c;
     if constexpr (sizeof(OutT) == 4) {
@@ -161,9 +173,13 @@ void moe_align(std::uintptr_t topk_idx, int num_tokens, int topk, int num_local,
 }
 
 void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t topk_weights, int num_tokens, int topk,
-             int hidden, std::uintptr_t out, bool out_bf16, std::uintptr_t stream) {
+             int hidden, std::uintptr_t addend, int addend_begin, int addend_rows, std::uintptr_t out, bool out_bf16,
+             std::uintptr_t stream) {
   EP_REQUIRE(hidden % 4 == 0, "combine: hidden must be a multiple of 4, got " + std::to_string(hidden));
   EP_REQUIRE(topk >= 1, "combine: topk must be at least 1, got " + std::to_string(topk));
+  EP_REQUIRE(addend_begin >= 0 && addend_rows >= 0 && addend_begin + addend_rows <= num_tokens,
+             "combine: the addend's rows must lie within the tokens, got rows [" + std::to_string(addend_begin) +
+                 ", " + std::to_string(addend_begin + addend_rows) + ") of " + std::to_string(num_tokens));
   if (num_tokens == 0) return;
   // Few tokens (decode) spread each token's columns over several CTAs; many tokens take a CTA each, whose
   // threads then loop over the columns.
@@ -173,7 +189,8 @@ void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t top
   auto run = [&](auto* typed_out) {
     ep::launch(combine_kernel<std::remove_pointer_t<decltype(typed_out)>>, grid, kCombineThreads, 0,
                ep::as_stream(stream), ep::as_ptr<const float>(y_slot), ep::as_ptr<const int>(pair_slot),
-               ep::as_ptr<const float>(topk_weights), topk, hidden, typed_out);
+               ep::as_ptr<const float>(topk_weights), topk, hidden, ep::as_ptr<const float>(addend), addend_begin,
+               addend_rows, typed_out);
   };
   if (out_bf16) run(ep::as_ptr<__nv_bfloat16>(out));
   else run(ep::as_ptr<float>(out));
@@ -181,7 +198,7 @@ void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t top
 
 void bind_moe_align(pybind11::module_& m) {
   m.def("moe_align", &moe_align, "slot metadata (counts, offsets, slot_pair, pair_slot) from topk_idx");
-  m.def("moe_combine", &combine, "deterministic weighted combine of per-slot outputs into (T, H)");
+  m.def("moe_combine", &combine, "deterministic weighted combine of per-slot outputs, plus an addend's rows, into (T, H)");
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-"""The expert stage on the CUDA kernels: align -> L1 (+ SwiGLU + requant) -> L2 -> combine.
+"""The expert stage on the CUDA kernels: align -> L1 (+ SwiGLU + requant) -> L2 -> combine (+ an addend).
 
 Same contract as experts.expert_stage (the oracle): this rank's partial output (T, H) for its local experts.
 All buffers live in an ExpertWorkspace sized for the largest batch, allocated once, so a CUDA graph captured
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .experts import Activations, ExpertSpec
+from .experts import Activations, Addend, ExpertSpec
 from .nvfp4 import NVFP4Tensor
 from .weights import ExpertWeights
 
@@ -126,9 +126,17 @@ class CudaExpertStage:
         self._static_h_gs = torch.reciprocal(weights.l2_input_scale) if static else None
         self._epilogue = ops.EPILOGUES["bf16" if spec.act_mode == "bf16" else "nvfp4" if static else "fp32"]
         self._swiglu_limit = float("inf") if spec.swiglu_limit is None else float(spec.swiglu_limit)
+        # One expert at top-1 (the shared expert) may run dense: its slots are then the tokens in order, whose
+        # offsets for t tokens are row t of this table, (0, t) (rows of 16 bytes, as every kernel operand starts).
+        self._dense_slots = self._dense_offsets = None
+        if weights.num_experts == 1 and workspace.topk == 1:
+            n, dev = workspace.max_tokens, weights.w13.device
+            self._dense_slots = torch.arange(n, dtype=torch.int32, device=dev)
+            self._dense_offsets = torch.zeros(n + 1, 4, dtype=torch.int32, device=dev)
+            self._dense_offsets[:, 1] = torch.arange(n + 1, dtype=torch.int32, device=dev)
 
     def _check_call(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                    out: torch.Tensor | None, block_n: int | None) -> dict[str, torch.Tensor]:
+                    out: torch.Tensor | None, block_n: int | None, addend: Addend | None) -> dict[str, torch.Tensor]:
         hidden = self.weights.hidden_size
         named = {"topk_idx": ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))}
         t, k = topk_idx.shape
@@ -148,32 +156,61 @@ class CudaExpertStage:
             named["out"] = ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
         if block_n is not None:
             ops.check_tiles(block_n, 0, 2 * self.weights.intermediate_size)
+        if addend is not None:
+            if not isinstance(addend, Addend):
+                raise TypeError(f"addend: expected an Addend, got {type(addend).__name__}")
+            ops.check_addend(addend.values, addend.begin, t, hidden)
+            named["addend.values"] = addend.values
         self.workspace.check_tokens(t, k)
         named["weights.w13"] = self.weights.w13
         ops.check_same_device(named)
         return named
 
     def __call__(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                 out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
-        """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts."""
-        self._check_call(acts, topk_idx, topk_weights, out, block_n)
-        return self.run(acts, topk_idx, topk_weights, out, block_n)
+                 out: torch.Tensor | None = None, block_n: int | None = None,
+                 addend: Addend | None = None) -> torch.Tensor:
+        """This rank's partial MoE output (T, H) (fp32 unless out is given as bf16) for its local experts, plus the
+        addend's rows."""
+        self._check_call(acts, topk_idx, topk_weights, out, block_n, addend)
+        return self.run(acts, topk_idx, topk_weights, out, block_n, addend)
 
     def run(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-            out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, block_n: int | None = None,
+            addend: Addend | None = None) -> torch.Tensor:
         """__call__ without its checks, for a caller whose arguments are its own buffers' views, valid by
         construction (EPMoE's forward: the staged activations, the routing rows and the all-reduce buffer)."""
         w, ws = self.weights, self.workspace
         t, k = topk_idx.shape
-        e = w.num_experts
         if out is None:
             out = torch.empty(t, w.hidden_size, dtype=torch.float32, device=w.w13.device)
         if t == 0:
             return out
-        n = t * k
-        bn = block_n or default_block_n(n, e)
         slot_pair, pair_slot = ws.slots(t)
-        ops.moe_align_op(topk_idx, e, self.expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
+        ops.moe_align_op(topk_idx, w.num_experts, self.expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
+        y_slot = self._gemms(acts, t, k, ws.offsets, slot_pair, block_n or default_block_n(t * k, w.num_experts))
+        if addend is not None and addend.ready is not None:  # as late as possible: the GEMMs ran beside its stream
+            torch.cuda.current_stream(out.device).wait_event(addend.ready)
+        ops.combine_op(y_slot, pair_slot, topk_weights, None if addend is None else addend.values,
+                       0 if addend is None else addend.begin, out)
+        return out
+
+    def run_dense(self, acts: Activations) -> torch.Tensor:
+        """Every token once through the stack's one expert with weight 1 (the shared expert), unchecked like run: the
+        slots are the tokens in order, so nothing is aligned or combined. Returns the output, fp32 (T, H): a view of
+        the workspace, valid until the stage runs again."""
+        if self._dense_slots is None:
+            raise ValueError(f"run_dense: needs one expert at top-1, got {self.weights.num_experts} experts and a "
+                             f"workspace of top-{self.workspace.topk}")
+        t = (acts.data if isinstance(acts, NVFP4Tensor) else acts).shape[0]
+        if t == 0:
+            return self.workspace.y_slot[:0]
+        return self._gemms(acts, t, 1, self._dense_offsets[t, :2], self._dense_slots[:t], default_block_n(t, 1))
+
+    def _gemms(self, acts: Activations, t: int, k: int, offsets: torch.Tensor, slot_pair: torch.Tensor,
+               bn: int) -> torch.Tensor:
+        """L1 (+ SwiGLU + requant) and L2 of t tokens' t*k slots; returns the slots' outputs (the workspace's)."""
+        w, ws = self.weights, self.workspace
+        n = t * k
         if self.spec.act_mode == "nvfp4":
             x = ws.x_bf16[:t]
             ops.dequant_rows_op(acts.data, acts.scale, x)
@@ -181,16 +218,15 @@ class CudaExpertStage:
         else:
             x, x_gs = acts, None
         h_bf16, hq_data, hq_scale, h_f32 = ws.h_bf16[:n], ws.hq_data[:n], ws.hq_scale[:n], ws.h_f32[:n]
-        ops.grouped_l1_op(w.w13, w.w13_scale, w.w13_alpha, x, x_gs, ws.offsets, slot_pair, k, self._epilogue,
+        ops.grouped_l1_op(w.w13, w.w13_scale, w.w13_alpha, x, x_gs, offsets, slot_pair, k, self._epilogue,
                           self._swiglu_limit, self._static_h_gs, h_f32, hq_data, hq_scale, h_bf16, bn, 0)
         h_gs = self._static_h_gs
         if self._epilogue == ops.EPILOGUES["fp32"]:
-            ops.requant_dynamic_op(h_f32, ws.offsets, ws.amax_ws, hq_data, hq_scale, h_bf16, ws.h_gs)
+            ops.requant_dynamic_op(h_f32, offsets, ws.amax_ws, hq_data, hq_scale, h_bf16, ws.h_gs)
             h_gs = ws.h_gs
         y_slot = ws.y_slot[:n]
-        ops.grouped_l2_op(w.w2, w.w2_scale, w.w2_alpha, h_bf16, h_gs, ws.offsets, y_slot, bn, 0)
-        ops.combine_op(y_slot, pair_slot, topk_weights, out)
-        return out
+        ops.grouped_l2_op(w.w2, w.w2_scale, w.w2_alpha, h_bf16, h_gs, offsets, y_slot, bn, 0)
+        return y_slot
 
 
 def cuda_expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,

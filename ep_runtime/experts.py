@@ -36,6 +36,20 @@ class ExpertSpec:
         check_swiglu_limit(self.swiglu_limit)
 
 
+@dataclass(frozen=True)
+class Addend:
+    """fp32 rows that the combine adds to output rows [begin, begin + len(values)) before the cast (EPMoE: this
+    rank's share of the shared expert). ready: an event recorded after values were written on another stream, which
+    the combine waits for; None where they were written on the combine's stream."""
+    begin: int
+    values: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def add_to(self, y: torch.Tensor) -> None:
+        """The reference path: y (fp32, the routed sum) gets the rows added in place."""
+        y[self.begin: self.begin + self.values.shape[0]] += self.values
+
+
 @dataclass
 class SlotMap:
     """Slots are the (token, k) pairs routed to a local expert, ordered by (local expert, t, k)."""

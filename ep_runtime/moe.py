@@ -1,7 +1,7 @@
 """EPMoE: one expert-parallel MoE layer as an nn.Module.
 
-forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine) + this rank's share of the shared
-expert -> all-reduce.
+forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine, which adds this rank's share of the
+shared expert) -> all-reduce.
 Replicated-token mode: every rank sees all T tokens, computes its local experts [rank*E/W, (rank+1)*E/W)
 and the partial outputs are summed by the buffer's all-reduce.
 """
@@ -18,7 +18,7 @@ from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config, ModelConfig, RuntimeConfig
 from .dist_utils import collective
-from .experts import ExpertSpec, expert_stage
+from .experts import Addend, ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
@@ -56,7 +56,7 @@ class EPMoE(nn.Module):
             stacks.append(("weights.shared", weights.shared, 1, m.moe_intermediate_size * m.n_shared_experts))
         for name, w, n, inter in stacks:
             w.check_sizes(name, n, m.hidden_size, inter)
-            w.require_layout("rows", "EPMoE")
+            w.require_layout("rows", "EPMoE", name)
         if buffer is not None:
             _check_buffer(buffer, cfg, rank, world_size, device)
         if rt.backend == "auto":
@@ -84,10 +84,10 @@ class EPMoE(nn.Module):
                 make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
             buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
-        self._stage = self._shared_stage = self._shared_y = self._shared_stream = None
+        self._stage = self._shared_stage = self._side_stream = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
-        # Every token visits the shared expert once with weight 1: its routing is constant.
+        # Every token visits the shared expert once with weight 1: its routing is constant (the reference's input).
         self._shared_idx = torch.zeros(rt.max_tokens, 1, dtype=torch.int32, device=device)
         self._shared_w = torch.ones(rt.max_tokens, 1, dtype=torch.float32, device=device)
         # The layer input's static global scale, once rather than in every forward.
@@ -101,8 +101,10 @@ class EPMoE(nn.Module):
             if self.shared is not None:
                 shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size, self.shared.intermediate_size,
                                                             device, self.spec)
-                self._shared_y = torch.empty(n, m.hidden_size, dtype=torch.float32, device=device)
-                self._shared_stream = torch.cuda.Stream(device)
+            # Staging and the shared expert run on a side stream beside the router (which reads only hidden) and
+            # the routed experts; these events mark the staged input and the shared expert's output.
+            self._side_stream = torch.cuda.Stream(device)
+            self._staged, self._shared_done = torch.cuda.Event(), torch.cuda.Event()
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
             self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, workspace)
@@ -196,44 +198,54 @@ class EPMoE(nn.Module):
         mark = self.stage_marker
         self._validate(hidden, input_ids)
         t = hidden.shape[0]
-        acts = self.stage_activations(hidden, check)
+        acts, shared = self._stage_and_start_shared(hidden, check, t)
         mark("staging")
-        shared = self._start_shared_expert(acts, t)
         topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
         y = self.buffer.y[:t]
-        if self._stage is not None:  # the combine writes straight into the all-reduce buffer
-            self._stage.run(acts, topk_idx, topk_weights, y)  # its own buffers' views: nothing to check
+        if self._stage is not None:  # the combine adds the shared expert's rows and writes the all-reduce buffer
+            torch.cuda.current_stream(self.device).wait_event(self._staged)
+            self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
         else:
-            y.copy_(expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec))
+            routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
+            if shared is not None:
+                shared.add_to(routed)
+            y.copy_(routed)
         mark("experts")
-        if shared is not None:
-            lo, hi, out = shared
-            if self._shared_stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._shared_stream)
-            y[lo:hi] += out
-        mark("shared")
         self.buffer.backend.all_reduce_(y)
         mark("all_reduce")
         # A copy: never hand out a view of the communication buffer.
         return y.to(self.cfg.runtime.torch_dtype, copy=True)
 
-    def _start_shared_expert(self, acts: NVFP4Tensor | torch.Tensor,
-                             t: int) -> tuple[int, int, torch.Tensor] | None:
-        """This rank's slice [lo, hi) of the shared expert and its output, or None. On the CUDA backend it runs
-        on its own stream from right after staging, beside routing and the routed experts, which it does not
-        need (in decode they leave most SMs idle); forward joins it before adding its output."""
+    def _stage_and_start_shared(self, hidden: torch.Tensor, check: bool,
+                                t: int) -> tuple[NVFP4Tensor | torch.Tensor, Addend | None]:
+        """Staging, then this rank's slice of the shared expert. On the CUDA backend both run on the side stream,
+        beside the router and the routed experts, which need neither until their L1 (staged input) and combine
+        (shared output): in decode the router's kernels and the routed GEMMs leave most SMs idle."""
+        if self._side_stream is None:
+            acts = self.stage_activations(hidden, check)
+            return acts, self._shared_expert(acts, t)
+        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side_stream):
+            acts = self.stage_activations(hidden, check)
+            self._staged.record()
+            return acts, self._shared_expert(acts, t)
+
+    def _shared_expert(self, acts: NVFP4Tensor | torch.Tensor, t: int) -> Addend | None:
+        """This rank's slice [lo, hi) of the shared expert's output, as the routed sum's addend, or None; on the CUDA
+        backend run dense (no align, no combine), its addend ready at an event the routed combine waits for."""
         if self.shared is None:
             return None
         lo, hi = self._shared_token_slice(t)
         if hi <= lo:
             return None
-        args = (_rows(acts, lo, hi), self._shared_idx[: hi - lo], self._shared_w[: hi - lo])
+        rows = _rows(acts, lo, hi)
         if self._shared_stage is None:
-            return lo, hi, expert_stage(*args, self.shared, 0, self.spec)
-        self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._shared_stream):
-            return lo, hi, self._shared_stage.run(*args, self._shared_y[: hi - lo])
+            return Addend(lo, expert_stage(rows, self._shared_idx[: hi - lo], self._shared_w[: hi - lo], self.shared,
+                                           0, self.spec))
+        values = self._shared_stage.run_dense(rows)
+        self._shared_done.record()
+        return Addend(lo, values, self._shared_done)
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each

@@ -23,6 +23,7 @@ EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
 MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
+MAX_ROUTE_EXPERTS = 1536  # route_v4's selection keeps 8 tokens' scores in 48 KB of shared memory (kMaxRouteExperts)
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 
 
@@ -208,10 +209,11 @@ def _requant_impl(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Ten
 
 
 def _combine_impl(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor,
-                  out: torch.Tensor) -> None:
+                  addend: torch.Tensor | None, addend_begin: int, out: torch.Tensor) -> None:
     t, k = topk_weights.shape
     launch("moe_combine", out.device, y_slot.data_ptr(), pair_slot.data_ptr(), topk_weights.data_ptr(), t, k,
-           out.shape[1], out.data_ptr(), out.dtype == torch.bfloat16)
+           out.shape[1], 0 if addend is None else addend.data_ptr(), addend_begin,
+           0 if addend is None else addend.shape[0], out.data_ptr(), out.dtype == torch.bfloat16)
 
 
 def _topk_impl(scores: torch.Tensor, out: torch.Tensor) -> None:
@@ -239,8 +241,8 @@ grouped_l2_op = define_op("grouped_l2(Tensor w2, Tensor w2_scale, Tensor w2_alph
 requant_dynamic_op = define_op(
     "requant_dynamic(Tensor h_f32, Tensor offsets, Tensor(a!) amax_ws, Tensor(b!) hq_data, Tensor(c!) hq_scale, "
     "Tensor(d!) h_bf16, Tensor(e!) h_gs) -> ()", _requant_impl)
-combine_op = define_op("combine(Tensor y_slot, Tensor pair_slot, Tensor topk_weights, Tensor(a!) out) -> ()",
-                       _combine_impl)
+combine_op = define_op("combine(Tensor y_slot, Tensor pair_slot, Tensor topk_weights, Tensor? addend, "
+                       "int addend_begin, Tensor(a!) out) -> ()", _combine_impl)
 topk_stable_op = define_op("topk_stable(Tensor scores, Tensor(a!) out) -> ()", _topk_impl)
 route_v4_op = define_op("route_v4(Tensor logits, Tensor? bias, Tensor? given_ids, float scaling, Tensor(a!) ids, "
                         "Tensor(b!) weights) -> ()", _route_v4_impl)
@@ -418,9 +420,12 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
 
-def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
+            addend: torch.Tensor | None = None, addend_begin: int = 0) -> None:
     """out[t] = sum over j ascending of topk_weights[t, j] * y_slot[pair_slot[t*k + j]] (fp32), pairs with slot -1
-    skipped (0 without local slots). y_slot has a row per pair: any slot in [0, T*k) may be read."""
+    skipped (0 without local slots), plus addend[t - addend_begin] (fp32 (rows, hidden), e.g. the shared expert's
+    output) for t in [addend_begin, addend_begin + rows), then cast. y_slot has a row per pair: any slot in
+    [0, T*k) may be read."""
     check_tensor(topk_weights, "topk_weights", torch.float32, (None, None))
     t, k = topk_weights.shape
     check_tensor(y_slot, "y_slot", torch.float32, (t * k, None))
@@ -428,8 +433,19 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     _multiple(hidden, 64, "y_slot.shape[1] (hidden)")
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
-    check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out))
-    combine_op(y_slot, pair_slot, topk_weights, out)
+    check_addend(addend, addend_begin, t, hidden)
+    check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
+    combine_op(y_slot, pair_slot, topk_weights, addend, addend_begin, out)
+
+
+def check_addend(addend: torch.Tensor | None, begin: int, num_tokens: int, hidden: int) -> None:
+    """An addend of combine: fp32 rows [begin, begin + rows) of the (num_tokens, hidden) output."""
+    if addend is None:
+        return
+    check_tensor(addend, "addend", torch.float32, (None, hidden))
+    if isinstance(begin, bool) or not isinstance(begin, int) or not 0 <= begin <= num_tokens - addend.shape[0]:
+        raise ValueError(f"addend_begin: expected an int in [0, {num_tokens - addend.shape[0]}] so that the addend's "
+                         f"{addend.shape[0]} rows lie within the {num_tokens} tokens, got {begin!r}")
 
 
 def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -449,9 +465,13 @@ def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, scaling: float, id
     """DeepSeek-V4 routing (NVFP4_SPEC section 6) of fp32 router logits (T, E) in one kernel, into int32 ids and
     fp32 weights (T, k): sqrt(softplus) scores as torch computes them; the k experts of the best biased scores in
     the order topk_stable gives, or given_ids (T, k) int32 (hash layers; an id outside [0, E) gets a NaN weight);
-    weights = score / (sum of the k scores, added in ascending k, + 1e-20) * scaling. k <= MAX_ROUTE_TOP_K."""
+    weights = score / (sum of the k scores, added in ascending k, + 1e-20) * scaling. k <= MAX_ROUTE_TOP_K, and
+    E <= MAX_ROUTE_EXPERTS where the kernel selects."""
     check_tensor(logits, "logits", torch.float32, (None, None))
     t, n = logits.shape
+    if given_ids is None and n > MAX_ROUTE_EXPERTS:
+        raise ValueError(f"logits.shape[1] (experts): expected at most {MAX_ROUTE_EXPERTS} where the kernel selects "
+                         f"(no given_ids), got {n}")
     check_tensor(ids, "ids", torch.int32, (t, None))
     check_top_k(ids.shape[1], min(n, MAX_ROUTE_TOP_K), "ids.shape[1] (k)")
     check_tensor(weights, "weights", torch.float32, tuple(ids.shape))

@@ -120,7 +120,8 @@ class Router(nn.Module):
                 raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
                                  f"[{input_ids.min().item()}, {input_ids.max().item()}]")
             hash_ids = self.tid2eid[input_ids.long()]
-        if logits.is_cuda and k <= ops.MAX_ROUTE_TOP_K and _gpu_selection():
+        fits = k <= ops.MAX_ROUTE_TOP_K and (hash_ids is not None or logits.shape[1] <= ops.MAX_ROUTE_EXPERTS)
+        if logits.is_cuda and fits and _gpu_selection():
             ids, w = out if out is not None else (torch.empty(t, k, dtype=torch.int32, device=logits.device),
                                                   torch.empty(t, k, dtype=torch.float32, device=logits.device))
             ops.route_v4(logits, self.bias, cfg.routed_scaling_factor, ids, w, hash_ids)

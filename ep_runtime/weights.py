@@ -95,9 +95,9 @@ class ExpertWeights:
                                  f"{num_experts} experts of hidden {hidden}, intermediate {inter}; "
                                  f"got {v.dtype} of shape {tuple(v.shape)}")
 
-    def require_layout(self, layout: str, user: str) -> None:
+    def require_layout(self, layout: str, user: str, name: str = "weights") -> None:
         if self.layout != layout:
-            raise ValueError(f"weights: {user} takes layout {layout!r}, got {self.layout!r}")
+            raise ValueError(f"{name}: {user} takes layout {layout!r}, got {self.layout!r}")
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense fp32 (E, 2I, H) and (E, H, I) weights including their global scales (tests, baselines)."""

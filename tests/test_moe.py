@@ -125,8 +125,11 @@ def _same_bytes(a: ExpertWeights, b: ExpertWeights) -> bool:
 @pytest.fixture
 def cuda_simulated(monkeypatch, cpu_devices_pass):
     """Construction takes the CUDA backend (tiling, workspaces, stages) on CPU tensors, which on a GPU are the
-    caller's own tensors whenever the weights already are on the device; forward is never run."""
+    caller's own tensors whenever the weights already are on the device; forward is never run, so the side stream
+    and its events are placeholders."""
     monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setattr(torch.cuda, "Event", lambda: object())
 
 
 def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simulated):
@@ -147,19 +150,17 @@ def test_a_bad_shared_expert_scale_names_the_shared_expert(cuda_simulated):
 
 def test_weights_tiled_in_place_say_so_to_the_caller(cuda_simulated):
     w = _layer()
-    w.shared = None  # its CUDA stream cannot be made on a CPU-only machine
-    moe = EPMoE(_without_shared_expert(CFG), w)
+    moe = EPMoE(CFG, w)
     assert moe.experts is w.experts and w.experts.layout == "sm90"
+    assert moe.shared is w.shared and w.shared.layout == "sm90"
 
 
 def test_weights_already_tiled_are_rejected(cuda_simulated, monkeypatch):
     w = _layer()
-    w.shared = None  # as above
-    cfg = _without_shared_expert(CFG)
-    EPMoE(cfg, w)
+    EPMoE(CFG, w)
     monkeypatch.setattr(moe_module, "cuda_backend_available", lambda device: False)
-    with pytest.raises(ValueError, match="weights: EPMoE takes layout 'rows', got 'sm90'"):
-        EPMoE(cfg, w)
+    with pytest.raises(ValueError, match="weights.experts: EPMoE takes layout 'rows', got 'sm90'"):
+        EPMoE(CFG, w)
 
 
 @pytest.mark.parametrize("rank", [-1, 4])

@@ -177,6 +177,19 @@ def test_combine_rejects_int_output():
                     torch.zeros(T, H, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("addend,begin,error,message", [
+    (torch.zeros(2, H, dtype=torch.bfloat16), 0, TypeError, "addend: expected dtype torch.float32, got torch.bfloat16"),
+    (torch.zeros(2, H + 64), 0, ValueError, r"addend: expected shape \(\*, 128\), got \(2, 192\)"),
+    (torch.zeros(2, H), 4, ValueError, r"addend_begin: expected an int in \[0, 3\] so that the addend's 2 rows lie "
+                                       r"within the 5 tokens, got 4"),
+    (torch.zeros(T + 1, H), 0, ValueError, r"addend_begin: expected an int in \[0, -1\]"),
+])
+def test_combine_rejects_an_addend_outside_the_output(addend, begin, error, message):
+    with pytest.raises(error, match=message):
+        ops.combine(torch.zeros(T * K, H), torch.zeros(T * K, dtype=torch.int32), torch.zeros(T, K),
+                    torch.zeros(T, H), addend, begin)
+
+
 def test_requant_rejects_mismatched_rows():
     with pytest.raises(ValueError, match=r"hq_data: expected shape \(6, 32\), got \(5, 32\)"):
         ops.requant_dynamic(torch.zeros(6, I), torch.zeros(E + 1, dtype=torch.int32),
@@ -253,6 +266,13 @@ def test_route_v4_rejects_a_bad_argument(name, bad, error, message):
 def test_route_v4_caps_k_at_a_warp_of_experts():
     args = route_args(n=64, k=33)
     with pytest.raises(ValueError, match=r"ids.shape\[1\] \(k\): expected 1..32 \(the scores per row\), got 33"):
+        ops.route_v4(**args)
+
+
+def test_route_v4_caps_the_experts_it_selects_from():
+    args = route_args(n=ops.MAX_ROUTE_EXPERTS + 1)
+    with pytest.raises(ValueError, match=r"logits.shape\[1\] \(experts\): expected at most 1536 where the kernel "
+                                         r"selects \(no given_ids\), got 1537"):
         ops.route_v4(**args)
 
 

@@ -22,12 +22,12 @@ def layer_inputs(cfg: Config, seed: int, device: torch.device) -> torch.Tensor:
 
 def poison_module(moe: EPMoE) -> None:
     """NaN into every floating-point tensor a forward writes before it reads it, so that anything a forward leaves
-    unwritten shows: the buffer's bf16 x (W4A16) or NVFP4 global scale, routing weights and all-reduce buffer y, the
-    expert workspaces (None on the reference backend) and the shared expert's output. Not the shared expert's
-    constant routing weights (moe._shared_w), which every forward only reads."""
+    unwritten shows: the buffer's bf16 x (W4A16) or NVFP4 global scale, routing weights and all-reduce buffer y, and
+    the expert workspaces (None on the reference backend), the shared expert's output among them. Not the shared
+    expert's constant routing weights (moe._shared_w), which every forward only reads."""
     buf = moe.buffer
     # x is packed uint8 in W4A4 and x_global exists only then; integer regions (x_sf, topk_idx) are left alone
-    tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")] + [moe._shared_y]
+    tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")]
     for stage in (moe._stage, moe._shared_stage):
         if stage is not None:
             tensors += [getattr(stage.workspace, f.name) for f in dataclasses.fields(stage.workspace)]

@@ -23,7 +23,7 @@ if not extension_available("grouped_l1", "moe_align"):
     pytest.skip("needs an sm_90 CUDA device and the built extension", allow_module_level=True)
 
 from ep_runtime import cuda_graphs, ops  # noqa: E402
-from ep_runtime.cuda_experts import ExpertWorkspace, cuda_expert_stage  # noqa: E402
+from ep_runtime.cuda_experts import CudaExpertStage, ExpertWorkspace, cuda_expert_stage  # noqa: E402
 
 DEV = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -127,6 +127,14 @@ def run_stage(acts, idx, w, weights, spec, expert_begin=0, block_n=None, ws=None
     return out, ws
 
 
+def pair_slots(slots: SlotMap) -> torch.Tensor:
+    """The combine's pair -> slot map (-1 for another rank's expert) of a SlotMap."""
+    n = slots.slot_pair.shape[0]
+    pair_slot = torch.full((n,), -1, dtype=torch.int32, device=DEV)
+    pair_slot[slots.slot_pair[: slots.num_slots].long()] = torch.arange(slots.num_slots, dtype=torch.int32, device=DEV)
+    return pair_slot
+
+
 def l1_gate_up(acts, slots: SlotMap, weights, spec, block_n: int = 8, block_m: int = 0) -> torch.Tensor:
     t = slots.slot_pair.shape[0] // slots.topk
     if spec.act_mode == "nvfp4":
@@ -189,8 +197,7 @@ def test_combine_equals_the_reference_combine_bitwise(t, k, hidden, ranks, out_d
     if ranks > 1:
         idx[-1] = (e_local + torch.randperm(e_total - e_local, generator=gen)[:k]).to(DEV, torch.int32)
     slots = map_slots(idx, e_local, 0)
-    pair_slot = torch.full((t * k,), -1, dtype=torch.int32, device=DEV)
-    pair_slot[slots.slot_pair[: slots.num_slots].long()] = torch.arange(slots.num_slots, dtype=torch.int32, device=DEV)
+    pair_slot = pair_slots(slots)
     y_slot = torch.randn(t * k, hidden, generator=gen).to(DEV)  # a row per pair; rows past num_slots go unread
     out = torch.full((t, hidden), float("nan"), dtype=out_dtype, device=DEV)
     ops.combine(y_slot, pair_slot, w, out)
@@ -199,6 +206,23 @@ def test_combine_equals_the_reference_combine_bitwise(t, k, hidden, ranks, out_d
     no_local = ~(idx < e_local).any(1)
     assert bool(no_local.any()) == (ranks > 1)  # one rank owns every expert: every token has a local one
     assert torch.equal(out[no_local], torch.zeros_like(out[no_local]))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("begin,rows", [(0, 9), (3, 4), (8, 1)])
+def test_combine_adds_the_addend_rows_before_the_cast(begin, rows, out_dtype, gen):
+    """out = cast(routed fp32 sum + addend) on tokens [begin, begin + rows), cast(routed sum) elsewhere, bitwise."""
+    t, k, e_local, hidden = 9, 6, 16, 512
+    idx, w = routing("uniform", t, k, e_local, gen, 0, 2 * e_local)  # some tokens without a local expert
+    slots = map_slots(idx, e_local, 0)
+    pair_slot = pair_slots(slots)
+    y_slot = torch.randn(t * k, hidden, generator=gen).to(DEV)
+    addend = torch.randn(rows, hidden, generator=gen).to(DEV)
+    out = torch.full((t, hidden), float("nan"), dtype=out_dtype, device=DEV)
+    ops.combine(y_slot, pair_slot, w, out, addend, begin)
+    ref = combine(y_slot, slots, w, t)
+    ref[begin: begin + rows] += addend
+    assert torch.equal(out, ref.to(out_dtype))
 
 
 # ---- L1 / requant / L2 in isolation ----
@@ -473,6 +497,31 @@ def test_expert_stage_at_v4_pro_shape(t, gen):
     slots = slots_from_workspace(ws, t)
     assert rel_l2(l1_gate_up(acts, slots, weights, W4A4), l1_reference(acts, slots, weights, W4A4)) <= 4e-3
     assert cosine(out, reference_stage(acts, idx, w, weights, 0, W4A4)) >= 0.9999
+
+
+@pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
+@pytest.mark.parametrize("t", [1, 70])
+def test_dense_run_of_one_expert_gives_the_bits_of_routing_every_token_to_it(spec_name, t, gen):
+    """The shared expert's path: run_dense (no align, no combine) against the stage routing every token to its one
+    expert with weight 1, which adds each output to +0 once."""
+    spec = SPECS[spec_name]
+    weights = random_weights(1, 512, 256, gen)
+    acts = random_acts(t, 512, weights, spec, gen)
+    stage = CudaExpertStage(tiled(weights), 0, spec, ExpertWorkspace.allocate(128, 1, 1, 512, 256, DEV, spec))
+    poison(stage.workspace)
+    dense = stage.run_dense(acts).clone()
+    poison(stage.workspace)
+    routed = stage(acts, torch.zeros(t, 1, dtype=torch.int32, device=DEV), torch.ones(t, 1, device=DEV))
+    assert torch.equal(dense + 0.0, routed)
+    assert cosine(dense, reference_stage(acts, torch.zeros(t, 1, dtype=torch.int32, device=DEV),
+                                         torch.ones(t, 1, device=DEV), weights, 0, spec)) >= 0.9999
+
+
+def test_dense_run_needs_one_expert_at_top_1(gen):
+    weights = random_weights(2, 256, 128, gen)
+    stage = CudaExpertStage(tiled(weights), 0, W4A4, ExpertWorkspace.allocate(8, 1, 2, 256, 128, DEV, W4A4))
+    with pytest.raises(ValueError, match="run_dense: needs one expert at top-1, got 2 experts and a workspace of top-1"):
+        stage.run_dense(random_acts(4, 256, weights, W4A4, gen))
 
 
 def test_expert_stage_is_bitwise_repeatable(gen):

@@ -85,7 +85,8 @@ def poisoned_routing(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("t,n,k,coarse", [(1, 384, 6, False), (300, 384, 6, False), (50, 64, 6, True),
-                                          (7, 40, 32, False), (3, 5, 5, True)])
+                                          (7, 40, 32, False), (3, 5, 5, True),
+                                          (9, ops.MAX_ROUTE_EXPERTS, 8, True)])
 def test_route_v4_kernel_gives_the_spec_routing_bit_for_bit(t, n, k, coarse, gen):
     if coarse:  # few distinct logits and biases: most scores tie
         logits = (torch.randint(-4, 5, (t, n), generator=gen).float() / 4).to(DEV)
