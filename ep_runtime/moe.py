@@ -84,7 +84,7 @@ class EPMoE(nn.Module):
                 make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
             buffer = SymmBuffer(backend, *shape)
         self.buffer = buffer
-        self._stage = self._shared_stage = self._side_stream = None
+        self._stage = self._shared_stage = self._shared_stream = self._shared_done = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # Every token visits the shared expert once with weight 1: its routing is constant (the reference's input).
@@ -101,10 +101,7 @@ class EPMoE(nn.Module):
             if self.shared is not None:
                 shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size, self.shared.intermediate_size,
                                                             device, self.spec)
-            # Staging and the shared expert run on a side stream beside the router (which reads only hidden) and
-            # the routed experts; these events mark the staged input and the shared expert's output.
-            self._side_stream = torch.cuda.Stream(device)
-            self._staged, self._shared_done = torch.cuda.Event(), torch.cuda.Event()
+                self._shared_stream, self._shared_done = torch.cuda.Stream(device), torch.cuda.Event()
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
             self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, workspace)
@@ -198,13 +195,13 @@ class EPMoE(nn.Module):
         mark = self.stage_marker
         self._validate(hidden, input_ids)
         t = hidden.shape[0]
-        acts, shared = self._stage_and_start_shared(hidden, check, t)
+        acts = self.stage_activations(hidden, check)
         mark("staging")
+        shared = self._start_shared_expert(acts, t)
         topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
         y = self.buffer.y[:t]
         if self._stage is not None:  # the combine adds the shared expert's rows and writes the all-reduce buffer
-            torch.cuda.current_stream(self.device).wait_event(self._staged)
             self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
         else:
             routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
@@ -217,23 +214,11 @@ class EPMoE(nn.Module):
         # A copy: never hand out a view of the communication buffer.
         return y.to(self.cfg.runtime.torch_dtype, copy=True)
 
-    def _stage_and_start_shared(self, hidden: torch.Tensor, check: bool,
-                                t: int) -> tuple[NVFP4Tensor | torch.Tensor, Addend | None]:
-        """Staging, then this rank's slice of the shared expert. On the CUDA backend both run on the side stream,
-        beside the router and the routed experts, which need neither until their L1 (staged input) and combine
-        (shared output): in decode the router's kernels and the routed GEMMs leave most SMs idle."""
-        if self._side_stream is None:
-            acts = self.stage_activations(hidden, check)
-            return acts, self._shared_expert(acts, t)
-        self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side_stream):
-            acts = self.stage_activations(hidden, check)
-            self._staged.record()
-            return acts, self._shared_expert(acts, t)
-
-    def _shared_expert(self, acts: NVFP4Tensor | torch.Tensor, t: int) -> Addend | None:
-        """This rank's slice [lo, hi) of the shared expert's output, as the routed sum's addend, or None; on the CUDA
-        backend run dense (no align, no combine), its addend ready at an event the routed combine waits for."""
+    def _start_shared_expert(self, acts: NVFP4Tensor | torch.Tensor, t: int) -> Addend | None:
+        """This rank's slice [lo, hi) of the shared expert's output, as the routed sum's addend, or None. On the CUDA
+        backend it runs dense (no align, no combine) on its own stream from right after staging, beside routing and
+        the routed experts, which it does not need (in decode they leave most SMs idle); the routed combine waits for
+        it. (Staging on that stream too, beside the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128 tokens.)"""
         if self.shared is None:
             return None
         lo, hi = self._shared_token_slice(t)
@@ -243,8 +228,10 @@ class EPMoE(nn.Module):
         if self._shared_stage is None:
             return Addend(lo, expert_stage(rows, self._shared_idx[: hi - lo], self._shared_w[: hi - lo], self.shared,
                                            0, self.spec))
-        values = self._shared_stage.run_dense(rows)
-        self._shared_done.record()
+        self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._shared_stream):
+            values = self._shared_stage.run_dense(rows)
+            self._shared_done.record()
         return Addend(lo, values, self._shared_done)
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
