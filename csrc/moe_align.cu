@@ -198,7 +198,8 @@ void combine(std::uintptr_t y_slot, std::uintptr_t pair_slot, std::uintptr_t top
 
 void bind_moe_align(pybind11::module_& m) {
   m.def("moe_align", &moe_align, "slot metadata (counts, offsets, slot_pair, pair_slot) from topk_idx");
-  m.def("moe_combine", &combine, "deterministic weighted combine of per-slot outputs, plus an addend's rows, into (T, H)");
+  m.def("moe_combine", &combine,
+        "deterministic weighted combine of per-slot outputs, plus an addend's rows, into (T, H)");
 }
 
 }  // namespace

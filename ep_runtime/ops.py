@@ -443,6 +443,8 @@ def check_addend(addend: torch.Tensor | None, begin: int, num_tokens: int, hidde
     if addend is None:
         return
     check_tensor(addend, "addend", torch.float32, (None, hidden))
+    if addend.shape[0] > num_tokens:
+        raise ValueError(f"addend: expected at most the {num_tokens} tokens' rows, got {addend.shape[0]}")
     if isinstance(begin, bool) or not isinstance(begin, int) or not 0 <= begin <= num_tokens - addend.shape[0]:
         raise ValueError(f"addend_begin: expected an int in [0, {num_tokens - addend.shape[0]}] so that the addend's "
                          f"{addend.shape[0]} rows lie within the {num_tokens} tokens, got {begin!r}")

@@ -182,7 +182,8 @@ def test_combine_rejects_int_output():
     (torch.zeros(2, H + 64), 0, ValueError, r"addend: expected shape \(\*, 128\), got \(2, 192\)"),
     (torch.zeros(2, H), 4, ValueError, r"addend_begin: expected an int in \[0, 3\] so that the addend's 2 rows lie "
                                        r"within the 5 tokens, got 4"),
-    (torch.zeros(T + 1, H), 0, ValueError, r"addend_begin: expected an int in \[0, -1\]"),
+    (torch.zeros(T + 1, H), 0, ValueError, r"addend: expected at most the 5 tokens' rows, got 6"),
+    (torch.zeros(2, H), True, ValueError, r"addend_begin: expected an int in \[0, 3\] .* got True"),
 ])
 def test_combine_rejects_an_addend_outside_the_output(addend, begin, error, message):
     with pytest.raises(error, match=message):

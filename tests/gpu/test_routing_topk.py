@@ -152,3 +152,17 @@ def test_router_gemm_on_bf16_tensor_cores_routes_as_the_fp32_gemm_does(gen):
     assert clear.float().mean() > 0.9
     assert torch.equal(ids[clear], ids_ref[clear])
     torch.testing.assert_close(w[clear], w_ref[clear], rtol=1e-5, atol=0)
+
+
+def test_router_selects_among_more_experts_than_the_kernel_holds_by_its_torch_ops(gen):
+    """Past ops.MAX_ROUTE_EXPERTS the kernel would refuse the logits; the Router takes its torch path instead."""
+    n = ops.MAX_ROUTE_EXPERTS + 64
+    cfg = ModelConfig(name="t", hidden_size=256, moe_intermediate_size=64, n_routed_experts=n, num_experts_per_tok=6,
+                      routed_scaling_factor=2.5)
+    router = Router(cfg, torch.randn(n, 256, generator=gen) / 16, 0.1 * torch.randn(n, generator=gen)).to(DEV)
+    hidden = torch.randn(9, 256, generator=gen).to(DEV, torch.bfloat16)
+    ids, w = router(hidden, out=poisoned_routing(9, 6))
+    logits = hidden.float() @ router.weight.t()
+    want_ids, want_w = spec_v4_routing(logits, router.bias, 6, 2.5)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=0)
