@@ -88,8 +88,9 @@ def main() -> None:
     torch.cuda.set_device(local)
     device = torch.device("cuda", local)
     tokens = [int(t) for t in args.tokens.split(",")]
-    cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", "backend=cuda",
-                                          f"act_mode={args.act_mode}", "act_scale=static"])
+    # runtime.tokens (the main job's batch, unused here) may not exceed max_tokens
+    cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", f"tokens={max(tokens)}",
+                                          "backend=cuda", f"act_mode={args.act_mode}", "act_scale=static"])
     init_process_group(device, cfg.runtime.barrier_timeout_s)
     layer = cfg.model.num_hash_layers  # the first top-k routed layer (hash layers need token ids)
     moe = EPMoE.from_synthetic(cfg, layer, rank, world, device=device)
