@@ -87,9 +87,6 @@ class EPMoE(nn.Module):
         self._stage = self._shared_stage = self._shared_stream = self._shared_done = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
-        # Every token visits the shared expert once with weight 1: its routing is constant (the reference's input).
-        self._shared_idx = torch.zeros(rt.max_tokens, 1, dtype=torch.int32, device=device)
-        self._shared_w = torch.ones(rt.max_tokens, 1, dtype=torch.float32, device=device)
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
         if self.backend == "cuda":
@@ -218,16 +215,18 @@ class EPMoE(nn.Module):
         """This rank's slice [lo, hi) of the shared expert's output, as the routed sum's addend, or None. On the CUDA
         backend it runs dense (no align, no combine) on its own stream from right after staging, beside routing and
         the routed experts, which it does not need (in decode they leave most SMs idle); the routed combine waits for
-        it. (Staging on that stream too, beside the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128 tokens.)"""
+        it. (Staging on that stream too, beside the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128
+        tokens.)"""
         if self.shared is None:
             return None
         lo, hi = self._shared_token_slice(t)
         if hi <= lo:
             return None
         rows = _rows(acts, lo, hi)
-        if self._shared_stage is None:
-            return Addend(lo, expert_stage(rows, self._shared_idx[: hi - lo], self._shared_w[: hi - lo], self.shared,
-                                           0, self.spec))
+        if self._shared_stage is None:  # the reference routes every token to it once, with weight 1
+            n = hi - lo
+            ids = torch.zeros(n, 1, dtype=torch.int32, device=self.device)
+            return Addend(lo, expert_stage(rows, ids, torch.ones(n, 1, device=self.device), self.shared, 0, self.spec))
         self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._shared_stream):
             values = self._shared_stage.run_dense(rows)

@@ -124,7 +124,8 @@ class Router(nn.Module):
         if logits.is_cuda and fits and _gpu_selection():
             ids, w = out if out is not None else (torch.empty(t, k, dtype=torch.int32, device=logits.device),
                                                   torch.empty(t, k, dtype=torch.float32, device=logits.device))
-            ops.route_v4(logits, self.bias, cfg.routed_scaling_factor, ids, w, hash_ids)
+            # The op unchecked: the logits and bias are this module's own, and out was checked above.
+            ops.route_v4_op(logits, self.bias, hash_ids, float(cfg.routed_scaling_factor), ids, w)
             return ids, w
         return _into(out, *route_v4(logits, self.bias, k, cfg.routed_scaling_factor, hash_ids))
 

@@ -12,6 +12,7 @@ import torch
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .ops import check_one_value, check_same_device, check_tensor, define_op, launch
 
+
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
                         global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
     """Every check that needs no GPU: dtypes, shapes, contiguity, alignment, capacity, then devices."""
