@@ -60,6 +60,100 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
   }
 }
 
+// Router logits of a few tokens: (T, H) bf16 hidden states times the (E, H) bf16 router weight, fp32 out. Each
+// product of two bf16 values is exact in fp32, so these are the products the GEMM forms, summed in fp32 in a fixed
+// order. At decode a GEMM library splits K over two kernels (6 us for one token on an H200, on every rank's critical
+// path) where the job is streaming the 5.5 MB weight once: 3 us here. Its cost grows with the tokens (the products
+// and the sums' reduction run on the CUDA cores), past the library's from 5 tokens on (ops.ROUTER_LOGITS_MAX_TOKENS).
+constexpr int kLogitThreads = 256;  // they split H: each warp's sums are added, then the warps' in warp order
+constexpr int kLogitRows = 4;       // experts per CTA: each hidden chunk a thread loads serves all of them
+constexpr int kLogitChunks = 2;     // 16-byte chunks per thread, row and token in flight at once (H <= 4096 a round)
+constexpr int kLogitTokens = 8;     // tokens per pass
+
+// The eight bf16 values of a 16-byte chunk as fp32 (exactly: bf16 is fp32's upper half).
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&out)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+// CTA b takes experts [4b, 4b + 4) for every token, kTokens at a time. Its thread i adds the products of the rows'
+// 16-byte chunks i, i + 256, i + 512, ... (chunks = H / 8) to 0; each warp adds its lanes' sums by an xor butterfly,
+// then the first threads the warps' sums in warp order.
+template <int kTokens>
+__global__ void __launch_bounds__(kLogitThreads)
+    router_logits_kernel(const uint4* __restrict__ hidden, const uint4* __restrict__ weight, int tokens, int experts,
+                         int chunks, float* __restrict__ logits) {
+  constexpr int kWarps = kLogitThreads / 32;
+  __shared__ float partial[kWarps][kLogitRows][kTokens];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int e0 = blockIdx.x * kLogitRows, rows = min(kLogitRows, experts - e0);
+  const uint4* w_rows = weight + static_cast<size_t>(e0) * chunks;
+  ep::release_next_grid();
+  // No kernel writes the router weight: its lines head for L2 while the kernel before (staging) ends.
+  for (int i = threadIdx.x * 8; i < rows * chunks; i += kLogitThreads * 8) {  // a 128-byte line each
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w_rows + i));
+  }
+  ep::wait_previous_grid();
+  const uint4 zero = make_uint4(0, 0, 0, 0);  // past the last chunk: products of +0 leave a sum's bits as they are
+  for (int t0 = 0; t0 < tokens; t0 += kTokens) {
+    float acc[kLogitRows][kTokens] = {};
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += kLogitThreads * kLogitChunks) {
+      // Every load of a round is in flight before its first product: issued token by token, after the previous
+      // token's products, they cost a memory latency per token (at 8 tokens 10.0 against 7.2 us on an H200).
+      uint4 wq[kLogitRows][kLogitChunks], xq[kTokens][kLogitChunks];
+#pragma unroll
+      for (int u = 0; u < kLogitChunks; ++u) {
+        const int c = c0 + u * kLogitThreads;
+#pragma unroll
+        for (int r = 0; r < kLogitRows; ++r) {
+          wq[r][u] = r < rows && c < chunks ? __ldg(w_rows + static_cast<size_t>(r) * chunks + c) : zero;
+        }
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) {
+          xq[t][u] = t0 + t < tokens && c < chunks ? __ldg(hidden + static_cast<size_t>(t0 + t) * chunks + c) : zero;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kLogitChunks; ++u) {
+        float w[kLogitRows][8];
+#pragma unroll
+        for (int r = 0; r < kLogitRows; ++r) bf16x8_to_float(wq[r][u], w[r]);
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) {
+          float x[8];
+          bf16x8_to_float(xq[t][u], x);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+#pragma unroll
+            for (int r = 0; r < kLogitRows; ++r) acc[r][t] = fmaf(w[r][i], x[i], acc[r][t]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kLogitRows; ++r) {
+#pragma unroll
+      for (int t = 0; t < kTokens; ++t) {
+        float v = acc[r][t];
+        for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+        if (lane == 0) partial[warp][r][t] = v;
+      }
+    }
+    __syncthreads();
+    const int r = threadIdx.x / kTokens, t = threadIdx.x % kTokens;
+    if (r < rows && t0 + t < tokens) {
+      float sum = partial[0][r][t];
+      for (int w = 1; w < kWarps; ++w) sum += partial[w][r][t];
+      logits[static_cast<size_t>(t0 + t) * experts + e0 + r] = sum;
+    }
+    __syncthreads();  // partial is written again by the next pass
+  }
+}
+
 // sqrt(softplus(x)) as torch computes it in fp32 (threshold 20, beta 1), so the scores match bit for bit.
 __device__ __forceinline__ float sqrt_softplus(float x) { return sqrtf(x > 20.0f ? x : log1pf(expf(x))); }
 
@@ -132,7 +226,31 @@ void route_v4(std::uintptr_t logits, std::uintptr_t bias, std::uintptr_t given_i
              n, k, scaling, ep::as_ptr<int>(ids), ep::as_ptr<float>(weights));
 }
 
+void router_logits(std::uintptr_t hidden, std::uintptr_t weight, int tokens, int experts, int hidden_size,
+                   std::uintptr_t logits, std::uintptr_t stream) {
+  EP_REQUIRE(hidden_size > 0 && hidden_size % 8 == 0,
+             "router_logits: expected a hidden size that is a positive multiple of 8, got " +
+                 std::to_string(hidden_size));
+  if (tokens == 0 || experts == 0) return;
+  const int ctas = (experts + kLogitRows - 1) / kLogitRows;
+  const auto launch_for = [&](auto kernel) {
+    ep::launch(kernel, ctas, kLogitThreads, 0, ep::as_stream(stream), ep::as_ptr<const uint4>(hidden),
+               ep::as_ptr<const uint4>(weight), tokens, experts, hidden_size / 8, ep::as_ptr<float>(logits));
+  };
+  // The fewest sums per thread that hold the tokens; more tokens take passes of kLogitTokens.
+  if (tokens == 1) {
+    launch_for(router_logits_kernel<1>);
+  } else if (tokens == 2) {
+    launch_for(router_logits_kernel<2>);
+  } else if (tokens <= 4) {
+    launch_for(router_logits_kernel<4>);
+  } else {
+    launch_for(router_logits_kernel<kLogitTokens>);
+  }
+}
+
 void bind_routing(pybind11::module_& m) {
+  m.def("router_logits", &router_logits, "fp32 router logits of bf16 hidden states and a bf16 router weight");
   m.def("topk_stable", &topk_stable, "indices of each row's k largest scores, lower index first among ties");
   m.def("route_v4", &route_v4, "DeepSeek-V4 routing from router logits: int32 ids and fp32 weights per token");
 }

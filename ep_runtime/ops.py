@@ -23,6 +23,7 @@ EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
 MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
+ROUTER_LOGITS_MAX_TOKENS = 4  # routing.Router's tokens up to which router_logits beats torch.mm (H200, with route_v4)
 MAX_ROUTE_EXPERTS = 1536  # route_v4's selection keeps 8 tokens' scores in 48 KB of shared memory (kMaxRouteExperts)
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 
@@ -229,6 +230,12 @@ def _route_v4_impl(logits: torch.Tensor, bias: torch.Tensor | None, given_ids: t
            weights.data_ptr())
 
 
+def _router_logits_impl(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    t, h = hidden.shape
+    launch("router_logits", hidden.device, hidden.data_ptr(), weight.data_ptr(), t, weight.shape[0], h,
+           out.data_ptr())
+
+
 moe_align_op = define_op("moe_align(Tensor topk_idx, int num_local, int expert_begin, Tensor(a!) counts, "
                          "Tensor(b!) offsets, Tensor(c!) slot_pair, Tensor(d!) pair_slot) -> ()", _moe_align_impl)
 dequant_rows_op = define_op("nvfp4_dequant_rows(Tensor data, Tensor scale, Tensor(a!) out) -> ()", _dequant_impl)
@@ -246,6 +253,8 @@ combine_op = define_op("combine(Tensor y_slot, Tensor pair_slot, Tensor topk_wei
 topk_stable_op = define_op("topk_stable(Tensor scores, Tensor(a!) out) -> ()", _topk_impl)
 route_v4_op = define_op("route_v4(Tensor logits, Tensor? bias, Tensor? given_ids, float scaling, Tensor(a!) ids, "
                         "Tensor(b!) weights) -> ()", _route_v4_impl)
+router_logits_op = define_op("router_logits(Tensor hidden, Tensor weight, Tensor(a!) out) -> ()",
+                             _router_logits_impl)
 
 
 # ---- validated public API ----
@@ -483,3 +492,18 @@ def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, scaling: float, id
         check_tensor(given_ids, "given_ids", torch.int32, tuple(ids.shape))
     check_same_device(dict(logits=logits, bias=bias, given_ids=given_ids, ids=ids, weights=weights))
     route_v4_op(logits, bias, given_ids, float(scaling), ids, weights)
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """fp32 router logits (T, E) = bf16 hidden (T, H) times bf16 weight (E, H) transposed, into out: the exact
+    products summed in fp32 in a fixed order (every run gives the same bits), streaming the weight once. For a few
+    tokens (routing.Router uses it up to ROUTER_LOGITS_MAX_TOKENS), where a GEMM library's tiles idle. H: a multiple
+    of 8."""
+    check_tensor(hidden, "hidden", torch.bfloat16, (None, None))
+    t, h = hidden.shape
+    if h % 8:
+        raise ValueError(f"hidden: expected a hidden size that is a multiple of 8 (16-byte rows), got {h}")
+    check_tensor(weight, "weight", torch.bfloat16, (None, h))
+    check_tensor(out, "out", torch.float32, (t, weight.shape[0]))
+    check_same_device(dict(hidden=hidden, weight=weight, out=out))
+    router_logits_op(hidden, weight, out)

@@ -16,17 +16,24 @@ from .config import ModelConfig
 
 
 @functools.cache
-def _gpu_selection() -> bool:
-    """ops.topk_stable and ops.route_v4 can run (an sm_90 GPU and the built extension): asked once, not in every
-    forward."""
-    return ops.extension_available("topk_stable", "route_v4")
+def _gpu_kernels() -> bool:
+    """ops.topk_stable, ops.route_v4 and ops.router_logits can run (an sm_90 GPU and the built extension): asked
+    once, not in every forward."""
+    return ops.extension_available("topk_stable", "route_v4", "router_logits")
+
+
+def _logits_kernel_reads(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """ops.router_logits can read hidden's rows as they are: contiguous, 16-byte aligned, a multiple of 8 wide, on
+    the weight's device (its checks, without their cost in every forward)."""
+    return (hidden.is_contiguous() and hidden.data_ptr() % ops.ALIGN_BYTES == 0 and hidden.shape[1] % 8 == 0
+            and hidden.device == weight.device)
 
 
 def _top_k_stable(scores: torch.Tensor, k: int, name: str = "k") -> torch.Tensor:
     """The first k of a stable descending sort; on an sm_90 GPU with the extension, ops.topk_stable (the same
     indices without the full sort). Both paths reject k outside 1..scores.shape[-1] (named `name`)."""
     ops.check_top_k(k, scores.shape[-1], name)
-    if scores.is_cuda and _gpu_selection():
+    if scores.is_cuda and _gpu_kernels():
         n = scores.shape[-1]
         return ops.topk_stable(scores.reshape(-1, n).contiguous(), k).view(*scores.shape[:-1], k)
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
@@ -85,7 +92,7 @@ class Router(nn.Module):
         # Checkpoints store the router in bf16. Where the weight is exactly that, a GPU runs the router GEMM on bf16
         # inputs with fp32 output: the products are exact in fp32 and summed in fp32, as in the fp32 GEMM, on tensor
         # cores instead of the fp32 pipes, which at prefill sizes took a third of a 4-GPU layer.
-        w16 = weight.to(torch.bfloat16)
+        w16 = weight.to(torch.bfloat16).contiguous()
         self.register_buffer("weight_bf16", w16 if torch.equal(w16.float(), self.weight) else None, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
@@ -96,14 +103,20 @@ class Router(nn.Module):
         and fp32 weights (T, topk) to write into (the symmetric buffer's rows), returned; else new tensors.
 
         On an sm_90 GPU with the extension, V4 routing after the router GEMM is one kernel (ops.route_v4), whose
-        weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum)."""
+        weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum); up to
+        ops.ROUTER_LOGITS_MAX_TOKENS tokens the logits come from ops.router_logits (the same exact products summed
+        in another fixed order), which streams the weight once where a GEMM library's kernels idle."""
         cfg = self.cfg
         t, k = hidden.shape[0], cfg.num_experts_per_tok
         if out is not None:
             ops.check_tensor(out[0], "out[0] (ids)", torch.int32, (t, k))
             ops.check_tensor(out[1], "out[1] (weights)", torch.float32, (t, k))
         if hidden.is_cuda and hidden.dtype == torch.bfloat16 and self.weight_bf16 is not None:
-            logits = torch.mm(hidden, self.weight_bf16.t(), out_dtype=torch.float32)
+            if t <= ops.ROUTER_LOGITS_MAX_TOKENS and _logits_kernel_reads(hidden, self.weight_bf16) and _gpu_kernels():
+                logits = torch.empty(t, self.weight_bf16.shape[0], dtype=torch.float32, device=hidden.device)
+                ops.router_logits_op(hidden, self.weight_bf16, logits)  # unchecked: hidden checked just above
+            else:
+                logits = torch.mm(hidden, self.weight_bf16.t(), out_dtype=torch.float32)
         else:
             logits = hidden.float() @ self.weight.t()
         if cfg.scoring_func == "sigmoid":
@@ -121,7 +134,7 @@ class Router(nn.Module):
                                  f"[{input_ids.min().item()}, {input_ids.max().item()}]")
             hash_ids = self.tid2eid[input_ids.long()]
         fits = k <= ops.MAX_ROUTE_TOP_K and (hash_ids is not None or logits.shape[1] <= ops.MAX_ROUTE_EXPERTS)
-        if logits.is_cuda and fits and _gpu_selection():
+        if logits.is_cuda and fits and _gpu_kernels():
             ids, w = out if out is not None else (torch.empty(t, k, dtype=torch.int32, device=logits.device),
                                                   torch.empty(t, k, dtype=torch.float32, device=logits.device))
             # The op unchecked: the logits and bias are this module's own, and out was checked above.

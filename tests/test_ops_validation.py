@@ -282,6 +282,36 @@ def test_route_v4_rejects_cpu_logits():
         ops.route_v4(**route_args())
 
 
+# ---- router logits ----
+
+def router_logits_args(t: int = T, e: int = 16, h: int = 64) -> dict:
+    return dict(hidden=torch.zeros(t, h, dtype=torch.bfloat16), weight=torch.zeros(e, h, dtype=torch.bfloat16),
+                out=torch.zeros(t, e))
+
+
+@pytest.mark.parametrize("name,bad,error,message", [
+    ("hidden", torch.zeros(T, 64), TypeError, "hidden: expected dtype torch.bfloat16, got torch.float32"),
+    ("hidden", torch.zeros(T, 60, dtype=torch.bfloat16), ValueError,
+     r"hidden: expected a hidden size that is a multiple of 8 \(16-byte rows\), got 60"),
+    ("hidden", torch.zeros(64, T, dtype=torch.bfloat16).t(), ValueError, "hidden: expected a contiguous tensor"),
+    ("weight", torch.zeros(16, 72, dtype=torch.bfloat16), ValueError,
+     r"weight: expected shape \(\*, 64\), got \(16, 72\)"),
+    ("weight", torch.zeros(16, 64), TypeError, "weight: expected dtype torch.bfloat16, got torch.float32"),
+    ("out", torch.zeros(T, 15), ValueError, r"out: expected shape \(5, 16\), got \(5, 15\)"),
+    ("out", torch.zeros(T, 16, dtype=torch.bfloat16), TypeError, "out: expected dtype torch.float32"),
+])
+def test_router_logits_rejects_a_bad_argument(name, bad, error, message):
+    args = router_logits_args()
+    args[name] = bad
+    with pytest.raises(error, match=message):
+        ops.router_logits(**args)
+
+
+def test_router_logits_rejects_cpu_tensors():
+    with pytest.raises(ValueError, match="hidden: expected a CUDA tensor, got device cpu"):
+        ops.router_logits(**router_logits_args())
+
+
 # ---- where kernels launch ----
 
 @pytest.fixture

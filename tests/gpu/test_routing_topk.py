@@ -1,6 +1,7 @@
 """The GPU expert selection (ops.topk_stable) against a stable descending torch.sort, on fresh random scores
 with many ties, signed zeros, infinities and NaN; the one-kernel V4 routing (ops.route_v4) against the spec's formula
-in torch ops on the same device."""
+in torch ops on the same device; the router logits kernel (ops.router_logits) against its summation order emulated in
+torch."""
 from __future__ import annotations
 
 import pytest
@@ -58,7 +59,7 @@ def test_routing_on_the_gpu_selects_what_the_stable_sort_selects(gen, monkeypatc
     logits = (torch.randint(-4, 5, (50, 64), generator=gen).float() / 4).to(DEV)  # coarse, so ties are common
     bias = (torch.randint(-2, 3, (64,), generator=gen).float() / 8).to(DEV)
     with_kernel = route_v4(logits, bias, 6, 2.5), route_v3(logits, bias, 8, 1.0, 8, 4)
-    monkeypatch.setattr(routing, "_gpu_selection", lambda: False)
+    monkeypatch.setattr(routing, "_gpu_kernels", lambda: False)
     with_sort = route_v4(logits, bias, 6, 2.5), route_v3(logits, bias, 8, 1.0, 8, 4)
     for (ids, w), (ids_ref, w_ref) in zip(with_kernel, with_sort):
         assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
@@ -127,7 +128,7 @@ def test_router_on_the_gpu_routes_as_its_torch_path_does(gen, monkeypatch):
     out = poisoned_routing(64, 6)
     ids, w = router(hidden, out=out)
     assert ids is out[0] and w is out[1]
-    monkeypatch.setattr(routing, "_gpu_selection", lambda: False)
+    monkeypatch.setattr(routing, "_gpu_kernels", lambda: False)
     ids_ref, w_ref = router(hidden)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=0)
@@ -166,3 +167,66 @@ def test_router_selects_among_more_experts_than_the_kernel_holds_by_its_torch_op
     want_ids, want_w = spec_v4_routing(logits, router.bias, 6, 2.5)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-6, atol=0)
+
+
+def router_logits_in_the_kernels_order(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ops.router_logits's sums emulated in torch: the exact fp32 products; thread i of 256 adds those of 16-byte
+    chunks i, i + 256, ... (8 elements each, in element order) to 0; each warp adds its 32 lanes' sums by an xor
+    butterfly; the 8 warps' sums are added in warp order."""
+    t, h = hidden.shape
+    e, threads = weight.shape[0], 256
+    rounds = -(-(h // 8) // threads)
+    products = hidden.float()[:, None, :] * weight.float()[None, :, :]  # exact: 8 + 8 significant bits
+    products = torch.nn.functional.pad(products, (0, rounds * threads * 8 - h)).view(t, e, rounds, threads, 8)
+    acc = torch.zeros(t, e, threads, device=hidden.device)
+    for j in range(rounds):
+        for q in range(8):
+            acc = acc + products[:, :, j, :, q]  # adding a padding zero leaves acc's bits as they are
+    lanes = acc.view(t, e, threads // 32, 32)
+    for d in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., torch.arange(32, device=hidden.device) ^ d]
+    warps = lanes[..., 0]
+    total = warps[..., 0]
+    for w in range(1, threads // 32):
+        total = total + warps[..., w]
+    return total
+
+
+@pytest.mark.parametrize("t,e,h", [(1, 384, 7168), (3, 384, 7168), (8, 7, 7168), (16, 385, 1000), (13, 64, 72),
+                                   (40, 33, 2048), (2, 6, 9216)])
+def test_router_logits_are_the_exact_products_summed_in_the_kernels_fixed_order(t, e, h, gen):
+    hidden = torch.randn(t, h, generator=gen).to(DEV, torch.bfloat16)
+    weight = (torch.randn(e, h, generator=gen) / 84).to(DEV, torch.bfloat16)
+    out = torch.full((t, e), float("nan"), device=DEV)
+    ops.router_logits(hidden, weight, out)
+    assert torch.equal(out, router_logits_in_the_kernels_order(hidden, weight))
+    exact = hidden.double() @ weight.double().t()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_router_logits_give_the_same_bits_on_every_run(gen):
+    hidden = torch.randn(5, 7168, generator=gen).to(DEV, torch.bfloat16)
+    weight = (torch.randn(384, 7168, generator=gen) / 84).to(DEV, torch.bfloat16)
+    runs = [torch.full((5, 384), float("nan"), device=DEV) for _ in range(3)]
+    for out in runs:
+        ops.router_logits(hidden, weight, out)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("t", [1, ops.ROUTER_LOGITS_MAX_TOKENS, ops.ROUTER_LOGITS_MAX_TOKENS + 1])
+def test_router_takes_a_few_tokens_logits_from_the_router_logits_kernel(t, gen):
+    """Up to ops.ROUTER_LOGITS_MAX_TOKENS tokens the Router's logits are the kernel's bits, above them the bf16 GEMM's;
+    route_v4 then routes from them."""
+    cfg = ModelConfig(name="t", hidden_size=7168, moe_intermediate_size=64, n_routed_experts=384,
+                      num_experts_per_tok=6, routed_scaling_factor=2.5)
+    router = Router(cfg, (torch.randn(384, 7168, generator=gen) / 84).bfloat16(),
+                    0.01 * torch.randn(384, generator=gen)).to(DEV)
+    hidden = torch.randn(t, 7168, generator=gen).to(DEV, torch.bfloat16)
+    ids, w = router(hidden, out=poisoned_routing(t, 6))
+    if t <= ops.ROUTER_LOGITS_MAX_TOKENS:
+        logits = torch.full((t, 384), float("nan"), device=DEV)
+        ops.router_logits(hidden, router.weight_bf16, logits)
+    else:
+        logits = torch.mm(hidden, router.weight_bf16.t(), out_dtype=torch.float32)
+    want_ids, want_w = spec_v4_routing(logits, router.bias, 6, 2.5)
+    assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
