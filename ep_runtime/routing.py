@@ -97,28 +97,34 @@ class Router(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits (T, E) of hidden states (T, H). On a GPU with bf16 hidden states and a weight exact in
+        bf16: the bf16 GEMM with fp32 output, or up to ops.ROUTER_LOGITS_MAX_TOKENS tokens ops.router_logits (the same
+        exact products, summed in fp32 in its own fixed order); else the fp32 GEMM."""
+        w16 = self.weight_bf16
+        if not (hidden.is_cuda and hidden.dtype == torch.bfloat16 and w16 is not None):
+            return hidden.float() @ self.weight.t()
+        t = hidden.shape[0]
+        if t <= ops.ROUTER_LOGITS_MAX_TOKENS and _logits_kernel_reads(hidden, w16) and _gpu_kernels():
+            out = torch.empty(t, w16.shape[0], dtype=torch.float32, device=hidden.device)
+            ops.router_logits_op(hidden, w16, out)  # unchecked: hidden checked just above, the weight is our own
+            return out
+        return torch.mm(hidden, w16.t(), out_dtype=torch.float32)
+
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """check=False skips the token-id range check (a host sync; CUDA-graph capture needs it off). out: int32 ids
         and fp32 weights (T, topk) to write into (the symmetric buffer's rows), returned; else new tensors.
 
         On an sm_90 GPU with the extension, V4 routing after the router GEMM is one kernel (ops.route_v4), whose
-        weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum); up to
-        ops.ROUTER_LOGITS_MAX_TOKENS tokens the logits come from ops.router_logits (the same exact products summed
-        in another fixed order), which streams the weight once where a GEMM library's kernels idle."""
+        weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum). The logits:
+        Router.logits."""
         cfg = self.cfg
         t, k = hidden.shape[0], cfg.num_experts_per_tok
         if out is not None:
             ops.check_tensor(out[0], "out[0] (ids)", torch.int32, (t, k))
             ops.check_tensor(out[1], "out[1] (weights)", torch.float32, (t, k))
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16 and self.weight_bf16 is not None:
-            if t <= ops.ROUTER_LOGITS_MAX_TOKENS and _logits_kernel_reads(hidden, self.weight_bf16) and _gpu_kernels():
-                logits = torch.empty(t, self.weight_bf16.shape[0], dtype=torch.float32, device=hidden.device)
-                ops.router_logits_op(hidden, self.weight_bf16, logits)  # unchecked: hidden checked just above
-            else:
-                logits = torch.mm(hidden, self.weight_bf16.t(), out_dtype=torch.float32)
-        else:
-            logits = hidden.float() @ self.weight.t()
+        logits = self.logits(hidden)
         if cfg.scoring_func == "sigmoid":
             return _into(out, *route_v3(logits, self.bias, k, cfg.routed_scaling_factor, cfg.n_group,
                                         cfg.topk_group))

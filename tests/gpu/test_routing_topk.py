@@ -230,3 +230,15 @@ def test_router_takes_a_few_tokens_logits_from_the_router_logits_kernel(t, gen):
         logits = torch.mm(hidden, router.weight_bf16.t(), out_dtype=torch.float32)
     want_ids, want_w = spec_v4_routing(logits, router.bias, 6, 2.5)
     assert torch.equal(ids, want_ids) and torch.equal(w, want_w)
+
+
+def test_router_takes_the_gemm_for_hidden_rows_the_logits_kernel_cannot_read(gen):
+    """A non-contiguous hidden of a few tokens (a view the kernel's 16-byte row loads cannot take) goes to the GEMM."""
+    cfg = ModelConfig(name="t", hidden_size=7168, moe_intermediate_size=64, n_routed_experts=384,
+                      num_experts_per_tok=6, routed_scaling_factor=2.5)
+    router = Router(cfg, (torch.randn(384, 7168, generator=gen) / 84).bfloat16(),
+                    0.01 * torch.randn(384, generator=gen)).to(DEV)
+    hidden = torch.randn(7168, 2, generator=gen).to(DEV, torch.bfloat16).t()
+    assert not hidden.is_contiguous()
+    want = torch.mm(hidden, router.weight_bf16.t(), out_dtype=torch.float32)
+    assert torch.equal(router.logits(hidden), want)
