@@ -3,13 +3,12 @@
     python bench/bench_layer.py                          # one GPU
     torchrun --nproc-per-node N bench/bench_layer.py     # N GPUs, one rank each
 
-Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA
-events recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs
-on its own stream beside routing and the routed experts, whose combine waits for it and adds its output, so what
-is left of it after them counts in the experts stage. The graph is timed twice: as the runtime captures it, and captured with the
-kernels' programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of
-every kernel in one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can
-exceed the replay.
+Every rank runs the same fixed number of iterations (collectives must pair up). Stage times come from CUDA events
+recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs on its own stream
+beside routing and the routed experts, whose combine waits for it and adds its output, so what is left of it after them
+counts in the experts stage. The graph is timed twice: as the runtime captures it, and captured with the kernels'
+programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of every kernel in
+one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay.
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations

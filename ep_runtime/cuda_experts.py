@@ -20,8 +20,7 @@ def _workspace_layout(max_tokens: int, topk: int, num_experts: int, hidden: int,
                       spec: ExpertSpec) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
     """(field, shape, dtype, whether the spec uses it) of every workspace buffer."""
     s = max_tokens * topk
-    nvfp4 = spec.act_mode == "nvfp4"
-    dynamic = nvfp4 and spec.l2_scale_mode == "dynamic"
+    nvfp4, dynamic = spec.act_mode == "nvfp4", spec.dynamic_h_scale
     return [("counts", (num_experts,), torch.int32, True), ("offsets", (num_experts + 1,), torch.int32, True),
             ("slot_pair", (s,), torch.int32, True), ("pair_slot", (s,), torch.int32, True),
             ("x_bf16", (max_tokens, hidden), torch.bfloat16, nvfp4),
@@ -99,7 +98,7 @@ def _check_weights(weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.
         raise ValueError(f"weights.w2: expected shape {(e, hidden, inter // 2)} (that of weights.w13), got "
                          f"{tuple(weights.w2.shape)}")
     used = ["w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha"]
-    if spec.act_mode == "nvfp4" and spec.l2_scale_mode == "static":
+    if spec.static_h_scale:
         ops.check_tensor(weights.l2_input_scale, "weights.l2_input_scale", torch.float32, (e,))
         used.append("l2_input_scale")
     return {f"weights.{n}": getattr(weights, n) for n in used}
@@ -122,9 +121,9 @@ class CudaExpertStage:
             raise ValueError(f"expert_begin: expected an int >= 0, got {expert_begin!r}")
         ops.check_same_device(named)
         self.weights, self.expert_begin, self.spec, self.workspace = weights, expert_begin, spec, workspace
-        static = spec.act_mode == "nvfp4" and spec.l2_scale_mode == "static"
-        self._static_h_gs = torch.reciprocal(weights.l2_input_scale) if static else None
-        self._epilogue = ops.EPILOGUES["bf16" if spec.act_mode == "bf16" else "nvfp4" if static else "fp32"]
+        self._static_h_gs = torch.reciprocal(weights.l2_input_scale) if spec.static_h_scale else None
+        self._epilogue = ops.EPILOGUES["bf16" if spec.act_mode == "bf16" else "nvfp4" if spec.static_h_scale
+                                       else "fp32"]
         self._swiglu_limit = float("inf") if spec.swiglu_limit is None else float(spec.swiglu_limit)
         # One expert at top-1 (the shared expert) may run dense: its slots are then the tokens in order, whose
         # offsets for t tokens are row t of this table, (0, t) (rows of 16 bytes, as every kernel operand starts).

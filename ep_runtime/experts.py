@@ -35,6 +35,16 @@ class ExpertSpec:
             raise ValueError(f"l2_scale_mode: expected 'static' or 'dynamic', got {self.l2_scale_mode!r}")
         check_swiglu_limit(self.swiglu_limit)
 
+    @property
+    def static_h_scale(self) -> bool:
+        """h is requantized to NVFP4 with each expert's 1/down_proj.input_scale."""
+        return self.act_mode == "nvfp4" and self.l2_scale_mode == "static"
+
+    @property
+    def dynamic_h_scale(self) -> bool:
+        """h is requantized to NVFP4 with a scale from the amax over each expert's h."""
+        return self.act_mode == "nvfp4" and self.l2_scale_mode == "dynamic"
+
 
 @dataclass(frozen=True)
 class Addend:

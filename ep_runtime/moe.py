@@ -16,7 +16,7 @@ from torch import nn
 
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
-from .config import Config, ModelConfig, RuntimeConfig
+from .config import Config, ModelConfig
 from .dist_utils import collective
 from .experts import Addend, ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
@@ -66,17 +66,18 @@ class EPMoE(nn.Module):
                 raise RuntimeError(f"backend: 'cuda' needs an sm_90 CUDA device and the built extension "
                                    f"(device {device})")
             self.backend = rt.backend
+        spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
         if self.backend == "cuda":  # both stacks checked before either is tiled
             for name, w, _, _ in stacks:
                 check_tileable(w, name)
-            _check_shared_rows_aligned(m, rt, world_size)
+            _check_shared_rows_aligned(m, spec, world_size)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
         self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
         # Already on the device, these are the caller's objects, so the tiling below relabels what it re-tiles.
         self.experts = weights.experts.to(device)
         self.shared = weights.shared.to(device) if weights.shared is not None else None
-        self.spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
+        self.spec = spec
         if buffer is None:
             shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
             # One rank owns every expert: nothing to exchange, whatever process group may exist.
@@ -279,14 +280,13 @@ def _check_shared_present(m: ModelConfig, present: bool, name: str) -> None:
 def _shared_tokens_split(spec: ExpertSpec) -> bool:
     """Whether the ranks split the shared expert's tokens (1/W of the compute each), which they do when every row
     quantizes on its own; a dynamic h scale is an amax over all the expert's tokens, so rank 0 then takes them all."""
-    return not (spec.act_mode == "nvfp4" and spec.l2_scale_mode == "dynamic")
+    return not spec.dynamic_h_scale
 
 
-def _check_shared_rows_aligned(m: ModelConfig, rt: RuntimeConfig, world_size: int) -> None:
+def _check_shared_rows_aligned(m: ModelConfig, spec: ExpertSpec, world_size: int) -> None:
     """forward hands the CUDA shared-expert stage, unchecked, rank r's rows of the staged activations from row
     r*T/W on: with NVFP4 activations their block scales, hidden/16 bytes a row, must start 16-byte aligned for any
     T (bf16 rows always do)."""
-    spec = ExpertSpec(rt.act_mode, rt.act_scale)
     split = m.n_shared_experts > 0 and world_size > 1 and _shared_tokens_split(spec)
     if split and spec.act_mode == "nvfp4" and m.hidden_size % 256:
         raise ValueError(f"model.hidden_size: with {world_size} ranks each runs the shared expert on a slice of the "

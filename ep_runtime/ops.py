@@ -23,8 +23,8 @@ EPILOGUES = {"gate_up": 0, "nvfp4": 1, "bf16": 2, "fp32": 3}
 BLOCK_NS = (8, 16, 32, 64, 128)  # slots per tile
 BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
 MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
-ROUTER_LOGITS_MAX_TOKENS = 4  # routing.Router's tokens up to which router_logits beats torch.mm (H200, with route_v4)
 MAX_ROUTE_EXPERTS = 1536  # route_v4's selection keeps 8 tokens' scores in 48 KB of shared memory (kMaxRouteExperts)
+ROUTER_LOGITS_MAX_TOKENS = 4  # routing.Router's tokens up to which router_logits beats torch.mm (H200, with route_v4)
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 
 
@@ -195,7 +195,8 @@ def _l1_impl(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor
 
 
 def _l2_impl(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
-             h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int, block_m: int) -> None:
+             h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int,
+             block_m: int) -> None:
     e, h, ih = w2.shape
     launch("grouped_l2", w2.device, w2.data_ptr(), w2_scale.data_ptr(), w2_alpha.data_ptr(), act.data_ptr(),
            0 if h_gs is None else h_gs.data_ptr(), offsets.data_ptr(), e, h, 2 * ih, y_slot.shape[0],

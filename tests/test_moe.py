@@ -300,8 +300,9 @@ def test_a_buffer_reducing_over_another_world_is_rejected(group_errors):
 ])
 def test_the_cuda_shared_expert_token_split_needs_16_byte_aligned_scale_rows(hidden, world_size, act_scale, ok):
     cfg = load_config("tiny", [f"hidden_size={hidden}", f"act_scale={act_scale}"])
+    spec = ExpertSpec(cfg.runtime.act_mode, cfg.runtime.act_scale)
     if ok:
-        moe_module._check_shared_rows_aligned(cfg.model, cfg.runtime, world_size)
+        moe_module._check_shared_rows_aligned(cfg.model, spec, world_size)
     else:
         with pytest.raises(ValueError, match=r"model\.hidden_size: .* expected a multiple of 256 .*, got 320"):
-            moe_module._check_shared_rows_aligned(cfg.model, cfg.runtime, world_size)
+            moe_module._check_shared_rows_aligned(cfg.model, spec, world_size)
