@@ -131,7 +131,8 @@ def main() -> None:
         result = {"benchmark": "layer", **provenance(device), "world_size": world,
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
                   "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
-                  "topk": cfg.model.num_experts_per_tok, "iters": args.iters, "rows": rows}
+                  "topk": cfg.model.num_experts_per_tok, "max_tokens": cfg.runtime.max_tokens,
+                  "scratch_bytes": moe.scratch.nbytes(), "iters": args.iters, "rows": rows}
         out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
         path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}.json")

@@ -411,6 +411,9 @@ def synthetic_layer(cfg: ModelConfig, layer: int, rank: int, world_size: int, se
     e_total, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     if world_size <= 0 or e_total % world_size:
         raise ValueError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
+    if not 0 <= layer < cfg.num_moe_layers:
+        raise ValueError(f"layer: expected 0..{cfg.num_moe_layers - 1} (model.num_moe_layers={cfg.num_moe_layers}), "
+                         f"got {layer}")
     n_local = e_total // world_size
     g = torch.Generator(device=device).manual_seed(seed * 7919 + layer)
     router = (torch.randn(e_total, h, generator=g, device=device) / math.sqrt(h)).to(torch.bfloat16)

@@ -17,6 +17,7 @@ from .ops import check_swiglu_limit
 from .weights import ExpertWeights
 
 if TYPE_CHECKING:  # the CUDA stage imports this module
+    from .config import Config
     from .cuda_experts import ExpertWorkspace
 
 Activations = NVFP4Tensor | torch.Tensor  # NVFP4 in W4A4 mode, bf16 (T, H) in W4A16 mode
@@ -34,6 +35,11 @@ class ExpertSpec:
         if self.l2_scale_mode not in ("static", "dynamic"):
             raise ValueError(f"l2_scale_mode: expected 'static' or 'dynamic', got {self.l2_scale_mode!r}")
         check_swiglu_limit(self.swiglu_limit)
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "ExpertSpec":
+        """The expert stage a config's layers run."""
+        return cls(cfg.runtime.act_mode, cfg.runtime.act_scale, cfg.model.swiglu_limit)
 
     @property
     def static_h_scale(self) -> bool:

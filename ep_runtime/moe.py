@@ -22,7 +22,8 @@ from .experts import Addend, ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
-from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
+from .scratch import LayerScratch, scratch_needs
+from .symm import SymmBuffer
 from .weights import ExpertWeights
 
 
@@ -37,10 +38,13 @@ class EPMoE(nn.Module):
     """One MoE layer of an expert-parallel model. It takes ownership of `weights`: on the CUDA backend, expert
     weights already on the device are re-tiled in place for the SM90 kernels (their layout then says 'sm90');
     weights elsewhere are copied to the device and keep their bytes. A failed construction changes nothing.
-    With world_size > 1 the default process group must exist and have this rank and size."""
+    With world_size > 1 the default process group must exist and have this rank and size.
+
+    `scratch` is the memory its forward writes (scratch.LayerScratch): allocated here when None, or another layer's
+    `scratch` of the same shapes, so that all MoE layers of a model on a rank share one."""
 
     def __init__(self, cfg: Config, weights: LayerWeights, rank: int = 0, world_size: int = 1,
-                 buffer: SymmBuffer | None = None, device: torch.device | str = "cpu"):
+                 scratch: LayerScratch | None = None, device: torch.device | str = "cpu"):
         super().__init__()
         m, rt = cfg.model, cfg.runtime
         device = torch.device(device)
@@ -57,8 +61,6 @@ class EPMoE(nn.Module):
         for name, w, n, inter in stacks:
             w.check_sizes(name, n, m.hidden_size, inter)
             w.require_layout("rows", "EPMoE", name)
-        if buffer is not None:
-            _check_buffer(buffer, cfg, rank, world_size, device)
         if rt.backend == "auto":
             self.backend = "cuda" if cuda_backend_available(device) else "reference"
         else:
@@ -66,7 +68,12 @@ class EPMoE(nn.Module):
                 raise RuntimeError(f"backend: 'cuda' needs an sm_90 CUDA device and the built extension "
                                    f"(device {device})")
             self.backend = rt.backend
-        spec = ExpertSpec(act_mode=rt.act_mode, l2_scale_mode=rt.act_scale, swiglu_limit=m.swiglu_limit)
+        spec = ExpertSpec.of(cfg)
+        if scratch is not None:
+            if not isinstance(scratch, LayerScratch):
+                raise TypeError(f"scratch: expected a LayerScratch (another layer's .scratch), got "
+                                f"{type(scratch).__name__}")
+            scratch.check(scratch_needs(cfg, rank, world_size, device, self.backend))
         if self.backend == "cuda":  # both stacks checked before either is tiled
             for name, w, _, _ in stacks:
                 check_tileable(w, name)
@@ -78,38 +85,32 @@ class EPMoE(nn.Module):
         self.experts = weights.experts.to(device)
         self.shared = weights.shared.to(device) if weights.shared is not None else None
         self.spec = spec
-        if buffer is None:
-            shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
-            # One rank owns every expert: nothing to exchange, whatever process group may exist.
-            backend = CpuBackend(device=device, local=True) if world_size == 1 else \
-                make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
-            buffer = SymmBuffer(backend, *shape)
-        self.buffer = buffer
-        self._stage = self._shared_stage = self._shared_stream = self._shared_done = None
+        if scratch is None:
+            scratch = LayerScratch.allocate(cfg, rank, world_size, device, self.backend)
+        self.scratch = scratch
+        self._stage = self._shared_stage = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
         if self.backend == "cuda":
-            from .cuda_experts import CudaExpertStage, ExpertWorkspace
+            from .cuda_experts import CudaExpertStage
 
-            n = rt.max_tokens
-            workspace = ExpertWorkspace.allocate(n, m.num_experts_per_tok, n_local, m.hidden_size,
-                                                 m.moe_intermediate_size, device, self.spec)
-            if self.shared is not None:
-                shared_workspace = ExpertWorkspace.allocate(n, 1, 1, m.hidden_size, self.shared.intermediate_size,
-                                                            device, self.spec)
-                self._shared_stream, self._shared_done = torch.cuda.Stream(device), torch.cuda.Event()
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
-            self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, workspace)
+            self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, scratch.routed)
             if self.shared is not None:
                 tile_(self.shared)
-                self._shared_stage = CudaExpertStage(self.shared, 0, self.spec, shared_workspace)
+                self._shared_stage = CudaExpertStage(self.shared, 0, self.spec, scratch.shared)
+
+    @property
+    def buffer(self) -> SymmBuffer:
+        """The symmetric buffer of this layer's scratch."""
+        return self.scratch.buffer
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
-                        buffer: SymmBuffer | None = None, device: torch.device | str = "cpu",
+                        scratch: LayerScratch | None = None, device: torch.device | str = "cpu",
                         naming: Naming = Naming(), progress: bool = False) -> "EPMoE":
         """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
         over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
@@ -122,22 +123,22 @@ class EPMoE(nn.Module):
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
-        return cls(cfg, weights, rank, world_size, buffer, device)
+        return cls(cfg, weights, rank, world_size, scratch, device)
 
     @classmethod
     def from_synthetic(cls, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
-                       buffer: SymmBuffer | None = None, device: torch.device | str = "cpu") -> "EPMoE":
+                       scratch: LayerScratch | None = None, device: torch.device | str = "cpu") -> "EPMoE":
         """A model-sized layer of random weights generated on the device (see checkpoint.synthetic_layer)."""
         _check_placement(cfg.model, rank, world_size)
         weights = synthetic_layer(cfg.model, layer, rank, world_size, cfg.runtime.seed, device)
-        return cls(cfg, weights, rank, world_size, buffer, device)
+        return cls(cfg, weights, rank, world_size, scratch, device)
 
     @classmethod
     def from_dense(cls, cfg: Config, router_weight: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                    down: torch.Tensor, l1_input_scale: float, l2_input_scale: torch.Tensor,
                    router_bias: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
                    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
-                   rank: int = 0, world_size: int = 1, buffer: SymmBuffer | None = None,
+                   rank: int = 0, world_size: int = 1, scratch: LayerScratch | None = None,
                    device: torch.device | str = "cpu") -> "EPMoE":
         """Build from dense BF16/fp32 weights of ALL experts: gate/up (E, I, H), down (E, H, I); only this rank's
         experts are quantized (ModelOpt writer rules). shared = (gate, up, down, l2_input_scale) of the shared
@@ -166,7 +167,7 @@ class EPMoE(nn.Module):
             shared_w = ExpertWeights.from_dense(sg[None], su[None], sd[None], l1_input_scale,
                                                 torch.tensor([float(s_l2)]))
         return cls(cfg, LayerWeights(router_weight, router_bias, tid2eid, experts, shared_w), rank, world_size,
-                   buffer, device)
+                   scratch, device)
 
     def _validate(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
         h = self.cfg.model.hidden_size
@@ -228,11 +229,12 @@ class EPMoE(nn.Module):
             n = hi - lo
             ids = torch.zeros(n, 1, dtype=torch.int32, device=self.device)
             return Addend(lo, expert_stage(rows, ids, torch.ones(n, 1, device=self.device), self.shared, 0, self.spec))
-        self._shared_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._shared_stream):
+        stream, done = self.scratch.stream, self.scratch.shared_done
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
             values = self._shared_stage.run_dense(rows)
-            self._shared_done.record()
-        return Addend(lo, values, self._shared_done)
+            done.record()
+        return Addend(lo, values, done)
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
@@ -292,18 +294,6 @@ def _check_shared_rows_aligned(m: ModelConfig, spec: ExpertSpec, world_size: int
         raise ValueError(f"model.hidden_size: with {world_size} ranks each runs the shared expert on a slice of the "
                          f"tokens, whose NVFP4 scale rows (hidden/16 bytes each) must start 16-byte aligned: expected "
                          f"a multiple of 256 on the CUDA backend, got {m.hidden_size}")
-
-
-def _check_buffer(buffer: SymmBuffer, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
-    """A buffer passed in must be the one the layer would allocate itself."""
-    m, rt = cfg.model, cfg.runtime
-    for what, want, got in (("max_tokens", rt.max_tokens, buffer.max_tokens), ("hidden", m.hidden_size, buffer.hidden),
-                            ("topk", m.num_experts_per_tok, buffer.topk), ("act_mode", rt.act_mode, buffer.act_mode),
-                            ("output dtype", rt.torch_dtype, buffer.y.dtype), ("device", device, buffer.y.device),
-                            ("communicator world_size", world_size, buffer.backend.world_size),
-                            ("communicator rank", rank, buffer.backend.rank)):
-        if got != want:
-            raise ValueError(f"buffer: expected {what} {want!r}, got {got!r}")
 
 
 def _check_dense(name: str, t: torch.Tensor, shape: tuple[int, ...], per_expert: bool = False) -> None:

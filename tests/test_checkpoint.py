@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ep_runtime.checkpoint import (INDEX_FILE, CheckpointError, CheckpointReader, Naming, load_layer,
-                                   write_synthetic_checkpoint)
+                                   synthetic_layer, write_synthetic_checkpoint)
 from ep_runtime.config import load_config
 
 CFG = load_config("tiny").model  # 32 experts, hash layer 0
@@ -175,6 +175,12 @@ def test_corrupt_header_is_reported_with_the_file(tmp_path):
 def test_world_size_not_dividing_the_experts_is_rejected(ckpt):
     with pytest.raises(CheckpointError, match="world_size: must divide n_routed_experts=32, got 5"):
         load_layer(CheckpointReader(ckpt), CFG, 1, 0, 5)
+
+
+@pytest.mark.parametrize("layer", [-1, 2])
+def test_a_synthetic_layer_outside_the_models_moe_layers_is_rejected(layer):
+    with pytest.raises(ValueError, match=rf"layer: expected 0..1 \(model.num_moe_layers=2\), got {layer}"):
+        synthetic_layer(CFG, layer, 0, 1, 0, "cpu")
 
 
 def test_a_non_nvfp4_quant_config_is_rejected(ckpt, tmp_path):

@@ -11,7 +11,7 @@ from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.experts import ExpertSpec, expert_stage
 from ep_runtime.moe import EPMoE
-from ep_runtime.symm import CpuBackend, SymmBuffer
+from ep_runtime.scratch import LayerScratch
 from ep_runtime.weights import ExpertWeights
 
 CFG = load_config("tiny", ["world_size=1", "max_tokens=16", "tokens=16"])
@@ -232,25 +232,51 @@ def test_a_zero_shared_l2_input_scale_is_rejected(gen):
         EPMoE.from_dense(CFG, **d)
 
 
-def _buffer(max_tokens=16, hidden=256, topk=6, out_dtype=torch.float32, act_mode="nvfp4"):
-    return SymmBuffer(CpuBackend(local=True), max_tokens, hidden, topk, out_dtype, act_mode)
+def _scratch(cfg=CFG, world_size=1):
+    return LayerScratch.allocate(cfg, 0, world_size, torch.device("cpu"), "reference")
 
 
-def test_a_buffer_matching_the_config_is_used():
-    buf = _buffer()
-    assert EPMoE(CFG, _layer(), buffer=buf).buffer is buf
+def test_a_scratch_made_for_the_layer_is_used():
+    scratch = _scratch()
+    moe = EPMoE(CFG, _layer(), scratch=scratch)
+    assert moe.scratch is scratch and moe.buffer is scratch.buffer
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("act_mode", "bf16", "act_mode 'nvfp4', got 'bf16'"),
-    ("hidden", 128, "hidden 256, got 128"),
-    ("topk", 2, "topk 6, got 2"),
-    ("out_dtype", torch.bfloat16, "output dtype torch.float32, got torch.bfloat16"),
-    ("max_tokens", 32, "max_tokens 16, got 32"),
-])
-def test_a_buffer_not_matching_the_config_is_rejected(field, value, message):
-    with pytest.raises(ValueError, match=f"buffer: expected {message}"):
-        EPMoE(CFG, _layer(), buffer=_buffer(**{field: value}))
+def _model(**changes):
+    return dataclasses.replace(CFG, model=dataclasses.replace(M, **changes))
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (CFG.replace(act_mode="bf16"), "act_mode 'nvfp4', the scratch was made for 'bf16'"),
+    (CFG.replace(act_scale="static"), "act_scale 'dynamic', the scratch was made for 'static'"),
+    (CFG.replace(dtype="bfloat16"), "output dtype torch.float32, the scratch was made for torch.bfloat16"),
+    (CFG.replace(max_tokens=32), "max_tokens 16, the scratch was made for 32"),
+    (_model(num_experts_per_tok=2), "topk 6, the scratch was made for 2"),
+    (_model(moe_intermediate_size=64), "moe_intermediate_size 128, the scratch was made for 64"),
+    (_model(n_shared_experts=0), "shared expert intermediate size 128, the scratch was made for 0"),
+], ids=["act_mode", "act_scale", "dtype", "max_tokens", "topk", "intermediate", "shared"])
+def test_a_scratch_made_for_other_shapes_is_rejected(cfg, message):
+    with pytest.raises(ValueError, match=f"scratch: this layer needs {message}"):
+        EPMoE(CFG, _layer(), scratch=_scratch(cfg))
+
+
+def test_a_symmetric_buffer_in_place_of_a_scratch_is_rejected():
+    with pytest.raises(TypeError, match="scratch: expected a LayerScratch .*, got SymmBuffer"):
+        EPMoE(CFG, _layer(), scratch=_scratch().buffer)
+
+
+def test_layers_sharing_a_scratch_give_the_outputs_they_give_alone(gen):
+    seed = int(torch.randint(0, 2**30, (1,), generator=gen))
+    cfgs = [CFG.replace(seed=seed), CFG.replace(seed=seed + 1)]  # two layers' weights
+    alone = [EPMoE.from_synthetic(cfg, 1) for cfg in cfgs]
+    first = EPMoE.from_synthetic(cfgs[0], 1)
+    sharing = [first, EPMoE.from_synthetic(cfgs[1], 1, scratch=first.scratch)]
+    xs = [torch.randn(t, M.hidden_size, generator=gen) for t in (16, 5)]
+    expected = [layer(x) for x in xs for layer in alone]
+    got = [layer(x) for x in xs for layer in sharing]  # interleaved, each output kept past the next forward
+    for g, want in zip(got, expected):
+        assert torch.isfinite(g).all() and torch.equal(g, want)
+    assert not torch.equal(got[0], got[1])  # two layers, two sets of weights
 
 
 def test_several_ranks_without_a_process_group_are_rejected():
@@ -261,7 +287,7 @@ def test_several_ranks_without_a_process_group_are_rejected():
 def _group_worker(rank, world, out_dir):
     init_process_group(torch.device("cpu"), 60)
     attempts = {"size": dict(rank=rank, world_size=4), "rank": dict(rank=world - 1 - rank, world_size=world),
-                "buffer": dict(rank=rank, world_size=world, buffer=_buffer())}
+                "scratch": dict(rank=rank, world_size=world, scratch=_scratch())}
     for name, kwargs in attempts.items():
         try:
             EPMoE.from_synthetic(CFG, **kwargs)
@@ -288,8 +314,8 @@ def test_a_rank_other_than_the_process_groups_is_rejected(group_errors):
     assert group_errors("rank", 1) == "rank: expected this process's rank in the default process group, 1, got 0"
 
 
-def test_a_buffer_reducing_over_another_world_is_rejected(group_errors):
-    assert group_errors("buffer", 0) == "buffer: expected communicator world_size 2, got 1"
+def test_a_scratch_made_for_another_world_is_rejected(group_errors):
+    assert group_errors("scratch", 0) == "scratch: this layer needs world_size 2, the scratch was made for 1"
 
 
 @pytest.mark.parametrize("hidden,world_size,act_scale,ok", [

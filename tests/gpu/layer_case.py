@@ -27,9 +27,9 @@ def poison_module(moe: EPMoE) -> None:
     buf = moe.buffer
     # x is packed uint8 in W4A4 and x_global exists only then; integer regions (x_sf, topk_idx) are left alone
     tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")]
-    for stage in (moe._stage, moe._shared_stage):
-        if stage is not None:
-            tensors += [getattr(stage.workspace, f.name) for f in dataclasses.fields(stage.workspace)]
+    for workspace in (moe.scratch.routed, moe.scratch.shared):
+        if workspace is not None:
+            tensors += [getattr(workspace, f.name) for f in dataclasses.fields(workspace)]
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             if t.element_size() == 1:  # e4m3 block scales: the byte 0x7F is NaN

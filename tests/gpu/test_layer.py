@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE, cuda_backend_available
 
 from layer_case import cosine, layer_config, layer_inputs, poison_module
@@ -67,3 +68,63 @@ def test_more_tokens_than_capacity_is_refused(seed):
     moe = EPMoE.from_synthetic(cfg, device=DEV)
     with pytest.raises(ValueError, match="exceed the symmetric buffer capacity max_tokens=512"):
         moe(torch.randn(513, cfg.model.hidden_size, device=DEV, dtype=torch.bfloat16))
+
+
+def _two_layers(seed, share):
+    """Two layers of one config with their own weights; the second uses the first's scratch when share."""
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    first = EPMoE.from_synthetic(cfg, device=DEV)
+    second = EPMoE.from_synthetic(cfg.replace(seed=seed + 1), device=DEV, scratch=first.scratch if share else None)
+    return first, second
+
+
+def test_layers_sharing_a_scratch_give_the_bits_they_give_alone(seed):
+    alone, sharing = _two_layers(seed, share=False), _two_layers(seed, share=True)
+    assert sharing[0].scratch is sharing[1].scratch
+    xs = [layer_inputs(layer_config(1, f"tokens={t}", seed=seed), seed + t, DEV) for t in (256, 3)]
+    for moe in (*alone, sharing[0]):
+        poison_module(moe)
+    expected = [moe(x) for x in xs for moe in alone]
+    got = [moe(x) for x in xs for moe in sharing]  # interleaved, each output kept past the next forward
+    for g, want in zip(got, expected):
+        assert torch.isfinite(g).all() and torch.equal(g, want)
+    assert not torch.equal(got[0], got[1])
+
+
+def test_a_layer_sharing_a_scratch_adds_only_its_weights_to_device_memory(seed):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    first = EPMoE.from_synthetic(cfg, device=DEV)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(DEV)
+    second = EPMoE.from_synthetic(cfg.replace(seed=seed + 1), device=DEV, scratch=first.scratch)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated(DEV) - before
+    weights = second.experts.nbytes() + second.shared.nbytes() + sum(b.nbytes for b in second.router.buffers())
+    print(f"grown {grown} bytes, weights {weights}, scratch {first.scratch.nbytes()}")
+    # The margin covers each stage's small per-layer tables (the shared expert's dense slots, static h scales).
+    assert weights <= grown <= weights + (1 << 20) < first.scratch.nbytes()
+
+
+def test_a_graph_of_two_layers_sharing_a_scratch_replays_their_eager_bits(seed):
+    first, second = _two_layers(seed, share=True)
+    x = layer_inputs(layer_config(1, seed=seed), seed, DEV)
+    poison_module(first)
+    eager = second(first(x).to(torch.bfloat16))  # the second layer reads the first's output, as in a model
+    out = {}
+
+    def step() -> None:
+        out["y"] = second(first(x, check=False).to(torch.bfloat16), check=False)
+
+    graph = cuda_graphs.capture(step)
+    poison_module(first)
+    out["y"].fill_(float("nan"))
+    graph.replay()
+    assert torch.isfinite(out["y"]).all() and torch.equal(out["y"], eager)
+
+
+def test_a_cuda_layer_refuses_a_scratch_of_the_reference_backend(seed):
+    cfg = layer_config(1, seed=seed)
+    reference = EPMoE.from_synthetic(cfg.replace(backend="reference"), device=DEV)
+    with pytest.raises(ValueError, match="scratch: this layer needs backend 'cuda', the scratch was made for "
+                                         "'reference'"):
+        EPMoE.from_synthetic(cfg.replace(backend="cuda"), device=DEV, scratch=reference.scratch)

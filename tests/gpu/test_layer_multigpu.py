@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE
 
 from layer_case import cosine, layer_config, layer_inputs, poison_module
@@ -73,6 +74,32 @@ def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
     replayed = captured.replay().clone()
     torch.cuda.synchronize()
     assert torch.equal(replayed, eager)
+
+
+def test_two_layers_sharing_a_scratch_match_the_reference_and_replay_their_eager_bits(group, layer):
+    rank, world, device, seed = group
+    cfg, first = layer
+    second = EPMoE.from_synthetic(cfg.replace(seed=seed + 1), 0, rank, world, device=device, scratch=first.scratch)
+    x = layer_inputs(cfg, seed + 2, device)
+    poison_module(first)
+    mid = first(x)
+    out = second(mid)  # reads the first layer's output, as in a model; its all-reduce follows the first's
+    chain = {}
+
+    def step() -> None:
+        chain["out"] = second(first(x, check=False), check=False)
+
+    graph = cuda_graphs.capture(step)
+    poison_module(first)
+    chain["out"].fill_(float("nan"))
+    graph.replay()
+    replayed = chain["out"].clone()
+    outs = _gathered(out, world)
+    refs = [EPMoE.from_synthetic(c.replace(world_size=1, backend="reference"), device=device)
+            for c in (cfg, cfg.replace(seed=seed + 1))]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(replayed, out)
+    assert cosine(mid, refs[0](x)) >= 0.9999 and cosine(out, refs[1](mid)) >= 0.9999
 
 
 def test_nvshmem_backend_sums_like_the_reference(group):
