@@ -101,9 +101,11 @@ def test_a_layer_sharing_a_scratch_adds_only_its_weights_to_device_memory(seed):
     grown = torch.cuda.memory_allocated(DEV) - before
     weights = second.experts.nbytes() + second.shared.nbytes() + sum(b.nbytes for b in second.router.buffers())
     print(f"grown {grown} bytes, weights {weights}, scratch {first.scratch.nbytes()}")
-    # The margin covers each stage's small per-layer tables (the shared expert's dense slots, static h scales); a
-    # scratch of its own would have shown.
-    assert weights <= grown <= weights + (1 << 20) and first.scratch.nbytes() > 16 * (1 << 20)
+    # The margin covers each stage's small per-layer tables (the shared expert's dense slots, static h scales, about
+    # 12 KB) and what the allocator still counts of the construction's temporaries (once 1 MiB); a scratch of its own
+    # (30 MB here) would not fit in it.
+    margin = 4 << 20
+    assert weights <= grown <= weights + margin and first.scratch.nbytes() > 4 * margin
 
 
 def test_a_graph_of_two_layers_sharing_a_scratch_replays_their_eager_bits(seed):
