@@ -8,7 +8,9 @@ recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU t
 beside routing and the routed experts, whose combine waits for it and adds its output, so what is left of it after them
 counts in the experts stage. The graph is timed twice: as the runtime captures it, and captured with the kernels'
 programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of every kernel in
-one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay.
+one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay. With
+--chain N it also times one graph of N layers in a row (the model's next layers, sharing the first one's scratch, each
+reading the previous one's output), as a model runs them: chain_graph_ms, for all N.
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from ep_runtime import ops
+from ep_runtime import cuda_graphs, ops
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group
 from ep_runtime.moe import EPMoE
@@ -74,12 +76,24 @@ def _graph_kernels_us(replay, iters: int) -> dict[str, float]:
     return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
 
 
+def _chain_graph(layers: list[EPMoE], x: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """One graph of the layers in a row, each reading the previous one's output."""
+    def step() -> None:
+        h = x
+        for moe in layers:
+            h = moe(h, check=False)
+
+    return cuda_graphs.capture(step)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,16,128,1024,8192")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--act-mode", default="nvfp4", choices=("nvfp4", "bf16"))
     p.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (profiler)")
+    p.add_argument("--chain", type=int, default=1,
+                   help="also time one graph of this many layers in a row, sharing one scratch (as in a model)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -93,6 +107,9 @@ def main() -> None:
     init_process_group(device, cfg.runtime.barrier_timeout_s)
     layer = cfg.model.num_hash_layers  # the first top-k routed layer (hash layers need token ids)
     moe = EPMoE.from_synthetic(cfg, layer, rank, world, device=device)
+    # The chain's other layers: the model's next layers' weights, the first layer's scratch.
+    chain = [moe] + [EPMoE.from_synthetic(cfg, layer + i, rank, world, device=device, scratch=moe.scratch)
+                     for i in range(1, args.chain)]
     if world > 1:
         dist.barrier()
     rows = []
@@ -118,10 +135,16 @@ def main() -> None:
             if args.kernels:
                 row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured
+            if len(chain) > 1:
+                row["chain_graph_ms"] = _events_ms(_chain_graph(chain, x).replay, args.iters)
             rows.append(row)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+                if len(chain) > 1:
+                    per_layer = row["chain_graph_ms"] / len(chain)
+                    print(f"         {len(chain)} layers in one graph {row['chain_graph_ms']:.3f} ms: "
+                          f"{per_layer:.3f} ms per layer", flush=True)
                 if args.kernels:
                     kernels = row["graph_kernels_us"]
                     top = "; ".join(f"{name[:60]} {us:.1f}" for name, us in list(kernels.items())[:8])
@@ -132,7 +155,8 @@ def main() -> None:
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
                   "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
                   "topk": cfg.model.num_experts_per_tok, "max_tokens": cfg.runtime.max_tokens,
-                  "scratch_bytes": moe.scratch.nbytes(), "iters": args.iters, "rows": rows}
+                  "scratch_bytes": moe.scratch.nbytes(), "chain_layers": len(chain), "iters": args.iters,
+                  "rows": rows}
         out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
         path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}.json")

@@ -30,7 +30,7 @@ tests() {  # tests LOG NAME TIMEOUT GPUS PORT NPROC FILE
 }
 bench_steps() {  # bench_steps LOG GPUS PORT N
   step "$1" "allreduce$4" 100 "$2" torchrun --master-port "$3" --nproc-per-node "$4" bench/bench_allreduce.py
-  step "$1" "layer$4" 150 "$2" torchrun --master-port "$3" --nproc-per-node "$4" bench/bench_layer.py --iters 10
+  step "$1" "layer$4" 200 "$2" torchrun --master-port "$3" --nproc-per-node "$4" bench/bench_layer.py --iters 10 --chain 4
 }
 
 LOG="$OUT/gpu_run.log"
@@ -47,7 +47,7 @@ step "$LOG" main4 120 0,1,2,3 torchrun --master-port 29500 --nproc-per-node 4 -m
 ( tests "$LOG.a" multi2-allreduce 100 0,1 29510 2 tests/gpu/test_allreduce.py
   tests "$LOG.a" multi2-layer 100 0,1 29510 2 tests/gpu/test_layer_multigpu.py
   bench_steps "$LOG.a" 0,1 29510 2 ) &
-( step "$LOG.b" layer1 200 2 python3 bench/bench_layer.py --iters 10 ) &
+( step "$LOG.b" layer1 280 2 python3 bench/bench_layer.py --iters 10 --chain 4 ) &
 ( step "$LOG.c" tests1 280 3 python3 -m pytest -q -rfE -p no:cacheprovider -m gpu -s tests/gpu/test_layer.py tests/gpu ) &
 wait
 for part in a b c; do cat "$LOG.$part" >> "$LOG" && rm -f "$LOG.$part"; done
