@@ -56,15 +56,11 @@ class ExpertWorkspace:
 
     @classmethod
     def allocate(cls, max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
-                 device: torch.device | str, spec: ExpertSpec = ExpertSpec(),
-                 x_bf16: torch.Tensor | None = None) -> "ExpertWorkspace":
-        """x_bf16: another workspace's, to share (the stages of one layer read the same staged activations)."""
+                 device: torch.device | str, spec: ExpertSpec = ExpertSpec()) -> "ExpertWorkspace":
         dev = torch.device(device)
-        layout = _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)
-        buffers = {name: x_bf16 if name == "x_bf16" and x_bf16 is not None else
-                   torch.empty(shape if used else (0,) * len(shape), dtype=dtype, device=dev)
-                   for name, shape, dtype, used in layout}
-        return cls(max_tokens, topk, num_experts, hidden, inter, **buffers)
+        return cls(max_tokens, topk, num_experts, hidden, inter, **{
+            name: torch.empty(shape if used else (0,) * len(shape), dtype=dtype, device=dev)
+            for name, shape, dtype, used in _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)})
 
     def check(self, weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.Tensor]:
         """Fits these weights, and every buffer the spec uses has its dtype, shape and layout; returns the buffers
@@ -179,11 +175,9 @@ class CudaExpertStage:
 
     def run(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
             out: torch.Tensor | None = None, block_n: int | None = None,
-            addend: Addend | None = None, x_hat: torch.Tensor | None = None) -> torch.Tensor:
+            addend: Addend | None = None) -> torch.Tensor:
         """__call__ without its checks, for a caller whose arguments are its own buffers' views, valid by
-        construction (EPMoE's forward: the staged activations, the routing rows and the all-reduce buffer). x_hat:
-        NVFP4 acts' rows already dequantized (decode(q) * sf, bf16 (T, H): staging wrote them), which the stage then
-        reads instead of dequantizing acts itself."""
+        construction (EPMoE's forward: the staged activations, the routing rows and the all-reduce buffer)."""
         w, ws = self.weights, self.workspace
         t, k = topk_idx.shape
         if out is None:
@@ -192,35 +186,33 @@ class CudaExpertStage:
             return out
         slot_pair, pair_slot = ws.slots(t)
         ops.moe_align_op(topk_idx, w.num_experts, self.expert_begin, ws.counts, ws.offsets, slot_pair, pair_slot)
-        y_slot = self._gemms(acts, t, k, ws.offsets, slot_pair, block_n or default_block_n(t * k, w.num_experts), x_hat)
+        y_slot = self._gemms(acts, t, k, ws.offsets, slot_pair, block_n or default_block_n(t * k, w.num_experts))
         if addend is not None and addend.ready is not None:  # as late as possible: the GEMMs ran beside its stream
             torch.cuda.current_stream(out.device).wait_event(addend.ready)
         ops.combine_op(y_slot, pair_slot, topk_weights, None if addend is None else addend.values,
                        0 if addend is None else addend.begin, out)
         return out
 
-    def run_dense(self, acts: Activations, x_hat: torch.Tensor | None = None) -> torch.Tensor:
+    def run_dense(self, acts: Activations) -> torch.Tensor:
         """Every token once through the stack's one expert with weight 1 (the shared expert), unchecked like run: the
         slots are the tokens in order, so nothing is aligned or combined. Returns the output, fp32 (T, H): a view of
-        the workspace, valid until the stage runs again. x_hat as for run."""
+        the workspace, valid until the stage runs again."""
         if self._dense_slots is None:
             raise ValueError(f"run_dense: needs one expert at top-1, got {self.weights.num_experts} experts and a "
                              f"workspace of top-{self.workspace.topk}")
         t = (acts.data if isinstance(acts, NVFP4Tensor) else acts).shape[0]
         if t == 0:
             return self.workspace.y_slot[:0]
-        return self._gemms(acts, t, 1, self._dense_offsets[t, :2], self._dense_slots[:t], default_block_n(t, 1), x_hat)
+        return self._gemms(acts, t, 1, self._dense_offsets[t, :2], self._dense_slots[:t], default_block_n(t, 1))
 
     def _gemms(self, acts: Activations, t: int, k: int, offsets: torch.Tensor, slot_pair: torch.Tensor,
-               bn: int, x_hat: torch.Tensor | None) -> torch.Tensor:
+               bn: int) -> torch.Tensor:
         """L1 (+ SwiGLU + requant) and L2 of t tokens' t*k slots; returns the slots' outputs (the workspace's)."""
         w, ws = self.weights, self.workspace
         n = t * k
         if self.spec.act_mode == "nvfp4":
-            x = x_hat
-            if x is None:
-                x = ws.x_bf16[:t]
-                ops.dequant_rows_op(acts.data, acts.scale, x)
+            x = ws.x_bf16[:t]
+            ops.dequant_rows_op(acts.data, acts.scale, x)
             x_gs = acts.global_scale.reshape(1)
         else:
             x, x_gs = acts, None

@@ -186,8 +186,7 @@ class EPMoE(nn.Module):
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
         if self.spec.act_mode == "bf16":
             return self.buffer.stage(hidden.to(torch.bfloat16), check=check)
-        # On the CUDA backend staging also writes the rows' decode(q) * sf, which both expert stages read.
-        return self.buffer.stage(hidden, self._l1_gs, check=check, x_hat=self.scratch.x_hat)
+        return self.buffer.stage(hidden, self._l1_gs, check=check)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
@@ -202,7 +201,7 @@ class EPMoE(nn.Module):
         mark("routing")
         y = self.buffer.y[:t]
         if self._stage is not None:  # the combine adds the shared expert's rows and writes the all-reduce buffer
-            self._stage.run(acts, topk_idx, topk_weights, y, addend=shared, x_hat=self._x_hat(0, t))  # no checks
+            self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
         else:
             routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
             if shared is not None:
@@ -233,14 +232,9 @@ class EPMoE(nn.Module):
         stream, done = self.scratch.stream, self.scratch.shared_done
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            values = self._shared_stage.run_dense(rows, self._x_hat(lo, hi))
+            values = self._shared_stage.run_dense(rows)
             done.record()
         return Addend(lo, values, done)
-
-    def _x_hat(self, lo: int, hi: int) -> torch.Tensor | None:
-        """Rows [lo, hi) of what staging dequantized, or None where it wrote none."""
-        x_hat = self.scratch.x_hat
-        return None if x_hat is None else x_hat[lo:hi]
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
         """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each

@@ -36,8 +36,7 @@ def scratch_needs(cfg: Config, rank: int, world_size: int, device: torch.device,
 @dataclass(frozen=True)
 class LayerScratch:
     """The symmetric buffer, the expert stages' workspaces and the shared expert's stream (the last three None on
-    the reference backend; the shared ones None without a shared expert), with the needs they were made for. In W4A4
-    the two workspaces share one x_bf16, `x_hat`: staging writes the dequantized activations there once for both."""
+    the reference backend; the shared ones None without a shared expert), with the needs they were made for."""
 
     needs: dict[str, Any]
     buffer: SymmBuffer
@@ -75,16 +74,8 @@ class LayerScratch:
         if not m.n_shared_experts:
             return cls(needs, buffer, routed)
         shared = ExpertWorkspace.allocate(rt.max_tokens, 1, 1, m.hidden_size,
-                                          needs["shared expert intermediate size"], device, spec, routed.x_bf16)
+                                          needs["shared expert intermediate size"], device, spec)
         return cls(needs, buffer, routed, shared, torch.cuda.Stream(device), torch.cuda.Event())
-
-    @property
-    def x_hat(self) -> torch.Tensor | None:
-        """(max_tokens, H) bf16 rows that staging fills with the staged activations' decode(q) * sf and both expert
-        stages read (W4A4 on the CUDA backend; else None)."""
-        if self.routed is None or self.needs["act_mode"] != "nvfp4":
-            return None
-        return self.routed.x_bf16
 
     def check(self, needs: dict[str, Any]) -> None:
         """A layer with these needs may use this scratch; else a ValueError naming the first difference."""
@@ -94,9 +85,9 @@ class LayerScratch:
                 raise ValueError(f"scratch: this layer needs {what} {want!r}, the scratch was made for {got!r}")
 
     def nbytes(self) -> int:
-        """Bytes of every tensor it holds (the buffer's arena regions and the workspaces), each once."""
+        """Bytes of every tensor it holds (the buffer's arena regions and the workspaces)."""
         tensors = [t for t in vars(self.buffer).values() if isinstance(t, torch.Tensor)]
         for ws in (self.routed, self.shared):
             if ws is not None:
                 tensors += [t for t in vars(ws).values() if isinstance(t, torch.Tensor)]
-        return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.numel()}.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -14,8 +14,7 @@ from .ops import check_one_value, check_same_device, check_tensor, define_op, la
 
 
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
-                        global_scale: torch.Tensor | None, amax_scratch: torch.Tensor,
-                        x_hat: torch.Tensor | None = None) -> None:
+                        global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
     """Every check that needs no GPU: dtypes, shapes, contiguity, alignment, capacity, then devices."""
     check_tensor(hidden, "hidden", torch.bfloat16, (None, None))
     t, h = hidden.shape
@@ -30,43 +29,38 @@ def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tenso
     if global_scale is not None:
         check_one_value(global_scale, "global_scale")
     check_tensor(amax_scratch, "amax_scratch", torch.int32, (1,))
-    if x_hat is not None:
-        check_tensor(x_hat, "x_hat", torch.bfloat16, (None, h))
-        if x_hat.shape[0] < t:
-            raise ValueError(f"x_hat: {t} tokens exceed its {x_hat.shape[0]} rows")
     check_same_device({"hidden": hidden, "x": x, "x_sf": x_sf, "x_global": x_global, "global_scale": global_scale,
-                       "amax_scratch": amax_scratch, "x_hat": x_hat})
+                       "amax_scratch": amax_scratch})
 
 
 def _stage_impl(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
-                global_scale: torch.Tensor | None, amax_scratch: torch.Tensor, x_hat: torch.Tensor | None) -> None:
+                global_scale: torch.Tensor | None, amax_scratch: torch.Tensor) -> None:
     launch("stage_nvfp4", hidden.device, hidden.data_ptr(), hidden.numel(),
            0 if global_scale is None else global_scale.data_ptr(), amax_scratch.data_ptr(), x.data_ptr(),
-           x_sf.data_ptr(), x_global.data_ptr(), 0 if x_hat is None else x_hat.data_ptr())
+           x_sf.data_ptr(), x_global.data_ptr())
 
 
 stage_op = define_op("stage_nvfp4(Tensor hidden, Tensor(a!) x, Tensor(b!) x_sf, Tensor(c!) x_global, "
-                     "Tensor? global_scale, Tensor(d!) amax_scratch, Tensor(e!)? x_hat) -> ()", _stage_impl)
+                     "Tensor? global_scale, Tensor(d!) amax_scratch) -> ()", _stage_impl)
 
 
 def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
                 amax_scratch: torch.Tensor, global_scale: torch.Tensor | None = None,
-                check: bool = False, x_hat: torch.Tensor | None = None) -> NVFP4Tensor:
+                check: bool = False) -> NVFP4Tensor:
     """Quantize hidden (T, H) bf16 into rows [0, T) of x (uint8 (cap, H/2)), x_sf (int32 (cap, H/64)) and
     x_global (fp32 (1,)); return NVFP4Tensor views of the staged rows.
 
     global_scale None -> dynamic gs = 448*6/amax (0 -> 1); else the fp32 gs itself (static: 1/input_scale),
     as in nvfp4.quantize. amax_scratch: an int32 (1,) word on the device, owned by the caller and allocated
     once (a CUDA graph captures its address). check=True rejects non-finite input or a non-positive scale
-    (syncs the host). x_hat (bf16 (rows >= T, H)), when given, receives in rows [0, T) the exact BF16 values
-    decode(q) * sf (no global scale) that the W4A4 expert GEMMs read, from the same kernel.
+    (syncs the host).
     """
-    validate_stage_args(hidden, x, x_sf, x_global, global_scale, amax_scratch, x_hat)
+    validate_stage_args(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     if check:
         check_finite(hidden, "hidden")
         if global_scale is not None:
             check_positive_scale(global_scale, "global_scale")
-    stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch, x_hat)
+    stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.
     return NVFP4Tensor(x[:t], x_sf[:t].view(torch.uint8).view(torch.float8_e4m3fn), x_global[0])

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .dist_utils import collective, host_barrier
-from .nvfp4 import NVFP4Tensor, block_dequantize, check_finite, quantize
+from .nvfp4 import NVFP4Tensor, check_finite, quantize
 
 log = logging.getLogger("ep_runtime")
 
@@ -139,33 +139,25 @@ class SymmBuffer:
         scale = self.x_sf[:num_tokens].view(torch.uint8).view(torch.float8_e4m3fn)
         return NVFP4Tensor(self.x[:num_tokens], scale, self.x_global[0])
 
-    def stage(self, hidden: torch.Tensor, global_scale: torch.Tensor | None = None, check: bool = True,
-              x_hat: torch.Tensor | None = None) -> NVFP4Tensor | torch.Tensor:
-        """Quantize hidden (T, H) into x / x_sf / x_global (or copy it, bf16 mode); return the staged views.
-        x_hat (NVFP4 mode only: bf16 (rows >= T, H) on the buffer's device), when given, receives the staged rows'
-        exact BF16 values decode(q) * sf, which the W4A4 expert GEMMs read."""
+    def stage(self, hidden: torch.Tensor, global_scale: torch.Tensor | None = None,
+              check: bool = True) -> NVFP4Tensor | torch.Tensor:
+        """Quantize hidden (T, H) into x / x_sf / x_global (or copy it, bf16 mode); return the staged views."""
         t = self._check_rows(hidden, "hidden", torch.bfloat16 if self.act_mode != "nvfp4" else None, self.hidden)
+        if self.act_mode == "nvfp4" and hidden.is_cuda and hidden.dtype == torch.bfloat16:
+            from .staging import stage_nvfp4  # checks hidden itself, beside its launch
+
+            gs = None if global_scale is None else global_scale.reshape(1).float()
+            return stage_nvfp4(hidden, self.x, self.x_sf, self.x_global, self._amax, gs, check)
         if self.act_mode != "nvfp4":
-            if x_hat is not None:
-                raise ValueError("x_hat: BF16 staging (act_mode 'bf16') has no dequantized rows, got a tensor")
             if check:
                 check_finite(hidden, "hidden")
             self.x[:t].copy_(hidden)
             return self.activations(t)
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16:
-            from .staging import stage_nvfp4  # checks hidden and x_hat itself, beside its launch
-
-            gs = None if global_scale is None else global_scale.reshape(1).float()
-            return stage_nvfp4(hidden, self.x, self.x_sf, self.x_global, self._amax, gs, check, x_hat)
-        if x_hat is not None:
-            self._check_rows(x_hat[:t], "x_hat", torch.bfloat16, self.hidden, rows=t)
         q = quantize(hidden, global_scale, check=check, name="hidden")
         staged = self.activations(t)
         staged.data.copy_(q.data)
         staged.scale.view(torch.uint8).copy_(q.scale.view(torch.uint8))
         self.x_global.copy_(q.global_scale.reshape(1))
-        if x_hat is not None:
-            x_hat[:t].copy_(block_dequantize(staged.data, staged.scale))  # exact in bf16
         return staged
 
     def set_routing(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

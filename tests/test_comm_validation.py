@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_runtime import nvfp4
 from ep_runtime.allreduce import SymmAllReduce, validate_all_reduce_args
 from ep_runtime.dist_utils import check_same_values
 from ep_runtime.staging import validate_stage_args
@@ -174,21 +173,3 @@ def test_all_reduce_settings_that_differ_between_ranks_are_named_with_both_value
 
 def test_all_reduce_settings_equal_on_every_rank_pass() -> None:
     check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8}] * 4, rank=2)
-
-
-def test_buffer_staging_writes_the_staged_rows_decode_times_scale_where_asked(gen) -> None:
-    x_hat = torch.full((16, H), float("nan"), dtype=torch.bfloat16)
-    hidden = torch.randn(5, H, generator=gen)
-    staged = _buffer().stage(hidden, x_hat=x_hat)
-    assert torch.equal(x_hat[:5], nvfp4.block_dequantize(staged.data, staged.scale).to(torch.bfloat16))
-    assert x_hat[:5].abs().sum() > 0 and bool(x_hat[5:].isnan().all())
-
-
-def test_bf16_buffer_staging_refuses_dequantized_rows() -> None:
-    with pytest.raises(ValueError, match="x_hat: BF16 staging .* has no dequantized rows"):
-        _buffer("bf16").stage(torch.zeros(2, H, dtype=torch.bfloat16), x_hat=torch.zeros(16, H, dtype=torch.bfloat16))
-
-
-def test_buffer_staging_rejects_dequantized_rows_of_too_few_rows() -> None:
-    with pytest.raises(ValueError, match=r"x_hat: expected shape \(5, 128\), got \(3, 128\)"):
-        _buffer().stage(torch.randn(5, H), x_hat=torch.zeros(3, H, dtype=torch.bfloat16))
