@@ -12,7 +12,7 @@ on one stream (as a model's forward runs them), never at once on two streams.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import logging
 
@@ -20,6 +20,9 @@ import torch
 
 from .config import Config
 from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
+
+if TYPE_CHECKING:  # the CUDA stage's module, imported where a scratch gets workspaces
+    from .cuda_experts import ExpertWorkspace
 
 log = logging.getLogger("ep_runtime")
 
@@ -41,8 +44,8 @@ class LayerScratch:
 
     needs: dict[str, Any]
     buffer: SymmBuffer
-    routed: Any = None  # cuda_experts.ExpertWorkspace
-    shared: Any = None  # cuda_experts.ExpertWorkspace
+    routed: ExpertWorkspace | None = None
+    shared: ExpertWorkspace | None = None
     stream: torch.cuda.Stream | None = None  # the shared expert runs on it, beside routing and the routed experts
     shared_done: torch.cuda.Event | None = None
 
