@@ -39,6 +39,7 @@
 #include "cuda_check.h"
 #include "experts_device.cuh"
 #include "launch.h"
+#include "nvfp4_device.cuh"
 #include "registry.h"
 #include "sm90_fragments.cuh"
 #include "sm90_pipeline.cuh"
@@ -54,6 +55,7 @@
 namespace {
 
 using namespace ep::experts;
+using namespace ep::nvfp4;
 using namespace ep::sm90;
 using cutlass::arch::ClusterBarrier;
 using cutlass::arch::ClusterTransactionBarrier;
@@ -618,10 +620,7 @@ __global__ void h_requant_kernel(const float* __restrict__ h, const int* __restr
                                  uint8_t* __restrict__ hq_scale, __nv_bfloat16* __restrict__ h_bf16,
                                  float* __restrict__ h_gs) {
   ep::wait_previous_grid();  // no early release: a grouped GEMM follows (see moe_align_kernel)
-  auto gs_of = [&](int e) {
-    const float amax = __uint_as_float(amax_bits[e]);
-    return amax > 0.f ? __fdiv_rn(448.f * 6.f, amax) : 1.f;
-  };
+  auto gs_of = [&](int e) { return dynamic_global_scale(__uint_as_float(amax_bits[e])); };
   const int stride = gridDim.x * blockDim.x;
   const int first = blockIdx.x * blockDim.x + threadIdx.x;
   for (int e = first; e < num_experts; e += stride) h_gs[e] = gs_of(e);
@@ -647,18 +646,9 @@ __global__ void nvfp4_dequant_rows_kernel(const uint8_t* __restrict__ data, cons
   ep::wait_previous_grid();  // no early release: a grouped GEMM follows (see moe_align_kernel)
   for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < num_blocks;
        i += static_cast<long>(gridDim.x) * blockDim.x) {
-    const uint2 codes = *reinterpret_cast<const uint2*>(data + 8 * i);
-    const float sf = e4m3_to_float(scale[i]);
-    uint32_t v[8];  // bf16 pairs
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t word = j < 4 ? codes.x : codes.y, sh = 8 * (j & 3);
-      const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(e2m1_decode((word >> sh) & 0xF) * sf));
-      const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(e2m1_decode((word >> (sh + 4)) & 0xF) * sf));
-      v[j] = lo | (hi << 16);
-    }
-    reinterpret_cast<uint4*>(out + 16 * i)[0] = make_uint4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<uint4*>(out + 16 * i)[1] = make_uint4(v[4], v[5], v[6], v[7]);
+    uint32_t pairs[8];
+    dequant16(*reinterpret_cast<const uint2*>(data + 8 * i), e4m3_to_float(scale[i]), pairs);
+    store_bf16x16(out + 16 * i, pairs);
   }
 }
 

@@ -6,13 +6,11 @@
 // one stream give that order without a host sync (and capture into a CUDA graph): an amax reduction into a
 // scratch word (atomicMax on the bit patterns of non-negative floats, which order like their values, so
 // the result does not depend on block scheduling), then the quantize kernel that derives gs from it.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
 #include <cstdint>
 
 #include "cuda_check.h"
 #include "launch.h"
+#include "nvfp4_device.cuh"
 #include "registry.h"
 
 namespace {
@@ -45,64 +43,37 @@ __global__ void __launch_bounds__(kThreads) amax_kernel(const uint4* __restrict_
   }
 }
 
-// E2M1 round-to-nearest-even, saturating at 6: counts the boundaries below |v| exactly as the reference
-// does (`>` where the lower code is even so ties stay down, `>=` where it is odd so ties go up).
-__device__ __forceinline__ uint32_t e2m1_code(float v) {
-  const float a = fabsf(v);
-  const uint32_t mag = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-  return mag | (signbit(v) ? 8u : 0u);
-}
-
-// One thread per 64 elements: four 16-blocks, i.e. 32 code bytes and one scale word.
-// gs: static -> *static_gs; dynamic -> 448*6/amax (amax 0 -> 1) rounded as the reference rounds it.
-__global__ void __launch_bounds__(kThreads) quantize_kernel(const uint4* __restrict__ x, int64_t n_words,
+// One thread per 64 elements: four 16-blocks, i.e. 32 code bytes and one scale word. Six CTAs per SM (40 registers):
+// at 41-42 registers five fit, and 8192 tokens took 1-4 % longer on an H200 (bench/NOTES_experts.md, 29th session).
+__global__ void __launch_bounds__(kThreads, 6) quantize_kernel(const uint4* __restrict__ x, int64_t n_words,
                                                             const float* __restrict__ static_gs,
                                                             const unsigned int* __restrict__ amax_bits,
                                                             uint4* __restrict__ q, uint32_t* __restrict__ sf_words,
                                                             float* __restrict__ gs_out) {
   ep::enter_grid();
-  float gs;
-  if (static_gs != nullptr) {
-    gs = *static_gs;
-  } else {
-    const float amax = __uint_as_float(*amax_bits);
-    // One correctly rounded division, as NVFP4_SPEC writes it (and as the reference computes it).
-    gs = amax > 0.f ? __fdiv_rn(2688.0f, amax) : 1.0f;
-  }
+  // gs: the static scale, or 448*6/amax of the tensor as the reference rounds it.
+  const float gs = static_gs != nullptr ? *static_gs : ep::nvfp4::dynamic_global_scale(__uint_as_float(*amax_bits));
   if (blockIdx.x == 0 && threadIdx.x == 0) *gs_out = gs;
   for (int64_t wi = blockIdx.x * (int64_t)kThreads + threadIdx.x; wi < n_words; wi += (int64_t)gridDim.x * kThreads) {
     uint32_t word = 0;
-    uint32_t codes[8];  // 4 blocks x 2 words of 8 nibbles
+    uint2 codes[2];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const uint4 lo = x[wi * 8 + b * 2], hi = x[wi * 8 + b * 2 + 1];
       const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
       float v[kBlock];
-      float bmax = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         v[2 * j] = bf16_bits_to_float(w[j] & 0xffffu);
         v[2 * j + 1] = bf16_bits_to_float(w[j] >> 16);
-        bmax = fmaxf(bmax, fmaxf(fabsf(v[2 * j]), fabsf(v[2 * j + 1])));
       }
-      // Same fp32 operation order as the reference: (gs * bmax) / 6, RNE to e4m3 with saturation.
-      const __nv_fp8_storage_t sf = __nv_cvt_float_to_fp8(__fdiv_rn(__fmul_rn(gs, bmax), 6.0f), __NV_SATFINITE, __NV_E4M3);
-      const float sf_f = __half2float(__half(__nv_cvt_fp8_to_halfraw(sf, __NV_E4M3)));
-      word |= uint32_t(sf) << (8 * b);
-      uint32_t c0 = 0, c1 = 0;
-      if (sf_f > 0.f) {
-        const float ratio = __fdiv_rn(gs, sf_f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          c0 |= e2m1_code(__fmul_rn(v[j], ratio)) << (4 * j);
-          c1 |= e2m1_code(__fmul_rn(v[8 + j], ratio)) << (4 * j);
-        }
-      }
-      codes[2 * b] = c0;
-      codes[2 * b + 1] = c1;
+      const ep::nvfp4::Block16 q16 = ep::nvfp4::quantize16(v, gs);
+      word |= q16.sf << (8 * b);
+      codes[b & 1] = q16.codes;
+      // Two blocks' codes per 16-byte store and four scales per word: on quantize_block16's 8- and 1-byte stores per
+      // block the kernel took 4.5 against 3.7 us at one token (bench/NOTES_experts.md, twenty-eighth session).
+      if (b & 1) q[wi * 2 + (b >> 1)] = make_uint4(codes[0].x, codes[0].y, codes[1].x, codes[1].y);
     }
-    q[wi * 2] = make_uint4(codes[0], codes[1], codes[2], codes[3]);
-    q[wi * 2 + 1] = make_uint4(codes[4], codes[5], codes[6], codes[7]);
     sf_words[wi] = word;
   }
 }
@@ -128,7 +99,13 @@ void stage_nvfp4(std::uintptr_t x, int64_t n_elems, std::uintptr_t static_gs, st
       EP_CHECK_LAUNCH();
     }
   }
-  ep::launch(quantize_kernel, grid_for(n_words, 8), kThreads, 0, s, ep::as_ptr<const uint4>(x), n_words,
+  // As many CTAs as fit on the GPU at once: a grid-stride loop over more runs the excess as a second, partial wave.
+  const int per_sm = ep::once_per_device(0, [] {
+    int blocks = 0;
+    EP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, quantize_kernel, kThreads, 0));
+    return std::max(blocks, 1);
+  });
+  ep::launch(quantize_kernel, grid_for(n_words, per_sm), kThreads, 0, s, ep::as_ptr<const uint4>(x), n_words,
              static_gs ? ep::as_ptr<const float>(static_gs) : nullptr, ep::as_ptr<const unsigned int>(amax_scratch),
              ep::as_ptr<uint4>(q), ep::as_ptr<uint32_t>(sf_words), ep::as_ptr<float>(gs_out));
 }
