@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from e2m1_ties import on_boundary, tie_blocks
 from ep_runtime import nvfp4
 from ep_runtime.experts import ExpertSpec, SlotMap, combine, l1_reference, l2_reference, map_slots, quantize_h, swiglu
 from ep_runtime.nvfp4 import NVFP4Tensor
@@ -419,6 +420,38 @@ def test_h_requant_equals_quantize_h_bitwise(mode, gen):
         used = slots.counts > 0
         assert torch.equal(h_gs[used], ref_gs[used])
     assert torch.equal(h_bf16[:n].float(), nvfp4.block_dequantize(ref.data, ref.scale))
+
+
+def test_h_requant_rounds_values_on_e2m1_boundaries_to_the_even_code_as_the_reference_does(gen):
+    """h built from blocks on every E2M1 boundary, one block per expert at 6 * 448 (so each expert's dynamic global
+    scale is exactly 1 and every block scale a power of two): the bytes, scales and bf16 decode are the reference's."""
+    e, i, t, k = 4, 256, 40, 2
+    spec = ExpertSpec("nvfp4", "dynamic", 10.0)
+    idx, _ = routing("uneven", t, k, e, gen)
+    slots = map_slots(idx, e, 0)
+    s, n = t * k, slots.num_slots
+    h_f32 = torch.full((s, i), float("nan"), device=DEV)
+    h_f32[:n] = tie_blocks(n, i, gen, k_range=(-9, 8)).to(DEV)
+    for x in range(e):  # the expert's first slot starts with its amax block
+        first = int(slots.offsets[x])
+        if int(slots.counts[x]) > 0:
+            h_f32[first, :16] = tie_blocks(1, 16, gen, k_range=(8, 8)).to(DEV) * (448 / 256)
+    hq_data = torch.full((s, i // 2), 0xA5, dtype=torch.uint8, device=DEV)
+    hq_scale = torch.full((s, i // 16), 0x7F, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+    h_bf16 = torch.full((s, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+    h_gs = torch.full((e,), float("nan"), device=DEV)
+    amax = torch.empty(e, dtype=torch.int32, device=DEV)
+    ops.requant_dynamic(h_f32, slots.offsets, amax, hq_data, hq_scale, h_bf16, h_gs)
+    weights = random_weights(e, 256, i, gen).to("cpu")  # quantize_h reads only the expert count under dynamic scales
+    ref, ref_gs = quantize_h(h_f32[:n].cpu(), slots_to_cpu(slots), weights, spec)
+    used = slots.counts > 0
+    assert bool((ref_gs[used.cpu()] == 1).all()), "the test's h did not give unit global scales"
+    assert torch.equal(hq_data[:n].cpu(), ref.data)
+    assert torch.equal(hq_scale[:n].view(torch.uint8).cpu(), ref.scale.view(torch.uint8))
+    assert torch.equal(h_gs[used].cpu(), ref_gs[used.cpu()])
+    assert torch.equal(h_bf16[:n].float().cpu(), nvfp4.block_dequantize(ref.data, ref.scale))
+    codes = nvfp4.unpack_nibbles(hq_data[:n].cpu()).reshape(n, i)
+    assert bool(((codes[on_boundary(h_f32[:n].cpu())] & 7) % 2 == 0).all()), "a boundary value took an odd code"
 
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from e2m1_ties import on_boundary, tie_blocks
 from ep_runtime import nvfp4
 from ep_runtime.ops import extension_available
 
@@ -64,6 +65,18 @@ def test_static_scale_matches_reference_bitwise(boost: float, gen: torch.Generat
     stage_nvfp4(hidden.to(DEV), x, x_sf, x_global, AMAX, global_scale=gs.to(DEV))
     torch.cuda.synchronize()
     _assert_staged_equals_reference(hidden, x, x_sf, x_global, gs)
+
+
+def test_values_on_e2m1_boundaries_round_to_the_even_code_as_the_reference_rounds_them(gen: torch.Generator) -> None:
+    values = tie_blocks(6, 1024, gen)
+    hidden = values.to(torch.bfloat16)
+    gs = torch.tensor(1.0)
+    x, x_sf, x_global = _poisoned_buffers(1024)
+    stage_nvfp4(hidden.to(DEV), x, x_sf, x_global, AMAX, global_scale=gs.to(DEV))
+    torch.cuda.synchronize()
+    _assert_staged_equals_reference(hidden, x, x_sf, x_global, gs)
+    codes = nvfp4.unpack_nibbles(x[:6].cpu()).reshape(values.shape)
+    assert bool(((codes[on_boundary(values)] & 7) % 2 == 0).all()), "a boundary value took an odd code"
 
 
 def test_all_zero_blocks_get_zero_scales_and_codes(gen: torch.Generator) -> None:
