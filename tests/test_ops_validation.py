@@ -39,6 +39,12 @@ def good_l1_args(device: str = "cpu") -> dict:
     )
 
 
+def call_with_one_bad_argument(op, args: dict, name: str, bad, error: type, message: str) -> None:
+    """op(**args) with args[name] replaced by bad must raise error matching message."""
+    with pytest.raises(error, match=message):
+        op(**{**args, name: bad})
+
+
 def misaligned(t: torch.Tensor) -> torch.Tensor:
     """Same shape and dtype, contiguous, but its data starts one element past a 16-byte boundary."""
     flat = torch.zeros(t.numel() + 16, dtype=t.dtype)
@@ -258,10 +264,7 @@ def route_args(t: int = T, n: int = 16, k: int = K) -> dict:
     ("given_ids", torch.zeros(T, K, dtype=torch.int64), TypeError, "given_ids: expected dtype torch.int32"),
 ])
 def test_route_v4_rejects_a_bad_argument(name, bad, error, message):
-    args = route_args()
-    args[name] = bad
-    with pytest.raises(error, match=message):
-        ops.route_v4(**args)
+    call_with_one_bad_argument(ops.route_v4, route_args(), name, bad, error, message)
 
 
 def test_route_v4_caps_k_at_a_warp_of_experts():
@@ -301,10 +304,7 @@ def router_logits_args(t: int = T, e: int = 16, h: int = 64) -> dict:
     ("out", torch.zeros(T, 16, dtype=torch.bfloat16), TypeError, "out: expected dtype torch.float32"),
 ])
 def test_router_logits_rejects_a_bad_argument(name, bad, error, message):
-    args = router_logits_args()
-    args[name] = bad
-    with pytest.raises(error, match=message):
-        ops.router_logits(**args)
+    call_with_one_bad_argument(ops.router_logits, router_logits_args(), name, bad, error, message)
 
 
 def test_router_logits_rejects_cpu_tensors():
@@ -462,10 +462,7 @@ def bad_stage_arguments() -> list:
 
 @pytest.mark.parametrize("name,bad,error,message", bad_stage_arguments())
 def test_stage_rejects_a_bad_argument_before_launching_anything(launches, name, bad, error, message):
-    args = stage_args()
-    args[name] = bad
-    with pytest.raises(error, match=message):
-        cuda_expert_stage(**args)
+    call_with_one_bad_argument(cuda_expert_stage, stage_args(), name, bad, error, message)
     assert launches == []
 
 

@@ -99,6 +99,14 @@ def cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), ref.double().flatten(), dim=0).item()
 
 
+def uneven_case(spec: ExpertSpec, e: int, h: int, i: int, t: int, k: int, gen: torch.Generator):
+    """Random weights and activations for e local experts, t tokens routed top-k unevenly: (weights, acts, idx, w)."""
+    weights = random_weights(e, h, i, gen)
+    acts = random_acts(t, h, weights, spec, gen)
+    idx, w = routing("uneven", t, k, e, gen)
+    return weights, acts, idx, w
+
+
 def poison(ws: ExpertWorkspace) -> None:
     for name in ("h_f32", "h_bf16", "y_slot", "h_gs", "x_bf16"):
         getattr(ws, name).fill_(float("nan"))
@@ -458,9 +466,7 @@ def test_h_requant_rounds_values_on_e2m1_boundaries_to_the_even_code_as_the_refe
 def test_l2_matches_reference_on_the_kernels_own_h(spec_name, gen):
     spec = SPECS[spec_name]
     e, h, i, t, k = 6, 384, 256, 64, 4
-    weights = random_weights(e, h, i, gen)
-    acts = random_acts(t, h, weights, spec, gen)
-    idx, w = routing("uneven", t, k, e, gen)
+    weights, acts, idx, w = uneven_case(spec, e, h, i, t, k, gen)
     _, ws = run_stage(acts, idx, w, weights, spec)
     slots = slots_from_workspace(ws, t)
     n = slots.num_slots
@@ -606,9 +612,7 @@ def test_the_stage_ring_gives_the_same_bits_over_many_back_to_back_launches(v4_p
 def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     spec = SPECS[spec_name]
     e, h, i, t, k = 8, 512, 256, 48, 4
-    weights = random_weights(e, h, i, gen)
-    acts = random_acts(t, h, weights, spec, gen)
-    idx, w = routing("uneven", t, k, e, gen)
+    weights, acts, idx, w = uneven_case(spec, e, h, i, t, k, gen)
     ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
     eager, _ = run_stage(acts, idx, w, weights, spec, ws=ws)
     out = torch.empty(t, h, device=DEV)
@@ -678,9 +682,7 @@ def test_stage_on_a_gpu_other_than_the_current_one_gives_the_bits_it_gives_on_th
     whichever device is current."""
     spec = SPECS[spec_name]
     e, h, i, t, k = 8, 512, 256, 48, 4
-    weights = random_weights(e, h, i, gen)
-    acts = random_acts(t, h, weights, spec, gen)
-    idx, w = routing("uneven", t, k, e, gen)
+    weights, acts, idx, w = uneven_case(spec, e, h, i, t, k, gen)
     second = torch.device("cuda", 1)
     with torch.cuda.device(0):
         expected, _ = run_stage(acts, idx, w, weights, spec)
