@@ -3,6 +3,7 @@
 // full radix sort for (measured: 21.5 us for one token of 384 experts, a tenth of a decode layer). route_v4 is
 // the whole DeepSeek-V4 routing of NVFP4_SPEC section 6 after the router GEMM in one launch: in an eager decode
 // forward each of the dozen small torch kernels it replaces cost more host time than its GPU time.
+#include "bf16_device.cuh"
 #include "cuda_check.h"
 #include "launch.h"
 #include "registry.h"
@@ -70,16 +71,6 @@ constexpr int kLogitRows = 4;       // experts per CTA: each hidden chunk a thre
 constexpr int kLogitChunks = 2;     // 16-byte chunks per thread, row and token in flight at once (H <= 4096 a round)
 constexpr int kLogitTokens = 8;     // tokens per pass
 
-// The eight bf16 values of a 16-byte chunk as fp32 (exactly: bf16 is fp32's upper half).
-__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float (&out)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-
 // CTA b takes experts [4b, 4b + 4) for every token, kTokens at a time. Its thread i adds the products of the rows'
 // 16-byte chunks i, i + 256, i + 512, ... (chunks = H / 8) to 0; each warp adds its lanes' sums by an xor butterfly,
 // then the first threads the warps' sums in warp order.
@@ -121,11 +112,11 @@ __global__ void __launch_bounds__(kLogitThreads)
       for (int u = 0; u < kLogitChunks; ++u) {
         float w[kLogitRows][8];
 #pragma unroll
-        for (int r = 0; r < kLogitRows; ++r) bf16x8_to_float(wq[r][u], w[r]);
+        for (int r = 0; r < kLogitRows; ++r) ep::bf16x8_to_float(wq[r][u], w[r]);
 #pragma unroll
         for (int t = 0; t < kTokens; ++t) {
           float x[8];
-          bf16x8_to_float(xq[t][u], x);
+          ep::bf16x8_to_float(xq[t][u], x);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
 #pragma unroll

@@ -8,6 +8,7 @@
 // the result does not depend on block scheduling), then the quantize kernel that derives gs from it.
 #include <cstdint>
 
+#include "bf16_device.cuh"
 #include "cuda_check.h"
 #include "launch.h"
 #include "nvfp4_device.cuh"
@@ -18,8 +19,6 @@ namespace {
 constexpr int kBlock = 16;             // elements per UE4M3 scale
 constexpr int kWordElems = 4 * kBlock;  // elements per packed scale word
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
 // |x| max over the tensor, as the bit pattern of a non-negative fp32 (scratch must be zeroed first).
 __global__ void __launch_bounds__(kThreads) amax_kernel(const uint4* __restrict__ x, int64_t n_vec,
@@ -59,14 +58,9 @@ __global__ void __launch_bounds__(kThreads, 6) quantize_kernel(const uint4* __re
     uint2 codes[2];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const uint4 lo = x[wi * 8 + b * 2], hi = x[wi * 8 + b * 2 + 1];
-      const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
       float v[kBlock];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        v[2 * j] = bf16_bits_to_float(w[j] & 0xffffu);
-        v[2 * j + 1] = bf16_bits_to_float(w[j] >> 16);
-      }
+      ep::bf16x8_to_float(x[wi * 8 + b * 2], v);
+      ep::bf16x8_to_float(x[wi * 8 + b * 2 + 1], v + 8);
       const ep::nvfp4::Block16 q16 = ep::nvfp4::quantize16(v, gs);
       word |= q16.sf << (8 * b);
       codes[b & 1] = q16.codes;

@@ -11,14 +11,14 @@ on one stream (as a model's forward runs them), never at once on two streams.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import logging
 
 import torch
 
 from .config import Config
+from .experts import ExpertSpec
 from .symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 
 if TYPE_CHECKING:  # the CUDA stage's module, imported where a scratch gets workspaces
@@ -69,7 +69,6 @@ class LayerScratch:
     def _with_workspaces(cls, cfg: Config, needs: dict[str, Any], buffer: SymmBuffer,
                          device: torch.device) -> "LayerScratch":
         from .cuda_experts import ExpertWorkspace
-        from .experts import ExpertSpec
 
         m, rt = cfg.model, cfg.runtime
         spec = ExpertSpec.of(cfg)
