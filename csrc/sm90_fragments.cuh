@@ -59,8 +59,9 @@ __device__ __forceinline__ uint32_t rotr(uint32_t w, int r) { return __funnelshi
 // at 15. sm90_layout.STORED placed the bits so that pairs 0 and 1 take a left shift and an AND, pair 2 a rotate and
 // an AND, pair 3 a rotate and two LOPs: 9 instructions per word. ptxas issues the left shifts as IMADs on the FMA
 // pipe, so 7 of them load the integer pipe, which the dequantization keeps busy in decode (9 when pairs 1-3 were
-// rotated: 3-7 % slower from m=1 to m=128 on an H200, NOTES_experts.md, twenty-first session). Pair 3's OR is in PTX:
-// written in C, ptxas spilled 4 bytes in the 128x32 kernel.
+// rotated: 3-7 % slower from m=1 to m=128 on an H200, NOTES_experts.md, twenty-first session). A right shift does not
+// go there: as IMAD.HI instead of pair 3's rotate it made decode no faster and m=32 to m=128 3-6 % slower (thirtieth
+// session). Pair 3's OR is in PTX: written in C, ptxas spilled 4 bytes in the 128x32 kernel.
 template <int I>
 __device__ __forceinline__ uint32_t e2m1_pair(uint32_t w) {
   constexpr uint32_t kBits = 0x81C081C0u;  // bits 6-8 and 15 of each half
