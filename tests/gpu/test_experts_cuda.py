@@ -462,6 +462,59 @@ def test_h_requant_rounds_values_on_e2m1_boundaries_to_the_even_code_as_the_refe
     assert bool(((codes[on_boundary(h_f32[:n].cpu())] & 7) % 2 == 0).all()), "a boundary value took an odd code"
 
 
+def one_column_weights(h: int, gate: float, up: torch.Tensor) -> ExpertWeights:
+    """Weights (on DEV) whose only nonzero codes sit in K column 0: every gate row holds `gate` (E2M1 4.0 times its
+    block scale) and up row j of expert x holds up[x, j] (E2M1 +-0.5 times a block scale of 2|up|, exact in UE4M3
+    for the values the tie tests use); alphas and input scales 1, every other block scale 1."""
+    e, i = up.shape
+    w13 = torch.zeros(e, 2 * i, h // 2, dtype=torch.uint8)
+    w13_scale = torch.ones(e, 2 * i, h // 16)
+    w13[:, :i, 0] = 6
+    w13_scale[:, :i, 0] = gate / 4
+    w13[:, i:, 0] = torch.where(up == 0, 0, torch.where(up < 0, 9, 1)).to(torch.uint8)
+    w13_scale[:, i:, 0] = torch.where(up == 0, 1.0, 2 * up.abs())
+    w = ExpertWeights.empty(e, h, i, DEV)
+    w.w13.copy_(w13)
+    w.w13_scale.copy_(w13_scale.to(torch.float8_e4m3fn))
+    w.w2.zero_()
+    w.w2_scale.copy_(torch.ones(w.w2_scale.shape).to(torch.float8_e4m3fn))
+    for name in ("w13_alpha", "w2_alpha", "l1_input_scale", "l2_input_scale"):
+        getattr(w, name).fill_(1.0)
+    return w
+
+
+@pytest.mark.parametrize("block_n,block_m", [(8, 64), (32, 128), (32, 256), (128, 256)])
+def test_l1_epilogue_rounds_h_on_e2m1_boundaries_to_the_even_code_as_the_reference_does(block_n, block_m, gen):
+    """Every token is x = e_0, so an expert's gate|up is its weights' K column 0: gate 32 (where silu is the identity
+    in fp32) and up that expert's row of tie blocks over 32. Its h, the kernel's own fp32 output, is then the tie
+    blocks exactly, and the fused static requantization (global scale 1) must give the reference's bytes, scales and
+    bf16 decode, no boundary value with an odd code, in HMMA and wgmma tiles alike."""
+    e, h, i, t, k = 3, 256, 256, 60, 2
+    target = tie_blocks(e, i, gen, k_range=(-3, 6))
+    weights = one_column_weights(h, 32.0, target / 32)
+    x = torch.zeros(t, h, dtype=torch.bfloat16, device=DEV)
+    x[:, 0] = 1.0
+    slots = map_slots(routing("uneven", t, k, e, gen)[0], e, 0)
+    n, kw = slots.num_slots, tiled(weights)
+    expected = target.to(DEV)[torch.repeat_interleave(torch.arange(e, device=DEV), slots.counts.long())]
+    h_f32 = torch.full((t * k, i), float("nan"), device=DEV)
+    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, k, "fp32",
+                   swiglu_limit=None, out_f32=h_f32, block_n=block_n, block_m=block_m)
+    assert torch.equal(h_f32[:n], expected), "the test's premise: the kernel's h is the tie blocks"
+    hq_data = torch.full((t * k, i // 2), 0xA5, dtype=torch.uint8, device=DEV)
+    hq_scale = torch.full((t * k, i // 16), 0x7F, dtype=torch.uint8, device=DEV).view(torch.float8_e4m3fn)
+    h_bf16 = torch.full((t * k, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, k, "nvfp4",
+                   swiglu_limit=None, h_gs=torch.ones(e, device=DEV), hq_data=hq_data, hq_scale=hq_scale,
+                   h_bf16=h_bf16, block_n=block_n, block_m=block_m)
+    ref, _ = quantize_h(h_f32[:n].cpu(), slots_to_cpu(slots), weights.to("cpu"), ExpertSpec("nvfp4", "static", None))
+    assert torch.equal(hq_data[:n].cpu(), ref.data)
+    assert torch.equal(hq_scale[:n].view(torch.uint8).cpu(), ref.scale.view(torch.uint8))
+    assert torch.equal(h_bf16[:n].float().cpu(), nvfp4.block_dequantize(ref.data, ref.scale))
+    codes = nvfp4.unpack_nibbles(hq_data[:n].cpu()).reshape(n, i)
+    assert bool(((codes[on_boundary(expected.cpu())] & 7) % 2 == 0).all()), "a boundary value took an odd code"
+
+
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
 def test_l2_matches_reference_on_the_kernels_own_h(spec_name, gen):
     spec = SPECS[spec_name]
