@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_experts import (DEV, E, H, I, graphed, median_ms, offsets_for, random_nvfp4_weights,  # noqa: E402
                                  spread_counts)
 from ep_runtime import ops  # noqa: E402
-from ep_runtime.cuda_experts import default_block_n  # noqa: E402
+from ep_runtime.cuda_experts import block_n_covering  # noqa: E402
 from ep_runtime.sm90_layout import gate_up_row_order, tile_stack_  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--layer", choices=("l1", "l2"), default="l1")
     p.add_argument("--m", type=int, default=1, help="tokens per active expert")
     p.add_argument("--active", type=int, default=E, help="active experts, spread evenly (the sparse case: 6)")
-    p.add_argument("--block-n", type=int, default=0, help="0: what the expert stage picks")
+    p.add_argument("--block-n", type=int, default=0, help="0: the narrowest tile holding an expert's m slots")
     p.add_argument("--block-m", type=int, default=0, help="0: what the kernel picks")
     p.add_argument("--launches", type=int, default=3)
     p.add_argument("--time", action="store_true", help="print the median graph-replay time and TFLOP/s")
@@ -35,7 +35,7 @@ def main() -> None:
     counts = spread_counts(args.m, args.active)
     s = sum(counts)
     offsets = offsets_for(counts)
-    bn = args.block_n or default_block_n(s, E)
+    bn = args.block_n or block_n_covering(args.m)
     if args.layer == "l1":
         w = random_nvfp4_weights(E, 2 * I, H, gen)
         tile_stack_(w[0], w[1], gate_up_row_order(I, DEV))

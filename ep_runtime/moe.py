@@ -98,7 +98,8 @@ class EPMoE(nn.Module):
 
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
-            self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, scratch.routed)
+            self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, scratch.routed,
+                                          m.n_routed_experts)
             if self.shared is not None:
                 tile_(self.shared)
                 self._shared_stage = CudaExpertStage(self.shared, 0, self.spec, scratch.shared)

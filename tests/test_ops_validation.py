@@ -453,6 +453,11 @@ def bad_stage_arguments() -> list:
         "small_workspace": ("workspace", ExpertWorkspace.allocate(T - 1, K, E, H, I, "cpu"), ValueError,
                             "workspace: holds 4 tokens of top-2, got 5 tokens of top-2"),
         "block_n": ("block_n", 12, ValueError, r"block_n: expected one of \(8, 16, 32, 64, 128\), got 12"),
+        "fewer_total_experts_than_local": ("num_experts_total", E - 1, ValueError,
+                                           r"num_experts_total: expected an int >= expert_begin \+ local experts = 4, "
+                                           r"got 3"),
+        "float_total_experts": ("num_experts_total", 384.0, ValueError,
+                                r"num_experts_total: expected an int >= expert_begin \+ local experts = 4, got 384.0"),
         "w2_unlike_w13": ("weights", dataclasses.replace(ExpertWeights.empty(E, H, I), layout="sm90",
                                                          **w2_of_another_inter), ValueError,
                           r"weights.w2: expected shape \(4, 128, 32\) \(that of weights.w13\), got \(4, 128, 64\)"),
