@@ -132,7 +132,8 @@ class CudaExpertStage:
         named.update(workspace.check(weights, spec))
         if isinstance(expert_begin, bool) or not isinstance(expert_begin, int) or expert_begin < 0:
             raise ValueError(f"expert_begin: expected an int >= 0, got {expert_begin!r}")
-        # The experts the tokens are routed over (all ranks'): what sizes the slot tiles. Default: this stack's.
+        # The experts the tokens are routed over (all ranks'): what sizes the slot tiles. Default: the fewest there
+        # can be, expert_begin + this stack's (the stack's own when it starts at expert 0).
         least = expert_begin + weights.num_experts
         total = least if num_experts_total is None else num_experts_total
         if isinstance(total, bool) or not isinstance(total, int) or total < least:
