@@ -16,6 +16,9 @@ t0=$SECONDS
 for v in $VARIANTS; do
   d=/tmp/ab_$v; rm -rf "$d"; mkdir -p "$d"
   if [ -d "ab_alt/$v" ]; then cp -r "ab_alt/$v"/. "$d"/; else cp -r setup.py csrc ep_runtime bench configs "$d"/; fi
+  # which source a variant builds: a leftover ab_alt/<name>/ silently replaces the work tree under that name
+  src="work tree"; [ -d "ab_alt/$v" ] && src="ab_alt/$v/"; [ -f "ab_alt/$v.cu" ] && src="$src + ab_alt/$v.cu"
+  echo "== $v builds from: $src" >> "$LOG"
   mkdir -p "$d/bench" && cp bench/ab_time.py bench/bench_experts.py bench/bar_ogs.py "$d"/bench/
   [ -f "ab_alt/$v.cu" ] && cp "ab_alt/$v.cu" "$d/csrc/grouped_gemm_sm90.cu"
   rm -f "$d"/ep_runtime/*.so
