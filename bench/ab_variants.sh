@@ -15,12 +15,13 @@ nvidia-smi --query-gpu=name,clocks.sm,power.draw,power.limit --format=csv >> "$L
 t0=$SECONDS
 for v in $VARIANTS; do
   d=/tmp/ab_$v; rm -rf "$d"; mkdir -p "$d"
-  if [ -d "ab_alt/$v" ]; then cp -r "ab_alt/$v"/. "$d"/; else cp -r setup.py csrc ep_runtime bench configs "$d"/; fi
-  # which source a variant builds: a leftover ab_alt/<name>/ silently replaces the work tree under that name
-  src="work tree"; [ -d "ab_alt/$v" ] && src="ab_alt/$v/"; [ -f "ab_alt/$v.cu" ] && src="$src + ab_alt/$v.cu"
-  echo "== $v builds from: $src" >> "$LOG"
+  src="work tree"
+  if [ -d "ab_alt/$v" ]; then cp -r "ab_alt/$v"/. "$d"/; src="ab_alt/$v/"
+  else cp -r setup.py csrc ep_runtime bench configs "$d"/; fi
   mkdir -p "$d/bench" && cp bench/ab_time.py bench/bench_experts.py bench/bar_ogs.py "$d"/bench/
-  [ -f "ab_alt/$v.cu" ] && cp "ab_alt/$v.cu" "$d/csrc/grouped_gemm_sm90.cu"
+  [ -f "ab_alt/$v.cu" ] && cp "ab_alt/$v.cu" "$d/csrc/grouped_gemm_sm90.cu" && src="$src + ab_alt/$v.cu"
+  # logged: a leftover ab_alt/<name>/ silently replaces the work tree under that name
+  echo "== $v builds from: $src" >> "$LOG"
   rm -f "$d"/ep_runtime/*.so
   (cd "$d" && PYTHONPATH=/tmp/site python3 setup.py -q build_ext --inplace --force > "$OUT/build_$v.log" 2>&1
    rc=$?; spills=$(grep -c 'Registers are spilled' "$OUT/build_$v.log"); c75=$(grep -c C75 "$OUT/build_$v.log")
