@@ -4,8 +4,9 @@
 
 A GEMM case is layer:m:block_n:block_m[:active] (layer l1, l2, or l1q: W4A4's activation dequantization and
 L1): m tokens on each of `active` (default all 48) experts spread as
-in bench_experts.py. A stage case is stage:T: the whole W4A16 expert stage (moe_align, L1, L2, combine) of T
-tokens routed top-6 uniformly at random over the rank's 48 experts. Each case is timed as one-call graph replays
+in bench_experts.py. A stage case is stage:T[:experts]: the whole W4A16 expert stage (moe_align, L1, L2, combine) of T
+tokens routed top-6 uniformly at random over `experts` (default the rank's 48), of which the rank holds the first 48:
+192 is a rank of four in V4-Pro's layer, 384 one of eight. Each case is timed as one-call graph replays
 and as a chain of calls in one graph (per call; bench_experts.chained). bench/ab_variants.sh runs it once per build
 variant and round; it compares builds, it checks nothing (the GPU tests do).
 """
@@ -26,15 +27,15 @@ from ep_runtime.weights import ExpertWeights  # noqa: E402
 TOPK = 6
 
 
-def stage_case(t: int, w1, w2, gen: torch.Generator):
+def stage_case(t: int, experts: int, w1, w2, gen: torch.Generator):
     weights = ExpertWeights(*w1, *w2, torch.ones((), device=DEV), torch.ones(E, device=DEV), layout="sm90")
     spec = ExpertSpec("bf16", "static", 10.0)
     x = torch.randn(t, H, device=DEV, generator=gen).to(torch.bfloat16)
-    idx = torch.rand(t, E, device=DEV, generator=gen).topk(TOPK, dim=1).indices.int()
+    idx = torch.rand(t, experts, device=DEV, generator=gen).topk(TOPK, dim=1).indices.int()
     w = torch.rand(t, TOPK, device=DEV, generator=gen)
     ws = ExpertWorkspace.allocate(t, TOPK, E, H, I, DEV, spec)
     out = torch.empty(t, H, device=DEV)
-    return lambda: cuda_expert_stage(x, idx, w, weights, 0, spec, out=out, workspace=ws)
+    return lambda: cuda_expert_stage(x, idx, w, weights, 0, spec, out=out, workspace=ws, num_experts_total=experts)
 
 
 def gemm_case(layer: str, m: int, bn: int, bm: int, active: int, w1, w2, gen: torch.Generator):
@@ -51,8 +52,9 @@ def main(spec: str) -> None:
         kind, *fields = case.split(":")
         if kind == "stage":
             t = int(fields[0])
-            label, flops, reps = f"stage T={t}", 0.0, 20
-            run = stage_case(t, w1, w2, gen)
+            experts = int(fields[1]) if len(fields) > 1 else E
+            label, flops, reps = f"stage T={t} of {experts} experts", 0.0, 20
+            run = stage_case(t, experts, w1, w2, gen)
         else:
             m, bn, bm = (int(v) for v in fields[:3])
             active = int(fields[3]) if len(fields) > 3 else E

@@ -98,6 +98,10 @@ class RuntimeConfig:
     # cpu | torch | nvshmem | auto (torch on GPUs, else cpu); the environment's EP_SYMM_BACKEND sets the default
     symm_backend: str = field(default_factory=lambda: os.environ.get("EP_SYMM_BACKEND", "auto"))
     barrier_timeout_s: float = 60.0
+    # CUDA backend, several ranks, static scales: a forward of at most this many tokens runs the shared expert on every
+    # rank over all tokens, each rank a 1/world_size slice of its intermediate dim (1/W of its weights streamed per
+    # rank), instead of a 1/W slice of the tokens through the whole expert; 0 never (bench/NOTES_experts.md)
+    shared_split_tokens: int = 4
     tokens: int = 64  # main job: tokens per forward
     layer: int = 0  # main job: which MoE layer of the checkpoint
     iters: int = 10  # main job: timed forwards (the same count on every rank)
@@ -109,7 +113,7 @@ class RuntimeConfig:
                    "symm_backend": ("cpu", "torch", "nvshmem", "auto")}
         _check_fields(self, "runtime", choices,
                       positive=("world_size", "max_tokens", "tokens", "iters", "barrier_timeout_s"),
-                      non_negative=("layer", "seed"))
+                      non_negative=("layer", "seed", "shared_split_tokens"))
         if self.tokens > self.max_tokens:
             raise ValueError(f"runtime.tokens: expected at most max_tokens={self.max_tokens}, got {self.tokens}")
 

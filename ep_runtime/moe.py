@@ -22,7 +22,7 @@ from .experts import Addend, ExpertSpec, expert_stage
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
-from .scratch import LayerScratch, scratch_needs
+from .scratch import LayerScratch, scratch_needs, shared_split
 from .symm import SymmBuffer
 from .weights import ExpertWeights
 
@@ -88,14 +88,20 @@ class EPMoE(nn.Module):
         if scratch is None:
             scratch = LayerScratch.allocate(cfg, rank, world_size, device, self.backend)
         self.scratch = scratch
-        self._stage = self._shared_stage = None
+        self._stage = self._shared_stage = self._shared_slice_stage = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
+        self._split_tokens, inter = shared_split(cfg, world_size, self.backend)
         if self.backend == "cuda":
             from .cuda_experts import CudaExpertStage
 
+            # This rank's slice of the shared expert's intermediate dim, for forwards of a few tokens (new tensors,
+            # made before anything is tiled).
+            shared_slice = None
+            if self.shared is not None and self._split_tokens:
+                shared_slice = self.shared.intermediate_slice(rank * inter, (rank + 1) * inter)
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
             self._stage = CudaExpertStage(self.experts, self.expert_begin, self.spec, scratch.routed,
@@ -103,6 +109,9 @@ class EPMoE(nn.Module):
             if self.shared is not None:
                 tile_(self.shared)
                 self._shared_stage = CudaExpertStage(self.shared, 0, self.spec, scratch.shared)
+            if shared_slice is not None:
+                tile_(shared_slice)
+                self._shared_slice_stage = CudaExpertStage(shared_slice, 0, self.spec, scratch.shared_slice)
 
     @property
     def buffer(self) -> SymmBuffer:
@@ -215,14 +224,16 @@ class EPMoE(nn.Module):
         return y.to(self.cfg.runtime.torch_dtype, copy=True)
 
     def _start_shared_expert(self, acts: NVFP4Tensor | torch.Tensor, t: int) -> Addend | None:
-        """This rank's slice [lo, hi) of the shared expert's output, as the routed sum's addend, or None. On the CUDA
-        backend it runs dense (no align, no combine) on its own stream from right after staging, beside routing and
-        the routed experts, which it does not need (in decode they leave most SMs idle); the routed combine waits for
-        it. (Staging on that stream too, beside the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128
-        tokens.)"""
+        """This rank's part of the shared expert's output, as the routed sum's addend, or None: its slice [lo, hi) of
+        the tokens, or with few tokens on the CUDA backend (scratch.shared_split) every token through its slice of the
+        intermediate dim, whose partial sums the all-reduce adds. On the CUDA backend it runs dense (no align, no
+        combine) on its own stream from right after staging, beside routing and the routed experts, which it does not
+        need (in decode they leave most SMs idle); the routed combine waits for it. (Staging on that stream too, beside
+        the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128 tokens.)"""
         if self.shared is None:
             return None
-        lo, hi = self._shared_token_slice(t)
+        split = t <= self._split_tokens and self._shared_slice_stage is not None
+        lo, hi = (0, t) if split else self._shared_token_slice(t)
         if hi <= lo:
             return None
         rows = _rows(acts, lo, hi)
@@ -233,7 +244,7 @@ class EPMoE(nn.Module):
         stream, done = self.scratch.stream, self.scratch.shared_done
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            values = self._shared_stage.run_dense(rows)
+            values = (self._shared_slice_stage if split else self._shared_stage).run_dense(rows)
             done.record()
         return Addend(lo, values, done)
 

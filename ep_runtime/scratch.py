@@ -27,6 +27,20 @@ if TYPE_CHECKING:  # the CUDA stage's module, imported where a scratch gets work
 log = logging.getLogger("ep_runtime")
 
 
+def shared_split(cfg: Config, world_size: int, backend: str) -> tuple[int, int]:
+    """(tokens, intermediate size) of the shared expert's slice that each rank runs over every token of a forward
+    of at most `tokens` tokens (runtime.shared_split_tokens), or (0, 0) where the ranks only split its tokens. The
+    slices need the CUDA backend with several ranks, no dynamic h scale (an amax over the whole intermediate dim) and
+    a width the kernels tile (a multiple of 64 columns)."""
+    m, rt = cfg.model, cfg.runtime
+    inter = m.moe_intermediate_size * m.n_shared_experts
+    tokens = min(rt.shared_split_tokens, rt.max_tokens)
+    if backend != "cuda" or world_size == 1 or not tokens or not inter or ExpertSpec.of(cfg).dynamic_h_scale or \
+            inter % (64 * world_size):
+        return 0, 0
+    return tokens, inter // world_size
+
+
 def scratch_needs(cfg: Config, rank: int, world_size: int, device: torch.device, backend: str) -> dict[str, Any]:
     """What a layer's scratch is sized and placed for; layers whose needs are equal can share one."""
     m, rt = cfg.model, cfg.runtime
@@ -34,13 +48,15 @@ def scratch_needs(cfg: Config, rank: int, world_size: int, device: torch.device,
             "max_tokens": rt.max_tokens, "hidden_size": m.hidden_size, "topk": m.num_experts_per_tok,
             "local experts": m.n_routed_experts // world_size, "moe_intermediate_size": m.moe_intermediate_size,
             "shared expert intermediate size": m.moe_intermediate_size * m.n_shared_experts,
+            "shared expert split (tokens, intermediate)": shared_split(cfg, world_size, backend),
             "act_mode": rt.act_mode, "act_scale": rt.act_scale, "output dtype": rt.torch_dtype}
 
 
 @dataclass(frozen=True)
 class LayerScratch:
-    """The symmetric buffer, the expert stages' workspaces and the shared expert's stream (the last three None on
-    the reference backend; the shared ones None without a shared expert), with the needs they were made for."""
+    """The symmetric buffer, the expert stages' workspaces and the shared expert's stream (all but the buffer None on
+    the reference backend; the shared ones None without a shared expert, shared_slice None without its split), with
+    the needs they were made for."""
 
     needs: dict[str, Any]
     buffer: SymmBuffer
@@ -48,6 +64,7 @@ class LayerScratch:
     shared: ExpertWorkspace | None = None
     stream: torch.cuda.Stream | None = None  # the shared expert runs on it, beside routing and the routed experts
     shared_done: torch.cuda.Event | None = None
+    shared_slice: ExpertWorkspace | None = None  # the shared expert's intermediate slice (scratch.shared_split)
 
     @classmethod
     def allocate(cls, cfg: Config, rank: int, world_size: int, device: torch.device, backend: str) -> "LayerScratch":
@@ -78,7 +95,9 @@ class LayerScratch:
             return cls(needs, buffer, routed)
         shared = ExpertWorkspace.allocate(rt.max_tokens, 1, 1, m.hidden_size,
                                           needs["shared expert intermediate size"], device, spec)
-        return cls(needs, buffer, routed, shared, torch.cuda.Stream(device), torch.cuda.Event())
+        tokens, inter = needs["shared expert split (tokens, intermediate)"]
+        shared_slice = ExpertWorkspace.allocate(tokens, 1, 1, m.hidden_size, inter, device, spec) if tokens else None
+        return cls(needs, buffer, routed, shared, torch.cuda.Stream(device), torch.cuda.Event(), shared_slice)
 
     def check(self, needs: dict[str, Any]) -> None:
         """A layer with these needs may use this scratch; else a ValueError naming the first difference."""
@@ -90,7 +109,7 @@ class LayerScratch:
     def nbytes(self) -> int:
         """Bytes of every tensor it holds (the buffer's arena regions and the workspaces)."""
         tensors = [t for t in vars(self.buffer).values() if isinstance(t, torch.Tensor)]
-        for ws in (self.routed, self.shared):
+        for ws in (self.routed, self.shared, self.shared_slice):
             if ws is not None:
                 tensors += [t for t in vars(ws).values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -99,6 +99,21 @@ class ExpertWeights:
         if self.layout != layout:
             raise ValueError(f"{name}: {user} takes layout {layout!r}, got {self.layout!r}")
 
+    def intermediate_slice(self, lo: int, hi: int) -> "ExpertWeights":
+        """The experts restricted to intermediate columns [lo, hi) (new tensors): gate and up rows lo..hi-1 and the
+        down projection's K range, with the same scales; summed over a partition of [0, I), the slices' outputs are
+        the experts' (an activation is elementwise in the intermediate dim). Bounds on 16-element scale blocks."""
+        self.require_layout("rows", "intermediate_slice()")
+        i = self.intermediate_size
+        if not (0 <= lo < hi <= i and lo % 16 == 0 and hi % 16 == 0):
+            raise ValueError(f"intermediate_slice: expected 0 <= lo < hi <= {i}, both multiples of 16, got [{lo}, {hi})")
+        rows = torch.cat([torch.arange(lo, hi), torch.arange(i + lo, i + hi)]).to(self.w13.device)
+        return replace(self, w13=self.w13[:, rows], w13_scale=self.w13_scale[:, rows],
+                       w2=self.w2[:, :, lo // 2:hi // 2].contiguous(),
+                       w2_scale=self.w2_scale[:, :, lo // 16:hi // 16].contiguous(),
+                       **{k: getattr(self, k).clone() for k in ("w13_alpha", "w2_alpha", "l1_input_scale",
+                                                                "l2_input_scale")})
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense fp32 (E, 2I, H) and (E, H, I) weights including their global scales (tests, baselines)."""
         self.require_layout("rows", "dequantized()")

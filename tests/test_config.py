@@ -99,6 +99,7 @@ def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
     ("layer=2", "runtime.layer"),  # tiny has MoE layers 0 and 1
     ("seed=-1", "runtime.seed"),
     ("barrier_timeout_s=0", "runtime.barrier_timeout_s"),
+    ("shared_split_tokens=-1", "runtime.shared_split_tokens"),
 ])
 def test_a_value_out_of_range_names_the_key(override, key):
     with pytest.raises(ValueError, match=rf"{key}: expected .*, got"):

@@ -11,7 +11,7 @@ from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.experts import ExpertSpec, expert_stage
 from ep_runtime.moe import EPMoE
-from ep_runtime.scratch import LayerScratch
+from ep_runtime.scratch import LayerScratch, shared_split
 from ep_runtime.weights import ExpertWeights
 
 CFG = load_config("tiny", ["world_size=1", "max_tokens=16", "tokens=16"])
@@ -332,3 +332,20 @@ def test_the_cuda_shared_expert_token_split_needs_16_byte_aligned_scale_rows(hid
     else:
         with pytest.raises(ValueError, match=r"model\.hidden_size: .* expected a multiple of 256 .*, got 320"):
             moe_module._check_shared_rows_aligned(cfg.model, spec, world_size)
+
+
+@pytest.mark.parametrize("overrides,world_size,backend,want", [
+    ([], 2, "cuda", (4, 64)),  # tiny: a shared expert of 128 intermediate columns, 64 per rank
+    (["act_mode=bf16", "act_scale=dynamic"], 2, "cuda", (4, 64)),  # W4A16 has no h scale
+    (["max_tokens=2", "tokens=2"], 2, "cuda", (2, 64)),  # the slice's workspace holds at most max_tokens
+    (["shared_split_tokens=0"], 2, "cuda", (0, 0)),
+    ([], 1, "cuda", (0, 0)),  # one rank runs the whole expert
+    ([], 2, "reference", (0, 0)),
+    (["act_scale=dynamic"], 2, "cuda", (0, 0)),  # an amax over the whole intermediate dim
+    ([], 4, "cuda", (0, 0)),  # 32 columns a rank: not a whole 64-column tile
+    (["n_shared_experts=0"], 2, "cuda", (0, 0)),
+])
+def test_few_tokens_split_the_shared_expert_by_its_intermediate_dim_where_the_kernels_can(overrides, world_size,
+                                                                                          backend, want):
+    cfg = load_config("tiny", ["act_scale=static", "max_tokens=64", "tokens=16", *overrides])
+    assert shared_split(cfg, world_size, backend) == want

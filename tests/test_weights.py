@@ -8,6 +8,7 @@ import torch
 from ep_runtime import nvfp4
 from ep_runtime.checkpoint import write_synthetic_checkpoint
 from ep_runtime.config import ModelConfig
+from ep_runtime.experts import ExpertSpec, expert_stage
 from ep_runtime.weights import ExpertWeights
 
 
@@ -104,3 +105,37 @@ def test_check_sizes_names_the_tensor_that_does_not_match():
 
 def test_check_sizes_accepts_the_sizes_the_weights_have():
     ExpertWeights.synthetic(range(2), 64, 128, seed=1, device="cpu").check_sizes("w", 2, 64, 128)
+
+
+def test_an_intermediate_slice_holds_its_gate_and_up_rows_and_its_down_columns(gen):
+    w = ExpertWeights.synthetic(range(2), 256, 128, int(torch.randint(0, 2**30, (1,), generator=gen)), "cpu")
+    w13, w2 = w.dequantized()
+    s = w.intermediate_slice(32, 96)
+    s13, s2 = s.dequantized()
+    assert s.w13.is_contiguous() and s.w2.is_contiguous() and s.w2_scale.is_contiguous()
+    assert torch.equal(s13, torch.cat([w13[:, 32:96], w13[:, 128 + 32:128 + 96]], dim=1))
+    assert torch.equal(s2, w2[:, :, 32:96])
+
+
+@pytest.mark.parametrize("act_mode", ["nvfp4", "bf16"])
+def test_the_outputs_of_an_intermediate_partition_sum_to_the_experts_output(act_mode, gen):
+    """What the ranks' slices of the shared expert add up to in the all-reduce (static h scales)."""
+    seed = int(torch.randint(0, 2**30, (1,), generator=gen))
+    w = ExpertWeights.synthetic(range(3), 256, 128, seed, "cpu")
+    spec = ExpertSpec(act_mode, "static", 10.0)
+    x = torch.randn(5, 256, generator=gen)
+    acts = nvfp4.quantize(x, 1 / w.l1_input_scale) if act_mode == "nvfp4" else x.to(torch.bfloat16)
+    ids = torch.randint(0, 3, (5, 2), generator=gen, dtype=torch.int32)
+    weights = torch.rand(5, 2, generator=gen)
+    whole = expert_stage(acts, ids, weights, w, 0, spec)
+    parts = [expert_stage(acts, ids, weights, w.intermediate_slice(lo, lo + 64), 0, spec) for lo in (0, 64)]
+    total = parts[0] + parts[1]
+    assert torch.isfinite(total).all() and not torch.equal(parts[0], whole)
+    assert ((total - whole).norm() / whole.norm()).item() <= 1e-6
+
+
+@pytest.mark.parametrize("lo,hi", [(8, 64), (0, 0), (64, 32), (0, 144)])
+def test_an_intermediate_slice_off_the_scale_blocks_or_out_of_range_is_rejected(lo, hi):
+    w = ExpertWeights.synthetic(range(1), 64, 128, 0, "cpu")
+    with pytest.raises(ValueError, match=rf"intermediate_slice: expected 0 <= lo < hi <= 128, .*got \[{lo}, {hi}\)"):
+        w.intermediate_slice(lo, hi)

@@ -23,11 +23,11 @@ def layer_inputs(cfg: Config, seed: int, device: torch.device) -> torch.Tensor:
 def poison_module(moe: EPMoE) -> None:
     """NaN into every floating-point tensor a forward writes before it reads it, so that anything a forward leaves
     unwritten shows: the buffer's bf16 x (W4A16) or NVFP4 global scale, routing weights and all-reduce buffer y, and
-    the expert workspaces (None on the reference backend), the shared expert's output among them."""
+    the expert workspaces (None on the reference backend), the shared expert's outputs among them."""
     buf = moe.buffer
     # x is packed uint8 in W4A4 and x_global exists only then; integer regions (x_sf, topk_idx) are left alone
     tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")]
-    for workspace in (moe.scratch.routed, moe.scratch.shared):
+    for workspace in (moe.scratch.routed, moe.scratch.shared, moe.scratch.shared_slice):
         if workspace is not None:
             tensors += [getattr(workspace, f.name) for f in dataclasses.fields(workspace)]
     for t in tensors:

@@ -76,6 +76,28 @@ def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
     assert torch.equal(replayed, eager)
 
 
+def test_a_few_tokens_run_every_rank_on_its_slice_of_the_shared_experts_intermediate_dim(group, layer):
+    rank, world, device, seed = group
+    cfg, moe = layer
+    t = cfg.runtime.shared_split_tokens - 1
+    x = layer_inputs(cfg, seed + 3, device)[:t]
+    poison_module(moe)
+    eager = moe(x).clone()
+    sliced = torch.isfinite(moe.scratch.shared_slice.y_slot[:t]).all().item()  # the slice's stage wrote its rows
+    captured = moe.capture(x)
+    poison_module(moe)
+    captured.out.fill_(float("nan"))
+    replayed = captured.replay().clone()
+    torch.cuda.synchronize()
+    outs = _gathered(eager, world)
+    ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference"), device=device)
+    poison_module(ref)
+    assert sliced
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(replayed, eager)
+    assert cosine(eager, ref(x)) >= 0.9999
+
+
 def test_two_layers_sharing_a_scratch_match_the_reference_and_replay_their_eager_bits(group, layer):
     rank, world, device, seed = group
     cfg, first = layer
