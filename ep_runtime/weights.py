@@ -107,8 +107,10 @@ class ExpertWeights:
         i = self.intermediate_size
         if not (0 <= lo < hi <= i and lo % 16 == 0 and hi % 16 == 0):
             raise ValueError(f"intermediate_slice: expected 0 <= lo < hi <= {i}, both multiples of 16, got [{lo}, {hi})")
-        rows = torch.cat([torch.arange(lo, hi), torch.arange(i + lo, i + hi)]).to(self.w13.device)
-        return replace(self, w13=self.w13[:, rows], w13_scale=self.w13_scale[:, rows],
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[:, lo:hi], t[:, i + lo:i + hi]], dim=1)
+
+        return replace(self, w13=rows(self.w13), w13_scale=rows(self.w13_scale),
                        w2=self.w2[:, :, lo // 2:hi // 2].contiguous(),
                        w2_scale=self.w2_scale[:, :, lo // 16:hi // 16].contiguous(),
                        **{k: getattr(self, k).clone() for k in ("w13_alpha", "w2_alpha", "l1_input_scale",
