@@ -281,12 +281,12 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
     experts = {}
     for e in range(begin, begin + n_local):
         experts.update(_mlp_keys(lambda p, t, e=e: nm.expert_key(layer, e, p, t), h, i))
-    shared = _mlp_keys(lambda p, t: nm.shared_key(layer, p, t), h, i * cfg.n_shared_experts) \
+    shared = _mlp_keys(lambda p, t: nm.shared_key(layer, p, t), h, cfg.shared_intermediate_size) \
         if cfg.n_shared_experts else {}
     reader.check({**router, **experts, **shared})
 
     stack = ExpertWeights.empty(n_local, h, i)
-    shared_stack = ExpertWeights.empty(1, h, i * cfg.n_shared_experts) if shared else None
+    shared_stack = ExpertWeights.empty(1, h, cfg.shared_intermediate_size) if shared else None
     tensor_names = ("weight", "weight_scale", "weight_scale_2", "input_scale")
     groups = [(stack, e - begin, [nm.expert_key(layer, e, p, t) for t in tensor_names], p)
               for e in range(begin, begin + n_local) for p in PROJECTIONS]
@@ -387,7 +387,7 @@ def write_synthetic_checkpoint(path: str | Path, cfg: ModelConfig, num_layers: i
                                  cfg.swiglu_limit)
             emit(files[e * shards // e_total], lambda p, t, e=e: nm.expert_key(layer, e, p, t), mlp)
         if cfg.n_shared_experts:
-            si = i * cfg.n_shared_experts
+            si = cfg.shared_intermediate_size
             mlp = _quantized_mlp(rnd(si, h), rnd(si, h), rnd(h, si), torch.randn(calib_tokens, h, generator=g),
                                  cfg.swiglu_limit)
             emit(common, lambda p, t: nm.shared_key(layer, p, t), mlp)
@@ -423,6 +423,6 @@ def synthetic_layer(cfg: ModelConfig, layer: int, rank: int, world_size: int, se
         tid2eid = torch.rand(cfg.vocab_size, e_total, generator=g, device=device).argsort(dim=1)[
             :, :cfg.num_experts_per_tok].to(torch.int32)
     experts = ExpertWeights.synthetic(range(rank * n_local, (rank + 1) * n_local), h, i, seed + layer, device)
-    shared = ExpertWeights.synthetic(range(e_total, e_total + 1), h, i * cfg.n_shared_experts, seed + layer,
+    shared = ExpertWeights.synthetic(range(e_total, e_total + 1), h, cfg.shared_intermediate_size, seed + layer,
                                      device) if cfg.n_shared_experts else None
     return LayerWeights(router, bias, tid2eid, experts, shared)

@@ -57,6 +57,11 @@ class ModelConfig:
     swiglu_limit: float | None = None
     vocab_size: int = 0
 
+    @property
+    def shared_intermediate_size(self) -> int:
+        """The shared experts as one expert: their intermediate columns side by side (0 without any)."""
+        return self.moe_intermediate_size * self.n_shared_experts
+
     def __post_init__(self) -> None:
         # topk_method: noaux_tc routers carry an e_score_correction_bias, greedy ones none
         choices = {"scoring_func": ("sqrtsoftplus", "sigmoid"), "topk_method": ("noaux_tc", "greedy")}

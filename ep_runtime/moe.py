@@ -57,7 +57,7 @@ class EPMoE(nn.Module):
         _check_shared_present(m, weights.shared is not None, "weights.shared")
         stacks = [("weights.experts", weights.experts, n_local, m.moe_intermediate_size)]
         if weights.shared is not None:
-            stacks.append(("weights.shared", weights.shared, 1, m.moe_intermediate_size * m.n_shared_experts))
+            stacks.append(("weights.shared", weights.shared, 1, m.shared_intermediate_size))
         for name, w, n, inter in stacks:
             w.check_sizes(name, n, m.hidden_size, inter)
             w.require_layout("rows", "EPMoE", name)
@@ -100,7 +100,7 @@ class EPMoE(nn.Module):
             # This rank's slice of the shared expert's intermediate dim, for forwards of a few tokens (new tensors,
             # made before anything is tiled).
             shared_slice = None
-            if self.shared is not None and self._split_tokens:
+            if self._split_tokens:  # a shared expert on the CUDA backend
                 shared_slice = self.shared.intermediate_slice(rank * inter, (rank + 1) * inter)
             # Last, once nothing else can fail: the module owns its weights, re-tiled in place.
             tile_(self.experts)
@@ -164,7 +164,7 @@ class EPMoE(nn.Module):
         _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
             sg, su, sd, s_l2 = shared
-            i_s = i * m.n_shared_experts
+            i_s = m.shared_intermediate_size
             for name, t, shape in (("shared gate", sg, (i_s, h)), ("shared up", su, (i_s, h)),
                                    ("shared down", sd, (h, i_s))):
                 _check_dense(name, t, shape)
@@ -232,7 +232,7 @@ class EPMoE(nn.Module):
         the router GEMM, made 2-GPU graphs 1-2 % slower at 16 and 128 tokens.)"""
         if self.shared is None:
             return None
-        split = t <= self._split_tokens and self._shared_slice_stage is not None
+        split = t <= self._split_tokens  # 0 where this layer has no slice (scratch.shared_split)
         lo, hi = (0, t) if split else self._shared_token_slice(t)
         if hi <= lo:
             return None

@@ -33,7 +33,7 @@ def shared_split(cfg: Config, world_size: int, backend: str) -> tuple[int, int]:
     slices need the CUDA backend with several ranks, no dynamic h scale (an amax over the whole intermediate dim) and
     a width the kernels tile (a multiple of 64 columns)."""
     m, rt = cfg.model, cfg.runtime
-    inter = m.moe_intermediate_size * m.n_shared_experts
+    inter = m.shared_intermediate_size
     tokens = min(rt.shared_split_tokens, rt.max_tokens)
     if backend != "cuda" or world_size == 1 or not tokens or not inter or ExpertSpec.of(cfg).dynamic_h_scale or \
             inter % (64 * world_size):
@@ -47,7 +47,7 @@ def scratch_needs(cfg: Config, rank: int, world_size: int, device: torch.device,
     return {"backend": backend, "device": device, "rank": rank, "world_size": world_size,
             "max_tokens": rt.max_tokens, "hidden_size": m.hidden_size, "topk": m.num_experts_per_tok,
             "local experts": m.n_routed_experts // world_size, "moe_intermediate_size": m.moe_intermediate_size,
-            "shared expert intermediate size": m.moe_intermediate_size * m.n_shared_experts,
+            "shared expert intermediate size": m.shared_intermediate_size,
             "shared expert split (tokens, intermediate)": shared_split(cfg, world_size, backend),
             "act_mode": rt.act_mode, "act_scale": rt.act_scale, "output dtype": rt.torch_dtype}
 

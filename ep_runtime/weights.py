@@ -107,6 +107,7 @@ class ExpertWeights:
         i = self.intermediate_size
         if not (0 <= lo < hi <= i and lo % 16 == 0 and hi % 16 == 0):
             raise ValueError(f"intermediate_slice: expected 0 <= lo < hi <= {i}, both multiples of 16, got [{lo}, {hi})")
+
         def rows(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[:, lo:hi], t[:, i + lo:i + hi]], dim=1)
 
