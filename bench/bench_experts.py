@@ -174,7 +174,8 @@ def offsets_for(counts: list[int]) -> torch.Tensor:
 
 class OurCalls:
     """Our kernels on one case's slots (topk=1: slot s is token s), their inputs and outputs made once. Each call
-    takes the slot tile width and weight rows per tile (0: the kernel picks)."""
+    takes the slot tile width and weight rows per tile (0: the kernel picks); L1 has the runtime's K split of
+    launches of few tiles (split["max_pieces"]: 0 the kernel's choice, 1 none)."""
 
     def __init__(self, counts: list[int], w13, w2, gen: torch.Generator):
         s = sum(counts)
@@ -194,17 +195,20 @@ class OurCalls:
         self.h_gs = torch.full((E,), 300.0, device=DEV)
         self.h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
         self.y_slot = torch.empty(s, H, device=DEV)
+        sums, tiles = ops.split_workspace_sizes(DEV)
+        self.split = dict(split_sums=torch.empty(sums, device=DEV),
+                          split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=DEV), max_pieces=0)
 
     def l1_w4a16(self, bn: int, bm: int = 0) -> None:
         ops.grouped_l1(*self.w13, self.x, None, self.offsets, self.slot_pair, 1, "bf16", swiglu_limit=10.0,
-                       h_bf16=self.h_bf16, block_n=bn, block_m=bm)
+                       h_bf16=self.h_bf16, block_n=bn, block_m=bm, **self.split)
 
     def l1_w4a4(self, bn: int, bm: int = 0) -> None:
         """W4A4 L1 with its activations' dequantization (a second launch)."""
         ops.nvfp4_dequant_rows(self.xq.data, self.xq.scale, self.x_deq)
         ops.grouped_l1(*self.w13, self.x_deq, self.x_gs, self.offsets, self.slot_pair, 1, "nvfp4",
                        swiglu_limit=10.0, h_gs=self.h_gs, hq_data=self.hq_data, hq_scale=self.hq_scale,
-                       h_bf16=self.h_bf16, block_n=bn, block_m=bm)
+                       h_bf16=self.h_bf16, block_n=bn, block_m=bm, **self.split)
 
     def l2(self, bn: int, bm: int = 0) -> None:
         ops.grouped_l2(*self.w2, self.h_in, self.h_gs, self.offsets, self.y_slot, bn, bm)

@@ -32,8 +32,9 @@
 // - A persistent grid walks tiles (expert, weight-row tile, slot tile) from the device offsets: experts
 //   without tokens produce no tiles and read no weights; slot tiles of one weight tile are adjacent in time
 //   so prefill re-reads weights from L2. A 256-row kernel's last round, when at most half full, runs as 128-row
-//   halves (the same bits) on twice the CTAs. The epilogue buffer is separate from the ring, so the producer
-//   streams the next tile while the consumers finish this one.
+//   halves (the same bits) on twice the CTAs; an L1 launch of so few decode tiles that most CTAs would idle runs
+//   each tile's K range as up to four pieces on as many CTAs (schedule_units). The epilogue buffer is separate from
+//   the ring, so the producer streams the next tile while the consumers finish this one.
 // - L1 atoms hold 32 gate rows and the matching 32 up rows, so the epilogue applies both alphas, the clamped
 //   SwiGLU and the NVFP4 re-quantization of h without another pass.
 #include "cuda_check.h"
@@ -101,6 +102,14 @@ struct GemmArgs {
   uint8_t* hq_data;
   uint8_t* hq_scale;
   __nv_bfloat16* h_bf16;
+  // L1's K split of launches of few tiles (schedule_units; split_sums null, as for L2: never): the pieces' unscaled
+  // sums [unit][slot][row] and an arrival count per tile, zero between launches (the last piece to arrive resets it).
+  float* split_sums;
+  int* split_arrivals;
+  long split_sum_floats;
+  int split_tiles;
+  int unit_capacity;  // CTAs resident at once (SMs x CTAs per SM): the units a split may make
+  int max_pieces;     // at most this many pieces a tile (0: kMaxPieces)
   // L2's activations, for the tiles that take them by TMA (act_by_tma): made by launch_gemm for those alone.
   CUtensorMap act_map;
 };
@@ -208,6 +217,9 @@ struct Tiles {
   static constexpr int kWgAtoms = kSplitK ? kAtoms : kAtoms / 2;
   // 256-row tiles may run as 128-row halves (schedule_units): each warpgroup then takes one atom of the stage.
   static constexpr bool kHalves = kWgmma && BM == 256;
+  // L1 launches of few tiles may split each tile's K range over several CTAs (schedule_units): HMMA tiles of 8 and 16
+  // slots (decode). 32-slot HMMA tiles are at their register bound, where the split's bookkeeping spilled.
+  static constexpr bool kKSplit = !kWgmma && BN <= 16;
   static constexpr int kChunkActBytes = BN * kBK * 2;  // a multiple of 1024, as the 128B swizzle needs
   static constexpr int kActBytes = kChunks * kChunkActBytes;
   static constexpr int kWeightBytes = kAtoms * kChunks * kAtomBytes;  // [atom][chunk]
@@ -238,26 +250,57 @@ struct Tile {
   int slot_tiles;  // of expert e: with one, no other tile reads this tile's weights
   bool half;       // a 128-row half of a 256-row tile: rows from atom row_atom on
   int row_atom;    // the unit's first weight row / 64 within expert e
+  int tile, piece, pieces;     // a K split: piece `piece` of `pieces` of tile `tile` (pieces 1: whole)
+  int chunk_begin, chunk_end;  // the unit's K chunks (every chunk but in a split)
 };
 
-// Work units of the persistent grid: the tiles, except that a 256-row kernel's last round, where at most half full,
-// runs as 128-row halves (unit whole + 2 i + h is half h of tile whole + i), so that twice the CTAs share it. A half
-// gives each warpgroup one of its two atoms over every K chunk in the same order, so the bits stay a whole tile's.
-// (L2 at 128 tokens per expert: 1344 tiles on 132 SMs leave 24 in the last round.)
+// Work units of the persistent grid: the tiles, except that
+// - a 256-row kernel's last round, where at most half full, runs as 128-row halves (unit whole + 2 i + h is half h
+//   of tile whole + i), so that twice the CTAs share it. A half gives each warpgroup one of its two atoms over every
+//   K chunk in the same order, so the bits stay a whole tile's. (L2 at 128 tokens per expert: 1344 tiles on 132 SMs
+//   leave 24 in the last round.)
+// - an L1 launch of 8- or 16-slot HMMA tiles whose tiles would leave at least half of the resident CTAs idle (a few
+//   active experts at decode, a shared expert's slice) cuts each tile's K range into pieces of whole stages, one unit
+//   each: unit (tile << shift) + piece. A lone CTA streams a weight tile at about 16 GB/s, latency-bound on its warps
+//   (NOTES_experts.md, thirty-first session). Pieces: a power of two, at most kMaxPieces and as many as fill the
+//   resident CTAs, each at least two stages so both consumer warpgroups work. The last piece of a tile to finish adds
+//   the pieces' sums in piece order: bits that depend on the piece count, which the launch's tile count sets (the same
+//   for the same routing). Measured on an H200 (thirty-third session): one expert's L1 at m=1 16.6 instead of 22.4
+//   us, the L1 of a shared expert's slice 10.2-10.5 instead of 15.3-15.5 at four and eight ranks; eight or sixteen
+//   pieces were slower than four, and L2 (K = 3072, eight stages) gained nothing from any count, so it does not split.
+constexpr int kMaxPieces = 4;
 struct Units {
   int count, whole;
+  int piece_shift;  // a K split: each tile runs as 1 << piece_shift pieces (0: whole)
 };
-template <bool kHalves>
-__device__ __forceinline__ Units schedule_units(int tiles) {
+template <int BM, int BN>
+__device__ __forceinline__ Units schedule_units(const GemmArgs& a, int tiles) {
+  using TL = Tiles<BM, BN>;
+  if constexpr (TL::kKSplit) {
+    // Powers of two, so that no unit's decoding divides: a division's code in the unit loop, cold or not, made the
+    // decode kernels 2-4 % slower where no launch split.
+    const int nstages = (a.k / kBK + TL::kChunks - 1) / TL::kChunks;
+    const long limit = min(a.max_pieces > 0 ? a.max_pieces : kMaxPieces, min(kMaxPieces, nstages / 2));
+    int shift = 0;
+    if (a.split_sums != nullptr && tiles > 0 && tiles <= a.split_tiles) {
+      while ((2L << shift) <= limit && (static_cast<long>(tiles) << (shift + 1)) <= a.unit_capacity &&
+             (static_cast<long>(tiles) * BM * BN << (shift + 1)) <= a.split_sum_floats) {
+        ++shift;
+      }
+    }
+    return Units{tiles << shift, tiles << shift, shift};
+  }
   const int tail = tiles % gridDim.x;
-  if (!kHalves || tail == 0 || 2 * tail > gridDim.x) return Units{tiles, tiles};
-  return Units{tiles + tail, tiles - tail};
+  if (!TL::kHalves || tail == 0 || 2 * tail > gridDim.x) return Units{tiles, tiles, 0};
+  return Units{tiles + tail, tiles - tail, 0};
 }
 
 template <int BM, int BN>
 __device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_start, const Units& units, int unit) {
-  const bool half = Tiles<BM, BN>::kHalves && unit >= units.whole;
-  const int tile = half ? units.whole + (unit - units.whole) / 2 : unit;
+  using TL = Tiles<BM, BN>;
+  const bool half = TL::kHalves && unit >= units.whole;
+  const int tile = half ? units.whole + (unit - units.whole) / 2 : unit >> units.piece_shift;
+  const int piece = unit & ((1 << units.piece_shift) - 1);  // 0 unless split
   const int e = expert_of(tile_start, a.num_experts, tile);
   const int* offsets = slot_offsets(tile_start, a.num_experts);
   const int slot_begin = offsets[e];
@@ -266,13 +309,17 @@ __device__ __forceinline__ Tile decode_unit(const GemmArgs& a, const int* tile_s
   const int local = tile - tile_start[e];
   const int mt = local % mtiles, nt = local / mtiles;
   const int row_atom = nt * (BM / kAtomRows) + (half ? (unit - units.whole) % 2 * (BM / kAtomRows / 2) : 0);
-  return Tile{e, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles, half, row_atom};
+  const int nchunks = a.k / kBK, nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;
+  const int chunk_begin = (piece * nstages >> units.piece_shift) * TL::kChunks;
+  const int chunk_end = min(((piece + 1) * nstages >> units.piece_shift) * TL::kChunks, nchunks);
+  return Tile{e, slot_begin + mt * BN, min(BN, count - mt * BN), mtiles, half, row_atom,
+              tile, piece, 1 << units.piece_shift, chunk_begin, chunk_end};
 }
 
 // This CTA's work units in order, as f(tile, last): the producer and the consumers walk the same ones through here.
 template <int BM, int BN, typename F>
 __device__ __forceinline__ void for_each_unit(const GemmArgs& a, const int* tile_start, F&& f) {
-  const Units units = schedule_units<Tiles<BM, BN>::kHalves>(tile_start[a.num_experts]);
+  const Units units = schedule_units<BM, BN>(a, tile_start[a.num_experts]);
   for (int unit = blockIdx.x; unit < units.count; unit += gridDim.x) {
     f(decode_unit<BM, BN>(a, tile_start, units, unit), unit + gridDim.x >= units.count);
   }
@@ -298,6 +345,7 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
     // of 8 rows the swizzle phase n % 8 is the first row's, which leaves the copies at constant offsets from the
     // first one (no registers).
     constexpr int kPassRows = TL::kProducers / 8;
+    const int chunk_begin = TL::kKSplit ? tl.chunk_begin : 0, chunk_end = TL::kKSplit ? tl.chunk_end : nchunks;
     const __nv_bfloat16* src[TL::kCopies];
     uint32_t dst[TL::kCopies];
     const int valid = (tl.nvalid - (tid >> 3) + kPassRows - 1) / kPassRows;  // copies j < valid read slot rows
@@ -306,14 +354,14 @@ __device__ __forceinline__ void produce(const GemmArgs& a, const int* tile_start
       const int n = (tid >> 3) + kPassRows * j;
       int row = 0;
       if (j < valid) row = is_l1 ? a.slot_pair[tl.slot0 + n] / a.topk : tl.slot0 + n;
-      src[j] = a.act + static_cast<size_t>(row) * a.k + 8 * (tid & 7);
+      src[j] = a.act + static_cast<size_t>(row) * a.k + chunk_begin * kBK + 8 * (tid & 7);
       const int phase = (kPassRows % 8 == 0 ? tid >> 3 : n) & 7;
       dst[j] = n * 128 + (((tid & 7) ^ phase) << 4);
     }
     const uint64_t policy = weight_policy(tl.slot_tiles == 1);
     const size_t atom0 = (static_cast<size_t>(tl.e) * (a.n_rows / kAtomRows) + tl.row_atom) * nchunks;
-    for (int c0 = 0; c0 < nchunks; c0 += TL::kChunks, ++q) {
-      const int s = q % TL::kStages, nch = min(TL::kChunks, nchunks - c0);
+    for (int c0 = chunk_begin; c0 < chunk_end; c0 += TL::kChunks, ++q) {
+      const int s = q % TL::kStages, nch = min(TL::kChunks, chunk_end - c0);
       if (q >= TL::kStages) wait_phase(&empty[s], ((q / TL::kStages) & 1) ^ 1);
       if ((tid & 31) == 0 && tid < 32 * TL::kCopyIssuers) {
         // An atom's consecutive K chunks are adjacent in the layout: one copy each for codes and scales.
@@ -369,7 +417,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
   float* epi = reinterpret_cast<float*>(smem + TL::kRingBytes);  // [BN][kEpiStride]
   const int ctid = threadIdx.x, lane = ctid & 31;
   const int wg = ctid >> 7, cw = (ctid >> 5) & 3, g = lane >> 2, t = lane & 3;
-  const int nchunks = a.k / kBK, nstages = (nchunks + TL::kChunks - 1) / TL::kChunks;  // stages per tile
+  const int nchunks = a.k / kBK;
   const bool is_l1 = a.epilogue != kYSlot;
   // Hands ring stage s back to the producer: one arrival per consumer warp.
   auto release = [&](int s) {
@@ -384,6 +432,8 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     float acc[NA * BN / 2];
 #pragma unroll
     for (int i = 0; i < NA * BN / 2; ++i) acc[i] = 0.f;
+    const int unit_chunks = TL::kKSplit ? tl.chunk_end - tl.chunk_begin : nchunks;
+    const int nstages = (unit_chunks + TL::kChunks - 1) / TL::kChunks;
 
     // Split K: warpgroup w computes the tile's stages sc = w mod 2, so the summation order depends on the tile
     // alone (not on which CTA runs it). Every consumer warp still waits for and releases every stage: a parity
@@ -403,7 +453,7 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
       // take fewer registers: 96 per thread, no spill, 3-5 % faster at m=32; 32-slot wgmma tiles measured so).
 #pragma unroll (BN <= 32 ? TL::kChunks : 1)
       for (int cc = 0; cc < TL::kChunks; ++cc) {
-        if (sc * TL::kChunks + cc == nchunks) break;
+        if (sc * TL::kChunks + cc == unit_chunks) break;
         const uint32_t act_chunk = act_ring_u32 + s * TL::kActBytes + cc * TL::kChunkActBytes;
         // wgmma: the warpgroup's atoms of this chunk, dequantized (af[i][st]: atom i's A fragment of k16 step
         // st); each atom's four wgmmas are issued as soon as its fragments are ready, so the next atom's
@@ -441,23 +491,66 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     const float alpha = is_l1 ? a.w_alpha[2 * e + (cw >> 1)] : a.w_alpha[e];
     const float* act_gs = a.act_gs == nullptr ? nullptr : is_l1 ? a.act_gs : a.act_gs + e;
     const float scale = __fmul_rn(act_gs ? __fdiv_rn(alpha, *act_gs) : alpha, kDequantShift);
-    auto store_acc = [&](int part, auto add, auto scaled) {
+    // f(accumulator index, its epi element, its [slot][row] offset in a piece's sums) for each of this thread's
+    // accumulators in part `part`.
+    auto for_each_acc = [&](int part, auto&& f) {
 #pragma unroll
       for (int i = 0; i < NA; ++i) {
         const int row = (TL::kSplitK ? i : wg * NA + i) * kAtomRows + cw * 16 + g;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
           if (8 * j / TL::kEpiSlots != part) continue;
-          const float* v = acc + i * (BN / 2) + 4 * j;
-          float* p0 = epi + (8 * j - part * TL::kEpiSlots + 2 * t) * TL::kEpiStride + row;
-          float* p1 = p0 + TL::kEpiStride;
-          float* dst[4] = {p0, p1, p0 + 8, p1 + 8};
+          const int n = 8 * j - part * TL::kEpiSlots + 2 * t;
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const float sum = decltype(add)::value ? __fadd_rn(*dst[r], v[r]) : v[r];
-            *dst[r] = decltype(scaled)::value ? __fmul_rn(sum, scale) : sum;
+          for (int r = 0; r < 4; ++r) {  // (slot, row): (n, row), (n + 1, row), (n, row + 8), (n + 1, row + 8)
+            const int slot = n + (r & 1), row_r = row + 8 * (r >> 1);
+            f(i * (BN / 2) + 4 * j + r, epi + slot * TL::kEpiStride + row_r, slot * BM + row_r);
           }
         }
+      }
+    };
+    auto store_acc = [&](int part, auto add, auto scaled) {
+      for_each_acc(part, [&](int v, float* dst, int) {
+        const float sum = decltype(add)::value ? __fadd_rn(*dst, acc[v]) : acc[v];
+        *dst = decltype(scaled)::value ? __fmul_rn(sum, scale) : sum;
+      });
+    };
+    // A piece of a split tile: warpgroup 1 adds its sums to warpgroup 0's (in epi) and stores them unscaled as the
+    // piece's; the last piece of the tile to arrive adds every piece's in piece order, scales them into epi and goes
+    // on to the epilogue (returns true), the others are done (false). Arrival by the threadfence-reduction pattern:
+    // each thread's stores, a fence, a barrier, one atomic; the last one's fence before it reads.
+    auto finish_pieces = [&]() -> bool {
+      if constexpr (!TL::kKSplit) {
+        return true;
+      } else {
+        float* sums = a.split_sums + static_cast<size_t>(tl.tile) * tl.pieces * BM * BN;
+        if (wg == 0) store_acc(0, std::false_type{}, std::false_type{});
+        consumer_sync();
+        if (wg == 1) {
+          for_each_acc(0, [&](int v, float* dst, int off) {
+            __stcg(sums + tl.piece * BM * BN + off, __fadd_rn(*dst, acc[v]));
+          });
+        }
+        __threadfence();
+        consumer_sync();
+        __shared__ int arrived_last;
+        if (ctid == 0) {
+          const bool is_last = atomicAdd(a.split_arrivals + tl.tile, 1) == tl.pieces - 1;
+          if (is_last) a.split_arrivals[tl.tile] = 0;  // ready for the next launch
+          arrived_last = is_last;
+        }
+        consumer_sync();
+        if (!arrived_last) return false;
+        __threadfence();
+        if (wg == 1) {
+          for_each_acc(0, [&](int, float* dst, int off) {
+            float sum = __ldcg(sums + off);
+#pragma unroll 1  // unrolled, this cold path doubled the decode kernels' code (and cost their hot loops 2-4 %)
+            for (int p = 1; p < tl.pieces; ++p) sum = __fadd_rn(sum, __ldcg(sums + p * BM * BN + off));
+            *dst = __fmul_rn(sum, scale);
+          });
+        }
+        return true;
       }
     };
 
@@ -467,7 +560,12 @@ __device__ __forceinline__ void consume(const GemmArgs& a, const int* tile_start
     for (int part = 0; part < TL::kEpiParts && part * TL::kEpiSlots < tl.nvalid; ++part) {
       cute::tma_store_wait<0>();  // this thread's bulk stores of the previous part (or tile) have read epi
       consumer_sync();            // and every consumer is done reading it
-      if (TL::kSplitK) {
+      if (TL::kKSplit && tl.pieces > 1) {
+        if (!finish_pieces()) {
+          if (last) cute::tma_store_wait<0>();  // a previous unit's bulk stores still read epi
+          return;
+        }
+      } else if (TL::kSplitK) {
         if (wg == 0) store_acc(part, std::false_type{}, std::false_type{});
         consumer_sync();
         if (wg == 1) store_acc(part, std::true_type{}, std::true_type{});
@@ -677,11 +775,15 @@ void launch_gemm(const GemmArgs& a, int max_slots, cudaStream_t stream) {
                                                                 TL::smem_bytes(a.num_experts)));
     return std::max(blocks, 1);
   });
-  // Upper bound of the tiles any routing can produce, so the grid is fixed for a given shape (graph-safe).
+  // Upper bound of the units any routing can produce, so the grid is fixed for a given shape (graph-safe): the
+  // tiles, times the pieces a K split may cut each into (schedule_units; never more units than CTAs resident).
   const long max_tiles = static_cast<long>(max_slots / BN + a.num_experts) * (a.n_rows / BM);
-  const int grid = static_cast<int>(std::min<long>(max_tiles, static_cast<long>(ep::num_sms()) * per_sm));
+  const int unit_capacity = ep::num_sms() * per_sm;
+  const long max_pieces = TL::kKSplit && a.split_sums != nullptr ? kMaxPieces : 1;
+  const int grid = static_cast<int>(std::min<long>(max_tiles * max_pieces, unit_capacity));
   if (grid <= 0) return;
   GemmArgs args = a;
+  args.unit_capacity = unit_capacity;
   if (act_by_tma<TL::kWgmma>(a) && max_slots > 0) args.act_map = act_tensor_map(a.act, max_slots, a.k, BN);
   ep::launch(kernel, grid, TL::kThreads, TL::smem_bytes(a.num_experts), stream, args);
 }
@@ -742,10 +844,28 @@ void check_shape(int num_experts, int k, const char* what) {
   EP_REQUIRE(k > 0 && k % 64 == 0, std::string(what) + ": K must be a positive multiple of 64, got " + std::to_string(k));
 }
 
-// The fields L1 and L2 share: the tiled weights with their alphas, the activations and the slot offsets.
+// L1's K split workspace as the Python side hands it over (ops.check_split); sums 0: no split.
+struct SplitWorkspace {
+  std::uintptr_t sums;      // fp32, sum_floats of them
+  long sum_floats;
+  std::uintptr_t arrivals;  // int32, one per tile of a launch that splits (tiles of them), zero
+  int tiles;
+  int max_pieces;
+};
+
+// The fields L1 and L2 share: the tiled weights with their alphas, the activations, the slot offsets and the K
+// split's workspace (sums 0: no split).
 GemmArgs gemm_args(std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t w_alpha, std::uintptr_t act,
-                   std::uintptr_t act_gs, std::uintptr_t offsets, int num_experts, int n_rows, int k, int epilogue) {
+                   std::uintptr_t act_gs, std::uintptr_t offsets, int num_experts, int n_rows, int k, int epilogue,
+                   const SplitWorkspace& split) {
+  EP_REQUIRE(split.max_pieces >= 0, "grouped gemm: max_pieces must be >= 0, got " + std::to_string(split.max_pieces));
   GemmArgs a{};
+  a.split_sums = ep::as_ptr<float>(split.sums);
+  a.split_arrivals = ep::as_ptr<int>(split.arrivals);
+  a.split_sum_floats = split.sum_floats;
+  a.split_tiles = split.tiles;
+  a.max_pieces = split.max_pieces;
+  if (a.split_arrivals == nullptr || split.sum_floats <= 0 || split.tiles <= 0) a.split_sums = nullptr;
   a.w = ep::as_ptr<const uint8_t>(w);
   a.w_scale = ep::as_ptr<const uint8_t>(w_scale);
   a.w_alpha = ep::as_ptr<const float>(w_alpha);
@@ -763,12 +883,14 @@ void grouped_l1(std::uintptr_t w13, std::uintptr_t w13_scale, std::uintptr_t w13
                 std::uintptr_t x_gs, std::uintptr_t offsets, std::uintptr_t slot_pair, int topk, int num_experts,
                 int hidden, int inter, int max_slots, int epilogue, float swiglu_limit, std::uintptr_t h_gs,
                 std::uintptr_t out_f32, std::uintptr_t hq_data, std::uintptr_t hq_scale, std::uintptr_t h_bf16,
-                int block_n, int block_m, std::uintptr_t stream) {
+                std::uintptr_t split_sums, long split_sum_floats, std::uintptr_t split_arrivals, int split_tiles,
+                int max_pieces, int block_n, int block_m, std::uintptr_t stream) {
   check_shape(num_experts, hidden, "grouped_l1");
   EP_REQUIRE(inter > 0 && inter % 32 == 0, "grouped_l1: intermediate size must be a positive multiple of 32, got " +
                                                std::to_string(inter));
   EP_REQUIRE(epilogue >= kGateUp && epilogue <= kHF32, "grouped_l1: bad epilogue " + std::to_string(epilogue));
-  GemmArgs a = gemm_args(w13, w13_scale, w13_alpha, act, x_gs, offsets, num_experts, 2 * inter, hidden, epilogue);
+  GemmArgs a = gemm_args(w13, w13_scale, w13_alpha, act, x_gs, offsets, num_experts, 2 * inter, hidden, epilogue,
+                         SplitWorkspace{split_sums, split_sum_floats, split_arrivals, split_tiles, max_pieces});
   a.slot_pair = ep::as_ptr<const int>(slot_pair);
   a.topk = topk;
   a.inter = inter;
@@ -787,7 +909,8 @@ void grouped_l2(std::uintptr_t w2, std::uintptr_t w2_scale, std::uintptr_t w2_al
   check_shape(num_experts, inter, "grouped_l2");
   EP_REQUIRE(hidden > 0 && hidden % 64 == 0,
              "grouped_l2: hidden size must be a positive multiple of 64, got " + std::to_string(hidden));
-  GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot);
+  GemmArgs a = gemm_args(w2, w2_scale, w2_alpha, act, h_gs, offsets, num_experts, hidden, inter, kYSlot,
+                         SplitWorkspace{});  // L2 never splits K (schedule_units)
   a.out_f32 = ep::as_ptr<float>(y_slot);
   dispatch(a, max_slots, block_n, block_m, ep::as_stream(stream));
 }

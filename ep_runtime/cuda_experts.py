@@ -54,14 +54,22 @@ class ExpertWorkspace:
     h_gs: torch.Tensor  # fp32 (E,) global scale of each expert's h (dynamic)
     amax_ws: torch.Tensor  # int32 (E,) bit patterns of per-expert amax (dynamic)
     y_slot: torch.Tensor  # fp32 (S, H)
+    # L1's K split of launches of few tiles (ops.grouped_l1): the pieces' sums and the tiles' arrival counts, zero
+    # between launches; empty: no split.
+    split_sums: torch.Tensor  # fp32
+    split_arrivals: torch.Tensor  # int32
 
     @classmethod
     def allocate(cls, max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
-                 device: torch.device | str, spec: ExpertSpec = ExpertSpec()) -> "ExpertWorkspace":
+                 device: torch.device | str, spec: ExpertSpec = ExpertSpec(), split: bool = True) -> "ExpertWorkspace":
+        """split=False leaves the K split's buffers empty: every tile then runs whole on one CTA."""
         dev = torch.device(device)
+        sums, tiles = ops.split_workspace_sizes(dev) if split else (0, 0)
         return cls(max_tokens, topk, num_experts, hidden, inter, **{
             name: torch.empty(shape if used else (0,) * len(shape), dtype=dtype, device=dev)
-            for name, shape, dtype, used in _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)})
+            for name, shape, dtype, used in _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)},
+            split_sums=torch.empty(sums, dtype=torch.float32, device=dev),
+            split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=dev))
 
     def check(self, weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.Tensor]:
         """Fits these weights, and every buffer the spec uses has its dtype, shape and layout; returns the buffers
@@ -70,9 +78,12 @@ class ExpertWorkspace:
         if (self.num_experts, self.hidden, self.inter) != want:
             raise ValueError(f"workspace: built for (E, H, I) = {(self.num_experts, self.hidden, self.inter)}, "
                              f"weights have {want}")
-        return {f"workspace.{name}": ops.check_tensor(getattr(self, name), f"workspace.{name}", dtype,
-                                                      shape if used else None)
-                for name, shape, dtype, used in _workspace_layout(self.max_tokens, self.topk, *want, spec)}
+        named = {f"workspace.{name}": ops.check_tensor(getattr(self, name), f"workspace.{name}", dtype,
+                                                       shape if used else None)
+                 for name, shape, dtype, used in _workspace_layout(self.max_tokens, self.topk, *want, spec)}
+        ops.check_split(self.split_sums, self.split_arrivals, 0, "workspace.")
+        named.update({"workspace.split_sums": self.split_sums, "workspace.split_arrivals": self.split_arrivals})
+        return named
 
     def check_tokens(self, num_tokens: int, topk: int) -> None:
         if topk != self.topk or num_tokens > self.max_tokens:
@@ -243,7 +254,8 @@ class CudaExpertStage:
             x, x_gs = acts, None
         h_bf16, hq_data, hq_scale, h_f32 = ws.h_bf16[:n], ws.hq_data[:n], ws.hq_scale[:n], ws.h_f32[:n]
         ops.grouped_l1_op(w.w13, w.w13_scale, w.w13_alpha, x, x_gs, offsets, slot_pair, k, self._epilogue,
-                          self._swiglu_limit, self._static_h_gs, h_f32, hq_data, hq_scale, h_bf16, bn, 0)
+                          self._swiglu_limit, self._static_h_gs, h_f32, hq_data, hq_scale, h_bf16, ws.split_sums,
+                          ws.split_arrivals, 0, bn, 0)
         h_gs = self._static_h_gs
         if self._epilogue == ops.EPILOGUES["fp32"]:
             ops.requant_dynamic_op(h_f32, offsets, ws.amax_ws, hq_data, hq_scale, h_bf16, ws.h_gs)

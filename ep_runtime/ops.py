@@ -26,6 +26,11 @@ MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
 MAX_ROUTE_EXPERTS = 1536  # route_v4's selection keeps 8 tokens' scores in 48 KB of shared memory (kMaxRouteExperts)
 ROUTER_LOGITS_MAX_TOKENS = 4  # routing.Router's tokens up to which router_logits beats torch.mm (H200, with route_v4)
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
+# The K split of launches of few tiles (schedule_units in csrc/grouped_gemm_sm90.cu), per SM: the pieces' sums of its
+# resident CTAs (three of 128 x 8 or two of 128 x 16 outputs) and an arrival count per tile of a launch that splits
+# (at most half as many tiles as resident CTAs). A smaller workspace only splits less.
+SPLIT_SUMS_PER_SM = 4096
+SPLIT_TILES_PER_SM = 2
 
 
 def extension_available(*symbols: str) -> bool:
@@ -183,15 +188,24 @@ def _dequant_impl(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) ->
            out.data_ptr())
 
 
+def _split_args(split_sums: torch.Tensor, split_arrivals: torch.Tensor, max_pieces: int) -> tuple[int, ...]:
+    """The K split's workspace as the kernels take it (an empty one: no split)."""
+    if not split_sums.numel() or not split_arrivals.numel():
+        return 0, 0, 0, 0, max_pieces
+    return split_sums.data_ptr(), split_sums.numel(), split_arrivals.data_ptr(), split_arrivals.numel(), max_pieces
+
+
 def _l1_impl(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
              x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
              swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
-             hq_scale: torch.Tensor, h_bf16: torch.Tensor, block_n: int, block_m: int) -> None:
+             hq_scale: torch.Tensor, h_bf16: torch.Tensor, split_sums: torch.Tensor, split_arrivals: torch.Tensor,
+             max_pieces: int, block_n: int, block_m: int) -> None:
     e, n2, kh = w13.shape
     launch("grouped_l1", w13.device, w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
            0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e, 2 * kh,
            n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit, 0 if h_gs is None else h_gs.data_ptr(),
-           out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), block_n, block_m)
+           out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(),
+           *_split_args(split_sums, split_arrivals, max_pieces), block_n, block_m)
 
 
 def _l2_impl(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
@@ -243,7 +257,8 @@ dequant_rows_op = define_op("nvfp4_dequant_rows(Tensor data, Tensor scale, Tenso
 grouped_l1_op = define_op(
     "grouped_l1(Tensor w13, Tensor w13_scale, Tensor w13_alpha, Tensor act, Tensor? x_gs, Tensor offsets, "
     "Tensor slot_pair, int topk, int epilogue, float swiglu_limit, Tensor? h_gs, Tensor(a!) out_f32, "
-    "Tensor(b!) hq_data, Tensor(c!) hq_scale, Tensor(d!) h_bf16, int block_n, int block_m) -> ()", _l1_impl)
+    "Tensor(b!) hq_data, Tensor(c!) hq_scale, Tensor(d!) h_bf16, Tensor(e!) split_sums, Tensor(f!) split_arrivals, "
+    "int max_pieces, int block_n, int block_m) -> ()", _l1_impl)
 grouped_l2_op = define_op("grouped_l2(Tensor w2, Tensor w2_scale, Tensor w2_alpha, Tensor act, Tensor? h_gs, "
                           "Tensor offsets, Tensor(a!) y_slot, int block_n, int block_m) -> ()", _l2_impl)
 requant_dynamic_op = define_op(
@@ -306,6 +321,32 @@ def check_tiles(block_n: int, block_m: int, rows: int) -> None:
                          f"{block_n}")
 
 
+def split_workspace_sizes(device: torch.device | str) -> tuple[int, int]:
+    """(fp32 sums, int32 arrival counts) of a full K-split workspace on device: (0, 0) off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 0, 0
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    return sms * SPLIT_SUMS_PER_SM, sms * SPLIT_TILES_PER_SM
+
+
+def check_split(split_sums: torch.Tensor | None, split_arrivals: torch.Tensor | None, max_pieces: int,
+                prefix: str = "") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The K split's workspace: both tensors or neither (no split); fp32 sums and int32 arrival counts, which must
+    be zero (as allocated; every launch leaves them so). max_pieces: at most this many pieces per tile, 0 any.
+    prefix names their owner."""
+    sums, arrivals = prefix + "split_sums", prefix + "split_arrivals"
+    if (split_sums is None) != (split_arrivals is None):
+        raise ValueError(f"{sums}, {arrivals}: expected both or neither, got "
+                         f"{sums if split_sums is not None else arrivals} alone")
+    if split_sums is not None:
+        check_tensor(split_sums, sums, torch.float32, (None,))
+        check_tensor(split_arrivals, arrivals, torch.int32, (None,))
+    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 0:
+        raise ValueError(f"max_pieces: expected an int >= 0 (0: any), got {max_pieces!r}")
+    return split_sums, split_arrivals
+
+
 def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
     check_tensor(offsets, name, torch.int32, (e + 1,))
 
@@ -348,7 +389,8 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                *, swiglu_limit: float | None = None, h_gs: torch.Tensor | None = None,
                out_f32: torch.Tensor | None = None, hq_data: torch.Tensor | None = None,
                hq_scale: torch.Tensor | None = None, h_bf16: torch.Tensor | None = None, block_n: int = 8,
-               block_m: int = 0) -> None:
+               block_m: int = 0, split_sums: torch.Tensor | None = None, split_arrivals: torch.Tensor | None = None,
+               max_pieces: int = 0) -> None:
     """L1 of all local experts in one launch; slot s reads activation row slot_pair[s] // topk.
 
     w13, w13_scale: the stacked weights in the SM90 atom layout (sm90_layout.tile_), shapes unchanged.
@@ -356,6 +398,10 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     epilogue 'gate_up': out_f32 (S, 2I) gate|up with alphas; 'nvfp4': h quantized with gs h_gs[e] (E,) into
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
     (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
+    split_sums, split_arrivals (check_split; sizes from split_workspace_sizes): with them a launch of 8- or 16-slot
+    tiles that would leave at least half of the GPU's resident CTAs idle cuts each tile's K range into up to four
+    pieces on several CTAs (at most max_pieces, 0: the kernel's choice); the sums then add in another order, fixed
+    by the launch's tile count. Concurrent launches need workspaces of their own.
     """
     e, hidden, inter = check_l1_weights(w13, w13_scale, w13_alpha)
     check_tensor(act, "act", torch.bfloat16, (None, hidden))
@@ -370,6 +416,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         raise ValueError(f"epilogue: expected one of {sorted(EPILOGUES)}, got {epilogue!r}")
     check_swiglu_limit(swiglu_limit)
     check_tiles(block_n, block_m, 2 * inter)
+    split_sums, split_arrivals = check_split(split_sums, split_arrivals, max_pieces)
     dev = w13.device
     if epilogue in ("gate_up", "fp32"):
         out_f32 = check_tensor(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))
@@ -381,7 +428,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
     check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
-                           h_bf16=h_bf16))
+                           h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
     grouped_l1_op(
         w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
@@ -389,7 +436,9 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         out_f32 if out_f32 is not None else _placeholder(dev, torch.float32),
         hq_data if hq_data is not None else _placeholder(dev, torch.uint8),
         hq_scale if hq_scale is not None else _placeholder(dev, torch.uint8),
-        h_bf16 if h_bf16 is not None else _placeholder(dev, torch.bfloat16), block_n, block_m)
+        h_bf16 if h_bf16 is not None else _placeholder(dev, torch.bfloat16),
+        split_sums if split_sums is not None else _placeholder(dev, torch.float32),
+        split_arrivals if split_arrivals is not None else _placeholder(dev, torch.int32), max_pieces, block_n, block_m)
 
 
 def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,

@@ -5,7 +5,7 @@ workspaces of its routed and shared expert stages (slot metadata, h, the per-slo
 expert on a stream of its own. Nothing in them outlives the forward: the output is a copy, and the next layer's
 forward, which runs after it on the stream, overwrites them before it reads them. So the MoE layers of a model on one
 rank share one scratch (pass the first layer's `scratch` to the others), whose size is one layer's, not one per layer:
-at max_tokens=8192 a DeepSeek-V4-Pro layer's is 2.48 GB on every rank (W4A4, static scales; 3.19 GB with dynamic h
+at max_tokens=8192 a DeepSeek-V4-Pro layer's is 2.49 GB on every rank (W4A4, static scales; 3.19 GB with dynamic h
 scales), more than the layer's 1.8 GB of weights per rank on 8 ranks. Layers that share one must run one after another
 on one stream (as a model's forward runs them), never at once on two streams.
 """

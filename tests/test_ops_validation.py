@@ -127,6 +127,24 @@ def test_l1_rejects_unknown_epilogue():
         ops.grouped_l1(**args)
 
 
+def test_l1_rejects_a_k_split_workspace_without_its_arrival_counts():
+    args = good_l1_args()
+    with pytest.raises(ValueError, match="split_sums, split_arrivals: expected both or neither, got split_sums alone"):
+        ops.grouped_l1(**args, split_sums=torch.zeros(64))
+
+
+def test_l1_rejects_k_split_arrival_counts_that_are_not_int32():
+    args = good_l1_args()
+    with pytest.raises(TypeError, match="split_arrivals: expected dtype torch.int32, got torch.int64"):
+        ops.grouped_l1(**args, split_sums=torch.zeros(64), split_arrivals=torch.zeros(8, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_l1_rejects_a_max_pieces_that_is_not_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="max_pieces: expected an int >= 0"):
+        ops.grouped_l1(**good_l1_args(), max_pieces=bad)
+
+
 def test_l2_rejects_output_rows_that_differ_from_the_activation_rows():
     with pytest.raises(ValueError, match=r"y_slot: expected shape \(10, 128\), got \(9, 128\)"):
         ops.grouped_l2(torch.zeros(E, H, I // 2, dtype=torch.uint8),

@@ -108,7 +108,7 @@ def uneven_case(spec: ExpertSpec, e: int, h: int, i: int, t: int, k: int, gen: t
 
 
 def poison(ws: ExpertWorkspace) -> None:
-    for name in ("h_f32", "h_bf16", "y_slot", "h_gs", "x_bf16"):
+    for name in ("h_f32", "h_bf16", "y_slot", "h_gs", "x_bf16", "split_sums"):
         getattr(ws, name).fill_(float("nan"))
     for name in ("counts", "offsets", "slot_pair", "pair_slot", "amax_ws"):
         getattr(ws, name).fill_(0x7A7A7A7A)
@@ -144,7 +144,8 @@ def pair_slots(slots: SlotMap) -> torch.Tensor:
     return pair_slot
 
 
-def l1_gate_up(acts, slots: SlotMap, weights, spec, block_n: int = 8, block_m: int = 0) -> torch.Tensor:
+def l1_gate_up(acts, slots: SlotMap, weights, spec, block_n: int = 8, block_m: int = 0, split: dict | None = None,
+               max_pieces: int = 0) -> torch.Tensor:
     t = slots.slot_pair.shape[0] // slots.topk
     if spec.act_mode == "nvfp4":
         x = torch.full((t, weights.hidden_size), float("nan"), dtype=torch.bfloat16, device=DEV)
@@ -155,7 +156,8 @@ def l1_gate_up(acts, slots: SlotMap, weights, spec, block_n: int = 8, block_m: i
     gu = torch.full((slots.slot_pair.shape[0], 2 * weights.intermediate_size), float("nan"), device=DEV)
     kw = tiled(weights)
     ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, x_gs, slots.offsets, slots.slot_pair,
-                   slots.topk, "gate_up", out_f32=gu, block_n=block_n, block_m=block_m)
+                   slots.topk, "gate_up", out_f32=gu, block_n=block_n, block_m=block_m, max_pieces=max_pieces,
+                   **(split or {}))
     return gu[: slots.num_slots]
 
 
@@ -294,6 +296,54 @@ def test_hmma_tiles_of_64_and_128_rows_match_the_reference_over_a_long_k(block_m
     slots = map_slots(routing("uneven", 20, 2, e, gen)[0], e, 0)
     got = l1_gate_up(acts, slots, weights, W4A4, 8, block_m)
     assert rel_l2(got, l1_reference(acts, slots, weights, W4A4)) <= 4e-3
+
+
+def split_workspace() -> dict:
+    sums, tiles = ops.split_workspace_sizes(DEV)
+    return dict(split_sums=torch.full((sums,), float("nan"), device=DEV),  # poison: each piece writes its sums
+                split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=DEV))
+
+
+def few_tile_launch(block_n: int, block_m: int, gen: torch.Generator):
+    """L1 of a decode step's tokens on two of a rank's three experts: K = 7168, 2I = 1024 rows per expert, so 16 or 8
+    tiles an expert, a few dozen CTAs of the hundreds resident. Returns (run, reference): run(max_pieces, split
+    workspace or None) gives gate|up, poisoned before the launch."""
+    e, t = 3, block_n + 3
+    idx = (torch.arange(t) % 2).int().view(-1, 1).to(DEV)  # experts 0 and 1, expert 2 idle
+    slots = map_slots(idx, e, 0)
+    weights = random_weights(e, 7168, 512, gen)
+    acts = random_acts(t, 7168, weights, W4A16, gen)
+
+    def run(max_pieces: int, split: dict | None) -> torch.Tensor:
+        return l1_gate_up(acts, slots, weights, W4A16, block_n, block_m, split, max_pieces)
+    return run, l1_reference(acts, slots, weights, W4A16)
+
+
+@pytest.mark.parametrize("block_n,block_m", [(8, 64), (8, 128), (16, 64), (16, 128)])
+def test_an_l1_launch_of_few_tiles_splits_k_over_ctas_and_matches_the_reference(block_n, block_m, gen):
+    """Tiles that would leave most CTAs idle run as pieces of their K range on several CTAs; the last piece of a
+    tile adds the pieces in piece order. Against the same launch run whole (max_pieces=1, or no workspace): the
+    same sums to fp32 rounding, not the same bits (which shows the pieces ran); two pieces at most, other bits
+    again; repeated, the same bits, and the arrival counts back at zero."""
+    run, ref = few_tile_launch(block_n, block_m, gen)
+    split = split_workspace()
+    pieces = run(0, split)
+    assert rel_l2(pieces, ref) <= 4e-3
+    whole = run(1, split)
+    assert torch.equal(whole, run(0, None))
+    assert rel_l2(pieces, whole) <= 1e-5 and not torch.equal(pieces, whole)
+    two = run(2, split)
+    assert rel_l2(two, whole) <= 1e-5 and not torch.equal(two, whole) and not torch.equal(two, pieces)
+    for _ in range(3):
+        split["split_sums"].fill_(float("nan"))
+        assert torch.equal(run(0, split), pieces)
+    assert not split["split_arrivals"].any()
+
+
+@pytest.mark.parametrize("block_n,block_m", [(32, 128), (64, 64)])
+def test_l1_tiles_of_32_slots_and_more_never_split_k(block_n, block_m, gen):
+    run, _ = few_tile_launch(block_n, block_m, gen)
+    assert torch.equal(run(0, split_workspace()), run(0, None))
 
 
 @pytest.mark.parametrize("block_n", [32, 64, 128])
@@ -694,24 +744,34 @@ def test_programmatic_launch_switch_returns_the_previous_setting_and_the_context
         assert ops.set_programmatic_launch(True) is True
 
 
+@pytest.mark.parametrize("sizes", ["64 tokens", "1-3 tokens, K split"])
 @pytest.mark.parametrize("how", ["eager", "graph"])
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
 def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_of_plain_launches(spec_name, how,
-                                                                                                  gen):
-    """With programmatic dependent launch each kernel may start while the one before it ends. Stages on four
-    batches of different routing run back to back over one workspace: a kernel that touched the workspace before
+                                                                                                  sizes, gen):
+    """With programmatic dependent launch each kernel may start while the one before it ends. Stages on batches
+    of different routing run back to back over one workspace: a kernel that touched the workspace before
     the previous kernel had ended would mix two batches' slots. Each output must be the bits of that batch's stage
-    run alone with plain launches."""
+    run alone with plain launches, and match the oracle. Batches of 1-3 tokens on a few experts with K = 7168 run
+    L1's tiles as K pieces, each batch with the piece count its tile count gives: the pieces' sums and arrival
+    counts must carry nothing over either."""
     spec = SPECS[spec_name]
-    e, h, i, t, k = 16, 1024, 512, 64, 6
-    weights = random_weights(e, h, i, gen)
+    if sizes == "64 tokens":
+        e, h, i, k, t = 16, 1024, 512, 6, 64
+        weights = random_weights(e, h, i, gen)
+        batches = [(random_acts(t, h, weights, spec, gen), *routing(kind, t, k, e, gen))
+                   for kind in ("uniform", "one_expert", "uneven", "half_idle")]
+    else:
+        e, h, i, k, t = 4, 7168, 512, 2, 3
+        weights = random_weights(e, h, i, gen)
+        batches = [(random_acts(n, h, weights, spec, gen), *routing("uneven", n, k, e, gen)) for n in (1, 3, 2)]
     kw = tiled(weights)
-    batches = [(random_acts(t, h, weights, spec, gen), *routing(kind, t, k, e, gen))
-               for kind in ("uniform", "one_expert", "uneven", "half_idle")]
     ws = ExpertWorkspace.allocate(t, k, e, h, i, DEV, spec)
     with ops.programmatic_launch(False):
         expected = [cuda_expert_stage(a, idx, w, kw, 0, spec, workspace=ws) for a, idx, w in batches]
-    outs = [torch.empty(t, h, device=DEV) for _ in batches]
+    for out, (a, idx, w) in zip(expected, batches):
+        assert cosine(out, reference_stage(a, idx, w, weights, 0, spec)) >= 0.9999
+    outs = [torch.empty_like(out) for out in expected]
 
     def run() -> None:
         for (a, idx, w), out in zip(batches, outs):
@@ -726,6 +786,7 @@ def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_
         torch.cuda.synchronize()
         for out, ref in zip(outs, expected):
             assert torch.equal(out, ref)
+    assert not ws.split_arrivals.any()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
