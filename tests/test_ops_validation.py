@@ -505,6 +505,14 @@ def test_stage_rejects_a_workspace_buffer_of_the_wrong_shape_when_built(cpu_devi
         CudaExpertStage(args["weights"], 0, args["spec"], ws)
 
 
+def test_stage_rejects_k_split_arrival_counts_that_are_not_int32_when_built(cpu_devices_pass):
+    args = stage_args()
+    ws = ExpertWorkspace.allocate(T, K, E, H, I, "cpu")
+    ws = dataclasses.replace(ws, split_sums=torch.empty(64), split_arrivals=torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="workspace.split_arrivals: expected dtype torch.int32, got torch.int64"):
+        CudaExpertStage(args["weights"], 0, args["spec"], ws)
+
+
 def test_stage_rejects_a_workspace_without_the_buffers_its_spec_uses(cpu_devices_pass):
     args = stage_args()
     ws = ExpertWorkspace.allocate(T, K, E, H, I, "cpu", ExpertSpec("bf16"))
