@@ -195,9 +195,8 @@ class OurCalls:
         self.h_gs = torch.full((E,), 300.0, device=DEV)
         self.h_in = torch.randn(s, I, device=DEV, generator=gen).to(torch.bfloat16)
         self.y_slot = torch.empty(s, H, device=DEV)
-        sums, tiles = ops.split_workspace_sizes(DEV)
-        self.split = dict(split_sums=torch.empty(sums, device=DEV),
-                          split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=DEV), max_pieces=0)
+        sums, arrivals = ops.split_workspace(DEV)
+        self.split = dict(split_sums=sums, split_arrivals=arrivals, max_pieces=0)
 
     def l1_w4a16(self, bn: int, bm: int = 0) -> None:
         ops.grouped_l1(*self.w13, self.x, None, self.offsets, self.slot_pair, 1, "bf16", swiglu_limit=10.0,

@@ -64,12 +64,11 @@ class ExpertWorkspace:
                  device: torch.device | str, spec: ExpertSpec = ExpertSpec(), split: bool = True) -> "ExpertWorkspace":
         """split=False leaves the K split's buffers empty: every tile then runs whole on one CTA."""
         dev = torch.device(device)
-        sums, tiles = ops.split_workspace_sizes(dev) if split else (0, 0)
+        sums, arrivals = ops.split_workspace(dev, split)
         return cls(max_tokens, topk, num_experts, hidden, inter, **{
             name: torch.empty(shape if used else (0,) * len(shape), dtype=dtype, device=dev)
             for name, shape, dtype, used in _workspace_layout(max_tokens, topk, num_experts, hidden, inter, spec)},
-            split_sums=torch.empty(sums, dtype=torch.float32, device=dev),
-            split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=dev))
+            split_sums=sums, split_arrivals=arrivals)
 
     def check(self, weights: ExpertWeights, spec: ExpertSpec) -> dict[str, torch.Tensor]:
         """Fits these weights, and every buffer the spec uses has its dtype, shape and layout; returns the buffers
@@ -81,7 +80,7 @@ class ExpertWorkspace:
         named = {f"workspace.{name}": ops.check_tensor(getattr(self, name), f"workspace.{name}", dtype,
                                                        shape if used else None)
                  for name, shape, dtype, used in _workspace_layout(self.max_tokens, self.topk, *want, spec)}
-        ops.check_split(self.split_sums, self.split_arrivals, 0, "workspace.")
+        ops.check_split(self.split_sums, self.split_arrivals, "workspace.")
         named.update({"workspace.split_sums": self.split_sums, "workspace.split_arrivals": self.split_arrivals})
         return named
 

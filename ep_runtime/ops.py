@@ -188,13 +188,6 @@ def _dequant_impl(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) ->
            out.data_ptr())
 
 
-def _split_args(split_sums: torch.Tensor, split_arrivals: torch.Tensor, max_pieces: int) -> tuple[int, ...]:
-    """The K split's workspace as the kernels take it (an empty one: no split)."""
-    if not split_sums.numel() or not split_arrivals.numel():
-        return 0, 0, 0, 0, max_pieces
-    return split_sums.data_ptr(), split_sums.numel(), split_arrivals.data_ptr(), split_arrivals.numel(), max_pieces
-
-
 def _l1_impl(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor, act: torch.Tensor,
              x_gs: torch.Tensor | None, offsets: torch.Tensor, slot_pair: torch.Tensor, topk: int, epilogue: int,
              swiglu_limit: float, h_gs: torch.Tensor | None, out_f32: torch.Tensor, hq_data: torch.Tensor,
@@ -204,8 +197,8 @@ def _l1_impl(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tensor
     launch("grouped_l1", w13.device, w13.data_ptr(), w13_scale.data_ptr(), w13_alpha.data_ptr(), act.data_ptr(),
            0 if x_gs is None else x_gs.data_ptr(), offsets.data_ptr(), slot_pair.data_ptr(), topk, e, 2 * kh,
            n2 // 2, slot_pair.shape[0], epilogue, swiglu_limit, 0 if h_gs is None else h_gs.data_ptr(),
-           out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(),
-           *_split_args(split_sums, split_arrivals, max_pieces), block_n, block_m)
+           out_f32.data_ptr(), hq_data.data_ptr(), hq_scale.data_ptr(), h_bf16.data_ptr(), split_sums.data_ptr(),
+           split_sums.numel(), split_arrivals.data_ptr(), split_arrivals.numel(), max_pieces, block_n, block_m)
 
 
 def _l2_impl(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
@@ -321,20 +314,19 @@ def check_tiles(block_n: int, block_m: int, rows: int) -> None:
                          f"{block_n}")
 
 
-def split_workspace_sizes(device: torch.device | str) -> tuple[int, int]:
-    """(fp32 sums, int32 arrival counts) of a full K-split workspace on device: (0, 0) off CUDA."""
+def split_workspace(device: torch.device | str, enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K-split workspace for grouped_l1 on device: (split_sums, split_arrivals), fp32 sums for every SM's resident
+    CTAs and zeroed int32 arrival counts; empty (no split) off CUDA or where not enabled."""
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return 0, 0
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    return sms * SPLIT_SUMS_PER_SM, sms * SPLIT_TILES_PER_SM
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if enabled and dev.type == "cuda" else 0
+    return (torch.empty(sms * SPLIT_SUMS_PER_SM, dtype=torch.float32, device=dev),
+            torch.zeros(sms * SPLIT_TILES_PER_SM, dtype=torch.int32, device=dev))
 
 
-def check_split(split_sums: torch.Tensor | None, split_arrivals: torch.Tensor | None, max_pieces: int,
-                prefix: str = "") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def check_split(split_sums: torch.Tensor | None, split_arrivals: torch.Tensor | None,
+                prefix: str = "") -> None:
     """The K split's workspace: both tensors or neither (no split); fp32 sums and int32 arrival counts, which must
-    be zero (as allocated; every launch leaves them so). max_pieces: at most this many pieces per tile, 0 any.
-    prefix names their owner."""
+    be zero (as split_workspace makes them; every launch leaves them so). prefix names their owner."""
     sums, arrivals = prefix + "split_sums", prefix + "split_arrivals"
     if (split_sums is None) != (split_arrivals is None):
         raise ValueError(f"{sums}, {arrivals}: expected both or neither, got "
@@ -342,9 +334,6 @@ def check_split(split_sums: torch.Tensor | None, split_arrivals: torch.Tensor | 
     if split_sums is not None:
         check_tensor(split_sums, sums, torch.float32, (None,))
         check_tensor(split_arrivals, arrivals, torch.int32, (None,))
-    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 0:
-        raise ValueError(f"max_pieces: expected an int >= 0 (0: any), got {max_pieces!r}")
-    return split_sums, split_arrivals
 
 
 def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
@@ -398,7 +387,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     epilogue 'gate_up': out_f32 (S, 2I) gate|up with alphas; 'nvfp4': h quantized with gs h_gs[e] (E,) into
     hq_data (S, I/2), hq_scale (S, I/16) and its exact BF16 copy h_bf16 (S, I); 'bf16': h_bf16; 'fp32': out_f32
     (S, I). S = slot_pair.shape[0] = T*topk rows are reserved; only offsets[E] are written.
-    split_sums, split_arrivals (check_split; sizes from split_workspace_sizes): with them a launch of 8- or 16-slot
+    split_sums, split_arrivals (split_workspace; empty or None: no split): with them a launch of 8- or 16-slot
     tiles that would leave at least half of the GPU's resident CTAs idle cuts each tile's K range into up to four
     pieces on several CTAs (at most max_pieces, 0: the kernel's choice); the sums then add in another order, fixed
     by the launch's tile count. Concurrent launches need workspaces of their own.
@@ -416,7 +405,9 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         raise ValueError(f"epilogue: expected one of {sorted(EPILOGUES)}, got {epilogue!r}")
     check_swiglu_limit(swiglu_limit)
     check_tiles(block_n, block_m, 2 * inter)
-    split_sums, split_arrivals = check_split(split_sums, split_arrivals, max_pieces)
+    check_split(split_sums, split_arrivals)
+    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 0:
+        raise ValueError(f"max_pieces: expected an int >= 0 (0: any), got {max_pieces!r}")
     dev = w13.device
     if epilogue in ("gate_up", "fp32"):
         out_f32 = check_tensor(out_f32, "out_f32", torch.float32, (s, 2 * inter if epilogue == "gate_up" else inter))

@@ -299,9 +299,8 @@ def test_hmma_tiles_of_64_and_128_rows_match_the_reference_over_a_long_k(block_m
 
 
 def split_workspace() -> dict:
-    sums, tiles = ops.split_workspace_sizes(DEV)
-    return dict(split_sums=torch.full((sums,), float("nan"), device=DEV),  # poison: each piece writes its sums
-                split_arrivals=torch.zeros(tiles, dtype=torch.int32, device=DEV))
+    sums, arrivals = ops.split_workspace(DEV)
+    return dict(split_sums=sums.fill_(float("nan")), split_arrivals=arrivals)  # poison: each piece writes its sums
 
 
 def few_tile_launch(block_n: int, block_m: int, gen: torch.Generator):
