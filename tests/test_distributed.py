@@ -64,6 +64,21 @@ def test_ep_output_equals_the_single_process_reference(ckpt, tmp_path, world):
     assert _rel(outs[0], ref) <= 1e-5
 
 
+def _two_forwards_worker(rank, world, ckpt, out_dir):
+    cfg = load_config("tiny", [f"world_size={world}", "layer=1"])
+    init_process_group(torch.device("cpu"), 60)
+    moe = EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+    first = moe(*_inputs(cfg, 1))
+    kept = first.clone()
+    moe(*_inputs(cfg, 2))
+    torch.save(torch.equal(first, kept), f"{out_dir}/kept{rank}.pt")
+
+
+def test_every_ranks_output_outlives_the_next_forward_through_the_all_reduce_buffer(ckpt, tmp_path):
+    spawn_local(_two_forwards_worker, 2, str(ckpt), str(tmp_path))
+    assert all(torch.load(tmp_path / f"kept{r}.pt") for r in range(2))
+
+
 # W4A16 keeps h in bf16: each rank runs the shared expert on its quarter of the tokens, a matmul of another
 # shape whose fp32 sums may round differently, and an element of h may then land one bf16 ulp (2^-8) away,
 # moving the output by ~1e-5 of its norm (seen: 3.0e-5). A wrong layout is off by far more.
