@@ -91,6 +91,11 @@ def unpack_scales_u32(words: torch.Tensor) -> torch.Tensor:
     return raw.to(torch.uint8).view(torch.float8_e4m3fn)
 
 
+def _blocks(t: torch.Tensor) -> torch.Tensor:
+    """t (..., K) as (..., K/16, 16): its scale blocks (the count spelled out, so that zero rows reshape too)."""
+    return t.reshape(*t.shape[:-1], t.shape[-1] // BLOCK, BLOCK)
+
+
 def dynamic_global_scale(x: torch.Tensor) -> torch.Tensor:
     """gs = 448*6 / amax(|x|) over the whole tensor; an all-zero tensor gets gs = 1."""
     amax = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
@@ -132,7 +137,7 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, 
         gs = gs.reshape(())
         if check:
             check_positive_scale(gs, "global_scale")
-    blocks = xf.reshape(*xf.shape[:-1], -1, BLOCK)
+    blocks = _blocks(xf)
     sf = e4m3_from_float(_div(gs * blocks.abs().amax(-1), E2M1_MAX))
     sf_f = sf.float().unsqueeze(-1)
     # gs / sf first, in fp32, then one multiply per element: the kernels reproduce this exact order.
@@ -151,7 +156,7 @@ def block_dequantize(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if vals.shape[-1] % BLOCK or tuple(scale.shape) != want:
         raise ValueError(f"scale: expected shape {want} (one per {BLOCK} elements of data of shape "
                          f"{tuple(data.shape)}), got {tuple(scale.shape)}")
-    return (vals.reshape(*vals.shape[:-1], -1, BLOCK) * scale.float().unsqueeze(-1)).reshape(vals.shape)
+    return (_blocks(vals) * scale.float().unsqueeze(-1)).reshape(vals.shape)
 
 
 def dequantize(q: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -193,7 +198,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     check_finite(wf, "w")
     amax = wf.abs().amax()
     ws2 = torch.where(amax > 0, _div(amax, E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
-    blocks = wf.reshape(*wf.shape[:-1], -1, BLOCK)
+    blocks = _blocks(wf)
     sf = e4m3_from_float(blocks.abs().amax(-1) / (E2M1_MAX * ws2))
     sf = torch.where(sf.float() > 0, sf.float(), torch.ones_like(sf.float())).to(torch.float8_e4m3fn)
     codes = e2m1_encode(blocks / (sf.float().unsqueeze(-1) * ws2)).reshape(wf.shape)

@@ -79,6 +79,21 @@ def test_every_ranks_output_outlives_the_next_forward_through_the_all_reduce_buf
     assert all(torch.load(tmp_path / f"kept{r}.pt") for r in range(2))
 
 
+def _no_tokens_worker(rank, world, ckpt, out_dir):
+    cfg = load_config("tiny", [f"world_size={world}", "layer=1"])
+    init_process_group(torch.device("cpu"), 60)
+    moe = EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+    empty = moe(torch.zeros(0, cfg.model.hidden_size), torch.zeros(0, dtype=torch.long))
+    torch.save((tuple(empty.shape), moe(*_inputs(cfg, 3))), f"{out_dir}/after{rank}.pt")
+
+
+def test_ranks_run_a_forward_of_no_tokens_together_and_go_on(ckpt, tmp_path):
+    spawn_local(_no_tokens_worker, 2, str(ckpt), str(tmp_path))
+    (shape0, out0), (shape1, out1) = (torch.load(tmp_path / f"after{r}.pt") for r in range(2))
+    assert shape0 == shape1 == (0, load_config("tiny").model.hidden_size)
+    assert torch.equal(out0, out1) and out0.abs().sum() > 0
+
+
 # W4A16 keeps h in bf16: each rank runs the shared expert on its quarter of the tokens, a matmul of another
 # shape whose fp32 sums may round differently, and an element of h may then land one bf16 ulp (2^-8) away,
 # moving the output by ~1e-5 of its norm (seen: 3.0e-5). A wrong layout is off by far more.

@@ -112,6 +112,17 @@ def test_outputs_do_not_alias_the_communication_buffer(gen):
     assert torch.equal(first, kept)
 
 
+@pytest.mark.parametrize("overrides", [[], ["act_scale=static"], ["act_mode=bf16", "act_scale=static"],
+                                       ["scoring_func=sigmoid", "n_group=4", "topk_group=2"]],
+                         ids=["w4a4-dynamic", "w4a4-static", "w4a16", "v3-routing"])
+@pytest.mark.parametrize("layer", [0, 1], ids=["hash-layer", "routed-layer"])
+def test_a_forward_of_no_tokens_returns_no_rows(overrides, layer):
+    """A rank may get an empty batch; its layer still runs (its peers' all-reduce needs it) and returns (0, H)."""
+    cfg = load_config("tiny", ["world_size=1", "max_tokens=16", "tokens=16", *overrides])
+    out = EPMoE.from_synthetic(cfg, layer, 0, 1)(torch.randn(0, M.hidden_size), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, M.hidden_size) and out.dtype == cfg.runtime.torch_dtype
+
+
 def _layer(world_size=1):
     """Synthetic row-layout weights of rank 0 for CFG."""
     return synthetic_layer(M, 0, 0, world_size, 0, "cpu")

@@ -144,6 +144,13 @@ def test_representable_values_round_trip_exactly(gen):
     assert torch.equal(nvfp4.dequantize(q), x)
 
 
+@pytest.mark.parametrize("global_scale", [None, 4.0], ids=["dynamic", "static"])
+def test_zero_rows_quantize_and_dequantize_to_zero_rows(global_scale):
+    q = nvfp4.quantize(torch.zeros(0, 64), global_scale)
+    assert q.data.shape == (0, 32) and q.scale.shape == (0, 4)
+    assert nvfp4.dequantize(q).shape == (0, 64)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_quantize_rejects_non_finite_input(bad):
     x = torch.ones(1, 16)

@@ -72,6 +72,18 @@ def test_more_tokens_than_capacity_is_refused(seed):
         moe(torch.randn(513, cfg.model.hidden_size, device=DEV, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("mode", [["act_scale=static"], ["act_scale=dynamic"], ["act_mode=bf16"]],
+                         ids=["w4a4-static", "w4a4-dynamic", "w4a16"])
+def test_a_forward_of_no_tokens_returns_no_rows_eagerly_and_in_a_graph(mode, seed):
+    cfg = layer_config(1, "backend=cuda", *mode, seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    x = torch.empty(0, cfg.model.hidden_size, device=DEV, dtype=torch.bfloat16)
+    assert moe(x).shape == (0, cfg.model.hidden_size)
+    assert moe.capture(x).replay().shape == (0, cfg.model.hidden_size)
+    y = layer_inputs(cfg, seed, DEV)
+    assert torch.equal(moe(y), moe(y))  # and the layer runs on as before
+
+
 def _two_layers(seed, share):
     """Two layers of one config with their own weights; the second uses the first's scratch when share."""
     cfg = layer_config(1, "backend=cuda", seed=seed)
