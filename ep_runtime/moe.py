@@ -188,6 +188,12 @@ class EPMoE(nn.Module):
             raise ValueError(f"hidden: expected shape (T, {h}), got {tuple(hidden.shape)}")
         if hidden.device != self.device:
             raise ValueError(f"hidden: expected device {self.device}, got {hidden.device}")
+        if hidden.requires_grad and torch.is_grad_enabled():
+            # The reference path would backpropagate through the routing weights alone, past the quantized experts:
+            # gradients that look right and are not.
+            raise ValueError("hidden: expected a tensor that does not require grad (EPMoE runs forward only: its NVFP4 "
+                             "expert kernels have no backward; call it under torch.no_grad() or "
+                             "torch.inference_mode(), or pass hidden.detach()), got one that requires grad")
         self.buffer.check_tokens(hidden.shape[0])
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")

@@ -98,6 +98,17 @@ def test_integer_hidden_is_rejected(gen):
         moe(torch.zeros(4, M.hidden_size, dtype=torch.int32))
 
 
+def test_hidden_that_requires_grad_is_refused_outside_no_grad(gen):
+    moe = EPMoE.from_dense(CFG, **_dense(gen))
+    x = torch.randn(4, M.hidden_size, generator=gen, requires_grad=True)
+    ids = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"hidden: expected a tensor that does not require grad \(EPMoE runs forward "
+                                         r"only"):
+        moe(x, ids)
+    with torch.no_grad():
+        assert torch.equal(moe(x, ids), moe(x.detach(), ids))
+
+
 def test_the_cuda_backend_without_a_gpu_is_a_clear_error(gen):
     with pytest.raises(RuntimeError, match="backend: 'cuda' needs an sm_90 CUDA device"):
         EPMoE.from_dense(CFG.replace(backend="cuda"), **_dense(gen))
