@@ -132,6 +132,9 @@ class Router(nn.Module):
         if self.tid2eid is not None:
             if input_ids is None:
                 raise ValueError("input_ids: a hash-routed layer needs the token ids, got None")
+            if input_ids.dtype not in _TOKEN_ID_DTYPES:  # a float id would be truncated to some token's experts
+                raise TypeError(f"input_ids: expected an integer dtype ({', '.join(map(str, _TOKEN_ID_DTYPES))}), got "
+                                f"{input_ids.dtype}")
             if input_ids.shape != hidden.shape[:1]:
                 raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
             vocab = self.tid2eid.shape[0]
@@ -147,6 +150,9 @@ class Router(nn.Module):
             ops.route_v4_op(logits, self.bias, hash_ids, float(cfg.routed_scaling_factor), ids, w)
             return ids, w
         return _into(out, *route_v4(logits, self.bias, k, cfg.routed_scaling_factor, hash_ids))
+
+
+_TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _into(out: tuple[torch.Tensor, torch.Tensor] | None, ids: torch.Tensor,

@@ -122,3 +122,13 @@ def test_router_keeps_no_bf16_copy_of_a_weight_bf16_would_round():
     w = torch.randn(8, 64).bfloat16().float()
     w[3, 5] += w[3, 5].abs() * 2**-12  # below a bf16 ulp
     assert Router(_cfg(num_hash_layers=0), w).weight_bf16 is None
+
+
+def test_a_hash_layer_refuses_token_ids_of_a_float_dtype():
+    cfg = ModelConfig(name="t", hidden_size=64, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+                      vocab_size=32)
+    router = Router(cfg, torch.randn(8, 64), tid2eid=torch.randint(0, 8, (32, 2)))
+    with pytest.raises(TypeError, match="input_ids: expected an integer dtype .*, got torch.float32"):
+        router(torch.randn(3, 64), torch.zeros(3))
+    ids, _ = router(torch.randn(3, 64), torch.tensor([1, 2, 3], dtype=torch.int32))
+    assert torch.equal(ids, router.tid2eid[torch.tensor([1, 2, 3])])
