@@ -268,6 +268,8 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
         raise CheckpointError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
     if not 0 <= rank < world_size:
         raise CheckpointError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:  # the keys' index: any layer of the file
+        raise CheckpointError(f"layer: expected a layer index >= 0, got {layer!r}")
     n_local = e_total // world_size
     begin = rank * n_local
     nm = reader.naming

@@ -172,6 +172,12 @@ def test_corrupt_header_is_reported_with_the_file(tmp_path):
         CheckpointReader(tmp_path)
 
 
+@pytest.mark.parametrize("layer", [-1, 1.0])
+def test_a_layer_index_that_is_not_a_non_negative_int_is_rejected_before_reading(ckpt, layer):
+    with pytest.raises(CheckpointError, match=rf"layer: expected a layer index >= 0, got {layer}"):
+        load_layer(CheckpointReader(ckpt), CFG, layer, 0, 1)
+
+
 def test_world_size_not_dividing_the_experts_is_rejected(ckpt):
     with pytest.raises(CheckpointError, match="world_size: must divide n_routed_experts=32, got 5"):
         load_layer(CheckpointReader(ckpt), CFG, 1, 0, 5)
