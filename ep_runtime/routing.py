@@ -15,6 +15,9 @@ from . import ops
 from .config import ModelConfig
 
 
+_TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # what a hash layer takes as token ids
+
+
 @functools.cache
 def _gpu_kernels() -> bool:
     """ops.topk_stable, ops.route_v4 and ops.router_logits can run (an sm_90 GPU and the built extension): asked
@@ -150,9 +153,6 @@ class Router(nn.Module):
             ops.route_v4_op(logits, self.bias, hash_ids, float(cfg.routed_scaling_factor), ids, w)
             return ids, w
         return _into(out, *route_v4(logits, self.bias, k, cfg.routed_scaling_factor, hash_ids))
-
-
-_TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _into(out: tuple[torch.Tensor, torch.Tensor] | None, ids: torch.Tensor,

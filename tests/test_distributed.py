@@ -33,10 +33,15 @@ def _inputs(cfg, seed):
     return hidden, ids
 
 
-def _ep_worker(rank, world, ckpt, overrides, seed, out_dir):
+def _rank_layer(rank, world, ckpt, overrides):
+    """This CPU rank's layer of the checkpoint, its process group joined."""
     cfg = load_config("tiny", [f"world_size={world}", *overrides])
     init_process_group(torch.device("cpu"), 60)
-    moe = EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+    return cfg, EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+
+
+def _ep_worker(rank, world, ckpt, overrides, seed, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, overrides)
     hidden, ids = _inputs(cfg, seed)
     out = moe(hidden, ids)
     torch.save(out, f"{out_dir}/out{rank}.pt")
@@ -65,9 +70,7 @@ def test_ep_output_equals_the_single_process_reference(ckpt, tmp_path, world):
 
 
 def _two_forwards_worker(rank, world, ckpt, out_dir):
-    cfg = load_config("tiny", [f"world_size={world}", "layer=1"])
-    init_process_group(torch.device("cpu"), 60)
-    moe = EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1"])
     first = moe(*_inputs(cfg, 1))
     kept = first.clone()
     moe(*_inputs(cfg, 2))
@@ -80,9 +83,7 @@ def test_every_ranks_output_outlives_the_next_forward_through_the_all_reduce_buf
 
 
 def _no_tokens_worker(rank, world, ckpt, out_dir):
-    cfg = load_config("tiny", [f"world_size={world}", "layer=1"])
-    init_process_group(torch.device("cpu"), 60)
-    moe = EPMoE.from_checkpoint(ckpt, cfg, cfg.runtime.layer, rank, world)
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1"])
     empty = moe(torch.zeros(0, cfg.model.hidden_size), torch.zeros(0, dtype=torch.long))
     torch.save((tuple(empty.shape), moe(*_inputs(cfg, 3))), f"{out_dir}/after{rank}.pt")
 

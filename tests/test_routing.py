@@ -125,9 +125,7 @@ def test_router_keeps_no_bf16_copy_of_a_weight_bf16_would_round():
 
 
 def test_a_hash_layer_refuses_token_ids_of_a_float_dtype():
-    cfg = ModelConfig(name="t", hidden_size=64, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
-                      vocab_size=32)
-    router = Router(cfg, torch.randn(8, 64), tid2eid=torch.randint(0, 8, (32, 2)))
+    router = Router(_cfg(), torch.randn(8, 64), tid2eid=torch.randint(0, 8, (10, 2)))
     with pytest.raises(TypeError, match="input_ids: expected an integer dtype .*, got torch.float32"):
         router(torch.randn(3, 64), torch.zeros(3))
     ids, _ = router(torch.randn(3, 64), torch.tensor([1, 2, 3], dtype=torch.int32))
