@@ -10,7 +10,8 @@ counts in the experts stage. The graph is timed twice: as the runtime captures i
 programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of every kernel in
 one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay. With
 --chain N it also times one graph of N layers in a row (the model's next layers, sharing the first one's scratch, each
-reading the previous one's output), as a model runs them: chain_graph_ms, for all N.
+reading the previous one's output), as a model runs them: chain_graph_ms, for all N. With --compile it also times the
+layer compiled by torch.compile with CUDA graphs (compiled_graph_ms: the graph trees' replay and their input copy).
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
@@ -94,6 +95,8 @@ def main() -> None:
     p.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (profiler)")
     p.add_argument("--chain", type=int, default=1,
                    help="also time one graph of this many layers in a row, sharing one scratch (as in a model)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the layer compiled by torch.compile with CUDA graphs (mode='reduce-overhead')")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -112,6 +115,9 @@ def main() -> None:
                      for i in range(1, args.chain)]
     if world > 1:
         dist.barrier()
+    # One compiled callable for every token count: Dynamo traces again for the second count (then with a dynamic
+    # one), and the CUDA graph trees record a graph per count.
+    compiled = torch.compile(lambda v: moe(v, check=False), fullgraph=True, mode="reduce-overhead")
     rows = []
     g = torch.Generator(device=device).manual_seed(1234)
     with torch.inference_mode():
@@ -135,12 +141,18 @@ def main() -> None:
             if args.kernels:
                 row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured
+            if args.compile:
+                for _ in range(3):  # warm-up, capture, a replay
+                    compiled(x)
+                row["compiled_graph_ms"] = _events_ms(lambda: compiled(x), args.iters)
             if len(chain) > 1:
                 row["chain_graph_ms"] = _events_ms(_chain_graph(chain, x).replay, args.iters)
             rows.append(row)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+                if args.compile:
+                    print(f"         compiled with CUDA graphs {row['compiled_graph_ms']:.3f} ms", flush=True)
                 if len(chain) > 1:
                     per_layer = row["chain_graph_ms"] / len(chain)
                     print(f"         {len(chain)} layers in one graph {row['chain_graph_ms']:.3f} ms: "
@@ -155,7 +167,8 @@ def main() -> None:
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
                   "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
                   "topk": cfg.model.num_experts_per_tok, "max_tokens": cfg.runtime.max_tokens,
-                  "scratch_bytes": moe.scratch.nbytes(), "chain_layers": len(chain), "iters": args.iters,
+                  "scratch_bytes": moe.scratch.nbytes(), "chain_layers": len(chain), "compiled": args.compile,
+                  "iters": args.iters,
                   "rows": rows}
         out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")

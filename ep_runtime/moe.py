@@ -19,6 +19,7 @@ from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synt
 from .config import Config, ModelConfig
 from .dist_utils import collective
 from .experts import Addend, ExpertSpec, expert_stage
+from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
@@ -88,6 +89,7 @@ class EPMoE(nn.Module):
         if scratch is None:
             scratch = LayerScratch.allocate(cfg, rank, world_size, device, self.backend)
         self.scratch = scratch
+        self._handle = register(self)  # names this layer to torch.compile's graphs (layer_op)
         self._stage = self._shared_stage = self._shared_slice_stage = None
         # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
@@ -179,7 +181,7 @@ class EPMoE(nn.Module):
         return cls(cfg, LayerWeights(router_weight, router_bias, tid2eid, experts, shared_w), rank, world_size,
                    scratch, device)
 
-    def _validate(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+    def _validate(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool) -> None:
         h = self.cfg.model.hidden_size
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             raise TypeError(f"hidden: expected a floating-point tensor, got "
@@ -195,6 +197,9 @@ class EPMoE(nn.Module):
                              "expert kernels have no backward; call it under torch.no_grad() or "
                              "torch.inference_mode(), or pass hidden.detach()), got one that requires grad")
         self.buffer.check_tokens(hidden.shape[0])
+        if check and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
+                             "mode='reduce-overhead'): its checks sync with the host, got True")
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
 
@@ -206,9 +211,12 @@ class EPMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
-        capture requires; shapes, dtypes and capacity are always checked."""
+        capture requires; shapes, dtypes and capacity are always checked. Under torch.compile the layer is one opaque
+        op (layer_op) that runs this forward."""
+        if torch.compiler.is_compiling():
+            return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
-        self._validate(hidden, input_ids)
+        self._validate(hidden, input_ids, check)
         t = hidden.shape[0]
         acts = self.stage_activations(hidden, check)
         mark("staging")
@@ -232,6 +240,10 @@ class EPMoE(nn.Module):
             y = y.clone()  # never hand out a view of the communication buffer
         mark("all_reduce")
         return y
+
+    def output_like(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An uninitialized tensor of the shape, dtype and device of forward(hidden)'s output."""
+        return hidden.new_empty((hidden.shape[0], self.cfg.model.hidden_size), dtype=self.buffer.y.dtype)
 
     def _start_shared_expert(self, acts: NVFP4Tensor | torch.Tensor, t: int) -> Addend | None:
         """This rank's part of the shared expert's output, as the routed sum's addend, or None: its slice [lo, hi) of

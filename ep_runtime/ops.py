@@ -162,9 +162,11 @@ def _multiple(value: int, m: int, name: str) -> None:
 _LIB = torch.library.Library(_NS, "DEF")
 
 
-def define_op(schema: str, impl: Callable[..., None]) -> torch._ops.OpOverload:
+def define_op(schema: str, impl: Callable[..., object], fake: Callable[..., object] | None = None
+              ) -> torch._ops.OpOverload:
     """Registers ep_runtime::<schema>, a kernel launch writing into its `Tensor(a!)` arguments, with impl for every
     device and a fake that does nothing (torch.compile and CUDA-graph capture see one opaque op); returns the op.
+    An op that returns tensors passes the fake that makes them (shapes only).
 
     Plain torch.library.Library ops rather than torch.library.custom_op, whose Python layers (alias checks,
     autograd and version-counter wrappers) cost several times the dispatch itself on every launch of every eager
@@ -172,7 +174,7 @@ def define_op(schema: str, impl: Callable[..., None]) -> torch._ops.OpOverload:
     name = schema[: schema.index("(")]
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{_NS}::{name}", lambda *args, **kwargs: None, lib=_LIB)
+    torch.library.register_fake(f"{_NS}::{name}", fake or (lambda *args, **kwargs: None), lib=_LIB)
     return getattr(getattr(torch.ops, _NS), name).default
 
 

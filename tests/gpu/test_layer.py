@@ -141,6 +141,53 @@ def test_a_graph_of_two_layers_sharing_a_scratch_replays_their_eager_bits(seed):
     assert torch.isfinite(out["y"]).all() and torch.equal(out["y"], eager)
 
 
+def _residual_model(first, second, check=True):
+    """Two MoE layers of a model with residual adds, as torch.compile sees them."""
+    def model(x):
+        x = x + first(x, check=check)
+        return x + second(x, check=check)
+    return model
+
+
+def test_a_model_compiled_whole_gives_the_eager_bits(seed):
+    torch._dynamo.reset()
+    first, second = _two_layers(seed, share=True)
+    model = _residual_model(first, second)
+    compiled = torch.compile(model, fullgraph=True)  # inductor
+    for t in (256, 3, 17):  # the third count runs the graph traced for dynamic shapes on the second
+        x = layer_inputs(layer_config(1, f"tokens={t}", seed=seed), seed + t, DEV)
+        poison_module(first)
+        want = model(x)
+        poison_module(first)
+        got = compiled(x)
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_a_model_compiled_with_cuda_graphs_replays_the_eager_bits(seed):
+    torch._dynamo.reset()
+    first, second = _two_layers(seed, share=True)
+    model = _residual_model(first, second, check=False)
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    for i in range(4):  # warm-up, capture, then replays on new inputs
+        x = layer_inputs(layer_config(1, seed=seed), seed + i, DEV)
+        poison_module(first)
+        want = model(x).clone()
+        poison_module(first)
+        got = compiled(x).clone()
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_capturing_a_forward_that_syncs_for_its_checks_is_refused(seed):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    x = layer_inputs(cfg, seed, DEV)
+    moe(x)
+    with pytest.raises(ValueError, match="check: expected False while a CUDA graph is captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            moe(x)
+    assert torch.equal(moe(x), moe(x))  # and the layer runs on as before
+
+
 def test_a_cuda_layer_refuses_a_scratch_of_the_reference_backend(seed):
     cfg = layer_config(1, seed=seed)
     reference = EPMoE.from_synthetic(cfg.replace(backend="reference"), device=DEV)

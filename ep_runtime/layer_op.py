@@ -1,0 +1,57 @@
+"""A whole EPMoE layer as one opaque torch op, so that torch.compile traces a model around its MoE layers.
+
+While Dynamo traces, EPMoE.forward is one call of `ep_runtime::moe_layer`, whose fake only shapes the output; the
+compiled graph then calls the layer's eager forward: the same kernels, the same bits. Traced into instead, the layer's
+streams, events and host-side buffer logic break the graph (its forward compiled 2-3x slower than eager on one H200,
+and `fullgraph=True` failed), and nothing in it is left for the compiler to fuse: every step is already a kernel.
+
+The op names its layer by a handle: the schema holds ints, not modules. The registry holds weak references, so it
+keeps no layer alive; a compiled graph called after its layer is gone says so.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Protocol
+
+import torch
+
+from .ops import define_op
+
+
+class _Layer(Protocol):
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool) -> torch.Tensor: ...
+
+    def output_like(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+_layers: dict[int, weakref.ref] = {}
+_handles = itertools.count()
+
+
+def register(layer: _Layer) -> int:
+    """A handle that names `layer` in moe_layer calls for as long as the layer lives."""
+    handle = next(_handles)
+    _layers[handle] = weakref.ref(layer, lambda _: _layers.pop(handle, None))
+    return handle
+
+
+def layer_of(handle: int) -> _Layer:
+    ref = _layers.get(handle)
+    layer = ref() if ref is not None else None
+    if layer is None:
+        raise RuntimeError(f"layer: expected the handle of a live EPMoE, got {handle}, whose layer no longer exists "
+                           f"(a compiled graph outlived the module it was traced from)")
+    return layer
+
+
+def _impl(hidden: torch.Tensor, input_ids: torch.Tensor | None, layer: int, check: bool) -> torch.Tensor:
+    return layer_of(layer).forward(hidden, input_ids, check)
+
+
+def _fake(hidden: torch.Tensor, input_ids: torch.Tensor | None, layer: int, check: bool) -> torch.Tensor:
+    return layer_of(layer).output_like(hidden)
+
+
+moe_layer_op = define_op("moe_layer(Tensor hidden, Tensor? input_ids, int layer, bool check) -> Tensor", _impl,
+                         _fake)
