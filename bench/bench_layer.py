@@ -11,7 +11,8 @@ programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also
 one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay. With
 --chain N it also times one graph of N layers in a row (the model's next layers, sharing the first one's scratch, each
 reading the previous one's output), as a model runs them: chain_graph_ms, for all N. With --compile it also times the
-layer compiled by torch.compile with CUDA graphs (compiled_graph_ms: the graph trees' replay and their input copy).
+N layers in a row compiled by torch.compile with CUDA graphs (compiled_graph_ms, for all N: the graph trees' replay
+with their host work and input copy).
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
@@ -77,14 +78,14 @@ def _graph_kernels_us(replay, iters: int) -> dict[str, float]:
     return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
 
 
-def _chain_graph(layers: list[EPMoE], x: torch.Tensor) -> torch.cuda.CUDAGraph:
-    """One graph of the layers in a row, each reading the previous one's output."""
-    def step() -> None:
-        h = x
+def _in_a_row(layers: list[EPMoE]):
+    """The layers' forward in a row, each reading the previous one's output, as a model runs them."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
         for moe in layers:
-            h = moe(h, check=False)
+            x = moe(x, check=False)
+        return x
 
-    return cuda_graphs.capture(step)
+    return forward
 
 
 def main() -> None:
@@ -96,7 +97,7 @@ def main() -> None:
     p.add_argument("--chain", type=int, default=1,
                    help="also time one graph of this many layers in a row, sharing one scratch (as in a model)")
     p.add_argument("--compile", action="store_true",
-                   help="also time the layer compiled by torch.compile with CUDA graphs (mode='reduce-overhead')")
+                   help="also time the layers (--chain) compiled by torch.compile with CUDA graphs (reduce-overhead)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -117,7 +118,7 @@ def main() -> None:
         dist.barrier()
     # One compiled callable for every token count: Dynamo traces again for the second count (then with a dynamic
     # one), and the CUDA graph trees record a graph per count.
-    compiled = torch.compile(lambda v: moe(v, check=False), fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(_in_a_row(chain), fullgraph=True, mode="reduce-overhead")
     rows = []
     g = torch.Generator(device=device).manual_seed(1234)
     with torch.inference_mode():
@@ -146,13 +147,15 @@ def main() -> None:
                     compiled(x)
                 row["compiled_graph_ms"] = _events_ms(lambda: compiled(x), args.iters)
             if len(chain) > 1:
-                row["chain_graph_ms"] = _events_ms(_chain_graph(chain, x).replay, args.iters)
+                forward = _in_a_row(chain)
+                row["chain_graph_ms"] = _events_ms(cuda_graphs.capture(lambda: forward(x)).replay, args.iters)
             rows.append(row)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
                 if args.compile:
-                    print(f"         compiled with CUDA graphs {row['compiled_graph_ms']:.3f} ms", flush=True)
+                    print(f"         {len(chain)} layers compiled with CUDA graphs {row['compiled_graph_ms']:.3f} ms: "
+                          f"{row['compiled_graph_ms'] / len(chain):.3f} ms per layer", flush=True)
                 if len(chain) > 1:
                     per_layer = row["chain_graph_ms"] / len(chain)
                     print(f"         {len(chain)} layers in one graph {row['chain_graph_ms']:.3f} ms: "
