@@ -7,7 +7,8 @@ Every rank runs the same fixed number of iterations (collectives must pair up). 
 recorded between the stages of eager forwards (EPMoE.stage_marker); on the GPU the shared expert runs on its own stream
 beside routing and the routed experts, whose combine waits for it and adds its output, so what is left of it after them
 counts in the experts stage. The graph is timed twice: as the runtime captures it, and captured with the kernels'
-programmatic dependent launch off (graph_nopdl_ms). With --kernels each row also lists the GPU time of every kernel in
+programmatic dependent launch off (graph_nopdl_ms). The eager forward and the graphs are timed in rounds that rotate
+their order (medians of all rounds). With --kernels each row also lists the GPU time of every kernel in
 one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so their sum can exceed the replay. With
 --chain N it also times one graph of N layers in a row (the model's next layers, sharing the first one's scratch, each
 reading the previous one's output), as a model runs them: chain_graph_ms, for all N. With --compile it also times the
@@ -34,7 +35,7 @@ from ep_runtime.provenance import provenance
 STAGES = ("staging", "routing", "experts", "all_reduce")
 
 
-def _events_ms(fn, iters: int) -> float:
+def _events_ms(fn, iters: int) -> list[float]:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):
@@ -43,7 +44,19 @@ def _events_ms(fn, iters: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def _rotating_ms(modes: dict, iters: int, rounds: int = 4) -> dict[str, float]:
+    """The median of each mode's iters timings, taken in rounds that rotate the modes' order: the GPU's clock drifts
+    as it warms up under load (at 1024 tokens on one H200 graphs timed after the eager forwards read 6 % slower than
+    eager, and 5 % faster in rotation), and every rank runs the same calls in the same order."""
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    names = list(modes)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name] += _events_ms(modes[name], -(-iters // rounds))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _stage_breakdown(moe: EPMoE, x: torch.Tensor, iters: int) -> dict[str, float]:
@@ -118,7 +131,7 @@ def main() -> None:
         dist.barrier()
     # One compiled callable for every token count: Dynamo traces again for the second count (then with a dynamic
     # one), and the CUDA graph trees record a graph per count.
-    compiled = torch.compile(_in_a_row(chain), fullgraph=True, mode="reduce-overhead")
+    compiled = torch.compile(_in_a_row(chain), fullgraph=True, mode="reduce-overhead") if args.compile else None
     rows = []
     g = torch.Generator(device=device).manual_seed(1234)
     with torch.inference_mode():
@@ -126,29 +139,26 @@ def main() -> None:
             x = torch.randn(t, cfg.model.hidden_size, generator=g, device=device).to(torch.bfloat16)
             for _ in range(3):
                 moe(x, check=False)
-            eager = _events_ms(lambda: moe(x, check=False), args.iters)
             stages = _stage_breakdown(moe, x, args.iters)
-            # The same layer also captured with the kernels' programmatic dependent launch off (what it buys per
-            # layer); the two graphs are timed in the order on, off, off, on, and each time is the mean of its two.
+            # The same layer also captured with the kernels' programmatic dependent launch off (what it buys per layer).
             with ops.programmatic_launch(False):
                 captured_nopdl = moe.capture(x)
             captured = moe.capture(x)
-            runs = [captured, captured_nopdl, captured_nopdl, captured]
-            times = [_events_ms(c.replay, args.iters) for c in runs]
-            graph, graph_nopdl = (times[0] + times[3]) / 2, (times[1] + times[2]) / 2
-            del captured_nopdl, runs
-            row = {"tokens": t, "eager_ms": eager, "graph_ms": graph, "graph_nopdl_ms": graph_nopdl,
-                   "stages_ms": stages}
-            if args.kernels:
-                row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
-            del captured
+            modes = {"eager": lambda: moe(x, check=False), "graph": captured.replay,
+                     "graph_nopdl": captured_nopdl.replay}
+            if len(chain) > 1:
+                forward = _in_a_row(chain)
+                modes["chain_graph"] = cuda_graphs.capture(lambda: forward(x)).replay
             if args.compile:
                 for _ in range(3):  # warm-up, capture, a replay
                     compiled(x)
-                row["compiled_graph_ms"] = _events_ms(lambda: compiled(x), args.iters)
-            if len(chain) > 1:
-                forward = _in_a_row(chain)
-                row["chain_graph_ms"] = _events_ms(cuda_graphs.capture(lambda: forward(x)).replay, args.iters)
+                modes["compiled_graph"] = lambda: compiled(x)
+            times = _rotating_ms(modes, args.iters)
+            eager, graph, graph_nopdl = times["eager"], times["graph"], times["graph_nopdl"]
+            row = {"tokens": t, **{f"{name}_ms": ms for name, ms in times.items()}, "stages_ms": stages}
+            if args.kernels:
+                row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
+            del captured, captured_nopdl, modes
             rows.append(row)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
