@@ -124,6 +124,28 @@ def test_two_layers_sharing_a_scratch_match_the_reference_and_replay_their_eager
     assert cosine(mid, refs[0](x)) >= 0.9999 and cosine(out, refs[1](mid)) >= 0.9999
 
 
+def test_a_model_compiled_with_cuda_graphs_gives_the_eager_bits_on_every_rank(group, layer):
+    rank, world, device, seed = group
+    cfg, first = layer
+    second = EPMoE.from_synthetic(cfg.replace(seed=seed + 1), 0, rank, world, device=device, scratch=first.scratch)
+
+    def model(x):
+        x = x + first(x, check=False)
+        return x + second(x, check=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    same = []
+    for i in range(4):  # warm-up, capture, then replays on new inputs: the same calls on every rank
+        x = layer_inputs(cfg, seed + 10 + i, device)
+        poison_module(first)
+        want = model(x).clone()
+        poison_module(first)
+        same.append(torch.equal(compiled(x).clone(), want))
+    torch.cuda.synchronize()
+    assert all(same)
+
+
 def test_nvshmem_backend_sums_like_the_reference(group):
     nvshmem = pytest.importorskip("nvshmem.core")  # noqa: F841  (carried as a wheel on GPU machines)
     from ep_runtime.symm import region_bytes
