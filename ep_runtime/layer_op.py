@@ -1,9 +1,9 @@
 """A whole EPMoE layer as one opaque torch op, so that torch.compile traces a model around its MoE layers.
 
 While Dynamo traces, EPMoE.forward is one call of `ep_runtime::moe_layer`, whose fake only shapes the output; the
-compiled graph then calls the layer's eager forward: the same kernels, the same bits. Traced into instead, the layer's
-streams, events and host-side buffer logic break the graph (its forward compiled 2-3x slower than eager on one H200,
-and `fullgraph=True` failed), and nothing in it is left for the compiler to fuse: every step is already a kernel.
+compiled graph then calls the layer's eager forward: the same kernels, the same bits. Traced into instead, the forward
+compiled 2-4x slower than eager on one H200, `fullgraph=True` failed on the op wrappers' host-side checks, and nothing
+in it is left for the compiler to fuse: every step is already a kernel.
 
 The op names its layer by a handle: the schema holds ints, not modules. The registry holds weak references, so it
 keeps no layer alive; a compiled graph called after its layer is gone says so.
