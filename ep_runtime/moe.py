@@ -115,6 +115,11 @@ class EPMoE(nn.Module):
                 tile_(shared_slice)
                 self._shared_slice_stage = CudaExpertStage(shared_slice, 0, self.spec, scratch.shared_slice)
 
+    def __setstate__(self, state: dict) -> None:
+        """A copy (copy.copy, copy.deepcopy) is another layer: it gets its own handle for torch.compile's graphs."""
+        super().__setstate__(state)
+        self._handle = register(self)
+
     @property
     def buffer(self) -> SymmBuffer:
         """The symmetric buffer of this layer's scratch."""

@@ -1,5 +1,6 @@
 """EPMoE under torch.compile: a model traces whole around its MoE layers, each one opaque op that runs the eager
 forward (CPU reference path here; tests/gpu/test_layer.py compiles the CUDA path with inductor and CUDA graphs)."""
+import copy
 import gc
 
 import pytest
@@ -86,6 +87,19 @@ def test_a_handle_outliving_its_layer_says_so():
     with pytest.raises(RuntimeError, match=f"layer: expected the handle of a live EPMoE, got {handle}, whose layer "
                                            f"no longer exists"):
         layer_op.layer_of(handle)
+
+
+def test_a_copied_layer_compiles_to_itself_not_to_its_original(gen):
+    layer = TwoLayers().routed
+    twin = copy.deepcopy(layer)
+    for t in (twin.router.weight, twin.router.weight_bf16):  # other routing: other outputs
+        if t is not None:
+            t.neg_()
+    hidden, _ = _inputs(CFG, 8, gen)
+    with torch.no_grad():
+        want = twin(hidden)
+        got = torch.compile(twin, fullgraph=True, backend="aot_eager")(hidden)
+        assert torch.equal(got, want) and not torch.equal(got, layer(hidden))
 
 
 def _compiled_ranks_worker(rank, world, seed, out_dir):
