@@ -39,12 +39,11 @@ def _inputs(cfg, tokens, gen):
     return hidden, torch.randint(0, cfg.model.vocab_size, (tokens,), generator=gen)
 
 
-@pytest.mark.parametrize("tokens", [[16, 5, 9]], ids=["token-counts-16-5-9"])
-def test_a_model_compiles_whole_and_gives_the_eager_bits(gen, tokens):
+def test_a_model_compiles_whole_and_gives_the_eager_bits(gen):
     model = TwoLayers()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        for t in tokens:  # the third count runs the graph traced for dynamic shapes on the second
+        for t in (16, 5, 9):  # the third count runs the graph traced for dynamic shapes on the second
             hidden, ids = _inputs(CFG, t, gen)
             want = model(hidden, ids)
             got = compiled(hidden, ids)
