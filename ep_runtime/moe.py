@@ -195,12 +195,7 @@ class EPMoE(nn.Module):
             raise ValueError(f"hidden: expected shape (T, {h}), got {tuple(hidden.shape)}")
         if hidden.device != self.device:
             raise ValueError(f"hidden: expected device {self.device}, got {hidden.device}")
-        if hidden.requires_grad and torch.is_grad_enabled():
-            # The reference path would backpropagate through the routing weights alone, past the quantized experts:
-            # gradients that look right and are not.
-            raise ValueError("hidden: expected a tensor that does not require grad (EPMoE runs forward only: its NVFP4 "
-                             "expert kernels have no backward; call it under torch.no_grad() or "
-                             "torch.inference_mode(), or pass hidden.detach()), got one that requires grad")
+        _check_forward_only(hidden)
         self.buffer.check_tokens(hidden.shape[0])
         if check and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
@@ -219,6 +214,7 @@ class EPMoE(nn.Module):
         capture requires; shapes, dtypes and capacity are always checked. Under torch.compile the layer is one opaque
         op (layer_op) that runs this forward."""
         if torch.compiler.is_compiling():
+            _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
         self._validate(hidden, input_ids, check)
@@ -287,6 +283,15 @@ class EPMoE(nn.Module):
         `captured.hidden` / `captured.input_ids` and call `captured.replay()`. Every rank must capture and
         replay the same number of times (the graph holds the all-reduce)."""
         return CapturedLayer(self, hidden, input_ids)
+
+
+def _check_forward_only(hidden: torch.Tensor) -> None:
+    """The layer has no backward. The reference path would backpropagate through the routing weights alone, past the
+    quantized experts, and a compiled graph through nothing: gradients that look right and are not."""
+    if hidden.requires_grad and torch.is_grad_enabled():
+        raise ValueError("hidden: expected a tensor that does not require grad (EPMoE runs forward only: its NVFP4 "
+                         "expert kernels have no backward; call it under torch.no_grad() or torch.inference_mode(), or "
+                         "pass hidden.detach()), got one that requires grad")
 
 
 def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:

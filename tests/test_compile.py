@@ -74,6 +74,23 @@ def test_a_compiled_layer_raises_the_eager_forwards_errors(gen):
         compiled(hidden)
 
 
+def _messages(e: BaseException) -> str:
+    """An exception's message with its causes' (Dynamo wraps a user exception it cannot trace through)."""
+    return str(e) + (" <- " + _messages(e.__cause__) if e.__cause__ is not None else "")
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_compiled_layer_refuses_hidden_that_requires_grad(gen, fullgraph):
+    """The compiled graph would run the op without grad and hand back an output whose backward passes nothing."""
+    compiled = torch.compile(TwoLayers().routed, fullgraph=fullgraph, backend="aot_eager")
+    hidden = _inputs(CFG, 8, gen)[0].float().requires_grad_()
+    with pytest.raises(Exception) as refused:
+        compiled(hidden)
+    assert "hidden: expected a tensor that does not require grad" in _messages(refused.value)
+    if not fullgraph:  # fullgraph makes Dynamo raise its own error, caused by this one
+        assert refused.type is ValueError
+
+
 def test_a_handle_outliving_its_layer_says_so():
     class Layer:
         pass
