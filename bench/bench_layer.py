@@ -130,7 +130,7 @@ def main() -> None:
                      for i in range(1, args.chain)]
     if world > 1:
         dist.barrier()
-    rows = []
+    rows, inputs = [], []  # the inputs again for the compiled layers
     g = torch.Generator(device=device).manual_seed(1234)
     with torch.inference_mode():
         for t in tokens:
@@ -153,7 +153,8 @@ def main() -> None:
             if args.kernels:
                 row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
             del captured, captured_nopdl, modes
-            rows.append((x, row))
+            rows.append(row)
+            inputs.append(x)
             if rank == 0:
                 print(f"T={t:5d}  eager {eager:8.3f} ms  graph {graph:8.3f} ms (no PDL {graph_nopdl:.3f})  " +
                       "  ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
@@ -170,7 +171,7 @@ def main() -> None:
             # One compiled callable for every token count: Dynamo traces again for the second count (then with a
             # dynamic one), and the CUDA graph trees record a graph per count.
             compiled = torch.compile(_in_a_row(chain), fullgraph=True, mode="reduce-overhead")
-            for x, row in rows:
+            for x, row in zip(inputs, rows):
                 for _ in range(3):  # warm-up, capture, a replay
                     compiled(x)
                 row["compiled_graph_ms"] = statistics.median(_events_ms(lambda: compiled(x), args.iters))
@@ -178,7 +179,6 @@ def main() -> None:
                     print(f"T={row['tokens']:5d}  {len(chain)} layers compiled with CUDA graphs "
                           f"{row['compiled_graph_ms']:.3f} ms: {row['compiled_graph_ms'] / len(chain):.3f} ms per "
                           f"layer", flush=True)
-    rows = [row for _, row in rows]
     if rank == 0:
         result = {"benchmark": "layer", **provenance(device), "world_size": world,
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",

@@ -12,31 +12,27 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from .ops import define_op
 
-
-class _Layer(Protocol):
-    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool) -> torch.Tensor: ...
-
-    def output_like(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
+if TYPE_CHECKING:  # moe imports this module
+    from .moe import EPMoE
 
 _layers: dict[int, weakref.ref] = {}
 _handles = itertools.count()
 
 
-def register(layer: _Layer) -> int:
+def register(layer: EPMoE) -> int:
     """A handle that names `layer` in moe_layer calls for as long as the layer lives."""
     handle = next(_handles)
     _layers[handle] = weakref.ref(layer, lambda _: _layers.pop(handle, None))
     return handle
 
 
-def layer_of(handle: int) -> _Layer:
+def layer_of(handle: int) -> EPMoE:
     ref = _layers.get(handle)
     layer = ref() if ref is not None else None
     if layer is None:

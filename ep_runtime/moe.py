@@ -227,7 +227,7 @@ class EPMoE(nn.Module):
         # The partial output goes to the all-reduce buffer; one rank has nothing to reduce, so its combine writes the
         # output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph on one H200).
         reduce = self.world_size > 1
-        y = self.buffer.y[:t] if reduce else torch.empty_like(self.buffer.y[:t])
+        y = self.buffer.y[:t] if reduce else self.output_like(hidden)
         if self._stage is not None:  # the combine adds the shared expert's rows
             self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
         else:

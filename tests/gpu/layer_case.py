@@ -40,3 +40,11 @@ def poison_module(moe: EPMoE) -> None:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def residual_model(first: EPMoE, second: EPMoE, check: bool = True):
+    """Two MoE layers of a model with residual adds, as torch.compile sees them."""
+    def model(x: torch.Tensor) -> torch.Tensor:
+        x = x + first(x, check=check)
+        return x + second(x, check=check)
+    return model

@@ -7,7 +7,7 @@ import torch
 from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE, cuda_backend_available
 
-from layer_case import cosine, layer_config, layer_inputs, poison_module
+from layer_case import cosine, layer_config, layer_inputs, poison_module, residual_model
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -141,18 +141,10 @@ def test_a_graph_of_two_layers_sharing_a_scratch_replays_their_eager_bits(seed):
     assert torch.isfinite(out["y"]).all() and torch.equal(out["y"], eager)
 
 
-def _residual_model(first, second, check=True):
-    """Two MoE layers of a model with residual adds, as torch.compile sees them."""
-    def model(x):
-        x = x + first(x, check=check)
-        return x + second(x, check=check)
-    return model
-
-
 def test_a_model_compiled_whole_gives_the_eager_bits(seed):
     torch._dynamo.reset()
     first, second = _two_layers(seed, share=True)
-    model = _residual_model(first, second)
+    model = residual_model(first, second)
     compiled = torch.compile(model, fullgraph=True)  # inductor
     for t in (256, 3, 17):  # the third count runs the graph traced for dynamic shapes on the second
         x = layer_inputs(layer_config(1, f"tokens={t}", seed=seed), seed + t, DEV)
@@ -166,7 +158,7 @@ def test_a_model_compiled_whole_gives_the_eager_bits(seed):
 def test_a_model_compiled_with_cuda_graphs_replays_the_eager_bits(seed):
     torch._dynamo.reset()
     first, second = _two_layers(seed, share=True)
-    model = _residual_model(first, second, check=False)
+    model = residual_model(first, second, check=False)
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
     for i in range(4):  # warm-up, capture, then replays on new inputs
         x = layer_inputs(layer_config(1, seed=seed), seed + i, DEV)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE
 
-from layer_case import cosine, layer_config, layer_inputs, poison_module
+from layer_case import cosine, layer_config, layer_inputs, poison_module, residual_model
 
 _TORCHRUN = ("RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
              and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]))
@@ -128,11 +128,7 @@ def test_a_model_compiled_with_cuda_graphs_gives_the_eager_bits_on_every_rank(gr
     rank, world, device, seed = group
     cfg, first = layer
     second = EPMoE.from_synthetic(cfg.replace(seed=seed + 1), 0, rank, world, device=device, scratch=first.scratch)
-
-    def model(x):
-        x = x + first(x, check=False)
-        return x + second(x, check=False)
-
+    model = residual_model(first, second, check=False)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
     same = []
