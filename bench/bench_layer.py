@@ -33,7 +33,7 @@ from ep_runtime.dist_utils import init_process_group
 from ep_runtime.moe import EPMoE
 from ep_runtime.provenance import provenance
 
-STAGES = ("staging", "routing", "experts", "all_reduce")
+STAGES = ("staging", "routing", "prepare", "experts", "finalize")  # files before 2026-11-29 say all_reduce
 
 
 def _events_ms(fn, iters: int) -> list[float]:

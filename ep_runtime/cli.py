@@ -51,9 +51,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inputs(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same hidden states and token ids on every rank (replicated-token mode)."""
-    g = torch.Generator().manual_seed(cfg.runtime.seed)
+def _inputs(cfg: Config, device: torch.device, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states and token ids of a rank: the same on every rank, or in token_mode 'dp' each rank's own."""
+    g = torch.Generator().manual_seed(cfg.runtime.seed + (rank if cfg.runtime.token_mode == "dp" else 0))
     m, t = cfg.model, cfg.runtime.tokens
     hidden = torch.randn(t, m.hidden_size, generator=g).to(device, cfg.runtime.torch_dtype)
     ids = torch.randint(0, max(m.vocab_size, 1), (t,), generator=g).to(device) if m.vocab_size else None
@@ -111,7 +111,7 @@ def _median_ms(fn, iters: int, device: torch.device) -> float:
 def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | None, device: torch.device,
                     reference: bool, graph: bool, out_path: str | None) -> dict | None:
     moe = _build(cfg, checkpoint, rank, world_size, device)
-    hidden, ids = _inputs(cfg, device)
+    hidden, ids = _inputs(cfg, device, rank)
     with torch.inference_mode():
         for _ in range(2):  # warm-up
             moe(hidden, ids)
@@ -123,12 +123,19 @@ def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | N
             graph_median = _median_ms(captured.replay, cfg.runtime.iters, device)
             if not torch.equal(captured.replay(), out):
                 raise RuntimeError(f"rank {rank}: CUDA-graph replay differs from the eager forward")
+        sources = moe.buffer.sources
+        if sources > 1 and reference:  # dp: every rank's rows, in rank order, against one reference forward
+            out = moe.buffer.backend.all_gather(out.new_empty(sources * out.shape[0], out.shape[1]), out)
         moe.buffer.backend.barrier(cfg.runtime.barrier_timeout_s)
         if rank != 0:
             return None
         rel = cos = None
         if reference:
-            ref = _build(cfg.replace(world_size=1, backend="reference"), checkpoint, 0, 1, device)
+            parts = [_inputs(cfg, device, r) for r in range(sources)]
+            hidden, ids = torch.cat([p[0] for p in parts]), None if ids is None else torch.cat([p[1] for p in parts])
+            n = hidden.shape[0]
+            ref = _build(cfg.replace(world_size=1, backend="reference", max_tokens=n, tokens=n), checkpoint, 0, 1,
+                         device)
             expected = ref(hidden, ids).double()
             got = out.double()
             rel = ((got - expected).norm() / expected.norm()).item()
@@ -136,8 +143,9 @@ def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | N
     result = {"world_size": world_size, "experts_per_rank": cfg.experts_per_rank, "tokens": cfg.runtime.tokens,
               "backend": moe.backend, "symm_backend": moe.buffer.backend.name, **provenance(device),
               "config": cfg.model.name, "act_mode": cfg.runtime.act_mode, "act_scale": cfg.runtime.act_scale,
-              "dtype": cfg.runtime.dtype, "iters": cfg.runtime.iters, "median_ms": median,
-              "graph_median_ms": graph_median, "rel_l2_vs_reference": rel, "cosine_vs_reference": cos}
+              "dtype": cfg.runtime.dtype, "token_mode": cfg.runtime.token_mode, "iters": cfg.runtime.iters,
+              "median_ms": median, "graph_median_ms": graph_median, "rel_l2_vs_reference": rel,
+              "cosine_vs_reference": cos}
     line = json.dumps(result)
     print(line, flush=True)
     if out_path:

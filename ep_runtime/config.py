@@ -103,6 +103,10 @@ class RuntimeConfig:
     # cpu | torch | nvshmem | auto (torch on GPUs, else cpu); the environment's EP_SYMM_BACKEND sets the default
     symm_backend: str = field(default_factory=lambda: os.environ.get("EP_SYMM_BACKEND", "auto"))
     barrier_timeout_s: float = 60.0
+    # replicated: every rank holds all T tokens (tensor-parallel attention) and the partial outputs are all-reduced;
+    # dp: each rank holds its own T tokens (data-parallel attention; T the same on every rank), which the ranks
+    # all-gather as NVFP4 (or bf16) after staging and routing, and each gets its tokens' rows by a reduce-scatter
+    token_mode: str = "replicated"
     # CUDA backend, several ranks, static scales: a forward of at most this many tokens runs the shared expert on every
     # rank over all tokens, each rank a 1/world_size slice of its intermediate dim (1/W of its weights streamed per
     # rank), instead of a 1/W slice of the tokens through the whole expert; 0 never (bench/NOTES_experts.md)
@@ -115,12 +119,17 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         choices = {"act_mode": ("nvfp4", "bf16"), "act_scale": ("static", "dynamic"),
                    "dtype": ("bfloat16", "float32"), "backend": ("reference", "cuda", "auto"),
-                   "symm_backend": ("cpu", "torch", "nvshmem", "auto")}
+                   "symm_backend": ("cpu", "torch", "nvshmem", "auto"), "token_mode": ("replicated", "dp")}
         _check_fields(self, "runtime", choices,
                       positive=("world_size", "max_tokens", "tokens", "iters", "barrier_timeout_s"),
                       non_negative=("layer", "seed", "shared_split_tokens"))
         if self.tokens > self.max_tokens:
             raise ValueError(f"runtime.tokens: expected at most max_tokens={self.max_tokens}, got {self.tokens}")
+        if self.token_mode == "dp" and self.act_mode == "nvfp4" and self.act_scale == "dynamic":
+            # The gathered tokens share one global scale, and the shared expert's h another, each an amax over the
+            # whole batch, which no rank holds.
+            raise ValueError("runtime.act_scale: token_mode 'dp' quantizes each rank's tokens on that rank, so it "
+                             "needs 'static' scales (or act_mode 'bf16'), got 'dynamic'")
 
     @property
     def torch_dtype(self):

@@ -1,9 +1,12 @@
 """EPMoE: one expert-parallel MoE layer as an nn.Module.
 
-forward: staging -> routing -> experts (L1, SwiGLU, requant, L2, combine, which adds this rank's share of the
-shared expert) -> all-reduce.
+forward: staging -> routing -> prepare -> experts (L1, SwiGLU, requant, L2, combine, which adds this rank's share of the
+shared expert) -> finalize.
 Replicated-token mode: every rank sees all T tokens, computes its local experts [rank*E/W, (rank+1)*E/W)
-and the partial outputs are summed by the buffer's all-reduce.
+and the partial outputs are summed by the buffer's all-reduce (prepare has nothing to do).
+DP mode (runtime.token_mode 'dp'): each rank stages and routes its own T tokens, prepare all-gathers every rank's
+(NVFP4 or bf16 activations, topk ids and weights), the local experts run over all W*T of them, and finalize
+reduce-scatters the partial outputs so that each rank gets the sums of its own tokens' rows.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
-from .scratch import LayerScratch, scratch_needs, shared_split
+from .scratch import LayerScratch, scratch_needs, shared_split, token_sources
 from .symm import SymmBuffer
 from .weights import ExpertWeights
 
@@ -78,7 +81,8 @@ class EPMoE(nn.Module):
         if self.backend == "cuda":  # both stacks checked before either is tiled
             for name, w, _, _ in stacks:
                 check_tileable(w, name)
-            _check_shared_rows_aligned(m, spec, world_size)
+            if token_sources(cfg, world_size) == 1:  # dp ranks run it on their own tokens, from row 0
+                _check_shared_rows_aligned(m, spec, world_size)
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
         self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
@@ -224,10 +228,14 @@ class EPMoE(nn.Module):
         shared = self._start_shared_expert(acts, t)
         topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
-        # The partial output goes to the all-reduce buffer; one rank has nothing to reduce, so its combine writes the
-        # output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph on one H200).
+        acts, topk_idx, topk_weights = self.buffer.gather(t, check)
+        n = t * self.buffer.sources  # the tokens of every rank whose tokens the experts see
+        mark("prepare")
+        # The partial output goes to the buffer for the all-reduce or reduce-scatter; one rank has nothing to reduce,
+        # so its combine writes the output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph
+        # on one H200).
         reduce = self.world_size > 1
-        y = self.buffer.y[:t] if reduce else self.output_like(hidden)
+        y = self.buffer.y[:n] if reduce else self.output_like(hidden)
         if self._stage is not None:  # the combine adds the shared expert's rows
             self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
         else:
@@ -236,10 +244,12 @@ class EPMoE(nn.Module):
                 shared.add_to(routed)
             y.copy_(routed)
         mark("experts")
-        if reduce:
+        if n > t:  # dp: this rank's rows of every rank's partial sums
+            y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
+        elif reduce:
             self.buffer.backend.all_reduce_(y)
             y = y.clone()  # never hand out a view of the communication buffer
-        mark("all_reduce")
+        mark("finalize")
         return y
 
     def output_like(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -260,20 +270,23 @@ class EPMoE(nn.Module):
         if hi <= lo:
             return None
         rows = _rows(acts, lo, hi)
+        at = lo + (self.rank * t if self.buffer.sources > 1 else 0)  # dp: its tokens follow the lower ranks' in y
         if self._shared_stage is None:  # the reference routes every token to it once, with weight 1
             n = hi - lo
             ids = torch.zeros(n, 1, dtype=torch.int32, device=self.device)
-            return Addend(lo, expert_stage(rows, ids, torch.ones(n, 1, device=self.device), self.shared, 0, self.spec))
+            return Addend(at, expert_stage(rows, ids, torch.ones(n, 1, device=self.device), self.shared, 0, self.spec))
         stream, done = self.scratch.stream, self.scratch.shared_done
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             values = (self._shared_slice_stage if split else self._shared_stage).run_dense(rows)
             done.record()
-        return Addend(lo, values, done)
+        return Addend(at, values, done)
 
     def _shared_token_slice(self, t: int) -> tuple[int, int]:
-        """The tokens whose shared-expert output this rank adds before the all-reduce, which then adds each
-        token's exactly once (see _shared_tokens_split)."""
+        """The tokens whose shared-expert output this rank adds before the all-reduce or reduce-scatter, which then
+        adds each token's exactly once: in dp mode all of this rank's own, else see _shared_tokens_split."""
+        if self.buffer.sources > 1:
+            return 0, t
         if not _shared_tokens_split(self.spec):
             return (0, t) if self.rank == 0 else (0, 0)
         return self.rank * t // self.world_size, (self.rank + 1) * t // self.world_size

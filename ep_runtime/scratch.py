@@ -7,7 +7,8 @@ forward, which runs after it on the stream, overwrites them before it reads them
 rank share one scratch (pass the first layer's `scratch` to the others), whose size is one layer's, not one per layer:
 at max_tokens=8192 a DeepSeek-V4-Pro layer's is 2.49 GB on every rank (W4A4, static scales; 3.19 GB with dynamic h
 scales), more than the layer's 1.8 GB of weights per rank on 8 ranks. Layers that share one must run one after another
-on one stream (as a model's forward runs them), never at once on two streams.
+on one stream (as a model's forward runs them), never at once on two streams. In token_mode 'dp' max_tokens counts a
+rank's own tokens, and the buffer's gathered regions and the routed experts' workspace hold world_size times as many.
 """
 from __future__ import annotations
 
@@ -27,16 +28,22 @@ if TYPE_CHECKING:  # the CUDA stage's module, imported where a scratch gets work
 log = logging.getLogger("ep_runtime")
 
 
+def token_sources(cfg: Config, world_size: int) -> int:
+    """How many ranks' tokens a forward's routed experts see: every rank's in token_mode 'dp', else this rank's."""
+    return world_size if cfg.runtime.token_mode == "dp" else 1
+
+
 def shared_split(cfg: Config, world_size: int, backend: str) -> tuple[int, int]:
     """(tokens, intermediate size) of the shared expert's slice that each rank runs over every token of a forward
     of at most `tokens` tokens (runtime.shared_split_tokens), or (0, 0) where the ranks only split its tokens. The
     slices need the CUDA backend with several ranks, no dynamic h scale (an amax over the whole intermediate dim) and
-    a width the kernels tile (a multiple of 64 columns)."""
+    a width the kernels tile (a multiple of 64 columns); in token_mode 'dp' each rank runs the whole expert on its own
+    tokens instead."""
     m, rt = cfg.model, cfg.runtime
     inter = m.shared_intermediate_size
     tokens = min(rt.shared_split_tokens, rt.max_tokens)
-    if backend != "cuda" or world_size == 1 or not tokens or not inter or ExpertSpec.of(cfg).dynamic_h_scale or \
-            inter % (64 * world_size):
+    if backend != "cuda" or world_size == 1 or token_sources(cfg, world_size) > 1 or not tokens or not inter or \
+            ExpertSpec.of(cfg).dynamic_h_scale or inter % (64 * world_size):
         return 0, 0
     return tokens, inter // world_size
 
@@ -49,7 +56,8 @@ def scratch_needs(cfg: Config, rank: int, world_size: int, device: torch.device,
             "local experts": m.n_routed_experts // world_size, "moe_intermediate_size": m.moe_intermediate_size,
             "shared expert intermediate size": m.shared_intermediate_size,
             "shared expert split (tokens, intermediate)": shared_split(cfg, world_size, backend),
-            "act_mode": rt.act_mode, "act_scale": rt.act_scale, "output dtype": rt.torch_dtype}
+            "act_mode": rt.act_mode, "act_scale": rt.act_scale, "output dtype": rt.torch_dtype,
+            "token sources": token_sources(cfg, world_size)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class LayerScratch:
         buffer's backend allocates and exchanges its arena)."""
         needs = scratch_needs(cfg, rank, world_size, device, backend)
         m, rt = cfg.model, cfg.runtime
-        shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode)
+        shape = (rt.max_tokens, m.hidden_size, m.num_experts_per_tok, rt.torch_dtype, rt.act_mode,
+                 needs["token sources"])
         # One rank owns every expert: nothing to exchange, whatever process group may exist.
         symm = CpuBackend(device=device, local=True) if world_size == 1 else \
             make_backend(rt.symm_backend, device, region_bytes(SymmBuffer.layout(*shape)))
@@ -89,8 +98,8 @@ class LayerScratch:
 
         m, rt = cfg.model, cfg.runtime
         spec = ExpertSpec.of(cfg)
-        routed = ExpertWorkspace.allocate(rt.max_tokens, m.num_experts_per_tok, needs["local experts"],
-                                          m.hidden_size, m.moe_intermediate_size, device, spec)
+        routed = ExpertWorkspace.allocate(rt.max_tokens * needs["token sources"], m.num_experts_per_tok,
+                                          needs["local experts"], m.hidden_size, m.moe_intermediate_size, device, spec)
         if not m.n_shared_experts:
             return cls(needs, buffer, routed)
         shared = ExpertWorkspace.allocate(rt.max_tokens, 1, 1, m.hidden_size,

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .dist_utils import collective, host_barrier
+from .dist_utils import check_same_on_every_rank, collective, host_barrier
 from .nvfp4 import NVFP4Tensor, check_finite, quantize
 
 log = logging.getLogger("ep_runtime")
@@ -36,6 +36,7 @@ def region_bytes(layout: list[tuple[str, tuple[int, ...], torch.dtype]]) -> int:
 
 class SymmBackend(Protocol):
     name: str
+    group: dist.ProcessGroup | None  # None: the default group
     rank: int
     world_size: int
     device: torch.device
@@ -49,10 +50,42 @@ class SymmBackend(Protocol):
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum t over ranks in place; every rank gets the same bits."""
 
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        """out (world_size * n, ...) = every rank's inp (n, ...), in rank order; returns out."""
 
-class CpuBackend:
-    """Plain tensors and process-group collectives: the replicated-token path on CPU ranks (gloo) or one process;
-    on CUDA devices it sums through NCCL (slower than the P2P backends, but not bound to one NVLink domain)."""
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (n, ...) = the sum over ranks of their inp's rows [rank * n, (rank + 1) * n); returns out."""
+
+
+# torch 2.13 renamed these (the old names warn there); the GPU machines' torch 2.11 has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+class GroupCollectives:
+    """all_gather and reduce_scatter through the process group's collectives: gloo on CPU ranks, NCCL on GPUs (also
+    under the P2P backends, whose own kernels do only the all-reduce so far)."""
+
+    group: dist.ProcessGroup | None
+    world_size: int
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        return self._collective("all-gather", _all_gather_single, out, inp)
+
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self._collective("sum reduce-scatter", _reduce_scatter_single, out, inp)
+
+    def _collective(self, what: str, op, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return out.copy_(inp)
+        with collective(what, self.group):
+            op(out, inp, group=self.group)
+        return out
+
+
+class CpuBackend(GroupCollectives):
+    """Plain tensors and process-group collectives: CPU ranks (gloo) or one process; on CUDA devices it sums through
+    NCCL (slower than the P2P backends, but not bound to one NVLink domain)."""
 
     name = "cpu"
 
@@ -79,35 +112,51 @@ class CpuBackend:
 
 
 class SymmBuffer:
-    """x (packed FP4), x_sf (packed UE4M3 words), x_global, topk ids/weights and the all-reduce buffer y."""
+    """x (packed FP4), x_sf (packed UE4M3 words), x_global, topk ids/weights and the all-reduce buffer y.
+
+    `sources` is how many ranks' tokens a forward's expert stage reads: 1 where every rank holds all tokens
+    (token_mode 'replicated'); world_size in token_mode 'dp', where each rank stages and routes its own tokens and
+    `gather` all-gathers them, in rank order, into the `*_gathered` regions (the same names with world_size x the
+    rows), and y holds the partial outputs of every rank's tokens for the reduce-scatter."""
+
+    GATHERED = ("x", "x_sf", "topk_idx", "topk_weights")  # what dp mode all-gathers (x_global is the same everywhere)
 
     @staticmethod
-    def layout(max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
-               act_mode: str = "nvfp4") -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def layout(max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype, act_mode: str = "nvfp4",
+               sources: int = 1) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The named regions, in allocation order (backends size their symmetric arena from this)."""
         if hidden % 64:
             raise ValueError(f"hidden: expected a multiple of 64, got {hidden}")
         if max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive capacity, got {max_tokens}")
+        if sources <= 0:
+            raise ValueError(f"sources: expected a positive number of ranks, got {sources}")
         if act_mode == "nvfp4":
             acts = [("x", (max_tokens, hidden // 2), torch.uint8), ("x_sf", (max_tokens, hidden // 64), torch.int32),
                     ("x_global", (1,), torch.float32)]
         else:  # W4A16: activations stay bf16
             acts = [("x", (max_tokens, hidden), torch.bfloat16)]
-        return acts + [("topk_idx", (max_tokens, topk), torch.int32),
-                       ("topk_weights", (max_tokens, topk), torch.float32),
-                       ("y", (max_tokens, hidden), out_dtype)]
+        local = acts + [("topk_idx", (max_tokens, topk), torch.int32),
+                        ("topk_weights", (max_tokens, topk), torch.float32)]
+        gathered = [(f"{name}_gathered", (sources * max_tokens, *shape[1:]), dtype)
+                    for name, shape, dtype in local if sources > 1 and name in SymmBuffer.GATHERED]
+        return local + gathered + [("y", (sources * max_tokens, hidden), out_dtype)]
 
     def __init__(self, backend: SymmBackend, max_tokens: int, hidden: int, topk: int, out_dtype: torch.dtype,
-                 act_mode: str = "nvfp4"):
+                 act_mode: str = "nvfp4", sources: int = 1):
+        if sources not in (1, backend.world_size):
+            raise ValueError(f"sources: expected 1 or the backend's world_size {backend.world_size}, got {sources}")
         self.backend, self.max_tokens, self.hidden, self.topk = backend, max_tokens, hidden, topk
-        self.act_mode = act_mode
-        for name, shape, dtype in self.layout(max_tokens, hidden, topk, out_dtype, act_mode):
+        self.act_mode, self.sources = act_mode, sources
+        layout = self.layout(max_tokens, hidden, topk, out_dtype, act_mode, sources)
+        for name, shape, dtype in layout:
             setattr(self, name, backend.empty(name, shape, dtype))
+        self._gathered = [name.removesuffix("_gathered") for name, _, _ in layout if name.endswith("_gathered")]
         # Staging on the GPU reduces the dynamic amax into this word; allocated once for graph replay.
         self._amax = torch.zeros(1, dtype=torch.int32, device=backend.device)
-        log.info("SymmBuffer: backend=%s rank=%d/%d max_tokens=%d hidden=%d topk=%d act=%s y=%s",
-                 backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype)
+        log.info("SymmBuffer: backend=%s rank=%d/%d max_tokens=%d hidden=%d topk=%d act=%s y=%s sources=%d",
+                 backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype,
+                 sources)
 
     def check_tokens(self, num_tokens: int, name: str = "hidden") -> None:
         if num_tokens > self.max_tokens:
@@ -131,13 +180,15 @@ class SymmBuffer:
         self.check_tokens(t.shape[0], name)
         return t.shape[0]
 
-    def activations(self, num_tokens: int) -> NVFP4Tensor | torch.Tensor:
-        """Views of the staged activations of the first num_tokens rows."""
+    def activations(self, num_tokens: int, gathered: bool = False) -> NVFP4Tensor | torch.Tensor:
+        """Views of the first num_tokens rows of the staged activations (of the gathered ones: every rank's)."""
+        x = self.x_gathered if gathered else self.x
         if self.act_mode != "nvfp4":
-            return self.x[:num_tokens]
+            return x[:num_tokens]
+        x_sf = self.x_sf_gathered if gathered else self.x_sf
         # Little-endian words hold scale 4w in their low byte, so viewing them as bytes is the unpack.
-        scale = self.x_sf[:num_tokens].view(torch.uint8).view(torch.float8_e4m3fn)
-        return NVFP4Tensor(self.x[:num_tokens], scale, self.x_global[0])
+        scale = x_sf[:num_tokens].view(torch.uint8).view(torch.float8_e4m3fn)
+        return NVFP4Tensor(x[:num_tokens], scale, self.x_global[0])
 
     def stage(self, hidden: torch.Tensor, global_scale: torch.Tensor | None = None,
               check: bool = True) -> NVFP4Tensor | torch.Tensor:
@@ -173,6 +224,21 @@ class SymmBuffer:
         """Views of the topk ids and weights of the first num_tokens rows (a router's `out`)."""
         self.check_tokens(num_tokens)
         return self.topk_idx[:num_tokens], self.topk_weights[:num_tokens]
+
+    def gather(self, num_tokens: int, check: bool = True
+               ) -> tuple[NVFP4Tensor | torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prepare: the staged activations, topk ids and weights of every rank's num_tokens tokens, in rank order, as
+        the expert stage reads them. With one source these are the staged rows themselves; in dp mode a collective
+        call on every rank, with the same num_tokens everywhere (check=True checks that, syncing the host)."""
+        if self.sources == 1:
+            return (self.activations(num_tokens), *self.routing(num_tokens))
+        if check:
+            check_same_on_every_rank({"hidden: tokens per rank in token_mode 'dp' (pad to the largest)": num_tokens},
+                                     self.backend.group)
+        n = self.sources * num_tokens
+        for name in self._gathered if num_tokens else ():
+            self.backend.all_gather(getattr(self, f"{name}_gathered")[:n], getattr(self, name)[:num_tokens])
+        return self.activations(n, gathered=True), self.topk_idx_gathered[:n], self.topk_weights_gathered[:n]
 
 
 def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBackend:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .allreduce import SymmAllReduce, resolve_oneshot_max_bytes
 from .dist_utils import check_same_on_every_rank, collective, host_barrier
+from .symm import GroupCollectives
 from .symm import align as _align
 
 for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -31,11 +32,12 @@ DEFAULT_CAPACITY_BYTES = 256 << 20
 DEFAULT_TIMEOUT_S = 10.0
 
 
-class P2PArenaBackend:
+class P2PArenaBackend(GroupCollectives):
     """A SymmBackend over one arena that every rank maps (peer pointers over NVLink/P2P). Subclasses only say
     how the arena is allocated and mapped (`_map_arena`); regions, peer pointers, signals and the all-reduce
     are shared. Also `reset_signals()` and the all-reduce algorithm choice
-    (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce)."""
+    (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce). all_gather and reduce_scatter (token_mode
+    'dp') go through the process group (NCCL) for now."""
 
     name = "p2p"
 

@@ -133,3 +133,15 @@ def test_n_group_must_divide_the_routed_experts():
 def test_top_k_cannot_exceed_the_routed_experts():
     with pytest.raises(ValueError, match=r"model\.num_experts_per_tok: expected 1\.\.8, got 9"):
         ModelConfig(**{**GROUPED, "n_group": 1}, num_experts_per_tok=9)
+
+
+def test_dp_token_mode_refuses_dynamic_activation_scales():
+    with pytest.raises(ValueError, match=re.escape("runtime.act_scale: token_mode 'dp' quantizes each rank's tokens "
+                                                   "on that rank, so it needs 'static' scales (or act_mode 'bf16'), "
+                                                   "got 'dynamic'")):
+        load_config("tiny", ["token_mode=dp", "act_scale=dynamic"])
+
+
+@pytest.mark.parametrize("overrides", [["act_scale=static"], ["act_mode=bf16", "act_scale=dynamic"]])
+def test_dp_token_mode_takes_per_row_activation_scales(overrides):
+    assert load_config("tiny", ["token_mode=dp", *overrides]).runtime.token_mode == "dp"

@@ -116,7 +116,7 @@ def _write(out_dir, rank, call):
     try:
         call()
         msg = "no error"
-    except (TimeoutError, RuntimeError) as e:
+    except (TimeoutError, RuntimeError, ValueError) as e:
         msg = str(e)
     (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{msg}")
 
@@ -170,3 +170,110 @@ def test_an_all_reduce_without_its_peer_fails_naming_this_rank(tmp_path):
     elapsed, msg = _read(tmp_path, 0)
     assert elapsed < 1 + 2
     assert re.match(r"rank 0: sum all-reduce over 2 ranks failed after \d+\.\ds: .*Timed out", msg, re.S)
+
+
+# token_mode 'dp': each rank stages and routes its own tokens; the ranks all-gather them, and each rank gets its own
+# tokens' rows back by a reduce-scatter of the partial outputs.
+DP = ["token_mode=dp", "act_scale=static"]
+
+
+def _dp_worker(rank, world, ckpt, overrides, seed, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, overrides)
+    out = moe(*_inputs(cfg, seed + rank))  # every rank its own tokens
+    torch.save(out, f"{out_dir}/out{rank}.pt")
+
+
+def _dp_reference(ckpt, overrides, seed, world):
+    """One process holding every expert, over all ranks' tokens in rank order."""
+    cfg = load_config("tiny", ["world_size=1", *overrides])
+    parts = [_inputs(cfg, seed + r) for r in range(world)]
+    hidden, ids = (torch.cat([p[i] for p in parts]) for i in range(2))
+    moe = EPMoE.from_checkpoint(ckpt, cfg.replace(max_tokens=hidden.shape[0], tokens=hidden.shape[0]),
+                                cfg.runtime.layer, 0, 1)
+    return moe(hidden, ids)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_dp_ranks_get_their_own_tokens_rows_of_the_single_process_reference(ckpt, tmp_path, world):
+    seed = int(torch.seed() % 2**31)
+    overrides = ["tokens=24", "layer=1", *DP]
+    spawn_local(_dp_worker, world, str(ckpt), overrides, seed, str(tmp_path))
+    ref = _dp_reference(ckpt, overrides, seed, world)
+    for rank in range(world):
+        out = torch.load(tmp_path / f"out{rank}.pt")
+        assert out.shape == (24, ref.shape[1])
+        assert _rel(out, ref[rank * 24:(rank + 1) * 24]) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides,tol", [
+    (["layer=0"], 1e-5),  # hash-routed layer: each rank's own token ids
+    (["layer=1", "act_mode=bf16"], 1e-4),  # W4A16 (see the replicated case for the tolerance)
+    (["layer=1", *V3_STYLE], 1e-5),
+], ids=["hash-layer", "w4a16", "v3-routing"])
+def test_dp_modes_on_four_ranks_equal_the_reference(ckpt, tmp_path, overrides, tol):
+    seed = int(torch.seed() % 2**31)
+    overrides = ["tokens=16", *DP, *overrides]
+    spawn_local(_dp_worker, 4, str(ckpt), overrides, seed, str(tmp_path))
+    ref = _dp_reference(ckpt, overrides, seed, 4)
+    assert max(_rel(torch.load(tmp_path / f"out{r}.pt"), ref[r * 16:(r + 1) * 16]) for r in range(4)) <= tol
+
+
+def _dp_uneven_worker(rank, world, ckpt, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1", *DP])
+    hidden, ids = _inputs(cfg, rank)
+    t = 8 + 4 * rank
+    _write(out_dir, rank, lambda: moe(hidden[:t], ids[:t]))
+
+
+def test_dp_ranks_with_different_token_counts_are_refused_on_every_rank(ckpt, tmp_path):
+    spawn_local(_dp_uneven_worker, 2, str(ckpt), str(tmp_path))
+    for rank in range(2):
+        assert _read(tmp_path, rank)[1] == ("hidden: tokens per rank in token_mode 'dp' (pad to the largest): expected "
+                                            f"the same value on every rank, rank {rank} has {8 + 4 * rank}, rank "
+                                            f"{1 - rank} has {12 - 4 * rank}")
+
+
+def _dp_no_tokens_worker(rank, world, ckpt, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1", *DP])
+    empty = moe(torch.zeros(0, cfg.model.hidden_size), torch.zeros(0, dtype=torch.long))
+    torch.save((tuple(empty.shape), moe(*_inputs(cfg, rank))), f"{out_dir}/after{rank}.pt")
+
+
+def test_dp_ranks_run_a_forward_of_no_tokens_together_and_go_on(ckpt, tmp_path):
+    spawn_local(_dp_no_tokens_worker, 2, str(ckpt), str(tmp_path))
+    (shape0, out0), (shape1, out1) = (torch.load(tmp_path / f"after{r}.pt") for r in range(2))
+    assert shape0 == shape1 == (0, load_config("tiny").model.hidden_size)
+    assert out0.abs().sum() > 0 and out1.abs().sum() > 0 and not torch.equal(out0, out1)
+
+
+def _collectives_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    backend = CpuBackend()
+    mine = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank
+    gathered = backend.all_gather(torch.full((3 * world, 2), float("nan")), mine)
+    partial = torch.arange(3 * world * 2, dtype=torch.float32).view(3 * world, 2) * (rank + 1)
+    reduced = backend.reduce_scatter(partial, torch.full((3, 2), float("nan")))
+    torch.save((gathered, reduced), f"{out_dir}/c{rank}.pt")
+
+
+def test_the_cpu_backend_all_gathers_in_rank_order_and_reduce_scatters_each_ranks_rows(tmp_path):
+    world = 3
+    spawn_local(_collectives_worker, world, str(tmp_path))
+    rows = torch.arange(6, dtype=torch.float32).view(3, 2)
+    scale = sum(q + 1 for q in range(world))
+    for rank in range(world):
+        gathered, reduced = torch.load(tmp_path / f"c{rank}.pt")
+        assert torch.equal(gathered, torch.cat([rows + 100 * q for q in range(world)]))
+        assert torch.equal(reduced, (torch.arange(6, dtype=torch.float32).view(3, 2) + 6 * rank) * scale)
+
+
+def _dp_scratch_worker(rank, world, ckpt, out_dir):
+    cfg, _ = _rank_layer(rank, world, ckpt, ["layer=1", "act_scale=static"])
+    replicated = EPMoE.from_checkpoint(ckpt, cfg, 1, rank, world)
+    _write(out_dir, rank, lambda: EPMoE.from_checkpoint(ckpt, cfg.replace(token_mode="dp"), 1, rank, world,
+                                                        scratch=replicated.scratch))
+
+
+def test_a_dp_layer_refuses_the_scratch_of_a_replicated_one(ckpt, tmp_path):
+    spawn_local(_dp_scratch_worker, 2, str(ckpt), str(tmp_path))
+    assert _read(tmp_path, 0)[1] == "scratch: this layer needs token sources 2, the scratch was made for 1"

@@ -62,10 +62,8 @@ def test_ep_output_matches_the_single_gpu_reference_on_every_rank(group, layer):
     assert cosine(out, expected) >= 0.9999
 
 
-def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
-    rank, world, device, seed = group
-    cfg, moe = layer
-    x = layer_inputs(cfg, seed + 1, device)
+def _eager_and_replayed(moe: EPMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eager forward's output, and that of a graph captured on x, replayed over poisoned scratch and output."""
     poison_module(moe)
     eager = moe(x).clone()
     captured = moe.capture(x)
@@ -73,6 +71,13 @@ def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
     captured.out.fill_(float("nan"))
     replayed = captured.replay().clone()
     torch.cuda.synchronize()
+    return eager, replayed
+
+
+def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
+    rank, world, device, seed = group
+    cfg, moe = layer
+    eager, replayed = _eager_and_replayed(moe, layer_inputs(cfg, seed + 1, device))
     assert torch.equal(replayed, eager)
 
 
@@ -81,14 +86,8 @@ def test_a_few_tokens_run_every_rank_on_its_slice_of_the_shared_experts_intermed
     cfg, moe = layer
     t = cfg.runtime.shared_split_tokens - 1
     x = layer_inputs(cfg, seed + 3, device)[:t]
-    poison_module(moe)
-    eager = moe(x).clone()
+    eager, replayed = _eager_and_replayed(moe, x)
     sliced = torch.isfinite(moe.scratch.shared_slice.y_slot[:t]).all().item()  # the slice's stage wrote its rows
-    captured = moe.capture(x)
-    poison_module(moe)
-    captured.out.fill_(float("nan"))
-    replayed = captured.replay().clone()
-    torch.cuda.synchronize()
     outs = _gathered(eager, world)
     ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference"), device=device)
     poison_module(ref)
@@ -140,6 +139,26 @@ def test_a_model_compiled_with_cuda_graphs_gives_the_eager_bits_on_every_rank(gr
         same.append(torch.equal(compiled(x).clone(), want))
     torch.cuda.synchronize()
     assert all(same)
+
+
+@pytest.fixture(scope="module")
+def dp_layer(group, layer):
+    rank, world, device, seed = group
+    cfg = layer[0].replace(token_mode="dp", max_tokens=256, tokens=128)
+    return cfg, EPMoE.from_synthetic(cfg, 0, rank, world, device=device)
+
+
+def test_dp_ranks_get_their_own_rows_of_the_single_gpu_reference_eager_and_replayed(group, dp_layer):
+    rank, world, device, seed = group
+    cfg, moe = dp_layer
+    x = layer_inputs(cfg, seed + 20 + rank, device)  # every rank its own tokens
+    eager, replayed = _eager_and_replayed(moe, x)
+    xs, outs = torch.cat(_gathered(x, world)), torch.cat(_gathered(eager, world))
+    n = xs.shape[0]
+    ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference", max_tokens=n, tokens=n), device=device)
+    poison_module(ref)
+    assert torch.equal(replayed, eager)
+    assert cosine(outs, ref(xs)) >= 0.9999
 
 
 def test_nvshmem_backend_sums_like_the_reference(group):
