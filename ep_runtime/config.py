@@ -100,7 +100,7 @@ class RuntimeConfig:
     act_scale: str = "static"  # static (checkpoint input_scale) | dynamic (amax)
     dtype: str = "bfloat16"  # output / all-reduce dtype: bfloat16 | float32
     backend: str = "auto"  # expert stage: reference | cuda | auto
-    # cpu | torch | nvshmem | auto (torch on GPUs, else cpu); the environment's EP_SYMM_BACKEND sets the default
+    # cpu | torch | ipc | nvshmem | auto (torch on GPUs, else cpu); the environment's EP_SYMM_BACKEND sets the default
     symm_backend: str = field(default_factory=lambda: os.environ.get("EP_SYMM_BACKEND", "auto"))
     barrier_timeout_s: float = 60.0
     # replicated: every rank holds all T tokens (tensor-parallel attention) and the partial outputs are all-reduced;
@@ -119,7 +119,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         choices = {"act_mode": ("nvfp4", "bf16"), "act_scale": ("static", "dynamic"),
                    "dtype": ("bfloat16", "float32"), "backend": ("reference", "cuda", "auto"),
-                   "symm_backend": ("cpu", "torch", "nvshmem", "auto"), "token_mode": ("replicated", "dp")}
+                   "symm_backend": ("cpu", "torch", "ipc", "nvshmem", "auto"), "token_mode": ("replicated", "dp")}
         _check_fields(self, "runtime", choices,
                       positive=("world_size", "max_tokens", "tokens", "iters", "barrier_timeout_s"),
                       non_negative=("layer", "seed", "shared_split_tokens"))

@@ -7,6 +7,7 @@ symmetric memory, NVSHMEM) allocate memory every peer can address and plug in be
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from typing import Protocol
@@ -241,23 +242,22 @@ class SymmBuffer:
         return self.activations(n, gathered=True), self.topk_idx_gathered[:n], self.topk_weights_gathered[:n]
 
 
+# The GPU backends' modules and classes, imported only when chosen.
+_GPU_BACKENDS = {"torch": ("symm_torch", "TorchSymmBackend"), "ipc": ("symm_ipc", "IpcBackend"),
+                 "nvshmem": ("symm_nvshmem", "NvshmemBackend")}
+
+
 def make_backend(kind: str, device: torch.device, capacity_bytes: int) -> SymmBackend:
-    """cpu | torch | nvshmem | auto (torch symmetric memory on CUDA, else cpu); capacity_bytes sizes a GPU
+    """cpu | torch | ipc | nvshmem | auto (torch symmetric memory on CUDA, else cpu); capacity_bytes sizes a GPU
     arena. The choice and the capacities are logged by the backend and the SymmBuffer."""
     if kind == "auto":
         kind = "torch" if device.type == "cuda" else "cpu"
     if kind == "cpu":
         return CpuBackend(device=device)
-    if kind == "torch":
-        if device.type != "cuda":
-            raise ValueError(f"symm_backend: 'torch' needs a CUDA device, got {device}")
-        from .symm_torch import TorchSymmBackend
-
-        return TorchSymmBackend(device=device, capacity_bytes=capacity_bytes)
-    if kind == "nvshmem":
-        if device.type != "cuda":
-            raise ValueError(f"symm_backend: 'nvshmem' needs a CUDA device, got {device}")
-        from .symm_nvshmem import NvshmemBackend
-
-        return NvshmemBackend(device=device, capacity_bytes=capacity_bytes)
-    raise ValueError(f"symm_backend: expected 'cpu', 'torch', 'nvshmem' or 'auto', got {kind!r}")
+    if kind not in _GPU_BACKENDS:
+        raise ValueError(f"symm_backend: expected 'cpu', 'torch', 'ipc', 'nvshmem' or 'auto', got {kind!r}")
+    if device.type != "cuda":
+        raise ValueError(f"symm_backend: {kind!r} needs a CUDA device, got {device}")
+    module, cls = _GPU_BACKENDS[kind]
+    return getattr(importlib.import_module(f".{module}", __package__), cls)(device=device,
+                                                                            capacity_bytes=capacity_bytes)

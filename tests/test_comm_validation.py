@@ -8,7 +8,7 @@ import torch
 from ep_runtime.allreduce import SymmAllReduce, validate_all_reduce_args
 from ep_runtime.dist_utils import check_same_values
 from ep_runtime.staging import validate_stage_args
-from ep_runtime.symm import CpuBackend, SymmBuffer, region_bytes
+from ep_runtime.symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
 
 H = 128
@@ -110,6 +110,18 @@ def test_all_reduce_rejects_a_non_positive_timeout() -> None:
 def test_torch_backend_needs_a_cuda_device() -> None:
     with pytest.raises(ValueError, match="device: TorchSymmBackend needs a CUDA device, got cpu"):
         TorchSymmBackend(device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["torch", "ipc", "nvshmem"])
+def test_a_gpu_symmetric_backend_needs_a_cuda_device(kind) -> None:
+    with pytest.raises(ValueError, match=f"symm_backend: '{kind}' needs a CUDA device, got cpu"):
+        make_backend(kind, torch.device("cpu"), 1 << 20)
+
+
+def test_an_unknown_symmetric_backend_is_named() -> None:
+    with pytest.raises(ValueError, match="symm_backend: expected 'cpu', 'torch', 'ipc', 'nvshmem' or 'auto', got "
+                                         "'shmem'"):
+        make_backend("shmem", torch.device("cpu"), 1 << 20)
 
 
 def test_region_bytes_aligns_every_region_to_256_bytes() -> None:

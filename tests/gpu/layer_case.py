@@ -38,6 +38,18 @@ def poison_module(moe: EPMoE) -> None:
                 t.fill_(float("nan"))
 
 
+def eager_and_replayed(moe: EPMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eager forward's output, and that of a graph captured on x, replayed over poisoned scratch and output."""
+    poison_module(moe)
+    eager = moe(x).clone()
+    captured = moe.capture(x)
+    poison_module(moe)
+    captured.out.fill_(float("nan"))
+    replayed = captured.replay().clone()
+    torch.cuda.synchronize()
+    return eager, replayed
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 

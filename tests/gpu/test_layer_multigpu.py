@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE
 
-from layer_case import cosine, layer_config, layer_inputs, poison_module, residual_model
+from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module, residual_model
 
 _TORCHRUN = ("RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available()
              and torch.cuda.device_count() >= int(os.environ["WORLD_SIZE"]))
@@ -62,22 +62,10 @@ def test_ep_output_matches_the_single_gpu_reference_on_every_rank(group, layer):
     assert cosine(out, expected) >= 0.9999
 
 
-def _eager_and_replayed(moe: EPMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eager forward's output, and that of a graph captured on x, replayed over poisoned scratch and output."""
-    poison_module(moe)
-    eager = moe(x).clone()
-    captured = moe.capture(x)
-    poison_module(moe)
-    captured.out.fill_(float("nan"))
-    replayed = captured.replay().clone()
-    torch.cuda.synchronize()
-    return eager, replayed
-
-
 def test_graph_replay_gives_the_eager_bits_on_every_rank(group, layer):
     rank, world, device, seed = group
     cfg, moe = layer
-    eager, replayed = _eager_and_replayed(moe, layer_inputs(cfg, seed + 1, device))
+    eager, replayed = eager_and_replayed(moe, layer_inputs(cfg, seed + 1, device))
     assert torch.equal(replayed, eager)
 
 
@@ -86,7 +74,7 @@ def test_a_few_tokens_run_every_rank_on_its_slice_of_the_shared_experts_intermed
     cfg, moe = layer
     t = cfg.runtime.shared_split_tokens - 1
     x = layer_inputs(cfg, seed + 3, device)[:t]
-    eager, replayed = _eager_and_replayed(moe, x)
+    eager, replayed = eager_and_replayed(moe, x)
     sliced = torch.isfinite(moe.scratch.shared_slice.y_slot[:t]).all().item()  # the slice's stage wrote its rows
     outs = _gathered(eager, world)
     ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference"), device=device)
@@ -152,7 +140,7 @@ def test_dp_ranks_get_their_own_rows_of_the_single_gpu_reference_eager_and_repla
     rank, world, device, seed = group
     cfg, moe = dp_layer
     x = layer_inputs(cfg, seed + 20 + rank, device)  # every rank its own tokens
-    eager, replayed = _eager_and_replayed(moe, x)
+    eager, replayed = eager_and_replayed(moe, x)
     xs, outs = torch.cat(_gathered(x, world)), torch.cat(_gathered(eager, world))
     n = xs.shape[0]
     ref = EPMoE.from_synthetic(cfg.replace(world_size=1, backend="reference", max_tokens=n, tokens=n), device=device)
