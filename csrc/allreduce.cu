@@ -1,4 +1,5 @@
-// Sum all-reduce over peer-to-peer (NVLink) pointers into symmetric memory, for the W ranks of one node.
+// Sum all-reduce over peer-to-peer (NVLink) pointers into symmetric memory, for the W ranks of one node; and the
+// reduce-scatter and all-gather of token_mode 'dp', with the same barriers.
 // No NVLink multicast anywhere (multimem / cuMulticast are off on our machines).
 //
 // Determinism: every output element is ((x_0 + x_1) + x_2) + ... in fp32, ranks in ascending order, then
@@ -193,6 +194,58 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   store_epoch(a, slot, e0 + 2);
 }
 
+// Reduce-scatter (token_mode 'dp'): rank r sums chunk r of every rank's tensor, ranks in ascending order in fp32 as
+// above, into out (any memory of its own). Two barriers: every rank's tensor is complete; every peer has read its
+// chunk of mine, so that my tensor may be written again.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reduce_scatter_kernel(Args a, uint4* out) {
+  const int slot = blockIdx.x;
+  const uint32_t e0 = load_epoch(a, slot);
+  const int64_t chunk = a.n_vec / a.world;
+  if (!cta_barrier(a, slot, e0 + 1, 4)) return;
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < chunk; i += (int64_t)gridDim.x * kThreads)
+    out[i] = reduce_vec<T>(a, chunk * a.rank + i);
+  if (!cta_barrier(a, slot, e0 + 2, 4)) return;
+  store_epoch(a, slot, e0 + 2);
+}
+
+// All-gather (token_mode 'dp') of up to kMaxSegments tensors at once: rank r stores its chunk of segment s (`units`
+// vectors of V from src[s]) at chunk r of every rank's gathered copy, which lies dst_offset[s] bytes from a.data[q] on
+// rank q. Two barriers: every rank has come (its earlier reads of the gathered copies are done, in its stream's order);
+// every store into mine has landed.
+constexpr int kMaxSegments = 4;
+struct Segments {
+  std::uintptr_t src[kMaxSegments];
+  int64_t dst_offset[kMaxSegments];
+  int64_t units[kMaxSegments];  // 16-byte vectors where vec16[s], else 4-byte words
+  bool vec16[kMaxSegments];
+  int count;
+};
+
+template <typename V>
+__device__ void push_chunk(const Args& a, const V* src, int64_t dst_offset, int64_t units) {
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < units; i += (int64_t)gridDim.x * kThreads) {
+    const V v = src[i];
+#pragma unroll
+    for (int k = 0; k < kMaxRanks; ++k) {
+      const int q = (a.rank + 1 + k) % a.world;  // spread the ranks' stores over the links, as two-shot does
+      if (k < a.world) reinterpret_cast<V*>(a.data[q] + dst_offset)[units * a.rank + i] = v;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) all_gather_kernel(Args a, Segments s) {
+  const int slot = blockIdx.x;
+  const uint32_t e0 = load_epoch(a, slot);
+  if (!cta_barrier(a, slot, e0 + 1, 5)) return;
+  for (int g = 0; g < s.count; ++g) {
+    if (s.vec16[g]) push_chunk(a, reinterpret_cast<const uint4*>(s.src[g]), s.dst_offset[g], s.units[g]);
+    else push_chunk(a, reinterpret_cast<const uint32_t*>(s.src[g]), s.dst_offset[g], s.units[g]);
+  }
+  if (!cta_barrier(a, slot, e0 + 2, 5)) return;
+  store_epoch(a, slot, e0 + 2);
+}
+
 __global__ void barrier_kernel(Args a) {
   const uint32_t e = load_epoch(a, kBarrierSlot) + 1;
   if (!cta_barrier(a, kBarrierSlot, e, 3)) return;
@@ -223,6 +276,12 @@ Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::u
   return a;
 }
 
+int grid_for(int64_t work, int max_ctas) {
+  EP_REQUIRE(max_ctas >= 0, "allreduce: max_ctas must be >= 0");
+  const int cap = std::min(max_ctas > 0 ? max_ctas : ep::num_sms(), kMaxCtas);
+  return (int)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
+}
+
 // dtype: 0 bf16, 1 fp32. algo: 0 one-shot, 1 two-shot. nbytes % 16 == 0. max_ctas caps the grid (0: one CTA
 // per SM); it must be the same on every rank.
 void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
@@ -233,10 +292,7 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   EP_REQUIRE(algo == 0 || algo == 1, "allreduce: algo code must be 0 (one-shot) or 1 (two-shot)");
   const Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
   if (a.n_vec == 0 || a.world == 1) return;
-  const int64_t work = algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world;
-  EP_REQUIRE(max_ctas >= 0, "allreduce: max_ctas must be >= 0");
-  const int cap = std::min(max_ctas > 0 ? max_ctas : ep::num_sms(), kMaxCtas);
-  const int grid = (int)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap));
+  const int grid = grid_for(algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world, max_ctas);
   const cudaStream_t s = ep::as_stream(stream);
   if (algo == 0) {
     if (dtype == 0) one_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
@@ -245,6 +301,52 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
     if (dtype == 0) two_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
     else two_shot_kernel<float><<<grid, kThreads, 0, s>>>(a);
   }
+  EP_CHECK_LAUNCH();
+}
+
+// data: the whole tensor on every rank (world equal chunks of chunk_bytes, a multiple of 16); out: this rank's chunk
+// of the sum, chunk_bytes of its own memory.
+void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
+                    int64_t chunk_bytes, int dtype, std::uintptr_t out, double timeout_s, std::uintptr_t status,
+                    int max_ctas, std::uintptr_t stream) {
+  EP_REQUIRE(chunk_bytes % 16 == 0, "reduce_scatter: chunk_bytes must be a multiple of 16");
+  EP_REQUIRE(dtype == 0 || dtype == 1, "reduce_scatter: dtype code must be 0 (bf16) or 1 (fp32)");
+  EP_REQUIRE(out % 16 == 0, "reduce_scatter: out must be 16-byte aligned");
+  const Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
+  if (chunk_bytes == 0) return;
+  const int grid = grid_for(chunk_bytes / 16, max_ctas);
+  uint4* o = ep::as_ptr<uint4>(out);
+  if (dtype == 0) reduce_scatter_kernel<__nv_bfloat16><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
+  else reduce_scatter_kernel<float><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
+  EP_CHECK_LAUNCH();
+}
+
+// base: an address in the arena on every rank (the same offset everywhere); for each segment, this rank's chunk at
+// src (chunk_bytes, a multiple of 4) goes to chunk `rank` of the gathered copy dst_offset bytes from base.
+void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::uintptr_t>& sig, int rank,
+                const std::vector<std::uintptr_t>& src, const std::vector<int64_t>& dst_offset,
+                const std::vector<int64_t>& chunk_bytes, double timeout_s, std::uintptr_t status, int max_ctas,
+                std::uintptr_t stream) {
+  const int n = (int)src.size();
+  EP_REQUIRE(n <= kMaxSegments, "all_gather: at most 4 segments per call");
+  EP_REQUIRE((int)dst_offset.size() == n && (int)chunk_bytes.size() == n,
+             "all_gather: one offset and size per segment");
+  const Args a = make_args(base, sig, rank, 0, timeout_s, status);
+  Segments s{};
+  s.count = n;
+  int64_t work = 0;
+  for (int g = 0; g < n; ++g) {
+    EP_REQUIRE(chunk_bytes[g] % 4 == 0 && src[g] % 4 == 0 && dst_offset[g] % 4 == 0,
+               "all_gather: segments must be whole, aligned 4-byte words");
+    // 16-byte vectors where every rank's chunk starts on a 16-byte boundary (the bases are 16-byte aligned)
+    s.vec16[g] = chunk_bytes[g] % 16 == 0 && src[g] % 16 == 0 && dst_offset[g] % 16 == 0;
+    s.src[g] = src[g];
+    s.dst_offset[g] = dst_offset[g];
+    s.units[g] = chunk_bytes[g] / (s.vec16[g] ? 16 : 4);
+    work = std::max(work, s.units[g]);
+  }
+  if (work == 0 || a.world == 1) return;
+  all_gather_kernel<<<grid_for(work, max_ctas), kThreads, 0, ep::as_stream(stream)>>>(a, s);
   EP_CHECK_LAUNCH();
 }
 
@@ -276,6 +378,14 @@ void bind_allreduce(pybind11::module_& m) {
   m.def("all_reduce", &all_reduce, "in-place sum all-reduce over peer pointers (see csrc/allreduce.cu)",
         pybind11::arg("data"), pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("nbytes"),
         pybind11::arg("dtype"), pybind11::arg("algo"), pybind11::arg("timeout_s"), pybind11::arg("status"),
+        pybind11::arg("max_ctas"), pybind11::arg("stream"));
+  m.def("reduce_scatter", &reduce_scatter, "sum reduce-scatter over peer pointers (see csrc/allreduce.cu)",
+        pybind11::arg("data"), pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("chunk_bytes"),
+        pybind11::arg("dtype"), pybind11::arg("out"), pybind11::arg("timeout_s"), pybind11::arg("status"),
+        pybind11::arg("max_ctas"), pybind11::arg("stream"));
+  m.def("all_gather", &all_gather, "all-gather of up to 4 tensors by stores to peer pointers (see csrc/allreduce.cu)",
+        pybind11::arg("base"), pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("src"),
+        pybind11::arg("dst_offset"), pybind11::arg("chunk_bytes"), pybind11::arg("timeout_s"), pybind11::arg("status"),
         pybind11::arg("max_ctas"), pybind11::arg("stream"));
   m.def("device_barrier", &device_barrier, pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("timeout_s"),
         pybind11::arg("status"), pybind11::arg("stream"));

@@ -2,7 +2,9 @@
 
 One-shot (every rank reads every peer and keeps its own sum) for small tensors, two-shot (reduce-scatter of
 1/W chunks, then the reduced chunks pushed to every peer) for large ones; `auto` picks by size. Every
-element is summed in fp32 in ascending rank order, so both algorithms give the same bits on every rank.
+element is summed in fp32 in ascending rank order, so both algorithms give the same bits on every rank. Token mode
+'dp' adds a reduce-scatter (each rank sums its own chunk the same way) and an all-gather of up to four tensors in one
+launch (each rank stores its chunk into every peer's copy).
 
 The kernels synchronize through signal words in symmetric memory and give up after `timeout_s`: they then
 write the missing peers into host-mapped status words, which this module turns into a CommTimeoutError
@@ -24,7 +26,9 @@ from .ops import define_op, launch
 ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
-_PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier")
+_PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier", "reduce-scatter",
+           "all-gather")
+MAX_GATHER_SEGMENTS = 4  # tensors one all_gather call takes (csrc/allreduce.cu kMaxSegments)
 # One-shot up to this many bytes, two-shot above. Measured on 2 and 4 H200s (bench/results/allreduce_*.json):
 # one-shot wins only at 14 KB (1 token x 7168 bf16), two-shot from 229 KB (16 tokens) on. W=8 is unmeasured.
 DEFAULT_ONESHOT_MAX_BYTES = {2: 64 << 10, 4: 64 << 10, 8: 32 << 10}
@@ -55,6 +59,58 @@ def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:
         raise ValueError(f"t: expected a CUDA tensor in symmetric memory, got device {t.device}")
     if t.data_ptr() % 16:
         raise ValueError(f"t: data must be 16-byte aligned, got address {t.data_ptr():#x}")
+
+
+def _check_layout(t: object, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous tensor (of this dtype when given); its device is checked after the sizes (_check_cuda)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    return t
+
+
+def _check_cuda(named: dict[str, torch.Tensor]) -> None:
+    for name, t in named.items():
+        if t.device.type != "cuda":
+            raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device}")
+
+
+def validate_reduce_scatter_args(inp: torch.Tensor, out: torch.Tensor, world_size: int) -> None:
+    """inp: every rank's rows (world_size equal chunks of whole 16-byte vectors), bf16 or fp32; out: a chunk of it."""
+    _check_layout(inp, "inp")
+    if inp.dtype not in _DTYPE_CODE:
+        raise TypeError(f"inp: expected dtype torch.bfloat16 or torch.float32, got {inp.dtype}")
+    _check_layout(out, "out", inp.dtype)
+    if inp.numel() != world_size * out.numel():
+        raise ValueError(f"out: expected 1/{world_size} of inp's {inp.numel()} elements, got {out.numel()}")
+    if (out.numel() * out.element_size()) % 16:
+        raise ValueError(f"out: expected whole 16-byte vectors, got {out.numel() * out.element_size()} bytes")
+    _check_cuda({"inp": inp, "out": out})
+    if inp.data_ptr() % 16 or out.data_ptr() % 16:
+        raise ValueError(f"inp, out: expected 16-byte aligned data, got addresses {inp.data_ptr():#x}, "
+                         f"{out.data_ptr():#x}")
+
+
+def validate_all_gather_args(outs: list[torch.Tensor], inps: list[torch.Tensor], world_size: int) -> None:
+    """Up to MAX_GATHER_SEGMENTS pairs: outs[i] holds world_size copies of inps[i]'s bytes (whole 4-byte words)."""
+    if len(outs) != len(inps) or not 0 < len(outs) <= MAX_GATHER_SEGMENTS:
+        raise ValueError(f"outs, inps: expected 1 to {MAX_GATHER_SEGMENTS} pairs of tensors, got {len(outs)} and "
+                         f"{len(inps)}")
+    for i, (out, inp) in enumerate(zip(outs, inps)):
+        _check_layout(inp, f"inps[{i}]")
+        _check_layout(out, f"outs[{i}]", inp.dtype)
+        if out.numel() != world_size * inp.numel():
+            raise ValueError(f"outs[{i}]: expected {world_size} x inps[{i}]'s {inp.numel()} elements, got "
+                             f"{out.numel()}")
+        if (inp.numel() * inp.element_size()) % 4:
+            raise ValueError(f"inps[{i}]: expected whole 4-byte words, got {inp.numel() * inp.element_size()} bytes")
+    for i, (out, inp) in enumerate(zip(outs, inps)):
+        _check_cuda({f"inps[{i}]": inp, f"outs[{i}]": out})
+        if inp.data_ptr() % 4:
+            raise ValueError(f"inps[{i}]: expected 4-byte aligned data, got address {inp.data_ptr():#x}")
 
 
 class HostStatus:
@@ -133,6 +189,21 @@ class SymmAllReduce:
                 self.raise_if_failed()
         return t
 
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = this rank's chunk (inp's rows split world_size ways) of the sum over ranks of inp, in the all-reduce's
+        order and bits; inp lies in the arena, out anywhere. Returns out."""
+        validate_reduce_scatter_args(inp, out, self.world_size)
+        self.raise_if_failed()
+        if inp.numel():
+            _reduce_scatter_op(inp, out, self._id)
+        return out
+
+    def all_gather(self, outs: list[torch.Tensor], inps: list[torch.Tensor]) -> None:
+        """outs[i] = every rank's inps[i], in rank order, in one launch; outs lie in the arena, inps anywhere."""
+        validate_all_gather_args(outs, inps, self.world_size)
+        self.raise_if_failed()
+        _all_gather_op(outs, inps, self._id)
+
     def launch(self, t: torch.Tensor, algo_code: int) -> None:
         launch("all_reduce", t.device, self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
                _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas)
@@ -158,3 +229,21 @@ def _all_reduce_impl(t: torch.Tensor, comm: int, algo: int) -> None:
 
 
 _all_reduce_op = define_op("symm_all_reduce_(Tensor(a!) t, int comm, int algo) -> ()", _all_reduce_impl)
+
+
+def _reduce_scatter_impl(inp: torch.Tensor, out: torch.Tensor, comm: int) -> None:
+    c = _registry[comm]
+    launch("reduce_scatter", out.device, c._locate(inp), c.signal_ptrs, c.rank, out.numel() * out.element_size(),
+           _DTYPE_CODE[inp.dtype], out.data_ptr(), c.timeout_s, c.status.device_ptr, c.max_ctas)
+
+
+def _all_gather_impl(outs: list[torch.Tensor], inps: list[torch.Tensor], comm: int) -> None:
+    c = _registry[comm]
+    base = c._locate(outs[0])
+    launch("all_gather", outs[0].device, base, c.signal_ptrs, c.rank, [t.data_ptr() for t in inps],
+           [c._locate(t)[c.rank] - base[c.rank] for t in outs], [t.numel() * t.element_size() for t in inps],
+           c.timeout_s, c.status.device_ptr, c.max_ctas)
+
+
+_reduce_scatter_op = define_op("symm_reduce_scatter(Tensor inp, Tensor(a!) out, int comm) -> ()", _reduce_scatter_impl)
+_all_gather_op = define_op("symm_all_gather(Tensor(a!)[] outs, Tensor[] inps, int comm) -> ()", _all_gather_impl)

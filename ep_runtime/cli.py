@@ -25,6 +25,7 @@ from .dist_utils import (collective, init_process_group, local_rank_and_size, pi
                          under_torchrun)
 from .moe import EPMoE
 from .provenance import provenance
+from .symm import CpuBackend
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,7 +126,9 @@ def _timed_forwards(rank: int, world_size: int, cfg: Config, checkpoint: str | N
                 raise RuntimeError(f"rank {rank}: CUDA-graph replay differs from the eager forward")
         sources = moe.buffer.sources
         if sources > 1 and reference:  # dp: every rank's rows, in rank order, against one reference forward
-            out = moe.buffer.backend.all_gather(out.new_empty(sources * out.shape[0], out.shape[1]), out)
+            gathered = out.new_empty(sources * out.shape[0], out.shape[1])
+            CpuBackend(moe.buffer.backend.group, device).all_gather([gathered], [out])  # out is not in the arena
+            out = gathered
         moe.buffer.backend.barrier(cfg.runtime.barrier_timeout_s)
         if rank != 0:
             return None

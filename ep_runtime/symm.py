@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,8 @@ class SymmBackend(Protocol):
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum t over ranks in place; every rank gets the same bits."""
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        """out (world_size * n, ...) = every rank's inp (n, ...), in rank order; returns out."""
+    def all_gather(self, outs: Sequence[torch.Tensor], inps: Sequence[torch.Tensor]) -> None:
+        """outs[i] (world_size * n, ...) = every rank's inps[i] (n, ...), in rank order (up to four pairs)."""
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (n, ...) = the sum over ranks of their inp's rows [rank * n, (rank + 1) * n); returns out."""
@@ -64,14 +64,14 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scat
 
 
 class GroupCollectives:
-    """all_gather and reduce_scatter through the process group's collectives: gloo on CPU ranks, NCCL on GPUs (also
-    under the P2P backends, whose own kernels do only the all-reduce so far)."""
+    """all_gather and reduce_scatter through the process group's collectives: gloo on CPU ranks, NCCL on GPUs."""
 
     group: dist.ProcessGroup | None
     world_size: int
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        return self._collective("all-gather", _all_gather_single, out, inp)
+    def all_gather(self, outs: Sequence[torch.Tensor], inps: Sequence[torch.Tensor]) -> None:
+        for out, inp in zip(outs, inps, strict=True):
+            self._collective("all-gather", _all_gather_single, out, inp)
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return self._collective("sum reduce-scatter", _reduce_scatter_single, out, inp)
@@ -237,8 +237,9 @@ class SymmBuffer:
             check_same_on_every_rank({"hidden: tokens per rank in token_mode 'dp' (pad to the largest)": num_tokens},
                                      self.backend.group)
         n = self.sources * num_tokens
-        for name in self._gathered if num_tokens else ():
-            self.backend.all_gather(getattr(self, f"{name}_gathered")[:n], getattr(self, name)[:num_tokens])
+        if num_tokens:  # one call for every region (the P2P backends: one launch)
+            self.backend.all_gather([getattr(self, f"{name}_gathered")[:n] for name in self._gathered],
+                                    [getattr(self, name)[:num_tokens] for name in self._gathered])
         return self.activations(n, gathered=True), self.topk_idx_gathered[:n], self.topk_weights_gathered[:n]
 
 

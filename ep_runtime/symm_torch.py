@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from .allreduce import SymmAllReduce, resolve_oneshot_max_bytes
 from .dist_utils import check_same_on_every_rank, collective, host_barrier
-from .symm import GroupCollectives
 from .symm import align as _align
 
 for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -32,12 +31,12 @@ DEFAULT_CAPACITY_BYTES = 256 << 20
 DEFAULT_TIMEOUT_S = 10.0
 
 
-class P2PArenaBackend(GroupCollectives):
+class P2PArenaBackend:
     """A SymmBackend over one arena that every rank maps (peer pointers over NVLink/P2P). Subclasses only say
     how the arena is allocated and mapped (`_map_arena`); regions, peer pointers, signals and the all-reduce
     are shared. Also `reset_signals()` and the all-reduce algorithm choice
     (`all_reduce_(t, algo=..., check=...)`, see ep_runtime.allreduce). all_gather and reduce_scatter (token_mode
-    'dp') go through the process group (NCCL) for now."""
+    'dp') are P2P kernels with the same barriers."""
 
     name = "p2p"
 
@@ -99,6 +98,12 @@ class P2PArenaBackend(GroupCollectives):
 
     def all_reduce_(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
         return self.comm(t, algo=algo, check=check)
+
+    def all_gather(self, outs: list[torch.Tensor], inps: list[torch.Tensor]) -> None:
+        self.comm.all_gather(outs, inps)
+
+    def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.comm.reduce_scatter(inp, out)
 
     def reset_signals(self) -> None:
         """Collective: bring every rank's signal epochs back to zero (needed after a barrier timeout). A rank that

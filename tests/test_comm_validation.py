@@ -2,10 +2,13 @@
 clear error, on CPU."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from ep_runtime.allreduce import SymmAllReduce, validate_all_reduce_args
+from ep_runtime.allreduce import (SymmAllReduce, validate_all_gather_args, validate_all_reduce_args,
+                                  validate_reduce_scatter_args)
 from ep_runtime.dist_utils import check_same_values
 from ep_runtime.staging import validate_stage_args
 from ep_runtime.symm import CpuBackend, SymmBuffer, make_backend, region_bytes
@@ -95,6 +98,36 @@ def test_all_reduce_rejects_non_contiguous_tensors() -> None:
 def test_all_reduce_rejects_cpu_tensors() -> None:
     with pytest.raises(ValueError, match="t: expected a CUDA tensor in symmetric memory, got device cpu"):
         validate_all_reduce_args(torch.zeros(8, dtype=torch.bfloat16), "auto")
+
+
+@pytest.mark.parametrize("inp,out,error,message", [
+    (torch.zeros(64, dtype=torch.int32), torch.zeros(32, dtype=torch.int32), TypeError,
+     "inp: expected dtype torch.bfloat16 or torch.float32, got torch.int32"),
+    (torch.zeros(64), torch.zeros(32, dtype=torch.bfloat16), TypeError,
+     "out: expected dtype torch.float32, got torch.bfloat16"),
+    (torch.zeros(64), torch.zeros(16), ValueError, "out: expected 1/2 of inp's 64 elements, got 16"),
+    (torch.zeros(4), torch.zeros(2), ValueError, "out: expected whole 16-byte vectors, got 8 bytes"),
+    (torch.zeros(64, 2)[:, 0], torch.zeros(32), ValueError, "inp: expected a contiguous tensor"),
+    (torch.zeros(64), torch.zeros(32), ValueError, "inp: expected a CUDA tensor, got device cpu"),
+], ids=["int-input", "dtype-mismatch", "chunk-size", "vectors", "strided", "cpu"])
+def test_reduce_scatter_arguments_are_checked_by_name(inp, out, error, message) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        validate_reduce_scatter_args(inp, out, 2)
+
+
+@pytest.mark.parametrize("outs,inps,error,message", [
+    ([], [], ValueError, "outs, inps: expected 1 to 4 pairs of tensors, got 0 and 0"),
+    ([torch.zeros(8)] * 5, [torch.zeros(4)] * 5, ValueError, "outs, inps: expected 1 to 4 pairs of tensors, got 5"),
+    ([torch.zeros(8)], [torch.zeros(4, dtype=torch.int32)], TypeError,
+     "outs[0]: expected dtype torch.int32, got torch.float32"),
+    ([torch.zeros(8), torch.zeros(6, dtype=torch.uint8)], [torch.zeros(4), torch.zeros(3, dtype=torch.uint8)],
+     ValueError, "inps[1]: expected whole 4-byte words, got 3 bytes"),
+    ([torch.zeros(6)], [torch.zeros(4)], ValueError, "outs[0]: expected 2 x inps[0]'s 4 elements, got 6"),
+    ([torch.zeros(8)], [torch.zeros(4)], ValueError, "inps[0]: expected a CUDA tensor, got device cpu"),
+], ids=["none", "five", "dtype-mismatch", "words", "size", "cpu"])
+def test_all_gather_arguments_are_checked_by_name(outs, inps, error, message) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        validate_all_gather_args(outs, inps, 2)
 
 
 def test_all_reduce_needs_one_signal_block_per_rank() -> None:

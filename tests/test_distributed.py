@@ -250,10 +250,11 @@ def _collectives_worker(rank, world, out_dir):
     init_process_group(torch.device("cpu"), 60)
     backend = CpuBackend()
     mine = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank
-    gathered = backend.all_gather(torch.full((3 * world, 2), float("nan")), mine)
+    gathered, ids = torch.full((3 * world, 2), float("nan")), torch.full((2 * world,), -1, dtype=torch.int32)
+    backend.all_gather([gathered, ids], [mine, torch.tensor([rank, -rank], dtype=torch.int32)])
     partial = torch.arange(3 * world * 2, dtype=torch.float32).view(3 * world, 2) * (rank + 1)
     reduced = backend.reduce_scatter(partial, torch.full((3, 2), float("nan")))
-    torch.save((gathered, reduced), f"{out_dir}/c{rank}.pt")
+    torch.save((gathered, ids, reduced), f"{out_dir}/c{rank}.pt")
 
 
 def test_the_cpu_backend_all_gathers_in_rank_order_and_reduce_scatters_each_ranks_rows(tmp_path):
@@ -262,8 +263,9 @@ def test_the_cpu_backend_all_gathers_in_rank_order_and_reduce_scatters_each_rank
     rows = torch.arange(6, dtype=torch.float32).view(3, 2)
     scale = sum(q + 1 for q in range(world))
     for rank in range(world):
-        gathered, reduced = torch.load(tmp_path / f"c{rank}.pt")
+        gathered, ids, reduced = torch.load(tmp_path / f"c{rank}.pt")
         assert torch.equal(gathered, torch.cat([rows + 100 * q for q in range(world)]))
+        assert ids.tolist() == [v for q in range(world) for v in (q, -q)]
         assert torch.equal(reduced, (torch.arange(6, dtype=torch.float32).view(3, 2) + 6 * rank) * scale)
 
 

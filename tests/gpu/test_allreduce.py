@@ -320,3 +320,85 @@ def test_emulated_absent_rank_is_named_by_every_other_rank(algo: str, gen: torch
         with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* timed out after 1s waiting for rank\(s\) \[3\]"):
             group.comms[r].raise_if_failed()
     assert elapsed < 6.0
+
+
+def _on_every_rank(group: _EmulatedGroup, call, ranks: list[int] | None = None) -> None:
+    """call(rank) on each emulated rank's stream, all of them in flight together."""
+    torch.cuda.synchronize()
+    for r in (ranks if ranks is not None else range(group.world)):
+        with torch.cuda.stream(group.streams[r]):
+            call(r)
+    torch.cuda.synchronize()
+
+
+@emulated
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_reduce_scatter_gives_each_rank_the_exact_ascending_sum_of_its_chunk(world, dtype, gen) -> None:
+    rows = 37
+    group = _EmulatedGroup(world, world * rows * 1024 * 4)
+    inputs = _emulated_inputs(world, world * rows * 1024, dtype, gen)
+    bufs = [group.buf(r, x.numel(), dtype) for r, x in enumerate(inputs)]
+    for b, x in zip(bufs, inputs):
+        b.copy_(x)
+    outs = [torch.full((rows * 1024,), float("nan"), dtype=dtype, device="cuda") for _ in range(world)]
+    _on_every_rank(group, lambda r: group.comms[r].reduce_scatter(bufs[r], outs[r]))
+    want = _ascending_sum(inputs).view(world, -1)
+    for r in range(world):
+        group.comms[r].raise_if_failed()
+        assert torch.equal(_bits(outs[r]), _bits(want[r])), f"rank {r} differs"
+        assert torch.equal(bufs[r], inputs[r])  # its input is left as it was
+
+
+@emulated
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 6, 33])
+def test_emulated_all_gather_puts_every_ranks_rows_in_rank_order_in_one_call(world, tokens, gen) -> None:
+    """The regions of token_mode 'dp': packed FP4 rows, their scale words, topk ids and weights (24-byte rows, so
+    chunks of odd token counts are not whole 16-byte vectors)."""
+    shapes = [((tokens, 3584), torch.uint8), ((tokens, 112), torch.int32), ((tokens, 6), torch.int32),
+              ((tokens, 6), torch.float32)]
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+
+    def random_rows(shape, dtype):  # random bytes: the copy must carry every bit pattern
+        width = shape[1] * torch.empty((), dtype=dtype).element_size()
+        return torch.randint(0, 256, (shape[0], width), generator=g, device="cuda", dtype=torch.uint8).view(dtype)
+
+    inps = [[random_rows(shape, dtype) for shape, dtype in shapes] for _ in range(world)]
+    group = _EmulatedGroup(world, 4 << 20)
+    outs = []
+    for r in range(world):
+        arena, views, used = group.buf(r, 4 << 20, torch.uint8), [], 0
+        for (shape, dtype) in shapes:  # carved at 256-byte boundaries, as the symmetric buffer's regions are
+            nbytes = world * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+            views.append(arena[used:used + nbytes].view(dtype).view(world * shape[0], shape[1]).fill_(0x5A))
+            used = (used + nbytes + 255) // 256 * 256
+        outs.append(views)
+    _on_every_rank(group, lambda r: group.comms[r].all_gather(outs[r], inps[r]))
+    for r in range(world):
+        group.comms[r].raise_if_failed()
+        for i in range(len(shapes)):
+            want = torch.cat([inps[q][i] for q in range(world)])
+            assert torch.equal(outs[r][i].view(torch.uint8), want.view(torch.uint8)), f"rank {r}, region {i}"
+
+
+@emulated
+@pytest.mark.parametrize("op", ["reduce_scatter", "all_gather"])
+def test_emulated_absent_rank_is_named_by_the_token_mode_collectives(op: str, gen: torch.Generator) -> None:
+    world = 3
+    group = _EmulatedGroup(world, 1 << 20, timeout_s=1.0)
+    bufs = [group.buf(r, world * 1024, torch.bfloat16) for r in range(world)]
+    mine = [torch.zeros(1024, dtype=torch.bfloat16, device="cuda") for _ in range(world)]
+    if op == "reduce_scatter":
+        def call(r): group.comms[r].reduce_scatter(bufs[r], mine[r])
+    else:
+        def call(r): group.comms[r].all_gather([bufs[r]], [mine[r]])
+    start = time.monotonic()
+    _on_every_rank(group, call, ranks=[0, 1])
+    elapsed = time.monotonic() - start
+    phase = op.replace("_", "-")
+    for r in range(world - 1):
+        with pytest.raises(CommTimeoutError, match=rf"rank {r}: symmetric-memory {phase} timed out after 1s waiting "
+                                                   rf"for rank\(s\) \[2\]"):
+            group.comms[r].raise_if_failed()
+    assert elapsed < 6.0
