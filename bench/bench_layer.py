@@ -14,7 +14,8 @@ one CUDA-graph replay (torch.profiler); kernels on different streams overlap, so
 reading the previous one's output), as a model runs them: chain_graph_ms, for all N. With --compile it also times the
 N layers in a row compiled by torch.compile with CUDA graphs (compiled_graph_ms, for all N: the graph trees' replay
 with their host work and input copy), after all the rest (in a probe on one H200, eager forwards timed between
-compiled replays read 0.55-0.7 ms at one token against 0.37 before; the cause was not found).
+compiled replays read 0.55-0.7 ms at one token against 0.37 before; the cause was not found). --token-mode dp runs
+data-parallel attention's layer: each rank its own --tokens, every rank's run through its experts.
 Writes JSON (GPU name, date, commit) to $OUT or bench/results/.
 """
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
     p.add_argument("--tokens", default="1,16,128,1024,8192")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--act-mode", default="nvfp4", choices=("nvfp4", "bf16"))
+    p.add_argument("--token-mode", default="replicated", choices=("replicated", "dp"),
+                   help="dp: --tokens counts each rank's own tokens (the experts see world_size times as many)")
     p.add_argument("--kernels", action="store_true", help="per-kernel GPU time of one graph replay (profiler)")
     p.add_argument("--chain", type=int, default=1,
                    help="also time one graph of this many layers in a row, sharing one scratch (as in a model)")
@@ -121,7 +124,8 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     # runtime.tokens (the main job's batch, unused here) may not exceed max_tokens
     cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", f"tokens={max(tokens)}",
-                                          "backend=cuda", f"act_mode={args.act_mode}", "act_scale=static"])
+                                          "backend=cuda", f"act_mode={args.act_mode}", "act_scale=static",
+                                          f"token_mode={args.token_mode}"])
     init_process_group(device, cfg.runtime.barrier_timeout_s)
     layer = cfg.model.num_hash_layers  # the first top-k routed layer (hash layers need token ids)
     moe = EPMoE.from_synthetic(cfg, layer, rank, world, device=device)
@@ -131,7 +135,7 @@ def main() -> None:
     if world > 1:
         dist.barrier()
     rows, inputs = [], []  # the inputs again for the compiled layers
-    g = torch.Generator(device=device).manual_seed(1234)
+    g = torch.Generator(device=device).manual_seed(1234 + (rank if args.token_mode == "dp" else 0))
     with torch.inference_mode():
         for t in tokens:
             x = torch.randn(t, cfg.model.hidden_size, generator=g, device=device).to(torch.bfloat16)
@@ -182,6 +186,7 @@ def main() -> None:
     if rank == 0:
         result = {"benchmark": "layer", **provenance(device), "world_size": world,
                   "experts_per_rank": cfg.experts_per_rank, "act_mode": args.act_mode, "act_scale": "static",
+                  "token_mode": args.token_mode,
                   "hidden": cfg.model.hidden_size, "moe_intermediate": cfg.model.moe_intermediate_size,
                   "topk": cfg.model.num_experts_per_tok, "max_tokens": cfg.runtime.max_tokens,
                   "scratch_bytes": moe.scratch.nbytes(), "chain_layers": len(chain), "compiled": args.compile,
@@ -189,7 +194,8 @@ def main() -> None:
                   "rows": rows}
         out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-        path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}.json")
+        mode = "" if args.token_mode == "replicated" else f"_{args.token_mode}"
+        path = os.path.join(out_dir, f"layer_{world}x{gpu}_{args.act_mode}{mode}.json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {path}")

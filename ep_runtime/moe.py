@@ -228,8 +228,9 @@ class EPMoE(nn.Module):
         shared = self._start_shared_expert(acts, t)
         topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
-        acts, topk_idx, topk_weights = self.buffer.gather(t, check)
-        n = t * self.buffer.sources  # the tokens of every rank whose tokens the experts see
+        if self.buffer.sources > 1:  # prepare (dp): every rank's staged tokens and routing, in rank order
+            acts, topk_idx, topk_weights = self.buffer.gather(t, check)
+        n = t * self.buffer.sources  # the tokens the experts see
         mark("prepare")
         # The partial output goes to the buffer for the all-reduce or reduce-scatter; one rank has nothing to reduce,
         # so its combine writes the output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph
@@ -244,7 +245,7 @@ class EPMoE(nn.Module):
                 shared.add_to(routed)
             y.copy_(routed)
         mark("experts")
-        if n > t:  # dp: this rank's rows of every rank's partial sums
+        if self.buffer.sources > 1:  # dp: this rank's rows of every rank's partial sums
             y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
         elif reduce:
             self.buffer.backend.all_reduce_(y)

@@ -77,7 +77,7 @@ class GroupCollectives:
         return self._collective("sum reduce-scatter", _reduce_scatter_single, out, inp)
 
     def _collective(self, what: str, op, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
+        if self.world_size == 1 or not out.numel():  # (no rank sends anything when the tensors are empty)
             return out.copy_(inp)
         with collective(what, self.group):
             op(out, inp, group=self.group)
@@ -228,11 +228,11 @@ class SymmBuffer:
 
     def gather(self, num_tokens: int, check: bool = True
                ) -> tuple[NVFP4Tensor | torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prepare: the staged activations, topk ids and weights of every rank's num_tokens tokens, in rank order, as
-        the expert stage reads them. With one source these are the staged rows themselves; in dp mode a collective
-        call on every rank, with the same num_tokens everywhere (check=True checks that, syncing the host)."""
+        """Prepare (token_mode 'dp'): the staged activations, topk ids and weights of every rank's num_tokens tokens,
+        in rank order, as the expert stage reads them. A collective call on every rank, with the same num_tokens
+        everywhere (check=True checks that, syncing the host)."""
         if self.sources == 1:
-            return (self.activations(num_tokens), *self.routing(num_tokens))
+            raise ValueError("gather: this buffer holds one rank's tokens (token_mode 'replicated'): nothing to gather")
         if check:
             check_same_on_every_rank({"hidden: tokens per rank in token_mode 'dp' (pad to the largest)": num_tokens},
                                      self.backend.group)

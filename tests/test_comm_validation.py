@@ -218,3 +218,20 @@ def test_all_reduce_settings_that_differ_between_ranks_are_named_with_both_value
 
 def test_all_reduce_settings_equal_on_every_rank_pass() -> None:
     check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8}] * 4, rank=2)
+
+
+def test_a_buffer_of_one_ranks_tokens_has_nothing_to_gather() -> None:
+    with pytest.raises(ValueError, match=r"gather: this buffer holds one rank's tokens \(token_mode 'replicated'\)"):
+        _buffer().gather(4)
+
+
+def test_a_buffer_takes_every_ranks_tokens_or_its_own_only() -> None:
+    with pytest.raises(ValueError, match="sources: expected 1 or the backend's world_size 1, got 4"):
+        SymmBuffer(CpuBackend(local=True), 16, H, 6, torch.float32, sources=4)
+
+
+def test_a_dp_buffer_gathers_world_size_times_the_rows_and_reduces_them_in_y() -> None:
+    regions = {name: shape for name, shape, _ in SymmBuffer.layout(16, H, 6, torch.float32, "nvfp4", sources=4)}
+    assert regions["x"] == (16, H // 2) and regions["x_gathered"] == (64, H // 2)
+    assert regions["x_sf_gathered"] == (64, H // 64) and regions["topk_weights_gathered"] == (64, 6)
+    assert regions["y"] == (64, H) and "x_global_gathered" not in regions
