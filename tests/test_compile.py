@@ -118,19 +118,22 @@ def test_a_copied_layer_compiles_to_itself_not_to_its_original(gen):
         assert torch.equal(got, want) and not torch.equal(got, layer(hidden))
 
 
-def _compiled_ranks_worker(rank, world, seed, out_dir):
+def _compiled_ranks_worker(rank, world, token_mode, seed, out_dir):
     init_process_group(torch.device("cpu"), 60)
-    cfg = load_config("tiny", [f"world_size={world}", "max_tokens=64"])
+    dp = ["token_mode=dp", "act_scale=static"] if token_mode == "dp" else []
+    cfg = load_config("tiny", [f"world_size={world}", "max_tokens=64", *dp])
     model = TwoLayers(cfg, rank, world)
-    hidden, ids = _inputs(cfg, 12, torch.Generator().manual_seed(seed))
+    # dp: every rank its own tokens
+    hidden, ids = _inputs(cfg, 12, torch.Generator().manual_seed(seed + (rank if token_mode == "dp" else 0)))
     with torch.no_grad():
         want = model(hidden, ids)
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(hidden, ids)
     torch.save((got, want), f"{out_dir}/out{rank}.pt")
 
 
-def test_a_compiled_model_on_several_ranks_gives_the_eager_bits(tmp_path):
-    spawn_local(_compiled_ranks_worker, 2, int(torch.seed() % 2**31), str(tmp_path))
+@pytest.mark.parametrize("token_mode", ["replicated", "dp"])
+def test_a_compiled_model_on_several_ranks_gives_the_eager_bits(tmp_path, token_mode):
+    spawn_local(_compiled_ranks_worker, 2, token_mode, int(torch.seed() % 2**31), str(tmp_path))
     for rank in range(2):
         got, want = torch.load(tmp_path / f"out{rank}.pt")
         assert torch.equal(got, want)
