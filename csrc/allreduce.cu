@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "allreduce_signals.cuh"
@@ -313,7 +314,7 @@ void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<s
   EP_REQUIRE(dtype == 0 || dtype == 1, "reduce_scatter: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(out % 16 == 0, "reduce_scatter: out must be 16-byte aligned");
   const Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
-  if (chunk_bytes == 0) return;
+  if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   const int grid = grid_for(chunk_bytes / 16, max_ctas);
   uint4* o = ep::as_ptr<uint4>(out);
   if (dtype == 0) reduce_scatter_kernel<__nv_bfloat16><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
@@ -334,18 +335,20 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
   const Args a = make_args(base, sig, rank, 0, timeout_s, status);
   Segments s{};
   s.count = n;
-  int64_t work = 0;
+  int64_t work = 0;  // in 16-byte vectors whatever the copy's unit, so that every rank launches the same grid
   for (int g = 0; g < n; ++g) {
-    EP_REQUIRE(chunk_bytes[g] % 4 == 0 && src[g] % 4 == 0 && dst_offset[g] % 4 == 0,
-               "all_gather: segments must be whole, aligned 4-byte words");
+    const std::string seg = "all_gather: segment " + std::to_string(g) + ": ";
+    EP_REQUIRE(chunk_bytes[g] % 4 == 0, seg + "chunk_bytes must be a multiple of 4");
+    EP_REQUIRE(src[g] % 4 == 0, seg + "src must be 4-byte aligned");
+    EP_REQUIRE(dst_offset[g] % 4 == 0, seg + "dst_offset must be a multiple of 4");
     // 16-byte vectors where every rank's chunk starts on a 16-byte boundary (the bases are 16-byte aligned)
     s.vec16[g] = chunk_bytes[g] % 16 == 0 && src[g] % 16 == 0 && dst_offset[g] % 16 == 0;
     s.src[g] = src[g];
     s.dst_offset[g] = dst_offset[g];
     s.units[g] = chunk_bytes[g] / (s.vec16[g] ? 16 : 4);
-    work = std::max(work, s.units[g]);
+    work = std::max(work, (chunk_bytes[g] + 15) / 16);
   }
-  if (work == 0 || a.world == 1) return;
+  if (work == 0) return;  // (one rank alone still copies its chunks: the kernel's barriers are with itself)
   all_gather_kernel<<<grid_for(work, max_ctas), kThreads, 0, ep::as_stream(stream)>>>(a, s);
   EP_CHECK_LAUNCH();
 }

@@ -73,9 +73,13 @@ def _check_layout(t: object, name: str, dtype: torch.dtype | None = None) -> tor
 
 
 def _check_cuda(named: dict[str, torch.Tensor]) -> None:
+    """CUDA tensors, all on the first one's device (the kernel runs on that device's current stream)."""
+    first_name, first = next(iter(named.items()))
     for name, t in named.items():
         if t.device.type != "cuda":
             raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device}")
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected {first_name}'s device {first.device}, got {t.device}")
 
 
 def validate_reduce_scatter_args(inp: torch.Tensor, out: torch.Tensor, world_size: int) -> None:
@@ -107,10 +111,11 @@ def validate_all_gather_args(outs: list[torch.Tensor], inps: list[torch.Tensor],
                              f"{out.numel()}")
         if (inp.numel() * inp.element_size()) % 4:
             raise ValueError(f"inps[{i}]: expected whole 4-byte words, got {inp.numel() * inp.element_size()} bytes")
+    _check_cuda({**{f"inps[{i}]": t for i, t in enumerate(inps)}, **{f"outs[{i}]": t for i, t in enumerate(outs)}})
     for i, (out, inp) in enumerate(zip(outs, inps)):
-        _check_cuda({f"inps[{i}]": inp, f"outs[{i}]": out})
-        if inp.data_ptr() % 4:
-            raise ValueError(f"inps[{i}]: expected 4-byte aligned data, got address {inp.data_ptr():#x}")
+        if inp.data_ptr() % 4 or out.data_ptr() % 16:
+            raise ValueError(f"inps[{i}], outs[{i}]: expected 4- and 16-byte aligned data, got addresses "
+                             f"{inp.data_ptr():#x}, {out.data_ptr():#x}")
 
 
 class HostStatus:
@@ -141,12 +146,12 @@ class HostStatus:
 class SymmAllReduce:
     """The all-reduce and device barrier of one group of ranks over one symmetric arena.
 
-    `locate(t)` returns t's address on every rank (it raises if t is not in the arena); `signal_ptrs` are the
-    ranks' zeroed signal blocks (csrc/allreduce_signals.cuh), one per rank.
+    `locate(t, name)` returns t's address on every rank (it raises, naming t, if t is not in the arena); `signal_ptrs`
+    are the ranks' zeroed signal blocks (csrc/allreduce_signals.cuh), one per rank.
     """
 
     def __init__(self, rank: int, world_size: int, signal_ptrs: Sequence[int],
-                 locate: Callable[[torch.Tensor], list[int]], timeout_s: float = 10.0,
+                 locate: Callable[[torch.Tensor, str], list[int]], timeout_s: float = 10.0,
                  oneshot_max_bytes: int | None = None, max_ctas: int = 0):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
@@ -193,6 +198,7 @@ class SymmAllReduce:
         """out = this rank's chunk (inp's rows split world_size ways) of the sum over ranks of inp, in the all-reduce's
         order and bits; inp lies in the arena, out anywhere. Returns out."""
         validate_reduce_scatter_args(inp, out, self.world_size)
+        self._locate(inp, "inp")
         self.raise_if_failed()
         if inp.numel():
             _reduce_scatter_op(inp, out, self._id)
@@ -201,11 +207,13 @@ class SymmAllReduce:
     def all_gather(self, outs: list[torch.Tensor], inps: list[torch.Tensor]) -> None:
         """outs[i] = every rank's inps[i], in rank order, in one launch; outs lie in the arena, inps anywhere."""
         validate_all_gather_args(outs, inps, self.world_size)
+        for i, out in enumerate(outs):
+            self._locate(out, f"outs[{i}]")
         self.raise_if_failed()
         _all_gather_op(outs, inps, self._id)
 
     def launch(self, t: torch.Tensor, algo_code: int) -> None:
-        launch("all_reduce", t.device, self._locate(t), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
+        launch("all_reduce", t.device, self._locate(t, "t"), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
                _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas)
 
     def barrier(self, timeout_s: float | None = None) -> None:
@@ -233,15 +241,15 @@ _all_reduce_op = define_op("symm_all_reduce_(Tensor(a!) t, int comm, int algo) -
 
 def _reduce_scatter_impl(inp: torch.Tensor, out: torch.Tensor, comm: int) -> None:
     c = _registry[comm]
-    launch("reduce_scatter", out.device, c._locate(inp), c.signal_ptrs, c.rank, out.numel() * out.element_size(),
+    launch("reduce_scatter", out.device, c._locate(inp, "inp"), c.signal_ptrs, c.rank, out.numel() * out.element_size(),
            _DTYPE_CODE[inp.dtype], out.data_ptr(), c.timeout_s, c.status.device_ptr, c.max_ctas)
 
 
 def _all_gather_impl(outs: list[torch.Tensor], inps: list[torch.Tensor], comm: int) -> None:
     c = _registry[comm]
-    base = c._locate(outs[0])
+    base = c._locate(outs[0], "outs[0]")
     launch("all_gather", outs[0].device, base, c.signal_ptrs, c.rank, [t.data_ptr() for t in inps],
-           [c._locate(t)[c.rank] - base[c.rank] for t in outs], [t.numel() * t.element_size() for t in inps],
+           [c._locate(t, "outs")[c.rank] - base[c.rank] for t in outs], [t.numel() * t.element_size() for t in inps],
            c.timeout_s, c.status.device_ptr, c.max_ctas)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config, ModelConfig
-from .dist_utils import collective
+from .dist_utils import check_same_on_every_rank, collective
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
@@ -83,6 +83,11 @@ class EPMoE(nn.Module):
                 check_tileable(w, name)
             if token_sources(cfg, world_size) == 1:  # dp ranks run it on their own tokens, from row 0
                 _check_shared_rows_aligned(m, spec, world_size)
+        if token_sources(cfg, world_size) > 1 and spec.act_mode == "nvfp4":
+            # Gathered tokens are dequantized with this rank's global scale: every rank's must be the same one
+            # (from_checkpoint agrees on the max with a MAX all-reduce; weights made otherwise may not).
+            check_same_on_every_rank({"weights.experts.l1_input_scale (token_mode 'dp')":
+                                      float(weights.experts.l1_input_scale)})
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
         self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
@@ -207,6 +212,37 @@ class EPMoE(nn.Module):
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
 
+    def _agree_on_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        """token_mode 'dp' with checks: each rank holds its own tokens, so one rank's input may fail a check that the
+        others pass, and they would wait for it in the gather. Every rank checks its own (the checks of forward, the
+        staging and the router, which sync the host), the ranks exchange the outcomes and token counts, and all of
+        them raise if any input failed (naming that rank) or if the counts differ."""
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
+        problem, count = None, None
+        try:
+            self._validate(hidden, input_ids, True)
+            check_finite(hidden, "hidden")
+            self.router.check_token_ids(hidden, input_ids)
+            count = hidden.shape[0]
+        except (TypeError, ValueError) as e:
+            problem = e
+        outcomes: list = [None] * self.world_size
+        group = self.buffer.backend.group
+        mine = (count, None if problem is None else f"{type(problem).__name__}: {problem}")
+        with collective("all-gather of the ranks' input checks (token_mode 'dp')", group):
+            dist.all_gather_object(outcomes, mine, group=group)
+        if problem is not None:
+            raise problem
+        failed = [(q, msg) for q, (_, msg) in enumerate(outcomes) if msg is not None]
+        if failed:
+            raise ValueError("hidden: token_mode 'dp' runs every rank's tokens together, and the input of " +
+                             "; of ".join(f"rank {q} failed its check ({msg})" for q, msg in failed))
+        counts = [n for n, _ in outcomes]
+        if len(set(counts)) > 1:
+            raise ValueError(f"hidden: token_mode 'dp' needs the same number of tokens on every rank (pad to the "
+                             f"largest), got {counts} on ranks 0..{self.world_size - 1}")
+
     def stage_activations(self, hidden: torch.Tensor, check: bool = True):
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
         if self.spec.act_mode == "bf16":
@@ -221,7 +257,11 @@ class EPMoE(nn.Module):
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
-        self._validate(hidden, input_ids, check)
+        if check and self.buffer.sources > 1:
+            self._agree_on_inputs(hidden, input_ids)
+            check = False  # its checks ran on every rank's input, and every rank's passed
+        else:
+            self._validate(hidden, input_ids, check)
         t = hidden.shape[0]
         acts = self.stage_activations(hidden, check)
         mark("staging")
@@ -229,7 +269,7 @@ class EPMoE(nn.Module):
         topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
         mark("routing")
         if self.buffer.sources > 1:  # prepare (dp): every rank's staged tokens and routing, in rank order
-            acts, topk_idx, topk_weights = self.buffer.gather(t, check)
+            acts, topk_idx, topk_weights = self.buffer.gather(t)
         n = t * self.buffer.sources  # the tokens the experts see
         mark("prepare")
         # The partial output goes to the buffer for the all-reduce or reduce-scatter; one rank has nothing to reduce,

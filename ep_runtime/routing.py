@@ -114,6 +114,23 @@ class Router(nn.Module):
             return out
         return torch.mm(hidden, w16.t(), out_dtype=torch.float32)
 
+    def check_token_ids(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool = True) -> None:
+        """A hash-routed layer's token ids: one integer per row of hidden, in the vocabulary (check=True, which syncs
+        the host). Other layers take any input_ids."""
+        if self.tid2eid is None:
+            return
+        if input_ids is None:
+            raise ValueError("input_ids: a hash-routed layer needs the token ids, got None")
+        if input_ids.dtype not in _TOKEN_ID_DTYPES:  # a float id would be truncated to some token's experts
+            raise TypeError(f"input_ids: expected an integer dtype ({', '.join(map(str, _TOKEN_ID_DTYPES))}), got "
+                            f"{input_ids.dtype}")
+        if input_ids.shape != hidden.shape[:1]:
+            raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
+        vocab = self.tid2eid.shape[0]
+        if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """check=False skips the token-id range check (a host sync; CUDA-graph capture needs it off). out: int32 ids
@@ -133,17 +150,7 @@ class Router(nn.Module):
                                         cfg.topk_group))
         hash_ids = None
         if self.tid2eid is not None:
-            if input_ids is None:
-                raise ValueError("input_ids: a hash-routed layer needs the token ids, got None")
-            if input_ids.dtype not in _TOKEN_ID_DTYPES:  # a float id would be truncated to some token's experts
-                raise TypeError(f"input_ids: expected an integer dtype ({', '.join(map(str, _TOKEN_ID_DTYPES))}), got "
-                                f"{input_ids.dtype}")
-            if input_ids.shape != hidden.shape[:1]:
-                raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
-            vocab = self.tid2eid.shape[0]
-            if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
-                raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
-                                 f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+            self.check_token_ids(hidden, input_ids, check)
             hash_ids = self.tid2eid[input_ids.long()]
         fits = k <= ops.MAX_ROUTE_TOP_K and (hash_ids is not None or logits.shape[1] <= ops.MAX_ROUTE_EXPERTS)
         if logits.is_cuda and fits and _gpu_kernels():

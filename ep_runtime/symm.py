@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from .dist_utils import check_same_on_every_rank, collective, host_barrier
+from .dist_utils import collective, host_barrier
 from .nvfp4 import NVFP4Tensor, check_finite, quantize
 
 log = logging.getLogger("ep_runtime")
@@ -226,16 +226,12 @@ class SymmBuffer:
         self.check_tokens(num_tokens)
         return self.topk_idx[:num_tokens], self.topk_weights[:num_tokens]
 
-    def gather(self, num_tokens: int, check: bool = True
-               ) -> tuple[NVFP4Tensor | torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(self, num_tokens: int) -> tuple[NVFP4Tensor | torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prepare (token_mode 'dp'): the staged activations, topk ids and weights of every rank's num_tokens tokens,
         in rank order, as the expert stage reads them. A collective call on every rank, with the same num_tokens
-        everywhere (check=True checks that, syncing the host)."""
+        everywhere (EPMoE's checks make sure of that)."""
         if self.sources == 1:
             raise ValueError("gather: this buffer holds one rank's tokens (token_mode 'replicated'): nothing to gather")
-        if check:
-            check_same_on_every_rank({"hidden: tokens per rank in token_mode 'dp' (pad to the largest)": num_tokens},
-                                     self.backend.group)
         n = self.sources * num_tokens
         if num_tokens:  # one call for every region (the P2P backends: one launch)
             self.backend.all_gather([getattr(self, f"{name}_gathered")[:n] for name in self._gathered],

@@ -1,10 +1,10 @@
-"""The symmetric arena in plain device memory, mapped by the peers through CUDA IPC handles.
+"""The symmetric arena in plain device memory, mapped by the peers through CUDA IPC handles, for ranks that share one GPU.
 
-No symmetric-memory library: each rank allocates its arena from PyTorch's caching allocator, the ranks all-gather the
-IPC handles torch.multiprocessing pickles CUDA tensors with, and each maps its peers' arenas. Regions, signals and the
-P2P all-reduce are the shared P2PArenaBackend machinery. It works wherever CUDA IPC does: the GPUs of one node that
-have peer access, and ranks that share one GPU, which PyTorch symmetric memory and NVSHMEM refuse; that is how the
-runtime's P2P path runs several ranks on a machine with one GPU.
+PyTorch symmetric memory and NVSHMEM refuse several ranks on one GPU. Here each rank allocates its arena from PyTorch's
+caching allocator, the ranks all-gather the IPC handles torch.multiprocessing pickles CUDA tensors with, and each maps
+its peers' arenas; regions, signals and the P2P kernels are the shared P2PArenaBackend machinery. That is how the
+runtime's P2P path runs several ranks on a machine with one GPU. Across GPUs torch maps a peer's arena on the peer's
+device, which this rank's kernels may not reach without peer access that nothing here enables: refused, for now.
 """
 from __future__ import annotations
 
@@ -24,4 +24,9 @@ class IpcBackend(P2PArenaBackend):
         handles: list = [None] * self.world_size
         with collective("all-gather of the arenas' CUDA IPC handles", self.group):
             dist.all_gather_object(handles, reduce_tensor(arena), group=self.group)
-        return arena, [arena if q == self.rank else rebuild(*args) for q, (rebuild, args) in enumerate(handles)]
+        peers = [arena if q == self.rank else rebuild(*args) for q, (rebuild, args) in enumerate(handles)]
+        for q, peer in enumerate(peers):
+            if peer.device != self.device:
+                raise ValueError(f"symm_backend: 'ipc' maps the arenas of ranks that share one GPU; rank {q}'s is on "
+                                 f"{peer.device}, rank {self.rank}'s on {self.device} (use 'torch' across GPUs)")
+        return arena, peers

@@ -123,10 +123,10 @@ class P2PArenaBackend:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         return arena[offset:offset + nbytes].view(dtype).view(shape)
 
-    def _locate(self, t: torch.Tensor) -> list[int]:
+    def _locate(self, t: torch.Tensor, name: str) -> list[int]:
         offset = t.data_ptr() - self._arena.data_ptr()
         if offset < 0 or offset + t.numel() * t.element_size() > self.capacity:
-            raise ValueError(f"t: expected a tensor inside this rank's symmetric arena (a region from empty()), "
+            raise ValueError(f"{name}: expected a tensor inside this rank's symmetric arena (a region from empty()), "
                              f"got address {t.data_ptr():#x} outside [{self._arena.data_ptr():#x}, "
                              f"+{self.capacity})")
         return [base + offset for base in self._peer_base]

@@ -132,12 +132,12 @@ def test_all_gather_arguments_are_checked_by_name(outs, inps, error, message) ->
 
 def test_all_reduce_needs_one_signal_block_per_rank() -> None:
     with pytest.raises(ValueError, match="signal_ptrs: expected 4 pointers, got 3"):
-        SymmAllReduce(0, 4, [16, 32, 48], lambda t: [], timeout_s=1.0)
+        SymmAllReduce(0, 4, [16, 32, 48], lambda t, name: [], timeout_s=1.0)
 
 
 def test_all_reduce_rejects_a_non_positive_timeout() -> None:
     with pytest.raises(ValueError, match="timeout_s: expected a positive number of seconds, got 0"):
-        SymmAllReduce(0, 2, [16, 32], lambda t: [], timeout_s=0)
+        SymmAllReduce(0, 2, [16, 32], lambda t, name: [], timeout_s=0)
 
 
 def test_torch_backend_needs_a_cuda_device() -> None:

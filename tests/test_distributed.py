@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from ep_runtime.checkpoint import write_synthetic_checkpoint
+from ep_runtime.checkpoint import synthetic_layer, write_synthetic_checkpoint
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
@@ -228,9 +228,36 @@ def _dp_uneven_worker(rank, world, ckpt, out_dir):
 def test_dp_ranks_with_different_token_counts_are_refused_on_every_rank(ckpt, tmp_path):
     spawn_local(_dp_uneven_worker, 2, str(ckpt), str(tmp_path))
     for rank in range(2):
-        assert _read(tmp_path, rank)[1] == ("hidden: tokens per rank in token_mode 'dp' (pad to the largest): expected "
-                                            f"the same value on every rank, rank {rank} has {8 + 4 * rank}, rank "
-                                            f"{1 - rank} has {12 - 4 * rank}")
+        assert _read(tmp_path, rank)[1] == ("hidden: token_mode 'dp' needs the same number of tokens on every rank "
+                                            "(pad to the largest), got [8, 12] on ranks 0..1")
+
+
+def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=0", *DP])  # the hash layer checks token ids too
+    hidden, ids = _inputs(cfg, rank)
+    if rank == 1 and bad == "nan":
+        hidden[3, 5] = float("nan")
+    if rank == 1 and bad == "token-id":
+        ids[2] = cfg.model.vocab_size
+    if rank == 1 and bad == "capacity":
+        hidden = torch.randn(cfg.runtime.max_tokens + 1, cfg.model.hidden_size)
+        ids = torch.zeros(hidden.shape[0], dtype=torch.long)
+    _write(out_dir, rank, lambda: moe(hidden, ids))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("nan", "hidden: expected finite values"),
+    ("token-id", "input_ids: expected token ids in [0, 512)"),
+    ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256"),
+])
+def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(ckpt, tmp_path, bad, message):
+    spawn_local(_dp_bad_input_worker, 4, str(ckpt), bad, str(tmp_path))
+    elapsed, mine = _read(tmp_path, 1)
+    assert mine.startswith(message) and elapsed < 5, mine
+    for rank in (0, 2, 3):
+        elapsed, msg = _read(tmp_path, rank)
+        assert msg.startswith("hidden: token_mode 'dp' runs every rank's tokens together, and the input of rank 1 "
+                              "failed its check (") and message in msg and elapsed < 5, msg
 
 
 def _dp_no_tokens_worker(rank, world, ckpt, out_dir):
@@ -279,3 +306,19 @@ def _dp_scratch_worker(rank, world, ckpt, out_dir):
 def test_a_dp_layer_refuses_the_scratch_of_a_replicated_one(ckpt, tmp_path):
     spawn_local(_dp_scratch_worker, 2, str(ckpt), str(tmp_path))
     assert _read(tmp_path, 0)[1] == "scratch: this layer needs token sources 2, the scratch was made for 1"
+
+
+def _dp_scales_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    cfg = load_config("tiny", [f"world_size={world}", *DP])
+    weights = synthetic_layer(cfg.model, 1, rank, world, 0, "cpu")
+    weights.experts.l1_input_scale.fill_(0.5 * (rank + 1))  # each rank's own max, never agreed on
+    _write(out_dir, rank, lambda: EPMoE(cfg, weights, rank, world))
+
+
+def test_dp_ranks_whose_static_input_scales_differ_are_refused_on_every_rank(tmp_path):
+    spawn_local(_dp_scales_worker, 2, str(tmp_path))
+    for rank in range(2):
+        assert _read(tmp_path, rank)[1] == ("weights.experts.l1_input_scale (token_mode 'dp'): expected the same value "
+                                            f"on every rank, rank {rank} has {0.5 * (rank + 1)}, rank {1 - rank} has "
+                                            f"{0.5 * (2 - rank)}")

@@ -21,21 +21,28 @@ def layer_inputs(cfg: Config, seed: int, device: torch.device) -> torch.Tensor:
 
 
 def poison_module(moe: EPMoE) -> None:
-    """NaN into every floating-point tensor a forward writes before it reads it, so that anything a forward leaves
-    unwritten shows: the buffer's bf16 x (W4A16) or NVFP4 global scale, routing weights and all-reduce buffer y, and
-    the expert workspaces (None on the reference backend), the shared expert's outputs among them."""
-    buf = moe.buffer
-    # x is packed uint8 in W4A4 and x_global exists only then; integer regions (x_sf, topk_idx) are left alone
-    tensors = [getattr(buf, name, None) for name in ("x", "x_global", "topk_weights", "y")]
+    """Garbage into everything a forward writes before it reads it, so that anything a forward leaves unwritten shows:
+    every region of the symmetric buffer (staged and gathered activations, routing, y) and the floating-point tensors
+    of the expert workspaces (None on the reference backend), the shared expert's outputs among them."""
+    for name, t in vars(moe.buffer).items():
+        if isinstance(t, torch.Tensor) and name[0] != "_":
+            if name.startswith("topk_idx"):
+                t.fill_(-1)  # ids of no expert
+            else:
+                _poison(t)
     for workspace in (moe.scratch.routed, moe.scratch.shared, moe.scratch.shared_slice):
         if workspace is not None:
-            tensors += [getattr(workspace, f.name) for f in dataclasses.fields(workspace)]
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            if t.element_size() == 1:  # e4m3 block scales: the byte 0x7F is NaN
-                t.view(torch.uint8).fill_(0x7F)
-            else:
-                t.fill_(float("nan"))
+            for f in dataclasses.fields(workspace):
+                t = getattr(workspace, f.name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    _poison(t)
+
+
+def _poison(t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.element_size() > 1:
+        t.fill_(float("nan"))
+    else:  # e4m3 scales, UE4M3 scale words (the byte 0x7F is NaN) and packed FP4 codes (+6 and -6)
+        t.view(torch.uint8).fill_(0x7F)
 
 
 def eager_and_replayed(moe: EPMoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
