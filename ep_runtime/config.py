@@ -104,8 +104,9 @@ class RuntimeConfig:
     symm_backend: str = field(default_factory=lambda: os.environ.get("EP_SYMM_BACKEND", "auto"))
     barrier_timeout_s: float = 60.0
     # replicated: every rank holds all T tokens (tensor-parallel attention) and the partial outputs are all-reduced;
-    # dp: each rank holds its own T tokens (data-parallel attention; T the same on every rank), which the ranks
-    # all-gather as NVFP4 (or bf16) after staging and routing, and each gets its tokens' rows by a reduce-scatter
+    # dp: each rank holds its own tokens (data-parallel attention; as many on every rank where forward's checks are
+    # off), which the ranks all-gather as NVFP4 (or bf16) after staging and routing, and each gets its tokens' rows
+    # back by a reduce-scatter
     token_mode: str = "replicated"
     # CUDA backend, several ranks, static scales: a forward of at most this many tokens runs the shared expert on every
     # rank over all tokens, each rank a 1/world_size slice of its intermediate dim (1/W of its weights streamed per

@@ -212,11 +212,13 @@ class EPMoE(nn.Module):
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
 
-    def _agree_on_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+    def _agree_on_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """token_mode 'dp' with checks: each rank holds its own tokens, so one rank's input may fail a check that the
         others pass, and they would wait for it in the gather. Every rank checks its own (the checks of forward, the
         staging and the router, which sync the host), the ranks exchange the outcomes and token counts, and all of
-        them raise if any input failed (naming that rank) or if the counts differ."""
+        them raise if any input failed (naming that rank). Returns the inputs padded with rows of zeros (token id 0) to
+        the largest count, as the gather needs the same count everywhere; their outputs are dropped."""
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
         problem, count = None, None
@@ -238,10 +240,11 @@ class EPMoE(nn.Module):
         if failed:
             raise ValueError("hidden: token_mode 'dp' runs every rank's tokens together, and the input of " +
                              "; of ".join(f"rank {q} failed its check ({msg})" for q, msg in failed))
-        counts = [n for n, _ in outcomes]
-        if len(set(counts)) > 1:
-            raise ValueError(f"hidden: token_mode 'dp' needs the same number of tokens on every rank (pad to the "
-                             f"largest), got {counts} on ranks 0..{self.world_size - 1}")
+        pad = max(n for n, _ in outcomes) - hidden.shape[0]
+        if not pad:
+            return hidden, input_ids
+        hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+        return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)])
 
     def stage_activations(self, hidden: torch.Tensor, check: bool = True):
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
@@ -252,13 +255,15 @@ class EPMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
         capture requires; shapes, dtypes and capacity are always checked. Under torch.compile the layer is one opaque
-        op (layer_op) that runs this forward."""
+        op (layer_op) that runs this forward. In token_mode 'dp' the ranks may hold different numbers of tokens with
+        check=True (the forward pads to the largest); check=False needs the same number on every rank."""
         if torch.compiler.is_compiling():
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
+        own = hidden.shape[0]
         if check and self.buffer.sources > 1:
-            self._agree_on_inputs(hidden, input_ids)
+            hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
         else:
             self._validate(hidden, input_ids, check)
@@ -291,7 +296,7 @@ class EPMoE(nn.Module):
             self.buffer.backend.all_reduce_(y)
             y = y.clone()  # never hand out a view of the communication buffer
         mark("finalize")
-        return y
+        return y if t == own else y[:own]
 
     def output_like(self, hidden: torch.Tensor) -> torch.Tensor:
         """An uninitialized tensor of the shape, dtype and device of forward(hidden)'s output."""

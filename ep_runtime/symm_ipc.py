@@ -1,4 +1,4 @@
-"""The symmetric arena in plain device memory, mapped by the peers through CUDA IPC handles, for ranks that share one GPU.
+"""The symmetric arena in plain device memory, mapped by the peers through CUDA IPC handles: ranks sharing one GPU.
 
 PyTorch symmetric memory and NVSHMEM refuse several ranks on one GPU. Here each rank allocates its arena from PyTorch's
 caching allocator, the ranks all-gather the IPC handles torch.multiprocessing pickles CUDA tensors with, and each maps

@@ -218,18 +218,27 @@ def test_dp_modes_on_four_ranks_equal_the_reference(ckpt, tmp_path, overrides, t
     assert max(_rel(torch.load(tmp_path / f"out{r}.pt"), ref[r * 16:(r + 1) * 16]) for r in range(4)) <= tol
 
 
-def _dp_uneven_worker(rank, world, ckpt, out_dir):
-    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1", *DP])
-    hidden, ids = _inputs(cfg, rank)
+def _dp_uneven_worker(rank, world, ckpt, overrides, seed, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, overrides)
+    hidden, ids = _inputs(cfg, seed + rank)
     t = 8 + 4 * rank
-    _write(out_dir, rank, lambda: moe(hidden[:t], ids[:t]))
+    torch.save(moe(hidden[:t], ids[:t]), f"{out_dir}/out{rank}.pt")
 
 
-def test_dp_ranks_with_different_token_counts_are_refused_on_every_rank(ckpt, tmp_path):
-    spawn_local(_dp_uneven_worker, 2, str(ckpt), str(tmp_path))
-    for rank in range(2):
-        assert _read(tmp_path, rank)[1] == ("hidden: token_mode 'dp' needs the same number of tokens on every rank "
-                                            "(pad to the largest), got [8, 12] on ranks 0..1")
+def test_dp_ranks_with_different_token_counts_each_get_their_own_rows(ckpt, tmp_path):
+    """With checks on, the forward pads every rank's tokens to the largest count and drops the padding's outputs."""
+    seed = int(torch.seed() % 2**31)
+    overrides = ["layer=0", *DP]  # the hash layer: the padding's token ids are routed too
+    spawn_local(_dp_uneven_worker, 4, str(ckpt), overrides, seed, str(tmp_path))
+    cfg = load_config("tiny", ["world_size=1", *overrides])
+    parts = [_inputs(cfg, seed + r) for r in range(4)]
+    counts = [8 + 4 * r for r in range(4)]
+    hidden, ids = (torch.cat([p[i][:n] for p, n in zip(parts, counts)]) for i in range(2))
+    ref = EPMoE.from_checkpoint(ckpt, cfg, 0, 0, 1)(hidden, ids)
+    rows = torch.tensor([0, *counts]).cumsum(0)
+    for r in range(4):
+        out = torch.load(tmp_path / f"out{r}.pt")
+        assert out.shape == (counts[r], ref.shape[1]) and _rel(out, ref[rows[r]:rows[r + 1]]) <= 1e-5
 
 
 def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
