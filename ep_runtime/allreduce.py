@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dist_utils import CommTimeoutError
-from .ops import define_op, launch
+from .ops import check_same_device, check_tensor, define_op, launch
 
 ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
@@ -61,61 +61,39 @@ def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:
         raise ValueError(f"t: data must be 16-byte aligned, got address {t.data_ptr():#x}")
 
 
-def _check_layout(t: object, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A contiguous tensor (of this dtype when given); its device is checked after the sizes (_check_cuda)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-    return t
-
-
-def _check_cuda(named: dict[str, torch.Tensor]) -> None:
-    """CUDA tensors, all on the first one's device (the kernel runs on that device's current stream)."""
-    first_name, first = next(iter(named.items()))
-    for name, t in named.items():
-        if t.device.type != "cuda":
-            raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device}")
-        if t.device != first.device:
-            raise ValueError(f"{name}: expected {first_name}'s device {first.device}, got {t.device}")
-
-
 def validate_reduce_scatter_args(inp: torch.Tensor, out: torch.Tensor, world_size: int) -> None:
     """inp: every rank's rows (world_size equal chunks of whole 16-byte vectors), bf16 or fp32; out: a chunk of it."""
-    _check_layout(inp, "inp")
-    if inp.dtype not in _DTYPE_CODE:
-        raise TypeError(f"inp: expected dtype torch.bfloat16 or torch.float32, got {inp.dtype}")
-    _check_layout(out, "out", inp.dtype)
+    check_tensor(inp, "inp", tuple(_DTYPE_CODE))
+    check_tensor(out, "out", inp.dtype)
     if inp.numel() != world_size * out.numel():
         raise ValueError(f"out: expected 1/{world_size} of inp's {inp.numel()} elements, got {out.numel()}")
     if (out.numel() * out.element_size()) % 16:
         raise ValueError(f"out: expected whole 16-byte vectors, got {out.numel() * out.element_size()} bytes")
-    _check_cuda({"inp": inp, "out": out})
-    if inp.data_ptr() % 16 or out.data_ptr() % 16:
-        raise ValueError(f"inp, out: expected 16-byte aligned data, got addresses {inp.data_ptr():#x}, "
-                         f"{out.data_ptr():#x}")
+    check_same_device({"inp": inp, "out": out})
 
 
 def validate_all_gather_args(outs: list[torch.Tensor], inps: list[torch.Tensor], world_size: int) -> None:
-    """Up to MAX_GATHER_SEGMENTS pairs: outs[i] holds world_size copies of inps[i]'s bytes (whole 4-byte words)."""
+    """Up to MAX_GATHER_SEGMENTS pairs: outs[i] holds world_size copies of inps[i]'s bytes (whole 4-byte words, from
+    4-byte aligned inputs: the kernel copies words where a chunk is not whole 16-byte vectors)."""
     if len(outs) != len(inps) or not 0 < len(outs) <= MAX_GATHER_SEGMENTS:
         raise ValueError(f"outs, inps: expected 1 to {MAX_GATHER_SEGMENTS} pairs of tensors, got {len(outs)} and "
                          f"{len(inps)}")
     for i, (out, inp) in enumerate(zip(outs, inps)):
-        _check_layout(inp, f"inps[{i}]")
-        _check_layout(out, f"outs[{i}]", inp.dtype)
+        if not isinstance(inp, torch.Tensor):
+            raise TypeError(f"inps[{i}]: expected a tensor, got {type(inp).__name__}")
+        if not inp.is_contiguous():
+            raise ValueError(f"inps[{i}]: expected a contiguous tensor, got strides {inp.stride()}")
+        check_tensor(out, f"outs[{i}]", inp.dtype)
         if out.numel() != world_size * inp.numel():
             raise ValueError(f"outs[{i}]: expected {world_size} x inps[{i}]'s {inp.numel()} elements, got "
                              f"{out.numel()}")
         if (inp.numel() * inp.element_size()) % 4:
             raise ValueError(f"inps[{i}]: expected whole 4-byte words, got {inp.numel() * inp.element_size()} bytes")
-    _check_cuda({**{f"inps[{i}]": t for i, t in enumerate(inps)}, **{f"outs[{i}]": t for i, t in enumerate(outs)}})
-    for i, (out, inp) in enumerate(zip(outs, inps)):
-        if inp.data_ptr() % 4 or out.data_ptr() % 16:
-            raise ValueError(f"inps[{i}], outs[{i}]: expected 4- and 16-byte aligned data, got addresses "
-                             f"{inp.data_ptr():#x}, {out.data_ptr():#x}")
+    check_same_device({**{f"inps[{i}]": t for i, t in enumerate(inps)},
+                       **{f"outs[{i}]": t for i, t in enumerate(outs)}})
+    for i, inp in enumerate(inps):
+        if inp.data_ptr() % 4:
+            raise ValueError(f"inps[{i}]: expected 4-byte aligned data, got address {inp.data_ptr():#x}")
 
 
 class HostStatus:
@@ -196,9 +174,8 @@ class SymmAllReduce:
 
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = this rank's chunk (inp's rows split world_size ways) of the sum over ranks of inp, in the all-reduce's
-        order and bits; inp lies in the arena, out anywhere. Returns out."""
+        order and bits; inp lies in the arena (the launch says so, naming it), out anywhere. Returns out."""
         validate_reduce_scatter_args(inp, out, self.world_size)
-        self._locate(inp, "inp")
         self.raise_if_failed()
         if inp.numel():
             _reduce_scatter_op(inp, out, self._id)
@@ -207,8 +184,6 @@ class SymmAllReduce:
     def all_gather(self, outs: list[torch.Tensor], inps: list[torch.Tensor]) -> None:
         """outs[i] = every rank's inps[i], in rank order, in one launch; outs lie in the arena, inps anywhere."""
         validate_all_gather_args(outs, inps, self.world_size)
-        for i, out in enumerate(outs):
-            self._locate(out, f"outs[{i}]")
         self.raise_if_failed()
         _all_gather_op(outs, inps, self._id)
 
@@ -249,7 +224,8 @@ def _all_gather_impl(outs: list[torch.Tensor], inps: list[torch.Tensor], comm: i
     c = _registry[comm]
     base = c._locate(outs[0], "outs[0]")
     launch("all_gather", outs[0].device, base, c.signal_ptrs, c.rank, [t.data_ptr() for t in inps],
-           [c._locate(t, "outs")[c.rank] - base[c.rank] for t in outs], [t.numel() * t.element_size() for t in inps],
+           [c._locate(t, f"outs[{i}]")[c.rank] - base[c.rank] for i, t in enumerate(outs)],
+           [t.numel() * t.element_size() for t in inps],
            c.timeout_s, c.status.device_ptr, c.max_ctas)
 
 
