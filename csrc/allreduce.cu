@@ -29,6 +29,7 @@ namespace {
 using namespace ep::allreduce;
 
 constexpr int kThreads = 512;
+constexpr double kMaxTimeoutS = 1e9;  // allreduce.MAX_TIMEOUT_S
 constexpr int kOneShotVecsPerThread = 4;  // values a thread holds in registers between read and write
 
 struct Args {
@@ -259,7 +260,8 @@ Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::u
   EP_REQUIRE(world >= 1 && world <= kMaxRanks, "allreduce: world size must be in [1, 8]");
   EP_REQUIRE(data.empty() || (int)data.size() == world, "allreduce: need one data pointer per rank");
   EP_REQUIRE(rank >= 0 && rank < world, "allreduce: rank out of range");
-  EP_REQUIRE(timeout_s > 0, "allreduce: timeout_s must be positive");
+  // Finite and bounded: the conversion to 64-bit nanoseconds below is undefined past 1.8e10 s, and gave 0 for inf.
+  EP_REQUIRE(timeout_s > 0 && timeout_s <= kMaxTimeoutS, "allreduce: timeout_s must be in (0, 1e9] seconds");
   EP_REQUIRE(status != 0, "allreduce: status pointer is null");
   Args a{};
   for (int q = 0; q < world; ++q) {

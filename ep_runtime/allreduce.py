@@ -29,6 +29,7 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier", "reduce-scatter",
            "all-gather")
 MAX_GATHER_SEGMENTS = 4  # tensors one all_gather call takes (csrc/allreduce.cu kMaxSegments)
+MAX_TIMEOUT_S = 1e9  # a barrier's longest timeout (csrc/allreduce.cu kMaxTimeoutS)
 # One-shot up to this many bytes, two-shot above. Measured on 2 and 4 H200s (bench/results/allreduce_*.json):
 # one-shot wins only at 14 KB (1 token x 7168 bf16), two-shot from 229 KB (16 tokens) on. W=8 is unmeasured.
 DEFAULT_ONESHOT_MAX_BYTES = {2: 64 << 10, 4: 64 << 10, 8: 32 << 10}
@@ -40,6 +41,14 @@ def resolve_oneshot_max_bytes(world_size: int, value: int | None = None) -> int:
         return value
     env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
     return int(env) if env else DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
+
+
+def check_timeout(timeout_s: float) -> float:
+    """A barrier's timeout: finite and positive seconds (the kernels count in 64-bit nanoseconds, where infinity
+    would wrap to no time at all)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:
@@ -131,8 +140,7 @@ class SymmAllReduce:
     def __init__(self, rank: int, world_size: int, signal_ptrs: Sequence[int],
                  locate: Callable[[torch.Tensor, str], list[int]], timeout_s: float = 10.0,
                  oneshot_max_bytes: int | None = None, max_ctas: int = 0):
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
+        check_timeout(timeout_s)
         if len(signal_ptrs) != world_size:
             raise ValueError(f"signal_ptrs: expected {world_size} pointers, got {len(signal_ptrs)}")
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
@@ -191,15 +199,13 @@ class SymmAllReduce:
         launch("all_reduce", t.device, self._locate(t, "t"), self.signal_ptrs, self.rank, t.numel() * t.element_size(),
                _DTYPE_CODE[t.dtype], algo_code, self.timeout_s, self.status.device_ptr, self.max_ctas)
 
-    def barrier(self, timeout_s: float | None = None) -> None:
-        """Device barrier among the ranks on the current stream, then a host sync and a status check."""
-        from . import _C
-
+    def barrier(self, device: torch.device, timeout_s: float | None = None) -> None:
+        """Device barrier among the ranks on `device` (the arena's) and its current stream, then a host sync and a
+        status check."""
+        timeout_s = self.timeout_s if timeout_s is None else check_timeout(timeout_s)
         self.raise_if_failed()
-        stream = torch.cuda.current_stream()
-        _C.device_barrier(self.signal_ptrs, self.rank, float(timeout_s or self.timeout_s), self.status.device_ptr,
-                          stream.cuda_stream)
-        stream.synchronize()
+        launch("device_barrier", device, self.signal_ptrs, self.rank, timeout_s, self.status.device_ptr)
+        torch.cuda.current_stream(device).synchronize()
         self.raise_if_failed()
 
 

@@ -14,16 +14,17 @@ import struct
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Generator, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import nvfp4, sm90_layout
-from .config import ModelConfig
+from . import nvfp4
+from .config import ModelConfig, local_expert_count
 from .experts import swiglu
+from .routing import check_tid2eid
 from .weights import PROJECTIONS, ExpertWeights
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -145,7 +146,8 @@ class CheckpointReader:
                 raise CheckpointError(f"checkpoint {f}: tensor {key!r} expected shape "
                                       f"{' or '.join(map(str, shapes))}, got {tuple(meta['shape'])}")
 
-    def read(self, keys: Iterable[str], desc: str = "loading", progress: bool = False):
+    def read(self, keys: Iterable[str], desc: str = "loading",
+             progress: bool = False) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Yield (key, tensor) for the given names, one file handle per shard, in the given order."""
         keys = list(keys)
         with ExitStack() as stack:
@@ -225,6 +227,8 @@ def _header(f: Path) -> dict:
                 raise CheckpointError(f"checkpoint file {f}: truncated or corrupt header ({n} bytes declared, "
                                       f"{size - 8} present)")
             header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {f}: corrupt header ({e})") from None
     if not isinstance(header, dict):
@@ -264,13 +268,12 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
                progress: bool = False) -> LayerWeights:
     """Read one MoE layer's router, shared expert and this rank's experts [rank*E/W, (rank+1)*E/W)."""
     e_total, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    if world_size <= 0 or e_total % world_size:
-        raise CheckpointError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise CheckpointError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    try:
+        n_local = local_expert_count(e_total, rank, world_size)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:  # the keys' index: any layer of the file
         raise CheckpointError(f"layer: expected a layer index >= 0, got {layer!r}")
-    n_local = e_total // world_size
     begin = rank * n_local
     nm = reader.naming
     is_hash = layer < cfg.num_hash_layers
@@ -304,7 +307,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
     for target, e, keys, proj in groups:
         weight, scale, scale_2, input_scale = (next(tensors)[1] for _ in keys)
         # The CUDA layout rejects NaN and negative block scales anyway; rejecting them here makes every backend agree.
-        _check_tensor(lambda t, name: sm90_layout.check_scales(t.view(torch.uint8), name), scale, keys[1])
+        _check_tensor(nvfp4.check_scale_bytes, scale, keys[1])
         _check_tensor(nvfp4.check_positive_scale, scale_2, keys[2])
         _check_tensor(nvfp4.check_positive_scale, input_scale, keys[3])
         if scale.dtype == torch.uint8:
@@ -322,8 +325,8 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
     bias_key = nm.router_key(layer, "e_score_correction_bias")
     tid_key = nm.router_key(layer, "tid2eid")
     tid2eid = router_t.get(tid_key)
-    if tid2eid is not None and tid2eid.numel() and (tid2eid.min() < 0 or tid2eid.max() >= e_total):
-        raise CheckpointError(f"checkpoint: tensor {tid_key!r} holds expert ids outside [0, {e_total})")
+    if tid2eid is not None:
+        _check_tensor(lambda t, name: check_tid2eid(t, e_total, cfg.num_experts_per_tok, name), tid2eid, tid_key)
     return LayerWeights(router_t[nm.router_key(layer, "weight")],
                         router_t[bias_key].float() if bias_key in router_t else None,
                         None if tid2eid is None else tid2eid.to(torch.int32), stack, shared_stack)
@@ -411,12 +414,10 @@ def synthetic_layer(cfg: ModelConfig, layer: int, rank: int, world_size: int, se
     """An in-memory synthetic layer for model-sized runs: this rank's experts generated on `device`, each from
     its own seed, so every rank and the single-process reference agree without writing files."""
     e_total, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    if world_size <= 0 or e_total % world_size:
-        raise ValueError(f"world_size: must divide n_routed_experts={e_total}, got {world_size}")
+    n_local = local_expert_count(e_total, rank, world_size)
     if not 0 <= layer < cfg.num_moe_layers:
         raise ValueError(f"layer: expected 0..{cfg.num_moe_layers - 1} (model.num_moe_layers={cfg.num_moe_layers}), "
                          f"got {layer}")
-    n_local = e_total // world_size
     g = torch.Generator(device=device).manual_seed(seed * 7919 + layer)
     router = (torch.randn(e_total, h, generator=g, device=device) / math.sqrt(h)).to(torch.bfloat16)
     bias = 0.01 * torch.randn(e_total, generator=g, device=device) if cfg.topk_method == "noaux_tc" else None

@@ -90,6 +90,11 @@ class ModelConfig:
                              f"got {self.num_hash_layers}")
         if self.num_hash_layers and self.vocab_size <= 0:
             raise ValueError("model.vocab_size: hash layers need a positive vocab_size")
+        if self.num_hash_layers and self.scoring_func != "sqrtsoftplus":
+            # Hash routing is DeepSeek-V4's (sqrt(softplus) weights of the table's experts); V3's sigmoid routing
+            # would pick experts by score and ignore the table.
+            raise ValueError(f"model.num_hash_layers: hash layers route with scoring_func 'sqrtsoftplus', got "
+                             f"{self.num_hash_layers} hash layers with {self.scoring_func!r}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class RuntimeConfig:
                              "needs 'static' scales (or act_mode 'bf16'), got 'dynamic'")
 
     @property
-    def torch_dtype(self):
+    def torch_dtype(self) -> "torch.dtype":
         import torch
 
         return {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
@@ -160,6 +165,19 @@ class Config:
         return Config(self.model, dataclasses.replace(self.runtime, **runtime_changes))
 
 
+def local_expert_count(n_experts: int, rank: int, world_size: int) -> int:
+    """The experts each of world_size ranks holds; refuses a world size that does not divide n_experts and a rank
+    outside it (ints only: 2.0 ranks would fail later, deep in a slice)."""
+    for name, v in (("world_size", world_size), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    if world_size < 1 or n_experts % world_size:
+        raise ValueError(f"world_size: must divide n_routed_experts={n_experts}, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    return n_experts // world_size
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
@@ -174,10 +192,18 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config and apply `section.key=value` (or bare `key=value`) overrides."""
     path = resolve_config_path(name_or_path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path}: malformed YAML ({e})") from None
     if not isinstance(raw, dict) or "model" not in raw:
         raise ValueError(f"config {path}: expected a mapping with a 'model' section")
-    model, runtime = dict(raw["model"]), dict(raw.get("runtime") or {})
+    sections = {"model": raw["model"], "runtime": raw.get("runtime") or {}}
+    for name, value in sections.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"config {path}: section {name!r} expected a mapping of keys to values, got "
+                             f"{type(value).__name__} {value!r}")
+    model, runtime = dict(sections["model"]), dict(sections["runtime"])
     for item in overrides:
         _apply_override(item, model, runtime)
     try:
@@ -202,4 +228,7 @@ def _apply_override(item: str, model: dict, runtime: dict) -> None:
                          f"runtime keys: {sorted(runtime_keys)})")
     if name not in keys:
         raise ValueError(f"override: unknown key {key!r}")
-    target[name] = yaml.safe_load(value)
+    try:
+        target[name] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: malformed value ({e})") from None

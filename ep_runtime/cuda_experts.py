@@ -170,6 +170,8 @@ class CudaExpertStage:
         hidden = self.weights.hidden_size
         named = {"topk_idx": ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))}
         t, k = topk_idx.shape
+        if k < 1:  # else every kernel but the combine would run first
+            raise ValueError(f"topk_idx: expected at least one expert per token, got shape {(t, k)}")
         named["topk_weights"] = ops.check_tensor(topk_weights, "topk_weights", torch.float32, (t, k))
         if self.spec.act_mode == "nvfp4":
             if not isinstance(acts, NVFP4Tensor):

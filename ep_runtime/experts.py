@@ -193,8 +193,38 @@ def expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.
                                  workspace=workspace)
     if backend != "reference":
         raise ValueError(f"backend: expected 'reference' or 'cuda', got {backend!r}")
+    _check_reference_args(acts, topk_idx, topk_weights, weights, spec)
     slots = map_slots(topk_idx, weights.num_experts, expert_begin)
     h = swiglu(l1_reference(acts, slots, weights, spec), spec.swiglu_limit)
     hq, h_gs = quantize_h(h, slots, weights, spec)
     y_slot = l2_reference(hq, h_gs, slots, weights, spec)
     return combine(y_slot, slots, topk_weights, topk_idx.shape[0])
+
+
+def _check_reference_args(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                          weights: ExpertWeights, spec: ExpertSpec) -> None:
+    """The reference stage's arguments agree with each other (the CUDA stage checks its own, more strictly)."""
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or \
+            topk_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_idx: expected an int32/int64 (T, topk) tensor, got "
+                        f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+    t, k = topk_idx.shape
+    if k < 1:
+        raise ValueError(f"topk_idx: expected at least one expert per token, got shape {(t, k)}")
+    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point() or \
+            tuple(topk_weights.shape) != (t, k):
+        raise ValueError(f"topk_weights: expected a floating-point tensor of shape {(t, k)} (topk_idx's), got "
+                         f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
+                         f"{tuple(getattr(topk_weights, 'shape', ()))}")
+    weights.require_layout("rows", "the reference expert stage")
+    h = weights.hidden_size
+    if spec.act_mode == "nvfp4":
+        if not isinstance(acts, NVFP4Tensor):
+            raise TypeError(f"acts: expected an NVFP4Tensor in act_mode 'nvfp4', got {type(acts).__name__}")
+        got = (tuple(acts.data.shape), tuple(acts.scale.shape))
+        if got != ((t, h // 2), (t, h // 16)):
+            raise ValueError(f"acts: expected codes {(t, h // 2)} and scales {(t, h // 16)} for {t} tokens of hidden "
+                             f"{h}, got {got[0]} and {got[1]}")
+    elif not isinstance(acts, torch.Tensor) or tuple(acts.shape) != (t, h):
+        raise ValueError(f"acts: expected a (T, H) = {(t, h)} tensor in act_mode 'bf16', got "
+                         f"{type(acts).__name__} {tuple(getattr(acts, 'shape', ()))}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, local_expert_count
 from .dist_utils import check_same_on_every_rank, collective
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
@@ -28,7 +28,7 @@ from .routing import Router
 from .sm90_layout import check_tileable, tile_
 from .scratch import LayerScratch, scratch_needs, shared_split, token_sources
 from .symm import SymmBuffer
-from .weights import ExpertWeights
+from .weights import ExpertWeights, check_dense
 
 
 def cuda_backend_available(device: torch.device) -> bool:
@@ -51,9 +51,7 @@ class EPMoE(nn.Module):
                  scratch: LayerScratch | None = None, device: torch.device | str = "cpu"):
         super().__init__()
         m, rt = cfg.model, cfg.runtime
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" means the current device; name it
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _layer_device(device)
         n_local = _check_placement(m, rank, world_size)
         if weights.experts.num_experts != n_local:
             raise ValueError(f"weights: expected {n_local} local experts for world_size={world_size}, "
@@ -65,6 +63,7 @@ class EPMoE(nn.Module):
         for name, w, n, inter in stacks:
             w.check_sizes(name, n, m.hidden_size, inter)
             w.require_layout("rows", "EPMoE", name)
+            w.check_values(name)
         if rt.backend == "auto":
             self.backend = "cuda" if cuda_backend_available(device) else "reference"
         else:
@@ -90,7 +89,7 @@ class EPMoE(nn.Module):
                                       float(weights.experts.l1_input_scale)})
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
-        self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid).to(device)
+        self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid, device)
         # Already on the device, these are the caller's objects, so the tiling below relabels what it re-tiles.
         self.experts = weights.experts.to(device)
         self.shared = weights.shared.to(device) if weights.shared is not None else None
@@ -124,6 +123,16 @@ class EPMoE(nn.Module):
                 tile_(shared_slice)
                 self._shared_slice_stage = CudaExpertStage(shared_slice, 0, self.spec, scratch.shared_slice)
 
+    def _apply(self, fn, recurse: bool = True) -> "EPMoE":
+        """Module.to / half / cuda: the layer's numerics are fixed at load (NVFP4 experts, an fp32 router), so a dtype
+        conversion leaves it as it is; its weights, workspaces and symmetric buffer cannot move, so a device change is
+        refused (build the layer on the device it runs on)."""
+        device = fn(torch.empty(0, device=self.device)).device
+        if device != self.device:
+            raise ValueError(f"device: an EPMoE layer stays on the device it was built on ({self.device}); got a "
+                             f"conversion to {device}")
+        return self
+
     def __setstate__(self, state: dict) -> None:
         """A copy (copy.copy, copy.deepcopy) is another layer: it gets its own handle for torch.compile's graphs."""
         super().__setstate__(state)
@@ -141,11 +150,31 @@ class EPMoE(nn.Module):
         """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
         over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
         _check_placement(cfg.model, rank, world_size)
-        weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
+        device = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
+        weights, failure = None, None
+        try:
+            weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
+        except Exception as e:  # its peers must not wait for it in the all-reduce below
+            if world_size == 1:
+                raise
+            failure = e
         if world_size > 1:
-            scale = weights.experts.l1_input_scale.to(device)
-            with collective("MAX all-reduce of the layer's input scales"):
-                dist.all_reduce(scale, op=dist.ReduceOp.MAX)
+            # One MAX all-reduce: [the input scale, then a flag per rank whose load failed], so that every rank
+            # raises at once, naming the ranks that failed, instead of some waiting out the group's timeout.
+            agreed = torch.zeros(1 + world_size, device=device)
+            if failure is None:
+                agreed[0] = weights.experts.l1_input_scale.to(device)
+            else:
+                agreed[1 + rank] = 1
+            with collective("MAX all-reduce of the layer's input scales and load outcomes"):
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            if failure is not None:
+                raise failure
+            failed = [q for q in range(world_size) if agreed[1 + q] > 0]
+            if failed:
+                raise RuntimeError(f"rank {rank}: layer {layer} of {path} failed to load on rank(s) {failed} (their "
+                                   f"errors say why); this rank's load is dropped")
+            scale = agreed[0]
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
@@ -156,6 +185,7 @@ class EPMoE(nn.Module):
                        scratch: LayerScratch | None = None, device: torch.device | str = "cpu") -> "EPMoE":
         """A model-sized layer of random weights generated on the device (see checkpoint.synthetic_layer)."""
         _check_placement(cfg.model, rank, world_size)
+        device = _layer_device(device)
         weights = synthetic_layer(cfg.model, layer, rank, world_size, cfg.runtime.seed, device)
         return cls(cfg, weights, rank, world_size, scratch, device)
 
@@ -174,16 +204,14 @@ class EPMoE(nn.Module):
         n_local = _check_placement(m, rank, world_size)
         for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
                                ("l2_input_scale", l2_input_scale, (e,))):
-            _check_dense(name, t, shape, per_expert=True)
-        check_positive_scale(torch.tensor(float(l1_input_scale)), "l1_input_scale")
-        check_positive_scale(l2_input_scale, "l2_input_scale")
+            check_dense(name, t, shape, per_expert=True)
         _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
             sg, su, sd, s_l2 = shared
             i_s = m.shared_intermediate_size
             for name, t, shape in (("shared gate", sg, (i_s, h)), ("shared up", su, (i_s, h)),
                                    ("shared down", sd, (h, i_s))):
-                _check_dense(name, t, shape)
+                check_dense(name, t, shape)
             check_positive_scale(torch.tensor(float(s_l2)), "shared l2_input_scale")
         local = slice(rank * n_local, (rank + 1) * n_local)
         experts = ExpertWeights.from_dense(gate[local], up[local], down[local], l1_input_scale,
@@ -204,6 +232,8 @@ class EPMoE(nn.Module):
             raise ValueError(f"hidden: expected shape (T, {h}), got {tuple(hidden.shape)}")
         if hidden.device != self.device:
             raise ValueError(f"hidden: expected device {self.device}, got {hidden.device}")
+        if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected None or a torch.Tensor, got {type(input_ids).__name__}")
         _check_forward_only(hidden)
         self.buffer.check_tokens(hidden.shape[0])
         if check and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -227,7 +257,7 @@ class EPMoE(nn.Module):
             check_finite(hidden, "hidden")
             self.router.check_token_ids(hidden, input_ids)
             count = hidden.shape[0]
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # whatever a rank's input raises, the others must not wait for it in the gather
             problem = e
         outcomes: list = [None] * self.world_size
         group = self.buffer.backend.group
@@ -246,7 +276,7 @@ class EPMoE(nn.Module):
         hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
         return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)])
 
-    def stage_activations(self, hidden: torch.Tensor, check: bool = True):
+    def stage_activations(self, hidden: torch.Tensor, check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
         if self.spec.act_mode == "bf16":
             return self.buffer.stage(hidden.to(torch.bfloat16), check=check)
@@ -261,12 +291,13 @@ class EPMoE(nn.Module):
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
-        own = hidden.shape[0]
         if check and self.buffer.sources > 1:
+            own = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
             hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
         else:
             self._validate(hidden, input_ids, check)
+            own = hidden.shape[0]
         t = hidden.shape[0]
         acts = self.stage_activations(hidden, check)
         mark("staging")
@@ -353,14 +384,25 @@ def _check_forward_only(hidden: torch.Tensor) -> None:
                          "pass hidden.detach()), got one that requires grad")
 
 
+def _layer_device(device: torch.device | str) -> torch.device:
+    """The layer's device, named ("cuda" is the current one), and there: a CUDA device this process can use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected a device this process has, got {device} (no CUDA device is visible)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: expected cuda:0..cuda:{torch.cuda.device_count() - 1}, got {device}")
+    elif device.type != "cpu":
+        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
+    return device
+
+
 def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:
     """This rank's number of local experts. Ranks all-reduce over the default process group, so with more
     than one rank it must exist and agree with rank and world_size."""
-    e = m.n_routed_experts
-    if world_size < 1 or e % world_size:
-        raise ValueError(f"world_size: must divide n_routed_experts={e}, got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank: expected 0..{world_size - 1}, got {rank}")
+    n_local = local_expert_count(m.n_routed_experts, rank, world_size)
     if world_size > 1:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"world_size: {world_size} ranks need an initialized default process group "
@@ -371,7 +413,7 @@ def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:
         if dist.get_rank() != rank:
             raise ValueError(f"rank: expected this process's rank in the default process group, "
                              f"{dist.get_rank()}, got {rank}")
-    return e // world_size
+    return n_local
 
 
 def _check_shared_present(m: ModelConfig, present: bool, name: str) -> None:
@@ -397,17 +439,6 @@ def _check_shared_rows_aligned(m: ModelConfig, spec: ExpertSpec, world_size: int
         raise ValueError(f"model.hidden_size: with {world_size} ranks each runs the shared expert on a slice of the "
                          f"tokens, whose NVFP4 scale rows (hidden/16 bytes each) must start 16-byte aligned: expected "
                          f"a multiple of 256 on the CUDA backend, got {m.hidden_size}")
-
-
-def _check_dense(name: str, t: torch.Tensor, shape: tuple[int, ...], per_expert: bool = False) -> None:
-    """A dense weight of from_dense: a finite floating-point tensor of this shape (experts in dim 0 if
-    per_expert)."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if tuple(t.shape) != shape:
-        want = f"{shape[0]} experts of shape {shape[1:]}" if per_expert else f"shape {shape}"
-        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
-    check_finite(t, name)
 
 
 def _rows(acts: NVFP4Tensor | torch.Tensor, lo: int, hi: int) -> NVFP4Tensor | torch.Tensor:

@@ -115,6 +115,15 @@ def check_positive_scale(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected a finite positive scale, got {v.tolist()}")
 
 
+def check_scale_bytes(s: torch.Tensor, name: str) -> None:
+    """Block scales (UE4M3 bytes, uint8 or float8_e4m3fn) are finite and not negative (the encoding has no sign)."""
+    s = s.view(torch.uint8)
+    bad = (s & 0x7F == 0x7F) | (s > 0x80)
+    if bad.any():
+        raise ValueError(f"{name}: block scales must be finite, non-negative UE4M3; found byte "
+                         f"0x{int(s[bad][0]):02X} at {tuple(bad.nonzero()[0].tolist())}")
+
+
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, check: bool = True,
              name: str = "x") -> NVFP4Tensor:
     """Quantize (..., K) to NVFP4 along the last dimension (K a multiple of 16).

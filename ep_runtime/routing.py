@@ -13,9 +13,25 @@ from torch import nn
 
 from . import ops
 from .config import ModelConfig
+from .nvfp4 import check_finite
 
 
 _TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)  # what a hash layer takes as token ids
+
+
+def check_tid2eid(tid2eid: torch.Tensor, n_experts: int, top_k: int, name: str) -> None:
+    """A hash layer's table: per token id, top_k expert ids in [0, n_experts), as integers (float ids would be
+    truncated). An id may repeat in a row: the token then has that expert twice, as the model's own gather does."""
+    if tid2eid.dtype not in _TOKEN_ID_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype ({', '.join(map(str, _TOKEN_ID_DTYPES))}), got "
+                        f"{tid2eid.dtype}")
+    if tid2eid.dim() != 2 or tid2eid.shape[1] != top_k:
+        raise ValueError(f"{name}: expected shape (vocab, {top_k}), got {tuple(tid2eid.shape)}")
+    if not tid2eid.numel():
+        return
+    if tid2eid.min() < 0 or tid2eid.max() >= n_experts:
+        raise ValueError(f"{name}: expected expert ids in [0, {n_experts}), got [{tid2eid.min().item()}, "
+                         f"{tid2eid.max().item()}]")
 
 
 @functools.cache
@@ -77,28 +93,53 @@ class Router(nn.Module):
     """One layer's router: (T, H) hidden states (+ input ids for hash layers) -> topk ids and weights."""
 
     def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 tid2eid: torch.Tensor | None = None):
+                 tid2eid: torch.Tensor | None = None, device: torch.device | str | None = None):
         super().__init__()
         e, h = cfg.n_routed_experts, cfg.hidden_size
         if tuple(weight.shape) != (e, h):
             raise ValueError(f"router weight: expected shape {(e, h)}, got {tuple(weight.shape)}")
-        if bias is not None and tuple(bias.shape) != (e,):
-            raise ValueError(f"router bias: expected shape {(e,)}, got {tuple(bias.shape)}")
+        check_finite(weight, "router weight")  # one NaN makes every token's weights NaN
+        if bias is not None:
+            if tuple(bias.shape) != (e,):
+                raise ValueError(f"router bias: expected shape {(e,)}, got {tuple(bias.shape)}")
+            check_finite(bias, "router bias")  # an infinite bias would pick its expert for every token
         if tid2eid is not None:
-            if tid2eid.dim() != 2 or tid2eid.shape[1] != cfg.num_experts_per_tok:
-                raise ValueError(f"router tid2eid: expected shape (vocab, {cfg.num_experts_per_tok}), "
-                                 f"got {tuple(tid2eid.shape)}")
-            if tid2eid.numel() and (tid2eid.min() < 0 or tid2eid.max() >= e):
-                raise ValueError(f"router tid2eid: expert ids must lie in [0, {e})")
+            check_tid2eid(tid2eid, e, cfg.num_experts_per_tok, "router tid2eid")
+        device = weight.device if device is None else torch.device(device)
         self.cfg = cfg
-        self.register_buffer("weight", weight.float())
+
+        # Copies on the device, detached: the router must neither share bytes with the caller's tensors nor
+        # backpropagate into them. Plain attributes, not buffers: the layer's weights are fixed at load (its experts
+        # are NVFP4 stacks outside any state dict), so load_state_dict must not rewrite them one by one (which left
+        # weight_bf16 stale) and Module.to(dtype) must not convert them (_apply keeps their dtypes).
+        def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype, copy=True)
+
+        self.weight = owned(weight, torch.float32)
         # Checkpoints store the router in bf16. Where the weight is exactly that, a GPU runs the router GEMM on bf16
         # inputs with fp32 output: the products are exact in fp32 and summed in fp32, as in the fp32 GEMM, on tensor
         # cores instead of the fp32 pipes, which at prefill sizes took a third of a 4-GPU layer.
-        w16 = weight.to(torch.bfloat16).contiguous()
-        self.register_buffer("weight_bf16", w16 if torch.equal(w16.float(), self.weight) else None, persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.float())
-        self.register_buffer("tid2eid", None if tid2eid is None else tid2eid.to(torch.int32))
+        w16 = self.weight.to(torch.bfloat16)
+        self.weight_bf16 = w16 if torch.equal(w16.float(), self.weight) else None
+        self.bias = None if bias is None else owned(bias, torch.float32)
+        self.tid2eid = None if tid2eid is None else owned(tid2eid, torch.int32)
+
+    _TENSORS = ("weight", "weight_bf16", "bias", "tid2eid")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the router holds (for memory accounting)."""
+        return [t for t in (getattr(self, n) for n in self._TENSORS) if t is not None]
+
+    def _apply(self, fn, recurse: bool = True) -> "Router":
+        """Module.to / cuda / cpu move the router's tensors to the conversion's device; its dtypes stay (fp32 scores
+        and bias, the bf16 copy of an exactly-bf16 weight, int32 table), whatever dtype the conversion asks for."""
+        device = fn(torch.empty(0, device=self.weight.device)).device
+        if device != self.weight.device:
+            for n in self._TENSORS:
+                t = getattr(self, n)
+                if t is not None:
+                    setattr(self, n, t.to(device))
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 router logits (T, E) of hidden states (T, H). On a GPU with bf16 hidden states and a weight exact in
@@ -140,10 +181,17 @@ class Router(nn.Module):
         weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum). The logits:
         Router.logits."""
         cfg = self.cfg
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[1] != cfg.hidden_size:
+            raise ValueError(f"hidden: expected a (T, {cfg.hidden_size}) tensor, got "
+                             f"{tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+        if hidden.device != self.weight.device:
+            raise ValueError(f"hidden: expected device {self.weight.device} (the router's), got {hidden.device}")
         t, k = hidden.shape[0], cfg.num_experts_per_tok
         if out is not None:
-            ops.check_tensor(out[0], "out[0] (ids)", torch.int32, (t, k))
-            ops.check_tensor(out[1], "out[1] (weights)", torch.float32, (t, k))
+            for i, (what, dtype) in enumerate((("ids", torch.int32), ("weights", torch.float32))):
+                ops.check_tensor(out[i], f"out[{i}] ({what})", dtype, (t, k))
+                if out[i].device != hidden.device:  # the routing kernel writes through its pointer
+                    raise ValueError(f"out[{i}] ({what}): expected device {hidden.device}, got {out[i].device}")
         logits = self.logits(hidden)
         if cfg.scoring_func == "sigmoid":
             return _into(out, *route_v3(logits, self.bias, k, cfg.routed_scaling_factor, cfg.n_group,

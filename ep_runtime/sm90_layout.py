@@ -73,15 +73,11 @@ def tile_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 def check_tileable(weights: ExpertWeights, name: str = "weights") -> None:
-    """What tile_ needs of row-layout weights: raises before it changes a byte."""
+    """What tile_ needs of row-layout weights beyond ExpertWeights.check_values: raises before it changes a byte."""
     h, i = weights.hidden_size, weights.intermediate_size
     if h % 64 or i % 64:
         raise ValueError(f"{name}: the SM90 layout needs hidden and intermediate sizes that are multiples of 64, "
                          f"got hidden={h}, intermediate={i}")
-    for stack in ("w13_scale", "w2_scale"):
-        scales = getattr(weights, stack).view(torch.uint8)
-        for e in range(weights.num_experts):
-            check_scales(scales[e], f"{name}: {stack} of expert {e}")
 
 
 def encode_scales(s: torch.Tensor) -> torch.Tensor:
@@ -104,14 +100,6 @@ def scale_words(s: torch.Tensor) -> torch.Tensor:
     return ((b << 4 | b.roll(1, dims=-1) >> 4) & 0xFF).to(torch.uint8).view(s.shape)
 
 
-def check_scales(s: torch.Tensor, name: str) -> None:
-    """Block scales are UE4M3: finite and not negative (the encoding has no sign)."""
-    bad = (s & 0x7F == 0x7F) | (s > 0x80)
-    if bad.any():
-        raise ValueError(f"{name}: block scales must be finite, non-negative UE4M3; found byte "
-                         f"0x{int(s[bad][0]):02X} at {tuple(bad.nonzero()[0].tolist())}")
-
-
 def zero_unscaled_codes_(data: torch.Tensor, scale: torch.Tensor) -> None:
     """Codes of blocks whose scale is zero are worth 0 whatever they are; make them 0 (codes (N, K/2), scale
     bytes (N, K/16)) so the kernels need not test the scale."""
@@ -122,7 +110,7 @@ def zero_unscaled_codes_(data: torch.Tensor, scale: torch.Tensor) -> None:
 def tile_stack_(data: torch.Tensor, scale: torch.Tensor, row_order: torch.Tensor | None = None) -> None:
     """Re-tiles stacked (E, N, K/2) packed weights and their (E, N, K/16) scales (encoded) in place, one expert at
     a time (peak memory: the stacks plus one expert's temporaries, 0.6 GB measured for a V4-Pro gate|up);
-    row_order first permutes each expert's rows. The scales must pass check_scales."""
+    row_order first permutes each expert's rows. The scales must pass nvfp4.check_scale_bytes."""
     scale = scale.view(torch.uint8)
     for e in range(data.shape[0]):
         d, s = (data[e], scale[e]) if row_order is None else (data[e][row_order], scale[e][row_order])
@@ -136,6 +124,7 @@ def tile_(weights: ExpertWeights) -> ExpertWeights:
     if weights.layout != "rows":
         raise ValueError(f"weights: expected layout 'rows' to tile, got {weights.layout!r}")
     check_tileable(weights)
+    weights.check_values()
     tile_stack_(weights.w13, weights.w13_scale, gate_up_row_order(weights.intermediate_size, weights.w13.device))
     tile_stack_(weights.w2, weights.w2_scale)
     weights.layout = LAYOUT

@@ -94,7 +94,7 @@ class P2PArenaBackend:
         return self._view(self._arena, name)
 
     def barrier(self, timeout_s: float) -> None:
-        self.comm.barrier(timeout_s)
+        self.comm.barrier(self.device, timeout_s)
 
     def all_reduce_(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
         return self.comm(t, algo=algo, check=check)

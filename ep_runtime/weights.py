@@ -95,6 +95,17 @@ class ExpertWeights:
                                  f"{num_experts} experts of hidden {hidden}, intermediate {inter}; "
                                  f"got {v.dtype} of shape {tuple(v.shape)}")
 
+    def check_values(self, name: str = "weights") -> None:
+        """What every backend needs of the values (the loader checks them by checkpoint key as it reads): block scales
+        finite and not negative, global and input scales finite and positive. A NaN scale makes outputs NaN, and an
+        input scale of 0 silently drops an expert's contribution."""
+        self.require_layout("rows", "check_values()", name)
+        for stack in ("w13_scale", "w2_scale"):
+            for e in range(self.num_experts):
+                nvfp4.check_scale_bytes(getattr(self, stack)[e], f"{name}.{stack} of expert {e}")
+        for k in ("w13_alpha", "w2_alpha", "l1_input_scale", "l2_input_scale"):
+            nvfp4.check_positive_scale(getattr(self, k), f"{name}.{k}")
+
     def require_layout(self, layout: str, user: str, name: str = "weights") -> None:
         if self.layout != layout:
             raise ValueError(f"{name}: {user} takes layout {layout!r}, got {self.layout!r}")
@@ -126,15 +137,24 @@ class ExpertWeights:
         return w13, w2
 
     @classmethod
+    @torch.no_grad()  # new tensors, never a graph back to the caller's parameters
     def from_dense(cls, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                    l1_input_scale: float | torch.Tensor, l2_input_scale: torch.Tensor) -> "ExpertWeights":
         """Quantize dense (E, I, H), (E, I, H), (E, H, I) weights by the ModelOpt writer rules."""
+        if not isinstance(gate, torch.Tensor) or gate.dim() != 3:
+            raise ValueError(f"gate: expected a 3-d tensor (E, I, H), got {getattr(gate, 'shape', type(gate).__name__)}")
         e, i, h = gate.shape
+        for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
+                               ("l2_input_scale", l2_input_scale, (e,))):
+            check_dense(name, t, shape, per_expert=True)
+        l1 = torch.as_tensor(l1_input_scale, dtype=torch.float32)
+        nvfp4.check_positive_scale(l1, "l1_input_scale")
+        nvfp4.check_positive_scale(l2_input_scale, "l2_input_scale")
         out = cls.empty(e, h, i, gate.device)
         for x in range(e):
             for proj, w in zip(PROJECTIONS, (gate[x], up[x], down[x])):
                 out.set_expert(x, proj, *nvfp4.quantize_weight(w))
-        out.l1_input_scale.copy_(torch.as_tensor(l1_input_scale, dtype=torch.float32))
+        out.l1_input_scale.copy_(l1.reshape(()))
         out.l2_input_scale.copy_(l2_input_scale)
         return out
 
@@ -155,3 +175,14 @@ class ExpertWeights:
         out.l1_input_scale.fill_(l1_input_scale)
         out.l2_input_scale.fill_(l2_input_scale)
         return out
+
+
+def check_dense(name: str, t: object, shape: tuple[int, ...], per_expert: bool = False) -> None:
+    """A dense weight (or per-expert scale) given to be quantized: a finite floating-point tensor of this shape
+    (experts in dim 0 if per_expert)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != shape:
+        want = f"{shape[0]} experts of shape {shape[1:]}" if per_expert and len(shape) > 1 else f"shape {shape}"
+        raise ValueError(f"{name}: expected {want}, got shape {tuple(t.shape)}")
+    nvfp4.check_finite(t, name)

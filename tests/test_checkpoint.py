@@ -308,3 +308,17 @@ def test_a_non_finite_router_tensor_is_rejected_naming_its_key(ckpt, tmp_path, t
     path = _copy(ckpt, tmp_path, corrupt)
     with pytest.raises(CheckpointError, match=f"tensor '{key}': expected finite values, found {value}"):
         load_layer(CheckpointReader(path), CFG, 1, 0, 4)
+
+
+def test_a_truncated_header_is_reported_once(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError) as e:
+        CheckpointReader(tmp_path)
+    assert str(e.value) == f"checkpoint file {f}: truncated or corrupt header (255 bytes declared, 2 present)"
+
+
+@pytest.mark.parametrize("rank", [-1, 2])
+def test_a_synthetic_layer_for_a_rank_outside_the_world_is_rejected(rank):
+    with pytest.raises(ValueError, match=rf"rank: expected 0..1, got {rank}"):
+        synthetic_layer(CFG, 0, rank, 2, 0, "cpu")

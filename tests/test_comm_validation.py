@@ -135,9 +135,11 @@ def test_all_reduce_needs_one_signal_block_per_rank() -> None:
         SymmAllReduce(0, 4, [16, 32, 48], lambda t, name: [], timeout_s=1.0)
 
 
-def test_all_reduce_rejects_a_non_positive_timeout() -> None:
-    with pytest.raises(ValueError, match="timeout_s: expected a positive number of seconds, got 0"):
-        SymmAllReduce(0, 2, [16, 32], lambda t, name: [], timeout_s=0)
+@pytest.mark.parametrize("timeout_s", [0, -1.0, float("inf"), float("nan"), 2e10, True])
+def test_all_reduce_rejects_a_timeout_that_is_not_finite_positive_seconds(timeout_s: float) -> None:
+    # inf once wrapped to 0 ns in the kernels' 64-bit conversion: every wait timed out at once
+    with pytest.raises(ValueError, match=re.escape(f"timeout_s: expected seconds in (0, 1e+09], got {timeout_s!r}")):
+        SymmAllReduce(0, 2, [16, 32], lambda t, name: [], timeout_s=timeout_s)
 
 
 def test_torch_backend_needs_a_cuda_device() -> None:

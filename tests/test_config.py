@@ -145,3 +145,35 @@ def test_dp_token_mode_refuses_dynamic_activation_scales():
 @pytest.mark.parametrize("overrides", [["act_scale=static"], ["act_mode=bf16", "act_scale=dynamic"]])
 def test_dp_token_mode_takes_per_row_activation_scales(overrides):
     assert load_config("tiny", ["token_mode=dp", *overrides]).runtime.token_mode == "dp"
+
+
+def test_hash_layers_with_sigmoid_scoring_are_rejected():
+    # V3's sigmoid routing picks experts by score: its hash layers would have ignored the table.
+    with pytest.raises(ValueError, match=re.escape("model.num_hash_layers: hash layers route with scoring_func "
+                                                   "'sqrtsoftplus', got 1 hash layers with 'sigmoid'")):
+        load_config("tiny", ["scoring_func=sigmoid"])
+
+
+@pytest.mark.parametrize("text,section,got", [
+    ("model: [1, 2]\n", "model", "list [1, 2]"),
+    ("model: 3\n", "model", "int 3"),
+    ("model: {}\nruntime: [x]\n", "runtime", "list ['x']"),
+])
+def test_a_config_section_that_is_not_a_mapping_is_named(tmp_path, text, section, got):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"config {path}: section '{section}' expected a mapping of keys to "
+                                                   f"values, got {got}")):
+        load_config(str(path))
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {hidden_size: [\n")
+    with pytest.raises(ValueError, match=re.escape(f"config {path}: malformed YAML (")):
+        load_config(str(path))
+
+
+def test_a_malformed_override_value_names_the_override():
+    with pytest.raises(ValueError, match=re.escape("override 'world_size=[1': malformed value (")):
+        load_config("tiny", ["world_size=[1"])

@@ -17,7 +17,7 @@ from ep_runtime.dist_utils import init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
 from ep_runtime.symm import CpuBackend, make_backend
 
-V3_STYLE = ["scoring_func=sigmoid", "n_group=4", "topk_group=2", "swiglu_limit=null"]
+V3_STYLE = ["scoring_func=sigmoid", "num_hash_layers=0", "n_group=4", "topk_group=2", "swiglu_limit=null"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def _write(out_dir, rank, call):
     try:
         call()
         msg = "no error"
-    except (TimeoutError, RuntimeError, ValueError) as e:
+    except (TimeoutError, RuntimeError, TypeError, ValueError) as e:
         msg = str(e)
     (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.monotonic() - start:.1f}\n{msg}")
 
@@ -251,6 +251,10 @@ def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
     if rank == 1 and bad == "capacity":
         hidden = torch.randn(cfg.runtime.max_tokens + 1, cfg.model.hidden_size)
         ids = torch.zeros(hidden.shape[0], dtype=torch.long)
+    if rank == 1 and bad == "ids-list":
+        ids = ids.tolist()
+    if rank == 1 and bad == "0-d hidden":
+        hidden = torch.tensor(1.0)
     _write(out_dir, rank, lambda: moe(hidden, ids))
 
 
@@ -258,6 +262,8 @@ def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
     ("nan", "hidden: expected finite values"),
     ("token-id", "input_ids: expected token ids in [0, 512)"),
     ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256"),
+    ("ids-list", "input_ids: expected None or a torch.Tensor, got list"),  # raised before any check once
+    ("0-d hidden", "hidden: expected shape (T, 256), got ()"),
 ])
 def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(ckpt, tmp_path, bad, message):
     spawn_local(_dp_bad_input_worker, 4, str(ckpt), bad, str(tmp_path))
@@ -267,6 +273,25 @@ def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(
         elapsed, msg = _read(tmp_path, rank)
         assert msg.startswith("hidden: token_mode 'dp' runs every rank's tokens together, and the input of rank 1 "
                               "failed its check (") and message in msg and elapsed < 5, msg
+
+
+def _load_failure_worker(rank, world, ckpt, missing, out_dir):
+    cfg = load_config("tiny", [f"world_size={world}"])
+    init_process_group(torch.device("cpu"), 60)
+    path = Path(missing) if rank == 1 else ckpt  # rank 1's checkpoint is not there; the others' is
+    _write(out_dir, rank, lambda: EPMoE.from_checkpoint(path, cfg, 0, rank, world))
+
+
+def test_a_rank_whose_load_fails_fails_every_rank_at_once_naming_it(ckpt, tmp_path):
+    """Before, its peers waited out the group's 60 s timeout in the all-reduce of input scales, not naming it."""
+    missing = tmp_path / "no-such-checkpoint"
+    spawn_local(_load_failure_worker, 4, str(ckpt), str(missing), str(tmp_path))
+    elapsed, mine = _read(tmp_path, 1)
+    assert mine == f"checkpoint: {missing} does not exist" and elapsed < 10, mine
+    for rank in (0, 2, 3):
+        elapsed, msg = _read(tmp_path, rank)
+        assert msg == f"rank {rank}: layer 0 of {ckpt} failed to load on rank(s) [1] (their errors say why); this " \
+                      f"rank's load is dropped" and elapsed < 10, msg
 
 
 def _dp_no_tokens_worker(rank, world, ckpt, out_dir):

@@ -119,3 +119,32 @@ def test_unknown_backend_is_rejected(gen):
     with pytest.raises(ValueError, match=r"^backend: expected 'reference' or 'cuda', got 'magic'$"):
         expert_stage(nvfp4.quantize(torch.randn(1, H)), torch.zeros(1, TOPK, dtype=torch.int32),
                      torch.ones(1, TOPK), weights, 0, ExpertSpec(), backend="magic")
+
+
+def _stage_args(gen, t=5):
+    acts = nvfp4.quantize(torch.randn(t, H, generator=gen))
+    idx = torch.randint(0, E, (t, TOPK), generator=gen, dtype=torch.int32)
+    return acts, idx, torch.rand(t, TOPK, generator=gen)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    ("weights-short", ValueError, r"topk_weights: expected a floating-point tensor of shape \(5, 3\) \(topk_idx's\), "
+                                  r"got torch.float32 \(5, 2\)"),
+    ("no-experts", ValueError, r"topk_idx: expected at least one expert per token, got shape \(5, 0\)"),
+    ("bf16-acts", TypeError, "acts: expected an NVFP4Tensor in act_mode 'nvfp4', got Tensor"),
+    ("rows-short", ValueError, r"acts: expected codes \(5, 64\) and scales \(5, 8\) for 5 tokens of hidden 128, got "
+                               r"\(4, 64\) and \(4, 8\)"),
+])
+def test_the_reference_stage_names_an_argument_that_does_not_fit_the_others(gen, bad, error, message):
+    # These raised IndexError, AttributeError or a matmul's shape error from deep inside torch.
+    acts, idx, w = _stage_args(gen)
+    if bad == "weights-short":
+        w = w[:, :2]
+    if bad == "no-experts":
+        idx, w = idx[:, :0], w[:, :0]
+    if bad == "bf16-acts":
+        acts = torch.randn(5, H, generator=gen).bfloat16()
+    if bad == "rows-short":
+        acts = nvfp4.NVFP4Tensor(acts.data[:4], acts.scale[:4], acts.global_scale)
+    with pytest.raises(error, match=message):
+        expert_stage(acts, idx, w, _random_experts(gen), 0, ExpertSpec("nvfp4", "dynamic", None))

@@ -1,5 +1,6 @@
 """EPMoE as an nn.Module a custom model calls: construction, validation, capacity."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -124,7 +125,7 @@ def test_outputs_do_not_alias_the_communication_buffer(gen):
 
 
 @pytest.mark.parametrize("overrides", [[], ["act_scale=static"], ["act_mode=bf16", "act_scale=static"],
-                                       ["scoring_func=sigmoid", "n_group=4", "topk_group=2"]],
+                                       ["scoring_func=sigmoid", "num_hash_layers=0", "n_group=4", "topk_group=2"]],
                          ids=["w4a4-dynamic", "w4a4-static", "w4a16", "v3-routing"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["hash-layer", "routed-layer"])
 def test_a_forward_of_no_tokens_returns_no_rows(overrides, layer):
@@ -166,7 +167,7 @@ def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simu
 def test_a_bad_shared_expert_scale_names_the_shared_expert(cuda_simulated):
     w = _layer()
     w.shared.w2_scale.view(torch.uint8)[0, 1, 0] = 0x7F
-    with pytest.raises(ValueError, match="weights.shared: w2_scale of expert 0: block scales must be finite"):
+    with pytest.raises(ValueError, match="weights.shared.w2_scale of expert 0: block scales must be finite"):
         EPMoE(CFG, w)
 
 
@@ -215,7 +216,7 @@ def test_a_shared_dense_weight_of_the_wrong_size_is_rejected(gen, index, name):
 
 
 def test_l2_input_scale_of_the_wrong_shape_is_rejected(gen):
-    with pytest.raises(ValueError, match=r"l2_input_scale: expected 32 experts of shape \(\), got shape \(\)"):
+    with pytest.raises(ValueError, match=r"l2_input_scale: expected shape \(32,\), got shape \(\)"):
         EPMoE.from_dense(CFG, **{**_dense(gen), "l2_input_scale": torch.tensor(2 / 2688)})
 
 
@@ -371,3 +372,100 @@ def test_few_tokens_split_the_shared_expert_by_its_intermediate_dim_where_the_ke
                                                                                           backend, want):
     cfg = load_config("tiny", ["act_scale=static", "max_tokens=64", "tokens=16", *overrides])
     assert shared_split(cfg, world_size, backend) == want
+
+
+@pytest.mark.parametrize("stack,field,index,value,message", [
+    ("experts", "w13_alpha", (3, 1), float("nan"), "weights.experts.w13_alpha: expected a finite positive scale"),
+    ("experts", "w2_alpha", (0,), -1.0, "weights.experts.w2_alpha: expected a finite positive scale"),
+    ("experts", "l2_input_scale", (5,), 0.0, "weights.experts.l2_input_scale: expected a finite positive scale"),
+    ("shared", "l1_input_scale", (), float("inf"), "weights.shared.l1_input_scale: expected a finite positive scale"),
+])
+def test_a_global_or_input_scale_that_is_not_finite_positive_is_rejected_at_construction(stack, field, index, value,
+                                                                                      message):
+    # Before, the reference backend took them: an l2_input_scale of 0 dropped an expert's output, NaN ones made NaN.
+    w = _layer()
+    getattr(getattr(w, stack), field)[index] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EPMoE(CFG, w)
+
+
+def test_a_nan_block_scale_is_rejected_on_the_reference_backend_too():
+    w = _layer()
+    w.experts.w13_scale.view(torch.uint8)[2, 7, 1] = 0xFF  # -NaN
+    with pytest.raises(ValueError, match=r"weights.experts.w13_scale of expert 2: block scales must be finite, "
+                                         r"non-negative UE4M3; found byte 0xFF at \(7, 1\)"):
+        EPMoE(CFG, w)
+
+
+def test_a_non_finite_router_weight_is_rejected_at_construction():
+    w = _layer()
+    w.router_weight[4, 9] = float("nan")
+    with pytest.raises(ValueError, match=r"router weight: expected finite values, found nan at index \[4, 9\]"):
+        EPMoE(CFG, w)
+
+
+def test_a_float_hash_table_is_rejected_rather_than_truncated(gen):
+    d = _dense(gen)
+    with pytest.raises(TypeError, match="router tid2eid: expected an integer dtype"):
+        EPMoE.from_dense(CFG, **{**d, "tid2eid": d["tid2eid"].float() + 0.25})
+
+
+def test_dense_parameters_are_copied_and_the_output_does_not_require_grad(gen):
+    d = _dense(gen)
+    params = {k: torch.nn.Parameter(d[k].clone()) for k in ("router_weight", "gate", "up", "down")}
+    moe = EPMoE.from_dense(CFG, **{**d, **params})
+    x, ids = torch.randn(4, M.hidden_size, generator=gen), torch.randint(0, M.vocab_size, (4,), generator=gen)
+    y = moe(x, ids)
+    assert not y.requires_grad and not moe.experts.w13_alpha.requires_grad
+    with torch.no_grad():
+        for p in params.values():
+            p.mul_(2)  # the caller's parameters change; the layer built from them does not
+    assert torch.equal(moe(x, ids), y)
+
+
+def test_module_conversions_leave_the_layers_weights_and_outputs_as_they_were(gen):
+    moe = EPMoE.from_dense(CFG, **_dense(gen))
+    x, ids = torch.randn(4, M.hidden_size, generator=gen), torch.randint(0, M.vocab_size, (4,), generator=gen)
+    y = moe(x, ids)
+    model = torch.nn.Sequential(moe)
+    model.to(torch.bfloat16)  # converted the router's fp32 weight alone, and every forward then failed
+    model.double()
+    assert torch.equal(moe(x, ids), y)
+
+
+def test_moving_the_layer_to_another_device_is_refused():
+    # Its experts, workspaces and symmetric buffer stay where they were made; only the router would have moved.
+    with pytest.raises(ValueError, match=r"device: an EPMoE layer stays on the device it was built on \(cpu\); got a "
+                                         r"conversion to meta"):
+        torch.nn.Sequential(EPMoE(CFG, _layer())).to("meta")
+
+
+def test_the_layer_has_no_state_dict_to_load_in_part():
+    # Its weights are fixed at load; load_state_dict had rewritten the router's fp32 weight but not its bf16 copy.
+    assert EPMoE(CFG, _layer()).state_dict() == {}
+
+
+@pytest.mark.parametrize("hidden,error,message", [
+    (torch.tensor(1.0), ValueError, "hidden: expected shape (T, 256), got ()"),
+    ([[1.0] * 256], TypeError, "hidden: expected a floating-point tensor, got list"),
+])
+def test_a_hidden_that_is_no_matrix_is_a_clear_error(hidden, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        EPMoE(CFG, _layer())(hidden)
+
+
+def test_input_ids_that_are_not_a_tensor_are_a_clear_error(gen):
+    with pytest.raises(TypeError, match="input_ids: expected None or a torch.Tensor, got list"):
+        EPMoE(CFG, _layer())(torch.randn(2, M.hidden_size, generator=gen), [1, 2])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_before_the_checkpoint_is_read(tmp_path):
+    with pytest.raises(ValueError, match=r"device: expected a device this process has, got cuda:0 \(no CUDA device"):
+        EPMoE.from_checkpoint(tmp_path / "never-read", CFG, device="cuda:0")
+
+
+@pytest.mark.parametrize("name,kw", [("world_size", dict(world_size=2.0)), ("rank", dict(rank=0.0))])
+def test_a_rank_or_world_size_that_is_not_an_int_is_rejected(gen, name, kw):
+    with pytest.raises(TypeError, match=f"{name}: expected an int, got float"):
+        EPMoE.from_dense(CFG, **_dense(gen), **kw)

@@ -87,7 +87,7 @@ def test_router_rejects_token_ids_outside_the_vocabulary():
 
 
 def test_router_rejects_a_hash_table_with_expert_ids_out_of_range():
-    with pytest.raises(ValueError, match=r"router tid2eid: expert ids must lie in \[0, 8\)"):
+    with pytest.raises(ValueError, match=r"router tid2eid: expected expert ids in \[0, 8\), got \[8, 8\]"):
         Router(_cfg(), torch.randn(8, 64), tid2eid=torch.full((10, 2), 8, dtype=torch.int32))
 
 
@@ -130,3 +130,59 @@ def test_a_hash_layer_refuses_token_ids_of_a_float_dtype():
         router(torch.randn(3, 64), torch.zeros(3))
     ids, _ = router(torch.randn(3, 64), torch.tensor([1, 2, 3], dtype=torch.int32))
     assert torch.equal(ids, router.tid2eid[torch.tensor([1, 2, 3])])
+
+
+@pytest.mark.parametrize("where,value", [("weight", float("nan")), ("bias", float("inf")), ("bias", float("nan"))])
+def test_router_rejects_a_non_finite_weight_or_bias(where, value):
+    # A NaN weight made every routing weight NaN; an infinite bias picked its expert for every token.
+    weight, bias = torch.randn(8, 64), torch.zeros(8)
+    (weight if where == "weight" else bias).view(-1)[5] = value
+    with pytest.raises(ValueError, match=rf"router {where}: expected finite values, found {value}"):
+        Router(_cfg(num_hash_layers=0), weight, bias)
+
+
+def test_router_rejects_a_hash_table_of_float_ids():
+    with pytest.raises(TypeError, match="router tid2eid: expected an integer dtype .*, got torch.float32"):
+        Router(_cfg(), torch.randn(8, 64), tid2eid=torch.full((10, 2), 1.5))
+
+
+def test_router_accepts_a_hash_table_naming_an_expert_twice_for_a_token():
+    # The model's own gather gives such a token that expert twice; so does moe_align (one slot per (token, k)).
+    r = Router(_cfg(), torch.randn(8, 64), tid2eid=torch.tensor([[3, 3]] * 10, dtype=torch.int32))
+    ids, weights = r(torch.randn(2, 64), torch.tensor([0, 9]))
+    assert ids.tolist() == [[3, 3], [3, 3]] and torch.allclose(weights[:, 0], weights[:, 1])
+
+
+def test_router_owns_copies_of_its_tensors_outside_autograd():
+    weight = torch.nn.Parameter(torch.randn(8, 64))
+    r = Router(_cfg(num_hash_layers=0), weight)
+    hidden = torch.randn(3, 64)
+    ids, w = r(hidden)
+    assert not w.requires_grad and r.weight.data_ptr() != weight.data_ptr()
+    with torch.no_grad():
+        weight.mul_(-1)  # the caller's parameter changes; the router it was copied into does not
+    ids2, w2 = r(hidden)
+    assert torch.equal(ids, ids2) and torch.equal(w, w2)
+
+
+def test_router_rejects_hidden_of_another_width():
+    # On a GPU, few tokens went to the router-logits kernel, which read the weight with the hidden's width.
+    r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"hidden: expected a \(T, 64\) tensor, got \(3, 32\)"):
+        r(torch.randn(3, 32))
+
+
+def test_router_rejects_output_rows_on_another_device():
+    r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
+    out = (torch.empty(3, 2, dtype=torch.int32, device="meta"), torch.empty(3, 2))
+    with pytest.raises(ValueError, match=r"out\[0\] \(ids\): expected device cpu, got meta"):
+        r(torch.randn(3, 64), out=out)
+
+
+def test_router_conversions_move_it_but_keep_its_dtypes():
+    r = Router(_cfg(), torch.randn(8, 64).bfloat16(), torch.zeros(8), torch.zeros(10, 2, dtype=torch.int32))
+    dtypes = [t.dtype for t in r.tensors()]
+    r.to(torch.float64).half()
+    assert [t.dtype for t in r.tensors()] == dtypes
+    r.to("meta")
+    assert [t.dtype for t in r.tensors()] == dtypes and all(t.device.type == "meta" for t in r.tensors())

@@ -97,7 +97,7 @@ def test_tile_rejects_weights_already_tiled(gen):
 def test_reference_stage_rejects_tiled_weights(gen):
     w = sm90_layout.tile_(ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu"))
     idx = torch.tensor([[0], [1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="reference L1 takes layout 'rows', got 'sm90'"):
+    with pytest.raises(ValueError, match="the reference expert stage takes layout 'rows', got 'sm90'"):
         expert_stage(torch.randn(2, 64).bfloat16(), idx, torch.ones(2, 1), w, 0, ExpertSpec("bf16", "static", None))
 
 

@@ -139,3 +139,29 @@ def test_an_intermediate_slice_off_the_scale_blocks_or_out_of_range_is_rejected(
     w = ExpertWeights.synthetic(range(1), 64, 128, 0, "cpu")
     with pytest.raises(ValueError, match=rf"intermediate_slice: expected 0 <= lo < hi <= 128, .*got \[{lo}, {hi}\)"):
         w.intermediate_slice(lo, hi)
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    ("up", ValueError, r"up: expected 2 experts of shape \(64, 128\), got shape \(2, 32, 128\)"),
+    ("down", ValueError, r"down: expected 2 experts of shape \(128, 64\), got shape \(2, 64, 128\)"),
+    ("l1", ValueError, r"l1_input_scale: expected a finite positive scale, got \[-1.0\]"),
+    ("l2", ValueError, r"l2_input_scale: expected a finite positive scale, got \[0.5, 0.0\]"),
+    ("gate", ValueError, r"gate: expected a 3-d tensor \(E, I, H\), got torch.Size\(\[64, 128\]\)"),
+])
+def test_from_dense_names_the_weight_or_scale_that_is_wrong(gen, bad, error, message):
+    # Before, a mismatched up or down failed inside torch and scales of 0 or -1 were taken.
+    gate, up, down = torch.randn(2, 64, 128, generator=gen), torch.randn(2, 64, 128, generator=gen), \
+        torch.randn(2, 128, 64, generator=gen)
+    l1, l2 = 0.5, torch.tensor([0.5, 0.5])
+    if bad == "up":
+        up = up[:, :32]
+    if bad == "down":
+        down = down.transpose(1, 2)
+    if bad == "l1":
+        l1 = -1.0
+    if bad == "l2":
+        l2 = torch.tensor([0.5, 0.0])
+    if bad == "gate":
+        gate = gate[0]
+    with pytest.raises(error, match=message):
+        ExpertWeights.from_dense(gate, up, down, l1, l2)

@@ -172,6 +172,14 @@ def test_device_barrier_passes_when_every_rank_arrives(backend) -> None:
 
 
 @multigpu
+def test_device_barrier_runs_on_the_arenas_device_whichever_device_is_current(backend) -> None:
+    # It launched on the current device, whose kernel then read the arena's signal words from another GPU.
+    other = (backend.device.index + 1) % torch.cuda.device_count()
+    with torch.cuda.device(other):
+        backend.barrier(timeout_s=10.0)
+
+
+@multigpu
 def test_a_one_shot_threshold_that_differs_between_ranks_is_refused_naming_both_values(backend) -> None:
     mine = 1024 * (backend.rank + 1)  # as if EP_ALLREDUCE_ONESHOT_MAX_BYTES differed between the ranks
     with pytest.raises(ValueError, match=rf"oneshot_max_bytes: expected the same value on every rank, "

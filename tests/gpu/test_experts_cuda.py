@@ -818,3 +818,15 @@ def test_bf16_output_is_the_rounded_fp32_output(gen):
     out = torch.full((30, 256), float("nan"), dtype=torch.bfloat16, device=DEV)
     cuda_expert_stage(acts, idx, w, tiled(weights), 0, W4A4, out=out, workspace=ws)
     assert torch.equal(out, ref.to(torch.bfloat16))
+
+
+def test_top_0_routing_is_refused_before_any_kernel(gen):
+    # It passed every check but the combine's, in C++, after align, dequantization, L1 and L2 had run.
+    weights = random_weights(4, 256, 128, gen)
+    acts = random_acts(6, 256, weights, W4A4, gen)
+    idx, w = routing("uneven", 6, 2, 4, gen)
+    out = torch.full((6, 256), float("nan"), device=DEV)
+    with pytest.raises(ValueError, match=r"topk_idx: expected at least one expert per token, got shape \(6, 0\)"):
+        cuda_expert_stage(acts, idx[:, :0].contiguous(), w[:, :0].contiguous(), tiled(weights), 0, W4A4, out=out)
+    torch.cuda.synchronize()
+    assert out.isnan().all()

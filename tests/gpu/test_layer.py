@@ -115,7 +115,7 @@ def test_a_layer_sharing_a_scratch_adds_only_its_weights_to_device_memory(seed):
     gc.collect()
     torch.cuda.synchronize()
     grown = torch.cuda.memory_allocated(DEV) - before
-    weights = second.experts.nbytes() + second.shared.nbytes() + sum(b.nbytes for b in second.router.buffers())
+    weights = second.experts.nbytes() + second.shared.nbytes() + sum(b.nbytes for b in second.router.tensors())
     print(f"grown {grown} bytes, weights {weights}, scratch {first.scratch.nbytes()}")
     # The margin covers each stage's small per-layer tables (the shared expert's dense slots, static h scales, about
     # 12 KB) and about 1 MB more that two runs counted before the collector ran first; a scratch of its own (30 MB
