@@ -276,6 +276,37 @@ class EPMoE(nn.Module):
         hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
         return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)])
 
+    def _agree_on_token_count(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        """Replicated tokens with checks: every rank holds the same tokens, so a rank whose count differs is a caller's
+        mistake that the all-reduce would not report (the ranks would read each other's stale rows, or gloo abort the
+        process). One MAX all-reduce of [count, -count, a flag per rank whose own checks failed] lets every rank raise
+        at once, naming the ranks. (Equal counts of different tokens go unnoticed.)"""
+        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+            self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
+        problem, t = None, 0
+        try:
+            self._validate(hidden, input_ids, True)
+            t = hidden.shape[0]
+        except Exception as e:  # the others must not wait for this rank in the all-reduce
+            problem = e
+        agreed = torch.zeros(2 + self.world_size, dtype=torch.int64, device=self.device)
+        agreed[0], agreed[1] = t, -t
+        agreed[2 + self.rank] = problem is not None
+        group = self.buffer.backend.group
+        with collective("MAX all-reduce of the ranks' token counts (token_mode 'replicated')", group):
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+        if problem is not None:
+            raise problem
+        most, least, *failed = agreed.tolist()
+        least = -least
+        failed = [q for q, f in enumerate(failed) if f]
+        if failed:
+            raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), and the input of "
+                             f"rank(s) {failed} failed its checks (their errors say why)")
+        if most != least:
+            raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of "
+                             f"them; rank {self.rank} has {t}, the ranks hold {least} to {most}")
+
     def stage_activations(self, hidden: torch.Tensor, check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
         if self.spec.act_mode == "bf16":
@@ -295,6 +326,9 @@ class EPMoE(nn.Module):
             own = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
             hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
+        elif check and self.world_size > 1:
+            self._agree_on_token_count(hidden, input_ids)
+            own = hidden.shape[0]
         else:
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]

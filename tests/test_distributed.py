@@ -275,6 +275,35 @@ def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(
                               "failed its check (") and message in msg and elapsed < 5, msg
 
 
+def _replicated_count_worker(rank, world, ckpt, bad, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1"])
+    hidden, ids = _inputs(cfg, 0)  # the same tokens on every rank, as replicated mode needs
+    if rank == 1 and bad == "fewer":
+        hidden, ids = hidden[:-3], ids[:-3]
+    if rank == 1 and bad == "capacity":
+        hidden = torch.randn(cfg.runtime.max_tokens + 1, cfg.model.hidden_size)
+    _write(out_dir, rank, lambda: moe(hidden, ids))
+
+
+@pytest.mark.parametrize("bad,mine,theirs", [
+    ("fewer", "hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of them; rank 1 "
+              "has 61, the ranks hold 61 to 64",
+     "hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of them; rank {r} has 64, "
+     "the ranks hold 61 to 64"),
+    ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256",
+     "hidden: every rank runs the same tokens (token_mode 'replicated'), and the input of rank(s) [1] failed its checks "
+     "(their errors say why)"),
+])
+def test_replicated_ranks_holding_different_token_counts_all_fail_at_once(ckpt, tmp_path, bad, mine, theirs):
+    """Before, gloo aborted the process in the all-reduce (and the P2P kernels would have summed stale rows)."""
+    spawn_local(_replicated_count_worker, 4, str(ckpt), bad, str(tmp_path))
+    elapsed, msg = _read(tmp_path, 1)
+    assert msg == mine and elapsed < 5, msg
+    for rank in (0, 2, 3):
+        elapsed, msg = _read(tmp_path, rank)
+        assert msg == theirs.format(r=rank) and elapsed < 5, msg
+
+
 def _load_failure_worker(rank, world, ckpt, missing, out_dir):
     cfg = load_config("tiny", [f"world_size={world}"])
     init_process_group(torch.device("cpu"), 60)
