@@ -29,7 +29,7 @@ namespace {
 using namespace ep::allreduce;
 
 constexpr int kThreads = 512;
-constexpr double kMaxTimeoutS = 1e9;  // allreduce.MAX_TIMEOUT_S
+constexpr double kMaxTimeoutS = 1e9;  // config.MAX_TIMEOUT_S
 constexpr int kOneShotVecsPerThread = 4;  // values a thread holds in registers between read and write
 
 struct Args {

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .config import MAX_TIMEOUT_S
 from .dist_utils import CommTimeoutError
 from .ops import check_same_device, check_tensor, define_op, launch
 
@@ -29,7 +30,6 @@ _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1}
 _PHASES = ("waiting for peers' inputs", "one-shot read/write hand-off", "two-shot gather", "barrier", "reduce-scatter",
            "all-gather")
 MAX_GATHER_SEGMENTS = 4  # tensors one all_gather call takes (csrc/allreduce.cu kMaxSegments)
-MAX_TIMEOUT_S = 1e9  # a barrier's longest timeout (csrc/allreduce.cu kMaxTimeoutS)
 # One-shot up to this many bytes, two-shot above. Measured on 2 and 4 H200s (bench/results/allreduce_*.json):
 # one-shot wins only at 14 KB (1 token x 7168 bf16), two-shot from 229 KB (16 tokens) on. W=8 is unmeasured.
 DEFAULT_ONESHOT_MAX_BYTES = {2: 64 << 10, 4: 64 << 10, 8: 32 << 10}

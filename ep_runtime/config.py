@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,10 @@ class ModelConfig:
                              f"{self.num_hash_layers} hash layers with {self.scoring_func!r}")
 
 
+# A barrier's longest timeout: the P2P kernels count it in 64-bit nanoseconds (csrc/allreduce.cu kMaxTimeoutS).
+MAX_TIMEOUT_S = 1e9
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     world_size: int = 1
@@ -131,6 +136,9 @@ class RuntimeConfig:
                       non_negative=("layer", "seed", "shared_split_tokens"))
         if self.tokens > self.max_tokens:
             raise ValueError(f"runtime.tokens: expected at most max_tokens={self.max_tokens}, got {self.tokens}")
+        if self.barrier_timeout_s > MAX_TIMEOUT_S:
+            raise ValueError(f"runtime.barrier_timeout_s: expected at most {MAX_TIMEOUT_S:g} s, got "
+                             f"{self.barrier_timeout_s!r}")
         if self.token_mode == "dp" and self.act_mode == "nvfp4" and self.act_scale == "dynamic":
             # The gathered tokens share one global scale, and the shared expert's h another, each an amax over the
             # whole batch, which no rank holds.
@@ -169,8 +177,12 @@ def local_expert_count(n_experts: int, rank: int, world_size: int) -> int:
     """The experts each of world_size ranks holds; refuses a world size that does not divide n_experts and a rank
     outside it (ints only: 2.0 ranks would fail later, deep in a slice)."""
     for name, v in (("world_size", world_size), ("rank", rank)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            operator.index(v)  # ints and integer scalars such as numpy's
+        except TypeError:
+            raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}") from None
     if world_size < 1 or n_experts % world_size:
         raise ValueError(f"world_size: must divide n_routed_experts={n_experts}, got {world_size}")
     if not 0 <= rank < world_size:

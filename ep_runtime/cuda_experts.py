@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .experts import Activations, Addend, ExpertSpec
+from .experts import Activations, Addend, ExpertSpec, check_experts_per_token
 from .nvfp4 import NVFP4Tensor
 from .weights import ExpertWeights
 
@@ -170,8 +170,7 @@ class CudaExpertStage:
         hidden = self.weights.hidden_size
         named = {"topk_idx": ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))}
         t, k = topk_idx.shape
-        if k < 1:  # else every kernel but the combine would run first
-            raise ValueError(f"topk_idx: expected at least one expert per token, got shape {(t, k)}")
+        check_experts_per_token(t, k)  # else every kernel but the combine's would run first
         named["topk_weights"] = ops.check_tensor(topk_weights, "topk_weights", torch.float32, (t, k))
         if self.spec.act_mode == "nvfp4":
             if not isinstance(acts, NVFP4Tensor):

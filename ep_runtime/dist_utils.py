@@ -7,7 +7,7 @@ import datetime
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,6 +100,30 @@ def collective(what: str, group: dist.ProcessGroup | None = None) -> Iterator[No
     except RuntimeError as e:  # gloo and NCCL errors, torch.distributed.DistError included
         raise RuntimeError(f"rank {dist.get_rank(group)}: {what} over {dist.get_world_size(group)} ranks failed "
                            f"after {time.monotonic() - start:.1f}s: {e}") from e
+
+
+def share_rows(row: Sequence[float], problem: BaseException | None, what: str,
+               group: dist.ProcessGroup | None = None) -> tuple[list[list[float]], list[int]]:
+    """Collective: every rank's row of numbers (token counts, scales) and which ranks failed the step before, by one
+    all-reduce, so that a rank whose own step failed does not leave its peers waiting for it in a later collective
+    until the group's timeout. A rank passing its `problem` re-raises it once the others know; the others get every
+    rank's row (zeros for a failed rank) and the failed ranks, to raise an error naming them."""
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    # On the host where gloo is the group's backend; NCCL takes the current GPU's memory (which a rank that failed to
+    # find its own device still has: the process group made it current).
+    device = torch.device("cpu") if "gloo" in dist.get_backend(group) else torch.device("cuda",
+                                                                                          torch.cuda.current_device())
+    table = torch.zeros(ranks, len(row) + 1, dtype=torch.float64, device=device)  # exact for counts and fp32 scales
+    if problem is None:
+        table[rank, :-1] = torch.tensor(row, dtype=torch.float64)
+    else:
+        table[rank, -1] = 1
+    with collective(what, group):
+        dist.all_reduce(table, group=group)
+    if problem is not None:
+        raise problem
+    rows = table.tolist()
+    return [r[:-1] for r in rows], [q for q, r in enumerate(rows) if r[-1]]
 
 
 def check_same_on_every_rank(values: dict[str, Any], group: dist.ProcessGroup | None = None) -> None:

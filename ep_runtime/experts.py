@@ -201,21 +201,27 @@ def expert_stage(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.
     return combine(y_slot, slots, topk_weights, topk_idx.shape[0])
 
 
+def check_experts_per_token(t: int, k: int) -> None:
+    """Routing rows (t, k) name at least one expert per token (a top-0 stage has nothing to combine)."""
+    if k < 1:
+        raise ValueError(f"topk_idx: expected at least one expert per token, got shape {(t, k)}")
+
+
 def _check_reference_args(acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                           weights: ExpertWeights, spec: ExpertSpec) -> None:
     """The reference stage's arguments agree with each other (the CUDA stage checks its own, more strictly)."""
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or \
-            topk_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_idx: expected an int32/int64 (T, topk) tensor, got "
-                        f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} {tuple(getattr(topk_idx, 'shape', ()))}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_idx: expected an int32/int64 tensor, got "
+                        f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)}")
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx: expected shape (T, topk), got {tuple(topk_idx.shape)}")
     t, k = topk_idx.shape
-    if k < 1:
-        raise ValueError(f"topk_idx: expected at least one expert per token, got shape {(t, k)}")
-    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point() or \
-            tuple(topk_weights.shape) != (t, k):
-        raise ValueError(f"topk_weights: expected a floating-point tensor of shape {(t, k)} (topk_idx's), got "
-                         f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)} "
-                         f"{tuple(getattr(topk_weights, 'shape', ()))}")
+    check_experts_per_token(t, k)
+    if not isinstance(topk_weights, torch.Tensor) or not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights: expected a floating-point tensor, got "
+                        f"{getattr(topk_weights, 'dtype', type(topk_weights).__name__)}")
+    if tuple(topk_weights.shape) != (t, k):
+        raise ValueError(f"topk_weights: expected shape {(t, k)} (topk_idx's), got {tuple(topk_weights.shape)}")
     weights.require_layout("rows", "the reference expert stage")
     h = weights.hidden_size
     if spec.act_mode == "nvfp4":

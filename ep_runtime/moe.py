@@ -20,7 +20,7 @@ from torch import nn
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config, ModelConfig, local_expert_count
-from .dist_utils import check_same_on_every_rank, collective
+from .dist_utils import check_same_on_every_rank, share_rows
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
@@ -149,32 +149,24 @@ class EPMoE(nn.Module):
                         naming: Naming = Naming(), progress: bool = False) -> "EPMoE":
         """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
         over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
-        _check_placement(cfg.model, rank, world_size)
-        device = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
+        _check_placement(cfg.model, rank, world_size)  # the process group, which the agreement below needs
         weights, failure = None, None
         try:
+            device = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
             weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
-        except Exception as e:  # its peers must not wait for it in the all-reduce below
+        except Exception as e:  # its peers must not wait for it in the agreement below
             if world_size == 1:
                 raise
             failure = e
         if world_size > 1:
-            # One MAX all-reduce: [the input scale, then a flag per rank whose load failed], so that every rank
-            # raises at once, naming the ranks that failed, instead of some waiting out the group's timeout.
-            agreed = torch.zeros(1 + world_size, device=device)
-            if failure is None:
-                agreed[0] = weights.experts.l1_input_scale.to(device)
-            else:
-                agreed[1 + rank] = 1
-            with collective("MAX all-reduce of the layer's input scales and load outcomes"):
-                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            if failure is not None:
-                raise failure
-            failed = [q for q in range(world_size) if agreed[1 + q] > 0]
+            # The ranks agree on the layer's static input scale (the largest) and fail together if any rank's load
+            # failed, naming it.
+            rows, failed = share_rows([0.0 if failure else float(weights.experts.l1_input_scale)], failure,
+                                      "all-reduce of the layer's input scales and load outcomes")
             if failed:
                 raise RuntimeError(f"rank {rank}: layer {layer} of {path} failed to load on rank(s) {failed} (their "
                                    f"errors say why); this rank's load is dropped")
-            scale = agreed[0]
+            scale = torch.tensor(max(r[0] for r in rows), dtype=torch.float32)
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
@@ -205,6 +197,10 @@ class EPMoE(nn.Module):
         for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
                                ("l2_input_scale", l2_input_scale, (e,))):
             check_dense(name, t, shape, per_expert=True)
+        # Every rank checks every expert's scales (ExpertWeights.from_dense only sees its slice): a bad one fails all
+        # ranks alike instead of one, whose peers would then wait for it.
+        check_positive_scale(torch.tensor(float(l1_input_scale)), "l1_input_scale")
+        check_positive_scale(l2_input_scale, "l2_input_scale")
         _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
             sg, su, sd, s_l2 = shared
@@ -244,68 +240,43 @@ class EPMoE(nn.Module):
 
     def _agree_on_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """token_mode 'dp' with checks: each rank holds its own tokens, so one rank's input may fail a check that the
-        others pass, and they would wait for it in the gather. Every rank checks its own (the checks of forward, the
-        staging and the router, which sync the host), the ranks exchange the outcomes and token counts, and all of
-        them raise if any input failed (naming that rank). Returns the inputs padded with rows of zeros (token id 0) to
-        the largest count, as the gather needs the same count everywhere; their outputs are dropped."""
-        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        """Several ranks with checks on. A rank whose input fails a check would leave the others waiting for it in the
+        next collective, and token counts that differ would make the gather or all-reduce read stale rows (gloo
+        aborts). Every rank runs its own checks (forward's; in dp mode, whose tokens differ by rank, also staging's and
+        the router's, which sync the host), the ranks share the outcomes and counts (dist_utils.share_rows), and all of
+        them raise if any input failed, naming the ranks. In dp mode the inputs come back padded with rows of zeros
+        (token id 0) to the largest count, as the gather needs the same count everywhere (their outputs are dropped);
+        in replicated mode, whose ranks hold the same tokens, differing counts are an error (equal counts of
+        different tokens go unnoticed)."""
+        if isinstance(hidden, torch.Tensor) and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
-        problem, count = None, None
+        dp = self.buffer.sources > 1
+        mode = self.cfg.runtime.token_mode
+        problem, count = None, 0
         try:
             self._validate(hidden, input_ids, True)
-            check_finite(hidden, "hidden")
-            self.router.check_token_ids(hidden, input_ids)
+            if dp:
+                check_finite(hidden, "hidden")
+                self.router.check_token_ids(hidden, input_ids)
             count = hidden.shape[0]
-        except Exception as e:  # whatever a rank's input raises, the others must not wait for it in the gather
+        except Exception as e:  # whatever a rank's input raises, the others must not wait for it
             problem = e
-        outcomes: list = [None] * self.world_size
-        group = self.buffer.backend.group
-        mine = (count, None if problem is None else f"{type(problem).__name__}: {problem}")
-        with collective("all-gather of the ranks' input checks (token_mode 'dp')", group):
-            dist.all_gather_object(outcomes, mine, group=group)
-        if problem is not None:
-            raise problem
-        failed = [(q, msg) for q, (_, msg) in enumerate(outcomes) if msg is not None]
+        rows, failed = share_rows([count], problem, f"all-reduce of the ranks' input checks (token_mode '{mode}')",
+                                  self.buffer.backend.group)
         if failed:
-            raise ValueError("hidden: token_mode 'dp' runs every rank's tokens together, and the input of " +
-                             "; of ".join(f"rank {q} failed its check ({msg})" for q, msg in failed))
-        pad = max(n for n, _ in outcomes) - hidden.shape[0]
+            raise ValueError(f"hidden: the ranks run their forwards together (token_mode '{mode}'), and the input of "
+                             f"rank(s) {failed} failed its checks (their errors say why)")
+        counts = [int(r[0]) for r in rows]
+        if not dp:
+            if len(set(counts)) > 1:
+                raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), but the ranks "
+                                 f"hold {counts} tokens (in rank order)")
+            return hidden, input_ids
+        pad = max(counts) - hidden.shape[0]
         if not pad:
             return hidden, input_ids
         hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
         return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)])
-
-    def _agree_on_token_count(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> None:
-        """Replicated tokens with checks: every rank holds the same tokens, so a rank whose count differs is a caller's
-        mistake that the all-reduce would not report (the ranks would read each other's stale rows, or gloo abort the
-        process). One MAX all-reduce of [count, -count, a flag per rank whose own checks failed] lets every rank raise
-        at once, naming the ranks. (Equal counts of different tokens go unnoticed.)"""
-        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
-        problem, t = None, 0
-        try:
-            self._validate(hidden, input_ids, True)
-            t = hidden.shape[0]
-        except Exception as e:  # the others must not wait for this rank in the all-reduce
-            problem = e
-        agreed = torch.zeros(2 + self.world_size, dtype=torch.int64, device=self.device)
-        agreed[0], agreed[1] = t, -t
-        agreed[2 + self.rank] = problem is not None
-        group = self.buffer.backend.group
-        with collective("MAX all-reduce of the ranks' token counts (token_mode 'replicated')", group):
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-        if problem is not None:
-            raise problem
-        most, least, *failed = agreed.tolist()
-        least = -least
-        failed = [q for q, f in enumerate(failed) if f]
-        if failed:
-            raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), and the input of "
-                             f"rank(s) {failed} failed its checks (their errors say why)")
-        if most != least:
-            raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of "
-                             f"them; rank {self.rank} has {t}, the ranks hold {least} to {most}")
 
     def stage_activations(self, hidden: torch.Tensor, check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
@@ -322,13 +293,10 @@ class EPMoE(nn.Module):
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
-        if check and self.buffer.sources > 1:
+        if check and self.world_size > 1:
             own = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
-            hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # as many rows as the largest rank's
-            check = False  # its checks ran on every rank's input, and every rank's passed
-        elif check and self.world_size > 1:
-            self._agree_on_token_count(hidden, input_ids)
-            own = hidden.shape[0]
+            hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
+            check = self.buffer.sources == 1  # dp: its checks ran on every rank's input, and every rank's passed
         else:
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]

@@ -111,8 +111,12 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 def check_positive_scale(t: torch.Tensor, name: str) -> None:
     """A global scale (or input scale) divides or multiplies every value: it must be finite and positive."""
     v = t.float().reshape(-1)
-    if not (torch.isfinite(v).all() and (v > 0).all()):
-        raise ValueError(f"{name}: expected a finite positive scale, got {v.tolist()}")
+    bad = ~(torch.isfinite(v) & (v > 0))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape))
+        where = "" if t.dim() == 0 else f" at index {index}"
+        raise ValueError(f"{name}: expected a finite positive scale, got {v[i].item()}{where}")
 
 
 def check_scale_bytes(s: torch.Tensor, name: str) -> None:

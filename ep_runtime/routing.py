@@ -112,8 +112,8 @@ class Router(nn.Module):
         # backpropagate into them. Plain attributes, not buffers: the layer's weights are fixed at load (its experts
         # are NVFP4 stacks outside any state dict), so load_state_dict must not rewrite them one by one (which left
         # weight_bf16 stale) and Module.to(dtype) must not convert them (_apply keeps their dtypes).
-        def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype, copy=True)
+        def owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # row-major: the routing kernels read it so
+            return t.detach().to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
         self.weight = owned(weight, torch.float32)
         # Checkpoints store the router in bf16. Where the weight is exactly that, a GPU runs the router GEMM on bf16
@@ -131,14 +131,14 @@ class Router(nn.Module):
         return [t for t in (getattr(self, n) for n in self._TENSORS) if t is not None]
 
     def _apply(self, fn, recurse: bool = True) -> "Router":
-        """Module.to / cuda / cpu move the router's tensors to the conversion's device; its dtypes stay (fp32 scores
-        and bias, the bf16 copy of an exactly-bf16 weight, int32 table), whatever dtype the conversion asks for."""
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            for n in self._TENSORS:
-                t = getattr(self, n)
-                if t is not None:
-                    setattr(self, n, t.to(device))
+        """Module.to / cuda / cpu / to_empty / share_memory apply to the router's tensors as to any module's, but their
+        dtypes stay (fp32 weight and bias, the bf16 copy of an exactly-bf16 weight, int32 table): a conversion that
+        changes a dtype only moves the tensor to the conversion's device."""
+        for n in self._TENSORS:
+            t = getattr(self, n)
+            if t is not None:
+                u = fn(t)
+                setattr(self, n, u if u.dtype == t.dtype else t.to(u.device))
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,9 +181,10 @@ class Router(nn.Module):
         weights may differ from the torch path's in the last bit (it fixes the order of the k-term sum). The logits:
         Router.logits."""
         cfg = self.cfg
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.shape[1] != cfg.hidden_size:
-            raise ValueError(f"hidden: expected a (T, {cfg.hidden_size}) tensor, got "
-                             f"{tuple(getattr(hidden, 'shape', ())) or type(hidden).__name__}")
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"hidden: expected a (T, {cfg.hidden_size}) tensor, got {type(hidden).__name__}")
+        if hidden.dim() != 2 or hidden.shape[1] != cfg.hidden_size:
+            raise ValueError(f"hidden: expected shape (T, {cfg.hidden_size}), got {tuple(hidden.shape)}")
         if hidden.device != self.weight.device:
             raise ValueError(f"hidden: expected device {self.weight.device} (the router's), got {hidden.device}")
         t, k = hidden.shape[0], cfg.num_experts_per_tok

@@ -46,6 +46,8 @@ class P2PArenaBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {self.device}")
+        if self.device.index is None:  # "cuda" means the current device: named, as the kernel launches need it
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if not dist.is_initialized():
             raise RuntimeError(f"{type(self).__name__}: torch.distributed must be initialized first "
                                f"(init_process_group)")

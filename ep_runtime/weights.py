@@ -100,9 +100,8 @@ class ExpertWeights:
         finite and not negative, global and input scales finite and positive. A NaN scale makes outputs NaN, and an
         input scale of 0 silently drops an expert's contribution."""
         self.require_layout("rows", "check_values()", name)
-        for stack in ("w13_scale", "w2_scale"):
-            for e in range(self.num_experts):
-                nvfp4.check_scale_bytes(getattr(self, stack)[e], f"{name}.{stack} of expert {e}")
+        for stack in ("w13_scale", "w2_scale"):  # one pass (and one host sync) per stack: (expert, row, block)
+            nvfp4.check_scale_bytes(getattr(self, stack), f"{name}.{stack}")
         for k in ("w13_alpha", "w2_alpha", "l1_input_scale", "l2_input_scale"):
             nvfp4.check_positive_scale(getattr(self, k), f"{name}.{k}")
 
@@ -142,7 +141,8 @@ class ExpertWeights:
                    l1_input_scale: float | torch.Tensor, l2_input_scale: torch.Tensor) -> "ExpertWeights":
         """Quantize dense (E, I, H), (E, I, H), (E, H, I) weights by the ModelOpt writer rules."""
         if not isinstance(gate, torch.Tensor) or gate.dim() != 3:
-            raise ValueError(f"gate: expected a 3-d tensor (E, I, H), got {getattr(gate, 'shape', type(gate).__name__)}")
+            got = tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__
+            raise ValueError(f"gate: expected a 3-d tensor (E, I, H), got {got}")
         e, i, h = gate.shape
         for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
                                ("l2_input_scale", l2_input_scale, (e,))):

@@ -237,3 +237,11 @@ def test_a_dp_buffer_gathers_world_size_times_the_rows_and_reduces_them_in_y() -
     assert regions["x"] == (16, H // 2) and regions["x_gathered"] == (64, H // 2)
     assert regions["x_sf_gathered"] == (64, H // 64) and regions["topk_weights_gathered"] == (64, 6)
     assert regions["y"] == (64, H) and "x_global_gathered" not in regions
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 2e10])
+def test_the_kernels_refuse_a_timeout_past_their_range_too(timeout_s: float) -> None:
+    # A direct caller of the extension: 64-bit nanoseconds would wrap (inf became 0 ns). Checked before any CUDA call.
+    _C = pytest.importorskip("ep_runtime._C")
+    with pytest.raises(ValueError, match=re.escape("allreduce: timeout_s must be in (0, 1e9] seconds")):
+        _C.device_barrier([16], 0, timeout_s, 1, 0)

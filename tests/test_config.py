@@ -177,3 +177,8 @@ def test_malformed_yaml_names_the_file(tmp_path):
 def test_a_malformed_override_value_names_the_override():
     with pytest.raises(ValueError, match=re.escape("override 'world_size=[1': malformed value (")):
         load_config("tiny", ["world_size=[1"])
+
+
+def test_a_barrier_timeout_past_the_kernels_range_is_rejected():
+    with pytest.raises(ValueError, match=re.escape("runtime.barrier_timeout_s: expected at most 1e+09 s, got 2000000000.0")):
+        load_config("tiny", ["barrier_timeout_s=2000000000.0"])

@@ -255,6 +255,8 @@ def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
         ids = ids.tolist()
     if rank == 1 and bad == "0-d hidden":
         hidden = torch.tensor(1.0)
+    if rank == 1 and bad == "hidden-list":
+        hidden = hidden.tolist()
     _write(out_dir, rank, lambda: moe(hidden, ids))
 
 
@@ -264,6 +266,7 @@ def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
     ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256"),
     ("ids-list", "input_ids: expected None or a torch.Tensor, got list"),  # raised before any check once
     ("0-d hidden", "hidden: expected shape (T, 256), got ()"),
+    ("hidden-list", "hidden: expected a floating-point tensor, got list"),
 ])
 def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(ckpt, tmp_path, bad, message):
     spawn_local(_dp_bad_input_worker, 4, str(ckpt), bad, str(tmp_path))
@@ -271,8 +274,8 @@ def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(
     assert mine.startswith(message) and elapsed < 5, mine
     for rank in (0, 2, 3):
         elapsed, msg = _read(tmp_path, rank)
-        assert msg.startswith("hidden: token_mode 'dp' runs every rank's tokens together, and the input of rank 1 "
-                              "failed its check (") and message in msg and elapsed < 5, msg
+        assert msg == "hidden: the ranks run their forwards together (token_mode 'dp'), and the input of rank(s) [1] " \
+                      "failed its checks (their errors say why)" and elapsed < 5, msg
 
 
 def _replicated_count_worker(rank, world, ckpt, bad, out_dir):
@@ -282,45 +285,76 @@ def _replicated_count_worker(rank, world, ckpt, bad, out_dir):
         hidden, ids = hidden[:-3], ids[:-3]
     if rank == 1 and bad == "capacity":
         hidden = torch.randn(cfg.runtime.max_tokens + 1, cfg.model.hidden_size)
+    if rank == 1 and bad == "hidden-list":
+        hidden = hidden.tolist()
     _write(out_dir, rank, lambda: moe(hidden, ids))
 
 
+COUNTS = "hidden: every rank runs the same tokens (token_mode 'replicated'), but the ranks hold [64, 61, 64, 64] " \
+         "tokens (in rank order)"
+FAILED_1 = "hidden: the ranks run their forwards together (token_mode 'replicated'), and the input of rank(s) [1] " \
+           "failed its checks (their errors say why)"
+
+
 @pytest.mark.parametrize("bad,mine,theirs", [
-    ("fewer", "hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of them; rank 1 "
-              "has 61, the ranks hold 61 to 64",
-     "hidden: every rank runs the same tokens (token_mode 'replicated'), so the same number of them; rank {r} has 64, "
-     "the ranks hold 61 to 64"),
-    ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256",
-     "hidden: every rank runs the same tokens (token_mode 'replicated'), and the input of rank(s) [1] failed its checks "
-     "(their errors say why)"),
+    ("fewer", COUNTS, COUNTS),
+    ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256", FAILED_1),
+    ("hidden-list", "hidden: expected a floating-point tensor, got list", FAILED_1),
 ])
-def test_replicated_ranks_holding_different_token_counts_all_fail_at_once(ckpt, tmp_path, bad, mine, theirs):
-    """Before, gloo aborted the process in the all-reduce (and the P2P kernels would have summed stale rows)."""
+def test_replicated_ranks_whose_token_counts_or_inputs_are_wrong_all_fail_at_once(ckpt, tmp_path, bad, mine, theirs):
+    """Before, different counts made gloo abort the process in the all-reduce (the P2P kernels would have summed stale
+    rows), and a rank's bad input left the others waiting for it."""
     spawn_local(_replicated_count_worker, 4, str(ckpt), bad, str(tmp_path))
     elapsed, msg = _read(tmp_path, 1)
     assert msg == mine and elapsed < 5, msg
     for rank in (0, 2, 3):
         elapsed, msg = _read(tmp_path, rank)
-        assert msg == theirs.format(r=rank) and elapsed < 5, msg
+        assert msg == theirs and elapsed < 5, msg
 
 
-def _load_failure_worker(rank, world, ckpt, missing, out_dir):
+def _load_failure_worker(rank, world, ckpt, bad, out_dir):
     cfg = load_config("tiny", [f"world_size={world}"])
     init_process_group(torch.device("cpu"), 60)
-    path = Path(missing) if rank == 1 else ckpt  # rank 1's checkpoint is not there; the others' is
-    _write(out_dir, rank, lambda: EPMoE.from_checkpoint(path, cfg, 0, rank, world))
+    path, device = ckpt, "cpu"
+    if rank == 1 and bad == "missing":
+        path = Path(out_dir) / "no-such-checkpoint"  # rank 1's checkpoint is not there; the others' is
+    if rank == 1 and bad == "device":
+        device = "cuda:99"  # a device this rank does not have
+    _write(out_dir, rank, lambda: EPMoE.from_checkpoint(path, cfg, 0, rank, world, device=device))
 
 
-def test_a_rank_whose_load_fails_fails_every_rank_at_once_naming_it(ckpt, tmp_path):
+@pytest.mark.parametrize("bad,mine", [("missing", "checkpoint: {out}/no-such-checkpoint does not exist"),
+                                      ("device", "device: expected ")])
+def test_a_rank_whose_load_fails_fails_every_rank_at_once_naming_it(ckpt, tmp_path, bad, mine):
     """Before, its peers waited out the group's 60 s timeout in the all-reduce of input scales, not naming it."""
-    missing = tmp_path / "no-such-checkpoint"
-    spawn_local(_load_failure_worker, 4, str(ckpt), str(missing), str(tmp_path))
-    elapsed, mine = _read(tmp_path, 1)
-    assert mine == f"checkpoint: {missing} does not exist" and elapsed < 10, mine
+    spawn_local(_load_failure_worker, 4, str(ckpt), bad, str(tmp_path))
+    elapsed, msg = _read(tmp_path, 1)
+    assert msg.startswith(mine.format(out=tmp_path)) and elapsed < 10, msg
     for rank in (0, 2, 3):
         elapsed, msg = _read(tmp_path, rank)
         assert msg == f"rank {rank}: layer 0 of {ckpt} failed to load on rank(s) [1] (their errors say why); this " \
                       f"rank's load is dropped" and elapsed < 10, msg
+
+
+def _dense_scale_worker(rank, world, out_dir):
+    cfg = load_config("tiny", [f"world_size={world}", "num_hash_layers=0"])
+    init_process_group(torch.device("cpu"), 60)
+    m, g = cfg.model, torch.Generator().manual_seed(0)
+    e, h, i = m.n_routed_experts, m.hidden_size, m.moe_intermediate_size
+    l2 = torch.full((e,), 2 / 2688)
+    l2[e - 1] = 0.0  # the last rank's expert: a rank checking only its own slice would fail alone
+    shared = (torch.randn(i, h, generator=g), torch.randn(i, h, generator=g), torch.randn(h, i, generator=g), 2 / 2688)
+    _write(out_dir, rank, lambda: EPMoE.from_dense(
+        cfg, torch.randn(e, h, generator=g), torch.randn(e, i, h, generator=g), torch.randn(e, i, h, generator=g),
+        torch.randn(e, h, i, generator=g), 5 / 2688, l2, shared=shared, rank=rank, world_size=world))
+
+
+def test_a_bad_scale_of_another_ranks_expert_in_dense_weights_fails_every_rank(tmp_path):
+    """ExpertWeights.from_dense sees a rank's own slice only; each rank checks the whole tensor first."""
+    spawn_local(_dense_scale_worker, 2, str(tmp_path))
+    for rank in (0, 1):
+        elapsed, msg = _read(tmp_path, rank)
+        assert msg == "l2_input_scale: expected a finite positive scale, got 0.0 at index (31,)" and elapsed < 5, msg
 
 
 def _dp_no_tokens_worker(rank, world, ckpt, out_dir):

@@ -128,8 +128,7 @@ def _stage_args(gen, t=5):
 
 
 @pytest.mark.parametrize("bad,error,message", [
-    ("weights-short", ValueError, r"topk_weights: expected a floating-point tensor of shape \(5, 3\) \(topk_idx's\), "
-                                  r"got torch.float32 \(5, 2\)"),
+    ("weights-short", ValueError, r"topk_weights: expected shape \(5, 3\) \(topk_idx's\), got \(5, 2\)"),
     ("no-experts", ValueError, r"topk_idx: expected at least one expert per token, got shape \(5, 0\)"),
     ("bf16-acts", TypeError, "acts: expected an NVFP4Tensor in act_mode 'nvfp4', got Tensor"),
     ("rows-short", ValueError, r"acts: expected codes \(5, 64\) and scales \(5, 8\) for 5 tokens of hidden 128, got "

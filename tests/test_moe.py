@@ -159,7 +159,8 @@ def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simu
     w = _layer()
     w.shared.w2_scale.view(torch.uint8)[0, 1, 0] = 0x7F  # NaN, in the stack checked after the routed experts'
     experts, shared = w.experts.clone(), w.shared.clone()
-    with pytest.raises(ValueError, match="w2_scale of expert 0: block scales must be finite"):
+    with pytest.raises(ValueError, match=r"weights.shared.w2_scale: block scales must be finite, non-negative UE4M3; "
+                                         r"found byte 0x7F at \(0, 1, 0\)"):
         EPMoE(CFG, w)
     assert _same_bytes(w.experts, experts) and _same_bytes(w.shared, shared)
 
@@ -167,7 +168,7 @@ def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simu
 def test_a_bad_shared_expert_scale_names_the_shared_expert(cuda_simulated):
     w = _layer()
     w.shared.w2_scale.view(torch.uint8)[0, 1, 0] = 0x7F
-    with pytest.raises(ValueError, match="weights.shared.w2_scale of expert 0: block scales must be finite"):
+    with pytest.raises(ValueError, match="weights.shared.w2_scale: block scales must be finite"):
         EPMoE(CFG, w)
 
 
@@ -375,10 +376,14 @@ def test_few_tokens_split_the_shared_expert_by_its_intermediate_dim_where_the_ke
 
 
 @pytest.mark.parametrize("stack,field,index,value,message", [
-    ("experts", "w13_alpha", (3, 1), float("nan"), "weights.experts.w13_alpha: expected a finite positive scale"),
-    ("experts", "w2_alpha", (0,), -1.0, "weights.experts.w2_alpha: expected a finite positive scale"),
-    ("experts", "l2_input_scale", (5,), 0.0, "weights.experts.l2_input_scale: expected a finite positive scale"),
-    ("shared", "l1_input_scale", (), float("inf"), "weights.shared.l1_input_scale: expected a finite positive scale"),
+    ("experts", "w13_alpha", (3, 1), float("nan"), "weights.experts.w13_alpha: expected a finite positive scale, got "
+                                                   "nan at index (3, 1)"),
+    ("experts", "w2_alpha", (0,), -1.0, "weights.experts.w2_alpha: expected a finite positive scale, got -1.0 at index "
+                                        "(0,)"),
+    ("experts", "l2_input_scale", (5,), 0.0, "weights.experts.l2_input_scale: expected a finite positive scale, got 0.0 "
+                                             "at index (5,)"),
+    ("shared", "l1_input_scale", (), float("inf"), "weights.shared.l1_input_scale: expected a finite positive scale, "
+                                                   "got inf"),
 ])
 def test_a_global_or_input_scale_that_is_not_finite_positive_is_rejected_at_construction(stack, field, index, value,
                                                                                       message):
@@ -392,8 +397,8 @@ def test_a_global_or_input_scale_that_is_not_finite_positive_is_rejected_at_cons
 def test_a_nan_block_scale_is_rejected_on_the_reference_backend_too():
     w = _layer()
     w.experts.w13_scale.view(torch.uint8)[2, 7, 1] = 0xFF  # -NaN
-    with pytest.raises(ValueError, match=r"weights.experts.w13_scale of expert 2: block scales must be finite, "
-                                         r"non-negative UE4M3; found byte 0xFF at \(7, 1\)"):
+    with pytest.raises(ValueError, match=r"weights.experts.w13_scale: block scales must be finite, "
+                                         r"non-negative UE4M3; found byte 0xFF at \(2, 7, 1\)"):
         EPMoE(CFG, w)
 
 

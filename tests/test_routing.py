@@ -168,7 +168,7 @@ def test_router_owns_copies_of_its_tensors_outside_autograd():
 def test_router_rejects_hidden_of_another_width():
     # On a GPU, few tokens went to the router-logits kernel, which read the weight with the hidden's width.
     r = Router(_cfg(num_hash_layers=0), torch.randn(8, 64))
-    with pytest.raises(ValueError, match=r"hidden: expected a \(T, 64\) tensor, got \(3, 32\)"):
+    with pytest.raises(ValueError, match=r"hidden: expected shape \(T, 64\), got \(3, 32\)"):
         r(torch.randn(3, 32))
 
 
@@ -186,3 +186,19 @@ def test_router_conversions_move_it_but_keep_its_dtypes():
     assert [t.dtype for t in r.tensors()] == dtypes
     r.to("meta")
     assert [t.dtype for t in r.tensors()] == dtypes and all(t.device.type == "meta" for t in r.tensors())
+
+
+def test_router_keeps_a_transposed_weight_row_major():
+    # The GPU's router-logits kernel reads the weight row-major, unchecked: a column-major copy routed wrongly.
+    w = torch.randn(64, 8).bfloat16().float().t()  # exact in bf16, so the router keeps a bf16 copy too
+    r = Router(_cfg(num_hash_layers=0), w)
+    assert r.weight.is_contiguous() and r.weight_bf16 is not None and r.weight_bf16.is_contiguous()
+    assert torch.equal(r.weight, w)
+
+
+def test_router_tensors_follow_share_memory_and_to_empty():
+    r = Router(_cfg(), torch.randn(8, 64), torch.zeros(8), torch.zeros(10, 2, dtype=torch.int32))
+    r.share_memory()
+    assert all(t.is_shared() for t in r.tensors())
+    r.to_empty(device="meta")
+    assert all(t.device.type == "meta" for t in r.tensors())

@@ -155,7 +155,7 @@ def test_tiling_rejects_nan_or_negative_scales_and_leaves_weights_untouched(stac
     w = ExpertWeights.synthetic(range(2), 64, 64, seed=1, device="cpu")
     getattr(w, stack).view(torch.uint8)[1, 3, 0] = byte
     before = w.clone()
-    with pytest.raises(ValueError, match=f"{stack} of expert 1: block scales must be finite, non-negative UE4M3; "
-                                         f"found byte 0x{byte:02X}"):
+    with pytest.raises(ValueError, match=rf"weights.{stack}: block scales must be finite, non-negative UE4M3; "
+                                         rf"found byte 0x{byte:02X} at \(1, 3, 0\)"):
         sm90_layout.tile_(w)
     assert w.layout == "rows" and torch.equal(w.w13, before.w13) and torch.equal(w.w2, before.w2)

@@ -242,3 +242,16 @@ def test_router_takes_the_gemm_for_hidden_rows_the_logits_kernel_cannot_read(gen
     assert not hidden.is_contiguous()
     want = torch.mm(hidden, router.weight_bf16.t(), out_dtype=torch.float32)
     assert torch.equal(router.logits(hidden), want)
+
+
+def test_router_built_from_a_transposed_weight_routes_as_from_a_contiguous_one(gen):
+    # Few tokens take the router-logits kernel, which reads the weight row-major and unchecked.
+    cfg = ModelConfig(name="t", hidden_size=7168, moe_intermediate_size=64, n_routed_experts=384, num_experts_per_tok=6)
+    weight = (torch.randn(384, 7168, generator=gen) / 84).bfloat16()
+    bias = 0.01 * torch.randn(384, generator=gen)
+    plain = Router(cfg, weight, bias, device=DEV)
+    transposed = Router(cfg, weight.t().contiguous().t(), bias, device=DEV)  # the same values, column-major
+    hidden = torch.randn(3, 7168, generator=gen).bfloat16().to(DEV)
+    ids, w = plain(hidden)
+    ids_t, w_t = transposed(hidden)
+    assert torch.equal(ids, ids_t) and torch.equal(w, w_t)
