@@ -455,6 +455,7 @@ class CapturedLayer:
             raise ValueError(f"capture: needs a CUDA device, got {moe.device}")
         if moe.backend != "cuda":
             raise ValueError("capture: the reference expert stage syncs with the host; use backend 'cuda'")
+        self.moe = moe
         self.hidden, self.input_ids = hidden.clone(), None if input_ids is None else input_ids.clone()
         self.out: torch.Tensor | None = None
 
@@ -464,5 +465,9 @@ class CapturedLayer:
         self.graph = cuda_graphs.capture(step)
 
     def replay(self) -> torch.Tensor:
+        """Replays the captured forward. A replay's P2P collective that timed out waiting for a peer cannot raise
+        from the GPU: it is reported here, at the next replay, naming the peer (CommTimeoutError; then every rank must
+        call the buffer backend's reset_signals())."""
+        self.moe.buffer.backend.raise_if_failed()
         self.graph.replay()
         return self.out

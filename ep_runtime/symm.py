@@ -57,6 +57,11 @@ class SymmBackend(Protocol):
     def reduce_scatter(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (n, ...) = the sum over ranks of their inp's rows [rank * n, (rank + 1) * n); returns out."""
 
+    def raise_if_failed(self) -> None:
+        """A collective that gave up waiting since the last call (a P2P kernel's barrier, which cannot raise: it
+        records the missing ranks and ends, in a CUDA graph's replay too), as a CommTimeoutError naming them;
+        nothing where collectives raise as they fail."""
+
 
 # torch 2.13 renamed these (the old names warn there); the GPU machines' torch 2.11 has only the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -104,6 +109,9 @@ class CpuBackend(GroupCollectives):
     def barrier(self, timeout_s: float) -> None:
         if self.world_size > 1:
             host_barrier(timeout_s, self.group)
+
+    def raise_if_failed(self) -> None:
+        """gloo's and NCCL's collectives raise as they fail (dist_utils.collective names the rank)."""
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:

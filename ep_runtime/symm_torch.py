@@ -98,6 +98,9 @@ class P2PArenaBackend:
     def barrier(self, timeout_s: float) -> None:
         self.comm.barrier(self.device, timeout_s)
 
+    def raise_if_failed(self) -> None:
+        self.comm.raise_if_failed()
+
     def all_reduce_(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
         return self.comm(t, algo=algo, check=check)
 

@@ -3,11 +3,15 @@ of the experts, in both token modes, against the single-GPU reference: with the 
 CUDA tensors), and with the IPC backend's P2P kernels (PyTorch symmetric memory and NVSHMEM refuse ranks sharing a
 GPU), eager and replayed from a CUDA graph. What happens around the kernels on several ranks, where a machine has one
 GPU: the mid-sized layer on two ranks, and the DeepSeek-V4-Pro layout itself (8 ranks x 48 experts)."""
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from ep_runtime.config import Config, load_config
-from ep_runtime.dist_utils import init_process_group, spawn_local
+from ep_runtime.dist_utils import CommTimeoutError, init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
 
 from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module
@@ -72,3 +76,34 @@ def test_ranks_sharing_a_gpu_match_the_single_gpu_reference(tmp_path, case, toke
         x, got = _rank_inputs(cfg, seed, 0, device), eager[0]
         assert all(torch.equal(e, eager[0]) for e in eager)
     assert cosine(got, _reference(cfg, x)) >= 0.9999
+
+
+def _absent_peer_worker(rank, world, seed, out_dir):
+    os.environ["EP_SYMM_TIMEOUT_S"] = "1"  # the P2P kernels' barrier timeout
+    init_process_group(torch.device("cpu"), 60)
+    device = torch.device("cuda", 0)
+    cfg = _cfg("mid-2-ranks", "replicated", seed, "ipc")
+    moe = EPMoE.from_synthetic(cfg, cfg.runtime.layer, rank, world, device=device)
+    captured = moe.capture(_rank_inputs(cfg, seed, rank, device))  # both ranks: warm-up forwards, then the capture
+    done = Path(out_dir) / "done"
+    if rank == 1:  # alive (its arena stays mapped), but it never replays
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
+    captured.replay()  # its all-reduce waits 1 s for rank 1, records it and ends
+    torch.cuda.synchronize()
+    try:
+        captured.replay()
+        msg = "no error"
+    except CommTimeoutError as e:
+        msg = str(e)
+    done.touch()
+    (Path(out_dir) / "rank0.txt").write_text(msg)
+
+
+def test_a_replay_whose_collective_timed_out_is_reported_at_the_next_replay_naming_the_peer(tmp_path):
+    """The kernels cannot raise; before, replays went on returning sums without the absent rank's part."""
+    spawn_local(_absent_peer_worker, 2, int(torch.seed() % 2**30), str(tmp_path))
+    msg = (tmp_path / "rank0.txt").read_text()
+    assert msg.startswith("rank 0: symmetric-memory ") and "timed out after 1s waiting for rank(s) [1] of 2" in msg, msg
