@@ -102,17 +102,14 @@ def collective(what: str, group: dist.ProcessGroup | None = None) -> Iterator[No
                            f"after {time.monotonic() - start:.1f}s: {e}") from e
 
 
-def share_rows(row: Sequence[float], problem: BaseException | None, what: str,
+def share_rows(row: Sequence[float], problem: BaseException | None, what: str, device: torch.device,
                group: dist.ProcessGroup | None = None) -> tuple[list[list[float]], list[int]]:
     """Collective: every rank's row of numbers (token counts, scales) and which ranks failed the step before, by one
-    all-reduce, so that a rank whose own step failed does not leave its peers waiting for it in a later collective
-    until the group's timeout. A rank passing its `problem` re-raises it once the others know; the others get every
-    rank's row (zeros for a failed rank) and the failed ranks, to raise an error naming them."""
+    all-reduce on `device` (one the group's backend takes: the rank's layer device, or fallback_device), so that a
+    rank whose own step failed does not leave its peers waiting for it in a later collective until the group's
+    timeout. A rank passing its `problem` re-raises it once the others know; the others get every rank's row (in rank
+    order; zeros for a failed rank) and the failed ranks, to raise an error naming them."""
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-    # On the host where gloo is the group's backend; NCCL takes the current GPU's memory (which a rank that failed to
-    # find its own device still has: the process group made it current).
-    device = torch.device("cpu") if "gloo" in dist.get_backend(group) else torch.device("cuda",
-                                                                                          torch.cuda.current_device())
     table = torch.zeros(ranks, len(row) + 1, dtype=torch.float64, device=device)  # exact for counts and fp32 scales
     if problem is None:
         table[rank, :-1] = torch.tensor(row, dtype=torch.float64)
@@ -124,6 +121,14 @@ def share_rows(row: Sequence[float], problem: BaseException | None, what: str,
         raise problem
     rows = table.tolist()
     return [r[:-1] for r in rows], [q for q, r in enumerate(rows) if r[-1]]
+
+
+def fallback_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """A device for share_rows where the rank has none of its own (it failed to find it): the host, unless the group
+    runs on NCCL alone, then the current GPU."""
+    backend = dist.get_backend(group)
+    nccl_only = "nccl" in backend and "gloo" not in backend
+    return torch.device("cuda", torch.cuda.current_device()) if nccl_only else torch.device("cpu")
 
 
 def check_same_on_every_rank(values: dict[str, Any], group: dist.ProcessGroup | None = None) -> None:

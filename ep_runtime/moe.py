@@ -20,10 +20,10 @@ from torch import nn
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config, ModelConfig, local_expert_count
-from .dist_utils import check_same_on_every_rank, share_rows
+from .dist_utils import check_same_on_every_rank, fallback_device, share_rows
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
-from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
+from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale, positive_scale
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
 from .scratch import LayerScratch, scratch_needs, shared_split, token_sources
@@ -84,7 +84,7 @@ class EPMoE(nn.Module):
                 _check_shared_rows_aligned(m, spec, world_size)
         if token_sources(cfg, world_size) > 1 and spec.act_mode == "nvfp4":
             # Gathered tokens are dequantized with this rank's global scale: every rank's must be the same one
-            # (from_checkpoint agrees on the max with a MAX all-reduce; weights made otherwise may not).
+            # (from_checkpoint agrees on the max; weights made otherwise may not).
             check_same_on_every_rank({"weights.experts.l1_input_scale (token_mode 'dp')":
                                       float(weights.experts.l1_input_scale)})
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -147,12 +147,13 @@ class EPMoE(nn.Module):
     def from_checkpoint(cls, path: str | Path, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
                         scratch: LayerScratch | None = None, device: torch.device | str = "cpu",
                         naming: Naming = Naming(), progress: bool = False) -> "EPMoE":
-        """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max
-        over all experts' gate/up input scales) with one MAX all-reduce, so the staged x is rank-independent."""
+        """Load this rank's share of one MoE layer. Ranks agree on the layer's static input scale (the max over all
+        experts' gate/up input scales) in one all-reduce (dist_utils.share_rows), so the staged x is rank-independent,
+        and fail together if any rank's load failed."""
         _check_placement(cfg.model, rank, world_size)  # the process group, which the agreement below needs
-        weights, failure = None, None
+        weights, failure, found = None, None, None
         try:
-            device = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
+            found = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
             weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
         except Exception as e:  # its peers must not wait for it in the agreement below
             if world_size == 1:
@@ -161,8 +162,9 @@ class EPMoE(nn.Module):
         if world_size > 1:
             # The ranks agree on the layer's static input scale (the largest) and fail together if any rank's load
             # failed, naming it.
-            rows, failed = share_rows([0.0 if failure else float(weights.experts.l1_input_scale)], failure,
-                                      "all-reduce of the layer's input scales and load outcomes")
+            mine = 0.0 if failure is not None else float(weights.experts.l1_input_scale)
+            rows, failed = share_rows([mine], failure, "all-reduce of the layer's input scales and load outcomes",
+                                      found if found is not None else fallback_device())
             if failed:
                 raise RuntimeError(f"rank {rank}: layer {layer} of {path} failed to load on rank(s) {failed} (their "
                                    f"errors say why); this rank's load is dropped")
@@ -170,7 +172,7 @@ class EPMoE(nn.Module):
             weights.experts.l1_input_scale.copy_(scale)
             if weights.shared is not None:
                 weights.shared.l1_input_scale.copy_(scale)
-        return cls(cfg, weights, rank, world_size, scratch, device)
+        return cls(cfg, weights, rank, world_size, scratch, found)
 
     @classmethod
     def from_synthetic(cls, cfg: Config, layer: int = 0, rank: int = 0, world_size: int = 1,
@@ -199,7 +201,7 @@ class EPMoE(nn.Module):
             check_dense(name, t, shape, per_expert=True)
         # Every rank checks every expert's scales (ExpertWeights.from_dense only sees its slice): a bad one fails all
         # ranks alike instead of one, whose peers would then wait for it.
-        check_positive_scale(torch.tensor(float(l1_input_scale)), "l1_input_scale")
+        positive_scale(l1_input_scale, "l1_input_scale")
         check_positive_scale(l2_input_scale, "l2_input_scale")
         _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
@@ -208,7 +210,7 @@ class EPMoE(nn.Module):
             for name, t, shape in (("shared gate", sg, (i_s, h)), ("shared up", su, (i_s, h)),
                                    ("shared down", sd, (h, i_s))):
                 check_dense(name, t, shape)
-            check_positive_scale(torch.tensor(float(s_l2)), "shared l2_input_scale")
+            positive_scale(s_l2, "shared l2_input_scale")
         local = slice(rank * n_local, (rank + 1) * n_local)
         experts = ExpertWeights.from_dense(gate[local], up[local], down[local], l1_input_scale,
                                            l2_input_scale[local])
@@ -242,9 +244,9 @@ class EPMoE(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Several ranks with checks on. A rank whose input fails a check would leave the others waiting for it in the
         next collective, and token counts that differ would make the gather or all-reduce read stale rows (gloo
-        aborts). Every rank runs its own checks (forward's; in dp mode, whose tokens differ by rank, also staging's and
-        the router's, which sync the host), the ranks share the outcomes and counts (dist_utils.share_rows), and all of
-        them raise if any input failed, naming the ranks. In dp mode the inputs come back padded with rows of zeros
+        aborts). Every rank runs all the checks of its forward (its own, staging's and the router's, which sync the
+        host), the ranks share the outcomes and counts (dist_utils.share_rows), and all of them raise if any input
+        failed, naming the ranks; the forward then runs unchecked. In dp mode the inputs come back padded with rows of zeros
         (token id 0) to the largest count, as the gather needs the same count everywhere (their outputs are dropped);
         in replicated mode, whose ranks hold the same tokens, differing counts are an error (equal counts of
         different tokens go unnoticed)."""
@@ -255,14 +257,13 @@ class EPMoE(nn.Module):
         problem, count = None, 0
         try:
             self._validate(hidden, input_ids, True)
-            if dp:
-                check_finite(hidden, "hidden")
-                self.router.check_token_ids(hidden, input_ids)
+            check_finite(hidden, "hidden")
+            self.router.check_token_ids(hidden, input_ids)
             count = hidden.shape[0]
         except Exception as e:  # whatever a rank's input raises, the others must not wait for it
             problem = e
         rows, failed = share_rows([count], problem, f"all-reduce of the ranks' input checks (token_mode '{mode}')",
-                                  self.buffer.backend.group)
+                                  self.device, self.buffer.backend.group)
         if failed:
             raise ValueError(f"hidden: the ranks run their forwards together (token_mode '{mode}'), and the input of "
                              f"rank(s) {failed} failed its checks (their errors say why)")
@@ -296,7 +297,7 @@ class EPMoE(nn.Module):
         if check and self.world_size > 1:
             own = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
             hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
-            check = self.buffer.sources == 1  # dp: its checks ran on every rank's input, and every rank's passed
+            check = False  # its checks ran on every rank's input, and every rank's passed
         else:
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]
@@ -465,9 +466,10 @@ class CapturedLayer:
         self.graph = cuda_graphs.capture(step)
 
     def replay(self) -> torch.Tensor:
-        """Replays the captured forward. A replay's P2P collective that timed out waiting for a peer cannot raise
-        from the GPU: it is reported here, at the next replay, naming the peer (CommTimeoutError; then every rank must
-        call the buffer backend's reset_signals())."""
+        """Replays the captured forward (asynchronously, as graph replays are). A replay's P2P collective that timed
+        out waiting for a peer cannot raise from the GPU, and its output is invalid: the first replay called after it
+        completed (after a sync, or after the timeout has passed) raises a CommTimeoutError naming the peer; every
+        rank must then call its P2P buffer backend's reset_signals()."""
         self.moe.buffer.backend.raise_if_failed()
         self.graph.replay()
         return self.out

@@ -110,13 +110,15 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 def check_positive_scale(t: torch.Tensor, name: str) -> None:
     """A global scale (or input scale) divides or multiplies every value: it must be finite and positive."""
-    v = t.float().reshape(-1)
+    v = t.float().reshape(-1)  # fp32: the kernels' scales (a float64 too small or large for it fails here)
     bad = ~(torch.isfinite(v) & (v > 0))
     if bad.any():
         i = int(bad.nonzero()[0])
         index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape))
         where = "" if t.dim() == 0 else f" at index {index}"
-        raise ValueError(f"{name}: expected a finite positive scale, got {v[i].item()}{where}")
+        got, as_fp32 = str(t.reshape(-1)[i].item()), str(v[i].item())
+        fp32 = "" if got == as_fp32 else f" (as fp32: {as_fp32})"
+        raise ValueError(f"{name}: expected a finite positive scale, got {got}{fp32}{where}")
 
 
 def check_scale_bytes(s: torch.Tensor, name: str) -> None:
@@ -126,6 +128,15 @@ def check_scale_bytes(s: torch.Tensor, name: str) -> None:
     if bad.any():
         raise ValueError(f"{name}: block scales must be finite, non-negative UE4M3; found byte "
                          f"0x{int(s[bad][0]):02X} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+def positive_scale(value: float | torch.Tensor, name: str) -> torch.Tensor:
+    """A scale given as a number or tensor, as fp32, checked by check_positive_scale."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    check_positive_scale(t, name)
+    return t.float()
 
 
 def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, check: bool = True,

@@ -147,8 +147,7 @@ class ExpertWeights:
         for name, t, shape in (("gate", gate, (e, i, h)), ("up", up, (e, i, h)), ("down", down, (e, h, i)),
                                ("l2_input_scale", l2_input_scale, (e,))):
             check_dense(name, t, shape, per_expert=True)
-        l1 = torch.as_tensor(l1_input_scale, dtype=torch.float32)
-        nvfp4.check_positive_scale(l1, "l1_input_scale")
+        l1 = nvfp4.positive_scale(l1_input_scale, "l1_input_scale")
         nvfp4.check_positive_scale(l2_input_scale, "l2_input_scale")
         out = cls.empty(e, h, i, gate.device)
         for x in range(e):

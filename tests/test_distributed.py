@@ -13,7 +13,7 @@ import torch.distributed.distributed_c10d as c10d
 
 from ep_runtime.checkpoint import synthetic_layer, write_synthetic_checkpoint
 from ep_runtime.config import load_config
-from ep_runtime.dist_utils import init_process_group, spawn_local
+from ep_runtime.dist_utils import fallback_device, init_process_group, share_rows, spawn_local
 from ep_runtime.moe import EPMoE
 from ep_runtime.symm import CpuBackend, make_backend
 
@@ -279,8 +279,10 @@ def test_a_dp_rank_whose_input_fails_a_check_fails_every_rank_at_once_naming_it(
 
 
 def _replicated_count_worker(rank, world, ckpt, bad, out_dir):
-    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=1"])
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=0"])  # the hash layer checks token ids too
     hidden, ids = _inputs(cfg, 0)  # the same tokens on every rank, as replicated mode needs
+    if rank == 1 and bad == "ids-short":
+        ids = ids[:-1]
     if rank == 1 and bad == "fewer":
         hidden, ids = hidden[:-3], ids[:-3]
     if rank == 1 and bad == "capacity":
@@ -300,6 +302,7 @@ FAILED_1 = "hidden: the ranks run their forwards together (token_mode 'replicate
     ("fewer", COUNTS, COUNTS),
     ("capacity", "hidden: 257 tokens exceed the symmetric buffer capacity max_tokens=256", FAILED_1),
     ("hidden-list", "hidden: expected a floating-point tensor, got list", FAILED_1),
+    ("ids-short", "input_ids: expected shape (64,), got (63,)", FAILED_1),  # the router's check, after the exchange once
 ])
 def test_replicated_ranks_whose_token_counts_or_inputs_are_wrong_all_fail_at_once(ckpt, tmp_path, bad, mine, theirs):
     """Before, different counts made gloo abort the process in the all-reduce (the P2P kernels would have summed stale
@@ -355,6 +358,22 @@ def test_a_bad_scale_of_another_ranks_expert_in_dense_weights_fails_every_rank(t
     for rank in (0, 1):
         elapsed, msg = _read(tmp_path, rank)
         assert msg == "l2_input_scale: expected a finite positive scale, got 0.0 at index (31,)" and elapsed < 5, msg
+
+
+def _share_rows_worker(rank, world, out_dir):
+    dist.init_process_group(timeout=datetime.timedelta(seconds=30))  # no backend named: torch picks per device
+    group = dist.new_group(list(range(world)))  # not the default group
+    problem = ValueError(f"rank {rank}'s own failure") if rank == 2 else None
+    _write(out_dir, rank, lambda: Path(out_dir, f"rows{rank}.txt").write_text(repr(share_rows(
+        [rank, 0.5 * rank], problem, "a test's rows", fallback_device(group), group))))
+
+
+def test_shared_rows_come_back_in_rank_order_with_the_failed_ranks(tmp_path):
+    """Over a group created without naming a backend, which is not the default group."""
+    spawn_local(_share_rows_worker, 3, str(tmp_path))
+    for rank in (0, 1):
+        assert (tmp_path / f"rows{rank}.txt").read_text() == "([[0.0, 0.0], [1.0, 0.5], [0.0, 0.0]], [2])"
+    assert _read(tmp_path, 2)[1] == "rank 2's own failure"
 
 
 def _dp_no_tokens_worker(rank, world, ckpt, out_dir):

@@ -1,5 +1,6 @@
 """NVFP4_SPEC sections 1-3, rule by rule, with hand-derived expected values."""
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +192,13 @@ def test_dynamic_global_scale_is_one_correctly_rounded_division(gen):
         a32 = torch.tensor(a, dtype=torch.float32)
         expected = torch.tensor(2688.0 / a32.double().item(), dtype=torch.float32).item()
         assert nvfp4.dynamic_global_scale(a32.reshape(1)).item() == expected
+
+
+@pytest.mark.parametrize("value,message", [
+    (1e-50, "s: expected a finite positive scale, got 1e-50 (as fp32: 0.0)"),  # the kernels' fp32 loses it
+    (float("nan"), "s: expected a finite positive scale, got nan"),
+    ("0.5", "s: expected a number or a tensor, got str"),
+])
+def test_a_scale_is_checked_as_the_fp32_the_kernels_use_and_reported_as_given(value, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        nvfp4.positive_scale(value, "s")

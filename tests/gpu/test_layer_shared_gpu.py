@@ -102,8 +102,8 @@ def _absent_peer_worker(rank, world, seed, out_dir):
     (Path(out_dir) / "rank0.txt").write_text(msg)
 
 
-def test_a_replay_whose_collective_timed_out_is_reported_at_the_next_replay_naming_the_peer(tmp_path):
-    """The kernels cannot raise; before, replays went on returning sums without the absent rank's part."""
+def test_a_replay_whose_collective_timed_out_is_reported_by_the_next_replay_after_it_completed(tmp_path):
+    """Naming the absent peer. The kernels cannot raise; before, replays went on returning sums without its part."""
     spawn_local(_absent_peer_worker, 2, int(torch.seed() % 2**30), str(tmp_path))
     msg = (tmp_path / "rank0.txt").read_text()
     assert msg.startswith("rank 0: symmetric-memory ") and "timed out after 1s waiting for rank(s) [1] of 2" in msg, msg
