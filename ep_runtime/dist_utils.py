@@ -53,6 +53,21 @@ def pick_device(kind: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A device named in full ("cuda" is the current one) that this process has: the CPU or a visible GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected a device this process has, got {device} (no CUDA device is visible)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: expected cuda:0..cuda:{torch.cuda.device_count() - 1}, got {device}")
+    elif device.type != "cpu":
+        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
+    return device
+
+
 def init_process_group(device: torch.device, timeout_s: float) -> None:
     """gloo for CPU ranks, NCCL for GPU ranks; rendezvous from the environment (torchrun or spawn_local)."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -110,11 +125,12 @@ def share_rows(row: Sequence[float], problem: BaseException | None, what: str, d
     timeout. A rank passing its `problem` re-raises it once the others know; the others get every rank's row (in rank
     order; zeros for a failed rank) and the failed ranks, to raise an error naming them."""
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-    table = torch.zeros(ranks, len(row) + 1, dtype=torch.float64, device=device)  # exact for counts and fp32 scales
+    table = torch.zeros(ranks, len(row) + 1, dtype=torch.float64)  # exact for counts and fp32 scales
     if problem is None:
         table[rank, :-1] = torch.tensor(row, dtype=torch.float64)
     else:
         table[rank, -1] = 1
+    table = table.to(device)  # filled on the host: one copy, not a kernel per entry, in every checked forward
     with collective(what, group):
         dist.all_reduce(table, group=group)
     if problem is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
 from .config import Config, ModelConfig, local_expert_count
-from .dist_utils import check_same_on_every_rank, fallback_device, share_rows
+from .dist_utils import check_same_on_every_rank, fallback_device, resolve_device, share_rows
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale, positive_scale
@@ -51,7 +51,7 @@ class EPMoE(nn.Module):
                  scratch: LayerScratch | None = None, device: torch.device | str = "cpu"):
         super().__init__()
         m, rt = cfg.model, cfg.runtime
-        device = _layer_device(device)
+        device = resolve_device(device)
         n_local = _check_placement(m, rank, world_size)
         if weights.experts.num_experts != n_local:
             raise ValueError(f"weights: expected {n_local} local experts for world_size={world_size}, "
@@ -153,7 +153,7 @@ class EPMoE(nn.Module):
         _check_placement(cfg.model, rank, world_size)  # the process group, which the agreement below needs
         weights, failure, found = None, None, None
         try:
-            found = _layer_device(device)  # before the read: a bad device found after it wastes the whole read
+            found = resolve_device(device)  # before the read: a bad device found after it wastes the whole read
             weights = load_layer(CheckpointReader(path, naming), cfg.model, layer, rank, world_size, progress)
         except Exception as e:  # its peers must not wait for it in the agreement below
             if world_size == 1:
@@ -179,7 +179,7 @@ class EPMoE(nn.Module):
                        scratch: LayerScratch | None = None, device: torch.device | str = "cpu") -> "EPMoE":
         """A model-sized layer of random weights generated on the device (see checkpoint.synthetic_layer)."""
         _check_placement(cfg.model, rank, world_size)
-        device = _layer_device(device)
+        device = resolve_device(device)
         weights = synthetic_layer(cfg.model, layer, rank, world_size, cfg.runtime.seed, device)
         return cls(cfg, weights, rank, world_size, scratch, device)
 
@@ -234,24 +234,22 @@ class EPMoE(nn.Module):
             raise TypeError(f"input_ids: expected None or a torch.Tensor, got {type(input_ids).__name__}")
         _check_forward_only(hidden)
         self.buffer.check_tokens(hidden.shape[0])
-        if check and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
-                             "mode='reduce-overhead'): its checks sync with the host, got True")
+        if check:
+            _refuse_checks_while_capturing(hidden)
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
 
     def _agree_on_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Several ranks with checks on. A rank whose input fails a check would leave the others waiting for it in the
         next collective, and token counts that differ would make the gather or all-reduce read stale rows (gloo
         aborts). Every rank runs all the checks of its forward (its own, staging's and the router's, which sync the
         host), the ranks share the outcomes and counts (dist_utils.share_rows), and all of them raise if any input
-        failed, naming the ranks; the forward then runs unchecked. In dp mode the inputs come back padded with rows of zeros
-        (token id 0) to the largest count, as the gather needs the same count everywhere (their outputs are dropped);
-        in replicated mode, whose ranks hold the same tokens, differing counts are an error (equal counts of
-        different tokens go unnoticed)."""
-        if isinstance(hidden, torch.Tensor) and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            self._validate(hidden, input_ids, True)  # refuses, on every rank alike, before any collective
+        failed, naming the ranks; the forward then runs unchecked. In dp mode the inputs come back padded with rows of
+        zeros (token id 0) to the largest count, as the gather needs the same count everywhere (their outputs are
+        dropped); in replicated mode, whose ranks hold the same tokens, differing counts are an error (equal counts of
+        different tokens go unnoticed). Returns the inputs and this rank's own token count."""
+        _refuse_checks_while_capturing(hidden)  # on every rank alike, before any collective
         dp = self.buffer.sources > 1
         mode = self.cfg.runtime.token_mode
         problem, count = None, 0
@@ -272,12 +270,12 @@ class EPMoE(nn.Module):
             if len(set(counts)) > 1:
                 raise ValueError(f"hidden: every rank runs the same tokens (token_mode 'replicated'), but the ranks "
                                  f"hold {counts} tokens (in rank order)")
-            return hidden, input_ids
-        pad = max(counts) - hidden.shape[0]
+            return hidden, input_ids, count
+        pad = max(counts) - count
         if not pad:
-            return hidden, input_ids
+            return hidden, input_ids, count
         hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
-        return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)])
+        return hidden, None if input_ids is None else torch.cat([input_ids, input_ids.new_zeros(pad)]), count
 
     def stage_activations(self, hidden: torch.Tensor, check: bool = True) -> NVFP4Tensor | torch.Tensor:
         """Staging: quantize the layer input into the symmetric buffer (static or dynamic global scale)."""
@@ -295,8 +293,7 @@ class EPMoE(nn.Module):
             return moe_layer_op(hidden, input_ids, self._handle, check)
         mark = self.stage_marker
         if check and self.world_size > 1:
-            own = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
-            hidden, input_ids = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
+            hidden, input_ids, own = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
         else:
             self._validate(hidden, input_ids, check)
@@ -387,19 +384,11 @@ def _check_forward_only(hidden: torch.Tensor) -> None:
                          "pass hidden.detach()), got one that requires grad")
 
 
-def _layer_device(device: torch.device | str) -> torch.device:
-    """The layer's device, named ("cuda" is the current one), and there: a CUDA device this process can use."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: expected a device this process has, got {device} (no CUDA device is visible)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device: expected cuda:0..cuda:{torch.cuda.device_count() - 1}, got {device}")
-    elif device.type != "cpu":
-        raise ValueError(f"device: expected a CPU or CUDA device, got {device}")
-    return device
+def _refuse_checks_while_capturing(hidden: torch.Tensor) -> None:
+    """The checks sync with the host, which a CUDA graph being captured cannot."""
+    if isinstance(hidden, torch.Tensor) and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
+                         "mode='reduce-overhead'): its checks sync with the host, got True")
 
 
 def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .allreduce import SymmAllReduce, resolve_oneshot_max_bytes
-from .dist_utils import check_same_on_every_rank, collective, host_barrier
+from .dist_utils import check_same_on_every_rank, collective, host_barrier, resolve_device
 from .symm import align as _align
 
 for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -43,11 +43,9 @@ class P2PArenaBackend:
     def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None,
                  capacity_bytes: int | None = None, timeout_s: float | None = None,
                  oneshot_max_bytes: int | None = None):
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {self.device}")
-        if self.device.index is None:  # "cuda" means the current device: named, as the kernel launches need it
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {torch.device(device)}")
+        self.device = resolve_device(device)  # named: the kernel launches need its index
         if not dist.is_initialized():
             raise RuntimeError(f"{type(self).__name__}: torch.distributed must be initialized first "
                                f"(init_process_group)")
