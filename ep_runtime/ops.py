@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from . import nvfp4
+
 _NS = "ep_runtime"
 ALIGN_BYTES = 16
 SCALE_DTYPES = (torch.float8_e4m3fn, torch.uint8)  # UE4M3 bytes (uint8 holds the same bit patterns)
@@ -138,6 +140,14 @@ def check_swiglu_limit(limit: float | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
                               or not math.isfinite(limit) or limit <= 0):
         raise ValueError(f"swiglu_limit: expected None or a finite number > 0, got {limit!r}")
+
+
+def check_in_range(t: torch.Tensor, name: str, lo: int, hi: int, what: str = "values") -> None:
+    """Host check (a sync): every value of the integer tensor t lies in [lo, hi)."""
+    if t.numel():
+        least, most = int(t.min()), int(t.max())
+        if least < lo or most >= hi:
+            raise ValueError(f"{name}: expected {what} in [{lo}, {hi}), got values in [{least}, {most}]")
 
 
 def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
@@ -287,11 +297,9 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
     check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
                            pair_slot=pair_slot))
-    if check and topk_idx.numel():
+    if check:
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
-        if lo < 0 or hi >= total:
-            raise ValueError(f"topk_idx: expected expert ids in [0, {total}), got values in [{lo}, {hi}]")
+        check_in_range(topk_idx, "topk_idx", 0, total, "expert ids")
     moe_align_op(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
 
 
@@ -342,6 +350,34 @@ def _check_slots(offsets: torch.Tensor, e: int, name: str = "offsets") -> None:
     check_tensor(offsets, name, torch.int32, (e + 1,))
 
 
+def check_slot_offsets(offsets: torch.Tensor, slots: int, name: str = "offsets") -> int:
+    """Host check (a sync) of slot offsets made on the device, as moe_align makes them: the exclusive prefix sum of
+    per-expert slot counts, so 0 first, never decreasing, and at most `slots` (the rows the outputs reserve): the
+    kernels write the rows the offsets name and trust them. Returns the slots in use, offsets[-1]."""
+    o = offsets.tolist()
+    bad = next((e for e in range(1, len(o)) if o[e] < o[e - 1]), None)
+    if o[0] != 0 or bad is not None or o[-1] > slots:
+        got = (f"{name}[0] = {o[0]}" if o[0] != 0 else
+               f"{name}[{bad}] = {o[bad]} after {name}[{bad - 1}] = {o[bad - 1]}" if bad is not None else
+               f"{name}[{len(o) - 1}] = {o[-1]}")
+        raise ValueError(f"{name}: expected per-expert slot offsets (0 first, never decreasing, at most {slots} "
+                         f"slots in all), got {got}")
+    return o[-1]
+
+
+def check_zeros(t: torch.Tensor, name: str, why: str) -> None:
+    """Host check (a sync): a workspace the kernels expect zeroed."""
+    nonzero = int(torch.count_nonzero(t))
+    if nonzero:
+        raise ValueError(f"{name}: expected zeros ({why}), got {nonzero} nonzero entries")
+
+
+def _check_scales(**scales: torch.Tensor | None) -> None:
+    for name, t in scales.items():
+        if t is not None:
+            nvfp4.check_positive_scale(t, name)
+
+
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
@@ -381,7 +417,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                out_f32: torch.Tensor | None = None, hq_data: torch.Tensor | None = None,
                hq_scale: torch.Tensor | None = None, h_bf16: torch.Tensor | None = None, block_n: int = 8,
                block_m: int = 0, split_sums: torch.Tensor | None = None, split_arrivals: torch.Tensor | None = None,
-               max_pieces: int = 0) -> None:
+               max_pieces: int = 0, check: bool = False) -> None:
     """L1 of all local experts in one launch; slot s reads activation row slot_pair[s] // topk.
 
     w13, w13_scale: the stacked weights in the SM90 atom layout (sm90_layout.tile_), shapes unchanged.
@@ -393,6 +429,8 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     tiles that would leave at least half of the GPU's resident CTAs idle cuts each tile's K range into up to four
     pieces on several CTAs (at most max_pieces, 0: the kernel's choice); the sums then add in another order, fixed
     by the launch's tile count. Concurrent launches need workspaces of their own.
+    check=True also checks the values the kernel trusts (a host sync): offsets (check_slot_offsets), the used
+    slot_pair entries, zeroed split_arrivals, and finite positive alphas and global scales.
     """
     e, hidden, inter = check_l1_weights(w13, w13_scale, w13_alpha)
     check_tensor(act, "act", torch.bfloat16, (None, hidden))
@@ -422,6 +460,12 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
+    if check:
+        used = check_slot_offsets(offsets, s)
+        check_in_range(slot_pair[:used], "slot_pair", 0, s, "(token, k) pair indices")
+        if split_arrivals is not None:
+            check_zeros(split_arrivals, "split_arrivals", "as split_workspace makes them and every launch leaves them")
+        _check_scales(w13_alpha=w13_alpha, x_gs=x_gs, h_gs=h_gs if epilogue == "nvfp4" else None)
     limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
     grouped_l1_op(
         w13, w13_scale, w13_alpha, act, x_gs, offsets, slot_pair, topk, EPILOGUES[epilogue], limit,
@@ -436,10 +480,11 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
 
 def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor, act: torch.Tensor,
                h_gs: torch.Tensor | None, offsets: torch.Tensor, y_slot: torch.Tensor, block_n: int = 8,
-               block_m: int = 0) -> None:
+               block_m: int = 0, check: bool = False) -> None:
     """y_slot (S, H) fp32 = act (S, I) BF16 @ W2[e]^T * w2_alpha[e] / h_gs[e] (h_gs None: 1) for every slot.
 
-    w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged."""
+    w2, w2_scale: in the SM90 atom layout (sm90_layout.tile_), shapes unchanged. check=True also checks the values
+    the kernel trusts (a host sync): offsets (check_slot_offsets) and finite positive alphas and global scales."""
     e, hidden, inter = check_l2_weights(w2, w2_scale, w2_alpha)
     check_tensor(act, "act", torch.bfloat16, (None, inter))
     if h_gs is not None:
@@ -449,12 +494,16 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     check_tiles(block_n, block_m, hidden)
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
+    if check:
+        check_slot_offsets(offsets, act.shape[0])
+        _check_scales(w2_alpha=w2_alpha, h_gs=h_gs)
     grouped_l2_op(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
 
 
 def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.Tensor, hq_data: torch.Tensor,
-                    hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor) -> None:
-    """Dynamic L2 scale: h_gs[e] = 2688 / amax over expert e's slots of h (0 -> 1), then h -> NVFP4 + BF16 copy."""
+                    hq_scale: torch.Tensor, h_bf16: torch.Tensor, h_gs: torch.Tensor, check: bool = False) -> None:
+    """Dynamic L2 scale: h_gs[e] = 2688 / amax over expert e's slots of h (0 -> 1), then h -> NVFP4 + BF16 copy.
+    check=True also checks the offsets, which the kernels trust (check_slot_offsets; a host sync)."""
     check_tensor(h_f32, "h_f32", torch.float32, (None, None))
     s, inter = h_f32.shape
     _multiple(inter, 64, "h_f32.shape[1] (intermediate)")
@@ -469,15 +518,17 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_tensor(h_gs, "h_gs", torch.float32, (e,))
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, h_gs=h_gs))
+    if check:
+        check_slot_offsets(offsets, s)
     requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
 
 def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
-            addend: torch.Tensor | None = None, addend_begin: int = 0) -> None:
+            addend: torch.Tensor | None = None, addend_begin: int = 0, check: bool = False) -> None:
     """out[t] = sum over j ascending of topk_weights[t, j] * y_slot[pair_slot[t*k + j]] (fp32), pairs with slot -1
     skipped (0 without local slots), plus addend[t - addend_begin] (fp32 (rows, hidden), e.g. the shared expert's
     output) for t in [addend_begin, addend_begin + rows), then cast. y_slot has a row per pair: any slot in
-    [0, T*k) may be read."""
+    [0, T*k) may be read. check=True also checks that pair_slot's entries are -1 or such slots (a host sync)."""
     check_tensor(topk_weights, "topk_weights", torch.float32, (None, None))
     t, k = topk_weights.shape
     check_tensor(y_slot, "y_slot", torch.float32, (t * k, None))
@@ -487,6 +538,8 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
     check_addend(addend, addend_begin, t, hidden)
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
+    if check:
+        check_in_range(pair_slot, "pair_slot", -1, t * k, "slots (or -1)")
     combine_op(y_slot, pair_slot, topk_weights, addend, addend_begin, out)
 
 

@@ -27,11 +27,7 @@ def check_tid2eid(tid2eid: torch.Tensor, n_experts: int, top_k: int, name: str) 
                         f"{tid2eid.dtype}")
     if tid2eid.dim() != 2 or tid2eid.shape[1] != top_k:
         raise ValueError(f"{name}: expected shape (vocab, {top_k}), got {tuple(tid2eid.shape)}")
-    if not tid2eid.numel():
-        return
-    if tid2eid.min() < 0 or tid2eid.max() >= n_experts:
-        raise ValueError(f"{name}: expected expert ids in [0, {n_experts}), got [{tid2eid.min().item()}, "
-                         f"{tid2eid.max().item()}]")
+    ops.check_in_range(tid2eid, name, 0, n_experts, "expert ids")
 
 
 @functools.cache
@@ -168,9 +164,8 @@ class Router(nn.Module):
         if input_ids.shape != hidden.shape[:1]:
             raise ValueError(f"input_ids: expected shape {tuple(hidden.shape[:1])}, got {tuple(input_ids.shape)}")
         vocab = self.tid2eid.shape[0]
-        if check and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got "
-                             f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+        if check:
+            ops.check_in_range(input_ids, "input_ids", 0, vocab, "token ids")
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None, check: bool = True,
                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,6 +223,95 @@ def test_requant_rejects_mismatched_rows():
                             torch.zeros(E))
 
 
+# ---- check=True: the device-made values the kernels trust, checked on the host ----
+
+def offsets_of(*counts: int) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("offsets,message", [
+    (torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32), r"got offsets\[0\] = 1"),
+    (torch.tensor([0, 4, 2, 6, 8], dtype=torch.int32), r"got offsets\[2\] = 2 after offsets\[1\] = 4"),
+    (offsets_of(3, 3, 3, 2), r"got offsets\[4\] = 11"),
+])
+def test_checked_l1_rejects_offsets_that_are_no_prefix_sum_within_the_slots(launches, offsets, message):
+    with pytest.raises(ValueError, match=r"offsets: expected per-expert slot offsets \(0 first, never decreasing, at "
+                                         r"most 10 slots in all\), " + message):
+        ops.grouped_l1(**{**good_l1_args(), "offsets": offsets}, check=True)
+    assert launches == []
+
+
+def test_checked_l1_rejects_a_used_slot_pair_entry_outside_the_pairs(launches):
+    slot_pair = torch.arange(T * K, dtype=torch.int32)
+    slot_pair[6] = T * K
+    with pytest.raises(ValueError, match=r"slot_pair: expected \(token, k\) pair indices in \[0, 10\), got values "
+                                         r"in \[0, 10\]"):
+        ops.grouped_l1(**{**good_l1_args(), "offsets": offsets_of(2, 2, 2, 1), "slot_pair": slot_pair}, check=True)
+    assert launches == []
+
+
+def test_checked_l1_ignores_slot_pair_entries_past_the_used_slots(launches):
+    slot_pair = torch.arange(T * K, dtype=torch.int32)
+    slot_pair[7:] = -1  # rows the kernel never reads
+    ops.grouped_l1(**{**good_l1_args(), "offsets": offsets_of(2, 2, 2, 1), "slot_pair": slot_pair}, check=True)
+    assert launches == ["grouped_l1"]
+
+
+def test_checked_l1_rejects_k_split_arrival_counts_left_nonzero(launches):
+    arrivals = torch.zeros(8, dtype=torch.int32)
+    arrivals[3] = 2
+    with pytest.raises(ValueError, match="split_arrivals: expected zeros .*, got 1 nonzero entries"):
+        ops.grouped_l1(**good_l1_args(), split_sums=torch.zeros(64), split_arrivals=arrivals, check=True)
+    assert launches == []
+
+
+@pytest.mark.parametrize("name,bad", [("x_gs", torch.tensor([float("nan")])), ("w13_alpha", -torch.ones(E, 2))])
+def test_checked_l1_rejects_a_scale_that_is_not_finite_and_positive(launches, name, bad):
+    with pytest.raises(ValueError, match=f"{name}: expected a finite positive scale"):
+        ops.grouped_l1(**{**good_l1_args(), name: bad}, check=True)
+    assert launches == []
+
+
+def test_unchecked_l1_trusts_the_offsets(launches):
+    ops.grouped_l1(**{**good_l1_args(), "offsets": offsets_of(9, 9, 9, 9)})
+    assert launches == ["grouped_l1"]
+
+
+def test_checked_l2_rejects_offsets_past_the_activation_rows(launches):
+    with pytest.raises(ValueError, match=r"offsets: .* at most 10 slots in all\), got offsets\[4\] = 12"):
+        ops.grouped_l2(torch.zeros(E, H, I // 2, dtype=torch.uint8),
+                       torch.zeros(E, H, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),
+                       torch.zeros(10, I, dtype=torch.bfloat16), None, offsets_of(3, 3, 3, 3), torch.zeros(10, H),
+                       check=True)
+    assert launches == []
+
+
+def test_checked_requant_rejects_decreasing_offsets(launches):
+    with pytest.raises(ValueError, match=r"offsets: .* got offsets\[3\] = 1 after offsets\[2\] = 4"):
+        ops.requant_dynamic(torch.zeros(6, I), torch.tensor([0, 2, 4, 1, 6], dtype=torch.int32),
+                            torch.zeros(E, dtype=torch.int32), torch.zeros(6, I // 2, dtype=torch.uint8),
+                            torch.zeros(6, I // 16, dtype=torch.uint8), torch.zeros(6, I, dtype=torch.bfloat16),
+                            torch.zeros(E), check=True)
+    assert launches == []
+
+
+@pytest.mark.parametrize("bad", [-2, T * K])
+def test_checked_combine_rejects_a_pair_slot_outside_the_slots(launches, bad):
+    pair_slot = torch.full((T * K,), -1, dtype=torch.int32)
+    pair_slot[4] = bad
+    with pytest.raises(ValueError, match=rf"pair_slot: expected slots \(or -1\) in \[-1, 10\), got values in "
+                                         rf"\[{min(bad, -1)}, {max(bad, -1)}\]"):
+        ops.combine(torch.zeros(T * K, H), pair_slot, torch.zeros(T, K), torch.zeros(T, H), check=True)
+    assert launches == []
+
+
+def test_checked_combine_takes_pairs_of_other_ranks(launches):
+    pair_slot = torch.arange(T * K, dtype=torch.int32)
+    pair_slot[::3] = -1
+    ops.combine(torch.zeros(T * K, H), pair_slot, torch.zeros(T, K), torch.zeros(T, H), check=True)
+    assert launches == ["moe_combine"]
+
+
 def l2_with_tiles(hidden: int, block_n: int, block_m: int) -> None:
     ops.grouped_l2(torch.zeros(E, hidden, I // 2, dtype=torch.uint8),
                    torch.zeros(E, hidden, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),

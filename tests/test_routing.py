@@ -87,7 +87,7 @@ def test_router_rejects_token_ids_outside_the_vocabulary():
 
 
 def test_router_rejects_a_hash_table_with_expert_ids_out_of_range():
-    with pytest.raises(ValueError, match=r"router tid2eid: expected expert ids in \[0, 8\), got \[8, 8\]"):
+    with pytest.raises(ValueError, match=r"router tid2eid: expected expert ids in \[0, 8\), got values in \[8, 8\]"):
         Router(_cfg(), torch.randn(8, 64), tid2eid=torch.full((10, 2), 8, dtype=torch.int32))
 
 

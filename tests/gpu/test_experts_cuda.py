@@ -195,6 +195,40 @@ def test_moe_align_check_rejects_ids_out_of_range(gen):
         ops.moe_align(idx, 8, 0, *bufs, check=True)
 
 
+def test_checked_ops_take_moe_aligns_metadata_and_give_the_unchecked_bits(gen):
+    """check=True reads the device metadata on the host: real metadata passes, and the outputs are the bits an
+    unchecked call writes."""
+    e, h, i, t, k = 8, 256, 128, 37, 4
+    weights, x, idx, w = uneven_case(W4A16, e, h, i, t, k, gen)
+    kw, slots = tiled(weights), map_slots(idx, e, 0)
+    pair_slot = pair_slots(slots)
+    outs = []
+    for check in (False, True):
+        hb = torch.full((t * k, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+        y = torch.full((t * k, h), float("nan"), device=DEV)
+        out = torch.full((t, h), float("nan"), device=DEV)
+        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, k, "bf16",
+                       swiglu_limit=10.0, h_bf16=hb, check=check)
+        ops.grouped_l2(kw.w2, kw.w2_scale, kw.w2_alpha, hb, None, slots.offsets, y, check=check)
+        ops.combine(y, pair_slot, w, out, check=check)
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_checked_l1_refuses_offsets_past_its_slots_before_writing_anything(gen):
+    e, h, i, t, k = 8, 256, 128, 5, 2
+    weights, x, idx, _ = uneven_case(W4A16, e, h, i, t, k, gen)
+    kw, slots = tiled(weights), map_slots(idx, e, 0)
+    offsets = slots.offsets.clone()
+    offsets[-1] = t * k + 64  # a slot count the outputs do not reserve
+    hb = torch.full((t * k, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match=rf"offsets: .* got offsets\[{e}\] = {t * k + 64}"):
+        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, offsets, slots.slot_pair, k, "bf16",
+                       swiglu_limit=10.0, h_bf16=hb, check=True)
+    torch.cuda.synchronize()
+    assert torch.isnan(hb).all()
+
+
 # ---- combine ----
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
