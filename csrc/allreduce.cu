@@ -11,6 +11,10 @@
 // call, so flags are never reset between calls (a CUDA graph replays the same kernel with no host input).
 // A waiting thread gives up after timeout_ns (%globaltimer), records the missing peer in host-mapped
 // status words and the CTA exits; the Python wrapper turns that into an error naming the peer.
+// Agreement: at a kernel's first barrier every rank also leaves its call's tag (the collective and its sizes) with
+// each peer and compares theirs with its own. Ranks asked for different things (another token count, another
+// collective) would move bytes to and from the wrong places; instead every CTA of every rank sees the disagreement,
+// records the peers in the status words, moves nothing and still takes one more barrier, so the epochs stay in step.
 #include <cuda_bf16.h>
 #include <pybind11/stl.h>
 
@@ -39,8 +43,15 @@ struct Args {
   int world;
   int64_t n_vec;  // 16-byte vectors in the tensor
   unsigned long long timeout_ns;
-  int* status;  // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer
+  uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call
+  // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks + peer] = 1
+  // for each peer whose tag differed
+  int* status;
 };
+constexpr int kStatusWords = 1 + 2 * kMaxRanks;
+
+// A barrier's outcome; a CTA that timed out exits, one that disagreed skips its data movement.
+enum : int { kPassed = 0, kDisagreed = 1, kTimedOut = 2 };
 
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
@@ -56,31 +67,46 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   return v;
 }
 
+__device__ void record_failure(const Args& a, int word, int phase) {
+  volatile int* st = a.status;
+  st[word] = 1;
+  st[0] = phase + 1;
+  __threadfence_system();
+}
+
 // Barrier among the CTAs with index `slot` on all ranks. Thread t < world signals peer t and waits for it.
 // The __syncthreads before the release store orders every thread's earlier reads and writes (including
 // stores into peers' memory) before the signal; the one after the acquire load orders every later access.
-__device__ bool cta_barrier(const Args& a, int slot, uint32_t epoch, int phase) {
-  __shared__ int failed;
-  if (threadIdx.x == 0) failed = 0;
+// With `agree`, thread t first leaves the call's tag with peer t (the release store publishes it) and, once t has
+// signalled, compares t's tag with its own. The tag is read before this CTA signals its next barrier, and a peer
+// rewrites it only after passing that barrier: so only a kernel's first barrier agrees, and only in kernels with a
+// barrier after it (not the standalone barrier).
+__device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, bool agree = false) {
+  __shared__ int outcome;
+  if (threadIdx.x == 0) outcome = kPassed;
   __syncthreads();
   const int t = threadIdx.x;
   if (t < a.world) {
+    if (agree) *tag_ptr(a.sig[t], slot, a.rank) = a.tag;
     st_release_sys(flag_ptr(a.sig[t], slot, a.rank), epoch);
     const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
     const unsigned long long start = global_ns();
+    int seen = kPassed;
     while (static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0) {
       if (global_ns() - start > a.timeout_ns) {
-        volatile int* st = a.status;
-        st[1 + t] = 1;
-        st[0] = phase + 1;
-        __threadfence_system();
-        failed = 1;
+        record_failure(a, 1 + t, phase);
+        seen = kTimedOut;
         break;
       }
     }
+    if (agree && seen == kPassed && *reinterpret_cast<volatile uint32_t*>(tag_ptr(a.sig[a.rank], slot, t)) != a.tag) {
+      record_failure(a, 1 + kMaxRanks + t, phase);
+      seen = kDisagreed;
+    }
+    if (seen != kPassed) atomicMax(&outcome, seen);
   }
   __syncthreads();
-  return failed == 0;
+  return outcome;
 }
 
 // Epoch bookkeeping: the previous call's last epoch for this CTA slot, read once, advanced once.
@@ -153,21 +179,24 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Args a) {
   const uint32_t e0 = load_epoch(a, slot);
   const int64_t stride = (int64_t)gridDim.x * kThreads;
   const int64_t per_round = stride * kOneShotVecsPerThread;
-  const int64_t rounds = (a.n_vec + per_round - 1) / per_round;
   uint32_t e = e0 + 1;
-  if (!cta_barrier(a, slot, e, 0)) return;  // every peer's input is complete
+  const int first = cta_barrier(a, slot, e, 0, true);  // every peer's input is complete
+  if (first == kTimedOut) return;
+  const int64_t rounds = first == kPassed ? (a.n_vec + per_round - 1) / per_round : 0;  // none where ranks disagree
   for (int64_t r = 0; r < rounds; ++r) {
     uint4 out[kOneShotVecsPerThread];
-    const int64_t first = r * per_round + (int64_t)blockIdx.x * kThreads + threadIdx.x;
+    const int64_t i0 = r * per_round + (int64_t)blockIdx.x * kThreads + threadIdx.x;
 #pragma unroll
     for (int k = 0; k < kOneShotVecsPerThread; ++k)
-      if (first + k * stride < a.n_vec) out[k] = reduce_vec<T>(a, first + k * stride);
-    if (!cta_barrier(a, slot, ++e, 1)) return;  // every peer has read this round's elements of mine
+      if (i0 + k * stride < a.n_vec) out[k] = reduce_vec<T>(a, i0 + k * stride);
+    if (cta_barrier(a, slot, ++e, 1) != kPassed) return;  // every peer has read this round's elements of mine
     uint4* own = reinterpret_cast<uint4*>(a.data[a.rank]);
 #pragma unroll
     for (int k = 0; k < kOneShotVecsPerThread; ++k)
-      if (first + k * stride < a.n_vec) own[first + k * stride] = out[k];
+      if (i0 + k * stride < a.n_vec) own[i0 + k * stride] = out[k];
   }
+  // Ranks that disagreed all take one more barrier instead of the rounds' (each saw a tag unlike its own).
+  if (first == kDisagreed && cta_barrier(a, slot, ++e, 1) != kPassed) return;
   store_epoch(a, slot, e);
 }
 
@@ -182,8 +211,10 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   const int64_t chunk = (a.n_vec + a.world - 1) / a.world;
   const int64_t begin = chunk * a.rank;
   const int64_t end = min(a.n_vec, begin + chunk);
-  if (!cta_barrier(a, slot, e0 + 1, 0)) return;
-  for (int64_t i = begin + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < end; i += (int64_t)gridDim.x * kThreads) {
+  const int first = cta_barrier(a, slot, e0 + 1, 0, true);
+  if (first == kTimedOut) return;
+  const int64_t last = first == kPassed ? end : begin;  // nothing to move where the ranks disagree
+  for (int64_t i = begin + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < last; i += (int64_t)gridDim.x * kThreads) {
     const uint4 sum = reduce_vec<T>(a, i);
 #pragma unroll
     for (int k = 0; k < kMaxRanks; ++k) {
@@ -192,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
       if (k < a.world) reinterpret_cast<uint4*>(a.data[q])[i] = sum;
     }
   }
-  if (!cta_barrier(a, slot, e0 + 2, 2)) return;
+  if (cta_barrier(a, slot, e0 + 2, 2) != kPassed) return;
   store_epoch(a, slot, e0 + 2);
 }
 
@@ -204,10 +235,12 @@ __global__ void __launch_bounds__(kThreads) reduce_scatter_kernel(Args a, uint4*
   const int slot = blockIdx.x;
   const uint32_t e0 = load_epoch(a, slot);
   const int64_t chunk = a.n_vec / a.world;
-  if (!cta_barrier(a, slot, e0 + 1, 4)) return;
-  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < chunk; i += (int64_t)gridDim.x * kThreads)
+  const int first = cta_barrier(a, slot, e0 + 1, 4, true);
+  if (first == kTimedOut) return;
+  const int64_t last = first == kPassed ? chunk : 0;  // nothing to move where the ranks disagree
+  for (int64_t i = (int64_t)blockIdx.x * kThreads + threadIdx.x; i < last; i += (int64_t)gridDim.x * kThreads)
     out[i] = reduce_vec<T>(a, chunk * a.rank + i);
-  if (!cta_barrier(a, slot, e0 + 2, 4)) return;
+  if (cta_barrier(a, slot, e0 + 2, 4) != kPassed) return;
   store_epoch(a, slot, e0 + 2);
 }
 
@@ -239,23 +272,32 @@ __device__ void push_chunk(const Args& a, const V* src, int64_t dst_offset, int6
 __global__ void __launch_bounds__(kThreads) all_gather_kernel(Args a, Segments s) {
   const int slot = blockIdx.x;
   const uint32_t e0 = load_epoch(a, slot);
-  if (!cta_barrier(a, slot, e0 + 1, 5)) return;
-  for (int g = 0; g < s.count; ++g) {
+  const int first = cta_barrier(a, slot, e0 + 1, 5, true);
+  if (first == kTimedOut) return;
+  for (int g = 0; g < (first == kPassed ? s.count : 0); ++g) {  // nothing to move where the ranks disagree
     if (s.vec16[g]) push_chunk(a, reinterpret_cast<const uint4*>(s.src[g]), s.dst_offset[g], s.units[g]);
     else push_chunk(a, reinterpret_cast<const uint32_t*>(s.src[g]), s.dst_offset[g], s.units[g]);
   }
-  if (!cta_barrier(a, slot, e0 + 2, 5)) return;
+  if (cta_barrier(a, slot, e0 + 2, 5) != kPassed) return;
   store_epoch(a, slot, e0 + 2);
 }
 
 __global__ void barrier_kernel(Args a) {
   const uint32_t e = load_epoch(a, kBarrierSlot) + 1;
-  if (!cta_barrier(a, kBarrierSlot, e, 3)) return;
+  if (cta_barrier(a, kBarrierSlot, e, 3) != kPassed) return;
   store_epoch(a, kBarrierSlot, e);
 }
 
+// FNV-1a over a call's defining numbers (the collective's code first): equal calls give equal tags on every rank.
+uint32_t call_tag(const std::vector<int64_t>& words) {
+  uint32_t h = 2166136261u;
+  for (const int64_t w : words)
+    for (int b = 0; b < 8; ++b) h = (h ^ static_cast<uint8_t>(static_cast<uint64_t>(w) >> (8 * b))) * 16777619u;
+  return h;
+}
+
 Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
-               int64_t n_vec, double timeout_s, std::uintptr_t status) {
+               int64_t n_vec, double timeout_s, std::uintptr_t status, uint32_t tag) {
   const int world = (int)sig.size();
   EP_REQUIRE(world >= 1 && world <= kMaxRanks, "allreduce: world size must be in [1, 8]");
   EP_REQUIRE(data.empty() || (int)data.size() == world, "allreduce: need one data pointer per rank");
@@ -275,6 +317,7 @@ Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::u
   a.world = world;
   a.n_vec = n_vec;
   a.timeout_ns = (unsigned long long)(timeout_s * 1e9);
+  a.tag = tag;
   a.status = ep::as_ptr<int>(status);
   return a;
 }
@@ -293,7 +336,7 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   EP_REQUIRE(nbytes % 16 == 0, "allreduce: nbytes must be a multiple of 16");
   EP_REQUIRE(dtype == 0 || dtype == 1, "allreduce: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(algo == 0 || algo == 1, "allreduce: algo code must be 0 (one-shot) or 1 (two-shot)");
-  const Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
+  const Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status, call_tag({1, nbytes, dtype, algo}));
   if (a.n_vec == 0 || a.world == 1) return;
   const int grid = grid_for(algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world, max_ctas);
   const cudaStream_t s = ep::as_stream(stream);
@@ -315,7 +358,8 @@ void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<s
   EP_REQUIRE(chunk_bytes % 16 == 0, "reduce_scatter: chunk_bytes must be a multiple of 16");
   EP_REQUIRE(dtype == 0 || dtype == 1, "reduce_scatter: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(out % 16 == 0, "reduce_scatter: out must be 16-byte aligned");
-  const Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
+  const Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status,
+                           call_tag({2, chunk_bytes, dtype}));
   if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   const int grid = grid_for(chunk_bytes / 16, max_ctas);
   uint4* o = ep::as_ptr<uint4>(out);
@@ -334,7 +378,10 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
   EP_REQUIRE(n <= kMaxSegments, "all_gather: at most 4 segments per call");
   EP_REQUIRE((int)dst_offset.size() == n && (int)chunk_bytes.size() == n,
              "all_gather: one offset and size per segment");
-  const Args a = make_args(base, sig, rank, 0, timeout_s, status);
+  std::vector<int64_t> words = {3, n};
+  words.insert(words.end(), dst_offset.begin(), dst_offset.end());
+  words.insert(words.end(), chunk_bytes.begin(), chunk_bytes.end());
+  const Args a = make_args(base, sig, rank, 0, timeout_s, status, call_tag(words));
   Segments s{};
   s.count = n;
   int64_t work = 0;  // in 16-byte vectors whatever the copy's unit, so that every rank launches the same grid
@@ -357,7 +404,7 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
 
 void device_barrier(const std::vector<std::uintptr_t>& sig, int rank, double timeout_s, std::uintptr_t status,
                     std::uintptr_t stream) {
-  const Args a = make_args({}, sig, rank, 0, timeout_s, status);
+  const Args a = make_args({}, sig, rank, 0, timeout_s, status, 0);  // one barrier: no agreement (cta_barrier)
   barrier_kernel<<<1, 32, 0, ep::as_stream(stream)>>>(a);
   EP_CHECK_LAUNCH();
 }
@@ -379,7 +426,7 @@ void host_status_free(std::uintptr_t host) { EP_CUDA_CHECK(cudaFreeHost(reinterp
 void bind_allreduce(pybind11::module_& m) {
   m.def("allreduce_signal_bytes", [] { return kSignalBytes; });
   m.def("allreduce_max_ranks", [] { return kMaxRanks; });
-  m.def("allreduce_status_words", [] { return 1 + kMaxRanks; });
+  m.def("allreduce_status_words", [] { return kStatusWords; });
   m.def("all_reduce", &all_reduce, "in-place sum all-reduce over peer pointers (see csrc/allreduce.cu)",
         pybind11::arg("data"), pybind11::arg("sig"), pybind11::arg("rank"), pybind11::arg("nbytes"),
         pybind11::arg("dtype"), pybind11::arg("algo"), pybind11::arg("timeout_s"), pybind11::arg("status"),

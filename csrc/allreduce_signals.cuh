@@ -1,5 +1,6 @@
 // Layout of the signal block each rank keeps in its symmetric arena for the all-reduce kernels.
-// flags[slot][src]: written by rank src (remote store), read by the owner; epochs[slot]: the owner's own
+// flags[slot][src]: written by rank src (remote store), read by the owner; tags[slot][src]: what rank src was asked to
+// do in its current call (the collective and its sizes), left there before its flag; epochs[slot]: the owner's own
 // last epoch for that CTA slot. Slots 0..kMaxCtas-1 belong to all-reduce CTAs, kBarrierSlot to the
 // standalone barrier. The whole block must be zero before first use.
 #pragma once
@@ -12,13 +13,17 @@ constexpr int kMaxCtas = 256;
 constexpr int kBarrierSlot = kMaxCtas;
 constexpr int kSlots = kMaxCtas + 1;
 constexpr int64_t kFlagsBytes = int64_t(kSlots) * kMaxRanks * 4;
-constexpr int64_t kSignalBytes = (kFlagsBytes + int64_t(kSlots) * 4 + 255) / 256 * 256;
+constexpr int64_t kTagsBytes = kFlagsBytes;
+constexpr int64_t kSignalBytes = (kFlagsBytes + kTagsBytes + int64_t(kSlots) * 4 + 255) / 256 * 256;
 
 __host__ __device__ inline uint32_t* flag_ptr(std::uintptr_t sig, int slot, int src) {
   return reinterpret_cast<uint32_t*>(sig) + slot * kMaxRanks + src;
 }
+__host__ __device__ inline uint32_t* tag_ptr(std::uintptr_t sig, int slot, int src) {
+  return reinterpret_cast<uint32_t*>(sig + kFlagsBytes) + slot * kMaxRanks + src;
+}
 __host__ __device__ inline uint32_t* epoch_ptr(std::uintptr_t sig, int slot) {
-  return reinterpret_cast<uint32_t*>(sig + kFlagsBytes) + slot;
+  return reinterpret_cast<uint32_t*>(sig + kFlagsBytes + kTagsBytes) + slot;
 }
 
 }  // namespace ep::allreduce

@@ -10,6 +10,9 @@ The kernels synchronize through signal words in symmetric memory and give up aft
 write the missing peers into host-mapped status words, which this module turns into a CommTimeoutError
 naming them: at once with `check=True` (which syncs), otherwise on the next call. After a timeout the
 ranks' signal epochs disagree, so every rank must call the owner's `reset_signals()` before the next call.
+At their first barrier the ranks also compare what each was asked to do (the collective, its sizes, dtype and
+algorithm): where a rank's call differs, as with token counts that differ between ranks, every rank moves nothing
+and reports a CommMismatchError naming the ranks whose call differed from its own, the same way.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import MAX_TIMEOUT_S
-from .dist_utils import CommTimeoutError
+from .dist_utils import CommMismatchError, CommTimeoutError
 from .ops import check_same_device, check_tensor, define_op, launch
 
 ALGOS = ("auto", "oneshot", "twoshot")
@@ -161,12 +164,21 @@ class SymmAllReduce:
         st = self.status.read()
         if st[0] == 0:
             return
+        per_peer = (len(st) - 1) // 2  # [0] phase + 1, then a word per possible peer: missing, then disagreed
         missing = [q for q in range(self.world_size) if st[1 + q]]
+        disagreed = [q for q in range(self.world_size) if st[1 + per_peer + q]]
         phase = _PHASES[st[0] - 1] if 0 < st[0] <= len(_PHASES) else f"phase {st[0] - 1}"
+        reset = "every rank must call reset_signals() before the next collective"
+        if disagreed:
+            also = f", and rank(s) {missing} did not come within {self.timeout_s:g}s" if missing else ""
+            what = "all-reduce" if st[0] == 1 else phase  # the ranks compare their calls at a first barrier
+            raise CommMismatchError(
+                f"rank {self.rank}: symmetric-memory {what}: rank(s) {disagreed} of {self.world_size} were asked for "
+                f"another collective or other sizes than this rank (token counts must be the same on every rank), "
+                f"so it moved no data{also}; {reset}", self.rank, disagreed, missing)
         raise CommTimeoutError(
             f"rank {self.rank}: symmetric-memory {phase} timed out after {self.timeout_s:g}s waiting for "
-            f"rank(s) {missing} of {self.world_size}; every rank must call reset_signals() before the next "
-            f"collective", self.rank, missing)
+            f"rank(s) {missing} of {self.world_size}; {reset}", self.rank, missing)
 
     def __call__(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
         """Sum t over the ranks, in place, on the current stream; returns t."""

@@ -22,6 +22,16 @@ class CommTimeoutError(TimeoutError):
         self.rank, self.missing = rank, missing
 
 
+class CommMismatchError(RuntimeError):
+    """Ranks met in a collective that they were asked to run differently (another collective, other sizes: a token
+    count that differs between ranks); `disagreed` lists the ranks whose call differed from this rank's, `missing`
+    any that never arrived besides."""
+
+    def __init__(self, message: str, rank: int, disagreed: list[int], missing: list[int]):
+        super().__init__(message)
+        self.rank, self.disagreed, self.missing = rank, disagreed, missing
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -457,8 +457,9 @@ class CapturedLayer:
     def replay(self) -> torch.Tensor:
         """Replays the captured forward (asynchronously, as graph replays are). A replay's P2P collective that timed
         out waiting for a peer cannot raise from the GPU, and its output is invalid: the first replay called after it
-        completed (after a sync, or after the timeout has passed) raises a CommTimeoutError naming the peer; every
-        rank must then call its P2P buffer backend's reset_signals()."""
+        completed (after a sync, or after the timeout has passed) raises a CommTimeoutError naming the peer (a
+        CommMismatchError where the ranks' calls differed: another token count); every rank must then call its P2P
+        buffer backend's reset_signals()."""
         self.moe.buffer.backend.raise_if_failed()
         self.graph.replay()
         return self.out

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ep_runtime.allreduce import CommTimeoutError, SymmAllReduce
+from ep_runtime.dist_utils import CommMismatchError
 from ep_runtime.ops import extension_available
 from ep_runtime.symm import region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
@@ -410,3 +411,86 @@ def test_emulated_absent_rank_is_named_by_the_token_mode_collectives(op: str, ge
                                                    rf"for rank\(s\) \[2\]"):
             group.comms[r].raise_if_failed()
     assert elapsed < 6.0
+
+
+# ---- ranks asked for different things: nothing moves, every rank names the others ----
+# Sizes large enough that every rank's grid is the cap (8 CTAs), so that the ranks' CTAs pair up and agree on nothing
+# but the tags; with grids of other sizes the extra CTAs would also time out waiting for their missing partners.
+
+def _different_sizes(op: str, group: _EmulatedGroup, gen: torch.Generator) -> tuple:
+    """Rank 1 is asked for 64 more elements (one more token row in the all-gather) than rank 0: (call, data, want),
+    data being the tensors that must come out untouched and want their contents before the call."""
+    world = group.world
+    if op in ("oneshot", "twoshot"):
+        inputs = [_emulated_inputs(world, 16 * 7168 + 64 * r, torch.bfloat16, gen)[r] for r in range(world)]
+        bufs = [group.buf(r, x.numel(), x.dtype).copy_(x) for r, x in enumerate(inputs)]
+        return (lambda r: group.comms[r](bufs[r], algo=op)), bufs, [x.clone() for x in inputs]
+    if op == "reduce_scatter":
+        chunks = [8 * 7168 + 64 * r for r in range(world)]
+        bufs = [group.buf(r, world * c, torch.bfloat16).copy_(_emulated_inputs(world, world * c, torch.bfloat16,
+                                                                                gen)[r]) for r, c in enumerate(chunks)]
+        outs = [torch.full((c,), float("nan"), dtype=torch.bfloat16, device="cuda") for c in chunks]
+        return (lambda r: group.comms[r].reduce_scatter(bufs[r], outs[r])), bufs + outs, [t.clone() for t in bufs + outs]
+    rows = [33 + r for r in range(world)]
+    inps = [torch.randint(0, 256, (n, 3584), dtype=torch.uint8, device="cuda") for n in rows]
+    outs = [group.buf(r, world * n * 3584, torch.uint8).view(world * n, 3584).fill_(0x5A) for r, n in enumerate(rows)]
+    return (lambda r: group.comms[r].all_gather([outs[r]], [inps[r]])), outs, [t.clone() for t in outs]
+
+
+@emulated
+@pytest.mark.parametrize("op", ["oneshot", "twoshot", "reduce_scatter", "all_gather"])
+def test_emulated_ranks_asked_for_other_sizes_move_nothing_and_name_each_other(op: str, gen: torch.Generator) -> None:
+    group = _EmulatedGroup(2, 4 << 20, timeout_s=5.0)
+    call, data, want = _different_sizes(op, group, gen)
+    start = time.monotonic()
+    _on_every_rank(group, call)
+    assert time.monotonic() - start < 5.0  # no rank waited for a missing CTA
+    for r in range(2):
+        with pytest.raises(CommMismatchError, match=rf"rank {r}: symmetric-memory .*: rank\(s\) \[{1 - r}\] of 2 were "
+                                                    r"asked for another collective or other sizes .* moved no data"):
+            group.comms[r].raise_if_failed()
+    for t, before in zip(data, want):
+        assert torch.equal(t.view(torch.uint8), before.view(torch.uint8))
+
+
+@emulated
+def test_emulated_ranks_running_different_collectives_at_once_name_each_other(gen: torch.Generator) -> None:
+    group = _EmulatedGroup(2, 4 << 20, timeout_s=5.0)
+    buf0 = group.buf(0, 16 * 7168, torch.bfloat16).copy_(_emulated_inputs(1, 16 * 7168, torch.bfloat16, gen)[0])
+    buf1 = group.buf(1, 16 * 7168, torch.bfloat16).copy_(_emulated_inputs(1, 16 * 7168, torch.bfloat16, gen)[0])
+    out1 = torch.full((8 * 7168,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    before = [buf0.clone(), buf1.clone()]
+    _on_every_rank(group, lambda r: group.comms[0](buf0, algo="twoshot") if r == 0 else
+                   group.comms[1].reduce_scatter(buf1, out1))
+    with pytest.raises(CommMismatchError, match=r"rank 0: symmetric-memory all-reduce: rank\(s\) \[1\]"):
+        group.comms[0].raise_if_failed()
+    with pytest.raises(CommMismatchError, match=r"rank 1: symmetric-memory reduce-scatter: rank\(s\) \[0\]"):
+        group.comms[1].raise_if_failed()
+    assert torch.equal(buf0, before[0]) and torch.equal(buf1, before[1]) and torch.isnan(out1).all()
+
+
+@emulated
+@pytest.mark.parametrize("op", ["oneshot", "all_gather"])
+def test_emulated_ranks_that_disagreed_stay_in_step_for_the_next_call(op: str, gen: torch.Generator) -> None:
+    """Every rank takes the same barriers after disagreeing, so once the reports are read (the status words cleared,
+    the signals left as they are) a sound call gives exact results."""
+    world = 2
+    group = _EmulatedGroup(world, 4 << 20, timeout_s=5.0)
+    _on_every_rank(group, _different_sizes(op, group, gen)[0])
+    for c in group.comms:
+        with pytest.raises(CommMismatchError):
+            c.raise_if_failed()
+        c.status.clear()
+    if op == "oneshot":
+        inputs = _emulated_inputs(world, 16 * 7168, torch.bfloat16, gen)
+        outs = group.all_reduce(inputs, op)
+        for r in range(world):
+            group.comms[r].raise_if_failed()
+            assert torch.equal(_bits(outs[r]), _bits(_ascending_sum(inputs))), f"rank {r} differs"
+        return
+    inps = [torch.randint(0, 256, (33, 3584), dtype=torch.uint8, device="cuda") for _ in range(world)]
+    outs = [group.buf(r, world * 33 * 3584, torch.uint8).view(world * 33, 3584).fill_(0x5A) for r in range(world)]
+    _on_every_rank(group, lambda r: group.comms[r].all_gather([outs[r]], [inps[r]]))
+    for r in range(world):
+        group.comms[r].raise_if_failed()
+        assert torch.equal(outs[r], torch.cat(inps)), f"rank {r} differs"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ep_runtime.config import Config, load_config
-from ep_runtime.dist_utils import CommTimeoutError, init_process_group, spawn_local
+from ep_runtime.dist_utils import CommMismatchError, CommTimeoutError, init_process_group, spawn_local
 from ep_runtime.moe import EPMoE
 
 from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module
@@ -107,3 +107,30 @@ def test_a_replay_whose_collective_timed_out_is_reported_by_the_next_replay_afte
     spawn_local(_absent_peer_worker, 2, int(torch.seed() % 2**30), str(tmp_path))
     msg = (tmp_path / "rank0.txt").read_text()
     assert msg.startswith("rank 0: symmetric-memory ") and "timed out after 1s waiting for rank(s) [1] of 2" in msg, msg
+
+
+def _unequal_counts_worker(rank, world, seed, out_dir):
+    os.environ["EP_SYMM_TIMEOUT_S"] = "5"  # where the ranks' grids differ, the CTAs without a partner wait this long
+    init_process_group(torch.device("cpu"), 60)
+    device = torch.device("cuda", 0)
+    cfg = _cfg("mid-2-ranks", "dp", seed, "ipc")
+    moe = EPMoE.from_synthetic(cfg, cfg.runtime.layer, rank, world, device=device)
+    x = _rank_inputs(cfg, seed, rank, device)[: 4 + rank]  # 4 tokens on rank 0, 5 on rank 1
+    try:  # a rank whose gather has ended by the time its forward reaches the reduce-scatter raises there
+        moe(x, check=False)  # unchecked, so nothing compares the counts on the host
+        torch.cuda.synchronize()
+        moe.buffer.backend.raise_if_failed()
+        msg = "no error"
+    except CommMismatchError as e:
+        msg = str(e)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_unchecked_dp_forwards_of_unequal_token_counts_are_reported_naming_the_other_rank(tmp_path):
+    """check=False in token mode 'dp' needs equal counts on every rank; the P2P gather and reduce-scatter compare the
+    ranks' calls, move nothing and report the rank whose count differed (before, they read and wrote wrong rows): in
+    the forward, or at the first check of the backend after it."""
+    spawn_local(_unequal_counts_worker, 2, int(torch.seed() % 2**30), str(tmp_path))
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert msg.startswith(f"rank {rank}: symmetric-memory ") and f"rank(s) [{1 - rank}] of 2 were asked" in msg, msg
