@@ -43,7 +43,7 @@ struct Args {
   int world;
   int64_t n_vec;  // 16-byte vectors in the tensor
   unsigned long long timeout_ns;
-  uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call
+  uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call; 0: unset
   // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks + peer] = 1
   // for each peer whose tag differed
   int* status;
@@ -81,17 +81,17 @@ __device__ void record_failure(const Args& a, int word, int phase) {
 // signalled, compares t's tag with its own. The tag is read before this CTA signals its next barrier, and a peer
 // rewrites it only after passing that barrier: so only a kernel's first barrier agrees, and only in kernels with a
 // barrier after it (not the standalone barrier).
+// The outcome is every thread's, from the barrier instruction itself (a word in shared memory would be reset by a thread
+// entering the next barrier while a slower warp had yet to read it).
 __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, bool agree = false) {
-  __shared__ int outcome;
-  if (threadIdx.x == 0) outcome = kPassed;
   __syncthreads();
   const int t = threadIdx.x;
+  int seen = kPassed;
   if (t < a.world) {
     if (agree) *tag_ptr(a.sig[t], slot, a.rank) = a.tag;
     st_release_sys(flag_ptr(a.sig[t], slot, a.rank), epoch);
     const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
     const unsigned long long start = global_ns();
-    int seen = kPassed;
     while (static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0) {
       if (global_ns() - start > a.timeout_ns) {
         record_failure(a, 1 + t, phase);
@@ -103,10 +103,9 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
       record_failure(a, 1 + kMaxRanks + t, phase);
       seen = kDisagreed;
     }
-    if (seen != kPassed) atomicMax(&outcome, seen);
   }
-  __syncthreads();
-  return outcome;
+  if (!__syncthreads_or(seen != kPassed)) return kPassed;
+  return __syncthreads_or(seen == kTimedOut) ? kTimedOut : kDisagreed;
 }
 
 // Epoch bookkeeping: the previous call's last epoch for this CTA slot, read once, advanced once.
@@ -288,7 +287,8 @@ __global__ void barrier_kernel(Args a) {
   store_epoch(a, kBarrierSlot, e);
 }
 
-// FNV-1a over a call's defining numbers (the collective's code first): equal calls give equal tags on every rank.
+// FNV-1a over a call's defining numbers (the collective's code first, then its grid, the offset of its tensor in the
+// symmetric arena, its sizes...): equal calls give equal tags on every rank.
 uint32_t call_tag(const std::vector<int64_t>& words) {
   uint32_t h = 2166136261u;
   for (const int64_t w : words)
@@ -296,8 +296,16 @@ uint32_t call_tag(const std::vector<int64_t>& words) {
   return h;
 }
 
+// Where the call's tensor lies in this rank's arena, as its distance from the rank's signal block (which every rank's
+// arena holds at the same offset): peers address the tensor at the same offset in theirs.
+int64_t arena_offset(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank) {
+  EP_REQUIRE(rank >= 0 && rank < (int)sig.size() && data.size() == sig.size(),
+             "allreduce: need a data and a signal pointer per rank, and a rank among them");
+  return static_cast<int64_t>(data[rank] - sig[rank]);
+}
+
 Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
-               int64_t n_vec, double timeout_s, std::uintptr_t status, uint32_t tag) {
+               int64_t n_vec, double timeout_s, std::uintptr_t status) {
   const int world = (int)sig.size();
   EP_REQUIRE(world >= 1 && world <= kMaxRanks, "allreduce: world size must be in [1, 8]");
   EP_REQUIRE(data.empty() || (int)data.size() == world, "allreduce: need one data pointer per rank");
@@ -317,7 +325,6 @@ Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::u
   a.world = world;
   a.n_vec = n_vec;
   a.timeout_ns = (unsigned long long)(timeout_s * 1e9);
-  a.tag = tag;
   a.status = ep::as_ptr<int>(status);
   return a;
 }
@@ -336,9 +343,10 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   EP_REQUIRE(nbytes % 16 == 0, "allreduce: nbytes must be a multiple of 16");
   EP_REQUIRE(dtype == 0 || dtype == 1, "allreduce: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(algo == 0 || algo == 1, "allreduce: algo code must be 0 (one-shot) or 1 (two-shot)");
-  const Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status, call_tag({1, nbytes, dtype, algo}));
-  if (a.n_vec == 0 || a.world == 1) return;
+  Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
   const int grid = grid_for(algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world, max_ctas);
+  a.tag = call_tag({1, grid, arena_offset(data, sig, rank), nbytes, dtype, algo});
+  if (a.n_vec == 0 || a.world == 1) return;
   const cudaStream_t s = ep::as_stream(stream);
   if (algo == 0) {
     if (dtype == 0) one_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
@@ -358,10 +366,10 @@ void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<s
   EP_REQUIRE(chunk_bytes % 16 == 0, "reduce_scatter: chunk_bytes must be a multiple of 16");
   EP_REQUIRE(dtype == 0 || dtype == 1, "reduce_scatter: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(out % 16 == 0, "reduce_scatter: out must be 16-byte aligned");
-  const Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status,
-                           call_tag({2, chunk_bytes, dtype}));
-  if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
+  Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
   const int grid = grid_for(chunk_bytes / 16, max_ctas);
+  a.tag = call_tag({2, grid, arena_offset(data, sig, rank), chunk_bytes, dtype});
+  if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   uint4* o = ep::as_ptr<uint4>(out);
   if (dtype == 0) reduce_scatter_kernel<__nv_bfloat16><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
   else reduce_scatter_kernel<float><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
@@ -378,10 +386,6 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
   EP_REQUIRE(n <= kMaxSegments, "all_gather: at most 4 segments per call");
   EP_REQUIRE((int)dst_offset.size() == n && (int)chunk_bytes.size() == n,
              "all_gather: one offset and size per segment");
-  std::vector<int64_t> words = {3, n};
-  words.insert(words.end(), dst_offset.begin(), dst_offset.end());
-  words.insert(words.end(), chunk_bytes.begin(), chunk_bytes.end());
-  const Args a = make_args(base, sig, rank, 0, timeout_s, status, call_tag(words));
   Segments s{};
   s.count = n;
   int64_t work = 0;  // in 16-byte vectors whatever the copy's unit, so that every rank launches the same grid
@@ -397,14 +401,20 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
     s.units[g] = chunk_bytes[g] / (s.vec16[g] ? 16 : 4);
     work = std::max(work, (chunk_bytes[g] + 15) / 16);
   }
+  Args a = make_args(base, sig, rank, 0, timeout_s, status);
+  const int grid = grid_for(work, max_ctas);
+  std::vector<int64_t> words = {3, grid, arena_offset(base, sig, rank), n};
+  words.insert(words.end(), dst_offset.begin(), dst_offset.end());
+  words.insert(words.end(), chunk_bytes.begin(), chunk_bytes.end());
+  a.tag = call_tag(words);
   if (work == 0) return;  // (one rank alone still copies its chunks: the kernel's barriers are with itself)
-  all_gather_kernel<<<grid_for(work, max_ctas), kThreads, 0, ep::as_stream(stream)>>>(a, s);
+  all_gather_kernel<<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, s);
   EP_CHECK_LAUNCH();
 }
 
 void device_barrier(const std::vector<std::uintptr_t>& sig, int rank, double timeout_s, std::uintptr_t status,
                     std::uintptr_t stream) {
-  const Args a = make_args({}, sig, rank, 0, timeout_s, status, 0);  // one barrier: no agreement (cta_barrier)
+  const Args a = make_args({}, sig, rank, 0, timeout_s, status);  // one barrier: no agreement (cta_barrier)
   barrier_kernel<<<1, 32, 0, ep::as_stream(stream)>>>(a);
   EP_CHECK_LAUNCH();
 }

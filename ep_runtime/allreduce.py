@@ -10,9 +10,10 @@ The kernels synchronize through signal words in symmetric memory and give up aft
 write the missing peers into host-mapped status words, which this module turns into a CommTimeoutError
 naming them: at once with `check=True` (which syncs), otherwise on the next call. After a timeout the
 ranks' signal epochs disagree, so every rank must call the owner's `reset_signals()` before the next call.
-At their first barrier the ranks also compare what each was asked to do (the collective, its sizes, dtype and
-algorithm): where a rank's call differs, as with token counts that differ between ranks, every rank moves nothing
-and reports a CommMismatchError naming the ranks whose call differed from its own, the same way.
+At their first barrier the ranks also compare what each was asked to do (the collective, its grid, its tensor's
+offset in the arena, sizes, dtype and algorithm): where a rank's call differs, as with token counts that differ
+between ranks, the CTAs that meet a peer's move nothing (any beyond a peer's smaller grid wait out the timeout), and
+the next check reports a CommMismatchError naming the ranks whose call differed from its own.
 """
 from __future__ import annotations
 
@@ -174,8 +175,8 @@ class SymmAllReduce:
             what = "all-reduce" if st[0] == 1 else phase  # the ranks compare their calls at a first barrier
             raise CommMismatchError(
                 f"rank {self.rank}: symmetric-memory {what}: rank(s) {disagreed} of {self.world_size} were asked for "
-                f"another collective or other sizes than this rank (token counts must be the same on every rank), "
-                f"so it moved no data{also}; {reset}", self.rank, disagreed, missing)
+                f"another collective, or for other sizes (a token count that differs between ranks), tensor, dtype or "
+                f"algorithm than this rank, so it moved no data{also}; {reset}", self.rank, disagreed, missing)
         raise CommTimeoutError(
             f"rank {self.rank}: symmetric-memory {phase} timed out after {self.timeout_s:g}s waiting for "
             f"rank(s) {missing} of {self.world_size}; {reset}", self.rank, missing)

@@ -14,7 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-class CommTimeoutError(TimeoutError):
+class CommError(Exception):
+    """A P2P collective failed on the GPU (which cannot raise): every rank must call its backend's reset_signals()
+    before the next collective. `rank` is this rank."""
+
+
+class CommTimeoutError(CommError, TimeoutError):
     """A barrier gave up waiting; `missing` lists the ranks that never arrived."""
 
     def __init__(self, message: str, rank: int, missing: list[int]):
@@ -22,10 +27,10 @@ class CommTimeoutError(TimeoutError):
         self.rank, self.missing = rank, missing
 
 
-class CommMismatchError(RuntimeError):
-    """Ranks met in a collective that they were asked to run differently (another collective, other sizes: a token
-    count that differs between ranks); `disagreed` lists the ranks whose call differed from this rank's, `missing`
-    any that never arrived besides."""
+class CommMismatchError(CommError, RuntimeError):
+    """Ranks met in a collective that they were asked to run differently (another collective, other sizes such as a
+    token count that differs between ranks, another tensor, dtype or algorithm); `disagreed` lists the ranks whose call
+    differed from this rank's, `missing` any that never arrived besides."""
 
     def __init__(self, message: str, rank: int, disagreed: list[int], missing: list[int]):
         super().__init__(message)

@@ -430,7 +430,8 @@ def _different_sizes(op: str, group: _EmulatedGroup, gen: torch.Generator) -> tu
         bufs = [group.buf(r, world * c, torch.bfloat16).copy_(_emulated_inputs(world, world * c, torch.bfloat16,
                                                                                 gen)[r]) for r, c in enumerate(chunks)]
         outs = [torch.full((c,), float("nan"), dtype=torch.bfloat16, device="cuda") for c in chunks]
-        return (lambda r: group.comms[r].reduce_scatter(bufs[r], outs[r])), bufs + outs, [t.clone() for t in bufs + outs]
+        data = bufs + outs
+        return (lambda r: group.comms[r].reduce_scatter(bufs[r], outs[r])), data, [t.clone() for t in data]
     rows = [33 + r for r in range(world)]
     inps = [torch.randint(0, 256, (n, 3584), dtype=torch.uint8, device="cuda") for n in rows]
     outs = [group.buf(r, world * n * 3584, torch.uint8).view(world * n, 3584).fill_(0x5A) for r, n in enumerate(rows)]
@@ -447,10 +448,24 @@ def test_emulated_ranks_asked_for_other_sizes_move_nothing_and_name_each_other(o
     assert time.monotonic() - start < 5.0  # no rank waited for a missing CTA
     for r in range(2):
         with pytest.raises(CommMismatchError, match=rf"rank {r}: symmetric-memory .*: rank\(s\) \[{1 - r}\] of 2 were "
-                                                    r"asked for another collective or other sizes .* moved no data"):
+                                                    r"asked for another collective, or for other sizes .* moved no data"):
             group.comms[r].raise_if_failed()
     for t, before in zip(data, want):
         assert torch.equal(t.view(torch.uint8), before.view(torch.uint8))
+
+
+def _sound_all_reduce_after_reading_the_reports(group: _EmulatedGroup, gen: torch.Generator) -> None:
+    """Every rank's report read and its status words cleared (the signals left as they are): a sound call must then
+    give the exact sum, which it does only if every rank took the same barriers in the call that failed."""
+    for c in group.comms:
+        with pytest.raises(CommMismatchError):
+            c.raise_if_failed()
+        c.status.clear()
+    inputs = _emulated_inputs(group.world, 16 * 7168, torch.bfloat16, gen)
+    outs = group.all_reduce(inputs, "twoshot")
+    for r, out in enumerate(outs):
+        group.comms[r].raise_if_failed()
+        assert torch.equal(_bits(out), _bits(_ascending_sum(inputs))), f"rank {r} differs"
 
 
 @emulated
@@ -470,27 +485,39 @@ def test_emulated_ranks_running_different_collectives_at_once_name_each_other(ge
 
 
 @emulated
-@pytest.mark.parametrize("op", ["oneshot", "all_gather"])
-def test_emulated_ranks_that_disagreed_stay_in_step_for_the_next_call(op: str, gen: torch.Generator) -> None:
-    """Every rank takes the same barriers after disagreeing, so once the reports are read (the status words cleared,
-    the signals left as they are) a sound call gives exact results."""
-    world = 2
-    group = _EmulatedGroup(world, 4 << 20, timeout_s=5.0)
-    _on_every_rank(group, _different_sizes(op, group, gen)[0])
-    for c in group.comms:
-        with pytest.raises(CommMismatchError):
-            c.raise_if_failed()
-        c.status.clear()
-    if op == "oneshot":
-        inputs = _emulated_inputs(world, 16 * 7168, torch.bfloat16, gen)
-        outs = group.all_reduce(inputs, op)
-        for r in range(world):
+def test_emulated_ranks_on_other_tensors_of_the_same_size_name_each_other(gen: torch.Generator) -> None:
+    """Peers address a tensor at this rank's offset in their arenas: the offsets must agree as well as the sizes."""
+    group = _EmulatedGroup(2, 4 << 20, timeout_s=5.0)
+    n = 16 * 7168
+    bufs = [group.arenas[r][2048 * r:2048 * r + 2 * n].view(torch.bfloat16) for r in range(2)]
+    for b, x in zip(bufs, _emulated_inputs(2, n, torch.bfloat16, gen)):
+        b.copy_(x)
+    before = [b.clone() for b in bufs]
+    _on_every_rank(group, lambda r: group.comms[r](bufs[r], algo="twoshot"))
+    for r in range(2):
+        with pytest.raises(CommMismatchError, match=rf"rank {r}: symmetric-memory all-reduce: rank\(s\) \[{1 - r}\]"):
             group.comms[r].raise_if_failed()
-            assert torch.equal(_bits(outs[r]), _bits(_ascending_sum(inputs))), f"rank {r} differs"
-        return
-    inps = [torch.randint(0, 256, (33, 3584), dtype=torch.uint8, device="cuda") for _ in range(world)]
-    outs = [group.buf(r, world * 33 * 3584, torch.uint8).view(world * 33, 3584).fill_(0x5A) for r in range(world)]
-    _on_every_rank(group, lambda r: group.comms[r].all_gather([outs[r]], [inps[r]]))
-    for r in range(world):
-        group.comms[r].raise_if_failed()
-        assert torch.equal(outs[r], torch.cat(inps)), f"rank {r} differs"
+        assert torch.equal(bufs[r], before[r])
+
+
+@emulated
+def test_emulated_ranks_that_disagreed_across_kernels_stay_in_step_for_the_next_call(gen: torch.Generator) -> None:
+    """A one-shot of three rounds (a barrier each when sound) against a two-shot and against a reduce-scatter: every
+    kernel takes the same two barriers after disagreeing."""
+    n = 40 * 7168  # 35840 vectors: three one-shot rounds of 8 CTAs x 512 threads x 4 vectors
+    for other in ("twoshot", "reduce_scatter"):
+        group = _EmulatedGroup(2, 4 << 20, timeout_s=5.0)
+        bufs = [group.buf(r, n, torch.bfloat16) for r in range(2)]
+        out1 = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda")
+        _on_every_rank(group, lambda r: group.comms[0](bufs[0], algo="oneshot") if r == 0 else
+                       group.comms[1](bufs[1], algo="twoshot") if other == "twoshot" else
+                       group.comms[1].reduce_scatter(bufs[1], out1))
+        _sound_all_reduce_after_reading_the_reports(group, gen)
+
+
+@emulated
+@pytest.mark.parametrize("op", ["oneshot", "twoshot", "reduce_scatter", "all_gather"])
+def test_emulated_ranks_that_disagreed_on_sizes_stay_in_step_for_the_next_call(op: str, gen: torch.Generator) -> None:
+    group = _EmulatedGroup(2, 4 << 20, timeout_s=5.0)
+    _on_every_rank(group, _different_sizes(op, group, gen)[0])
+    _sound_all_reduce_after_reading_the_reports(group, gen)
