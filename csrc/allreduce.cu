@@ -344,9 +344,9 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   EP_REQUIRE(dtype == 0 || dtype == 1, "allreduce: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(algo == 0 || algo == 1, "allreduce: algo code must be 0 (one-shot) or 1 (two-shot)");
   Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
+  if (a.n_vec == 0 || a.world == 1) return;
   const int grid = grid_for(algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world, max_ctas);
   a.tag = call_tag({1, grid, arena_offset(data, sig, rank), nbytes, dtype, algo});
-  if (a.n_vec == 0 || a.world == 1) return;
   const cudaStream_t s = ep::as_stream(stream);
   if (algo == 0) {
     if (dtype == 0) one_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
@@ -367,9 +367,9 @@ void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<s
   EP_REQUIRE(dtype == 0 || dtype == 1, "reduce_scatter: dtype code must be 0 (bf16) or 1 (fp32)");
   EP_REQUIRE(out % 16 == 0, "reduce_scatter: out must be 16-byte aligned");
   Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
+  if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   const int grid = grid_for(chunk_bytes / 16, max_ctas);
   a.tag = call_tag({2, grid, arena_offset(data, sig, rank), chunk_bytes, dtype});
-  if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   uint4* o = ep::as_ptr<uint4>(out);
   if (dtype == 0) reduce_scatter_kernel<__nv_bfloat16><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
   else reduce_scatter_kernel<float><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
@@ -402,12 +402,12 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
     work = std::max(work, (chunk_bytes[g] + 15) / 16);
   }
   Args a = make_args(base, sig, rank, 0, timeout_s, status);
+  if (work == 0) return;  // (one rank alone still copies its chunks: the kernel's barriers are with itself)
   const int grid = grid_for(work, max_ctas);
   std::vector<int64_t> words = {3, grid, arena_offset(base, sig, rank), n};
   words.insert(words.end(), dst_offset.begin(), dst_offset.end());
   words.insert(words.end(), chunk_bytes.begin(), chunk_bytes.end());
   a.tag = call_tag(words);
-  if (work == 0) return;  // (one rank alone still copies its chunks: the kernel's barriers are with itself)
   all_gather_kernel<<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, s);
   EP_CHECK_LAUNCH();
 }

@@ -26,6 +26,9 @@ class CommTimeoutError(CommError, TimeoutError):
         super().__init__(message)
         self.rank, self.missing = rank, missing
 
+    def __reduce__(self):  # pickle and copy rebuild it from these (the default passes the message alone)
+        return type(self), (self.args[0], self.rank, self.missing)
+
 
 class CommMismatchError(CommError, RuntimeError):
     """Ranks met in a collective that they were asked to run differently (another collective, other sizes such as a
@@ -35,6 +38,9 @@ class CommMismatchError(CommError, RuntimeError):
     def __init__(self, message: str, rank: int, disagreed: list[int], missing: list[int]):
         super().__init__(message)
         self.rank, self.disagreed, self.missing = rank, disagreed, missing
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.rank, self.disagreed, self.missing)
 
 
 def under_torchrun() -> bool:

@@ -24,6 +24,7 @@ from .dist_utils import check_same_on_every_rank, fallback_device, resolve_devic
 from .experts import Addend, ExpertSpec, expert_stage
 from .layer_op import moe_layer_op, register
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale, positive_scale
+from .ops import refuse_host_checks_while_capturing
 from .routing import Router
 from .sm90_layout import check_tileable, tile_
 from .scratch import LayerScratch, scratch_needs, shared_split, token_sources
@@ -235,7 +236,7 @@ class EPMoE(nn.Module):
         _check_forward_only(hidden)
         self.buffer.check_tokens(hidden.shape[0])
         if check:
-            _refuse_checks_while_capturing(hidden)
+            refuse_host_checks_while_capturing(hidden)
         if input_ids is not None and input_ids.device != self.device:
             raise ValueError(f"input_ids: expected device {self.device}, got {input_ids.device}")
 
@@ -249,7 +250,7 @@ class EPMoE(nn.Module):
         zeros (token id 0) to the largest count, as the gather needs the same count everywhere (their outputs are
         dropped); in replicated mode, whose ranks hold the same tokens, differing counts are an error (equal counts of
         different tokens go unnoticed). Returns the inputs and this rank's own token count."""
-        _refuse_checks_while_capturing(hidden)  # on every rank alike, before any collective
+        refuse_host_checks_while_capturing(hidden)  # on every rank alike, before any collective
         dp = self.buffer.sources > 1
         mode = self.cfg.runtime.token_mode
         problem, count = None, 0
@@ -382,13 +383,6 @@ def _check_forward_only(hidden: torch.Tensor) -> None:
         raise ValueError("hidden: expected a tensor that does not require grad (EPMoE runs forward only: its NVFP4 "
                          "expert kernels have no backward; call it under torch.no_grad() or torch.inference_mode(), or "
                          "pass hidden.detach()), got one that requires grad")
-
-
-def _refuse_checks_while_capturing(hidden: torch.Tensor) -> None:
-    """The checks sync with the host, which a CUDA graph being captured cannot."""
-    if isinstance(hidden, torch.Tensor) and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
-                         "mode='reduce-overhead'): its checks sync with the host, got True")
 
 
 def _check_placement(m: ModelConfig, rank: int, world_size: int) -> int:

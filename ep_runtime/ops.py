@@ -142,6 +142,14 @@ def check_swiglu_limit(limit: float | None) -> None:
         raise ValueError(f"swiglu_limit: expected None or a finite number > 0, got {limit!r}")
 
 
+def refuse_host_checks_while_capturing(t: object) -> None:
+    """Checks that read device values sync with the host, which a CUDA graph being captured cannot: refused with
+    check=True while t's device is capturing on the current stream."""
+    if isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError("check: expected False while a CUDA graph is captured (torch.cuda.graph, torch.compile's "
+                         "mode='reduce-overhead'): its checks sync with the host, got True")
+
+
 def check_in_range(t: torch.Tensor, name: str, lo: int, hi: int, what: str = "values") -> None:
     """Host check (a sync): every value of the integer tensor t lies in [lo, hi)."""
     if t.numel():
@@ -298,6 +306,7 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
                            pair_slot=pair_slot))
     if check:
+        refuse_host_checks_while_capturing(topk_idx)
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
         check_in_range(topk_idx, "topk_idx", 0, total, "expert ids")
     moe_align_op(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
@@ -461,6 +470,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
     if check:
+        refuse_host_checks_while_capturing(offsets)
         used = check_slot_offsets(offsets, s)
         check_in_range(slot_pair[:used], "slot_pair", 0, s, "(token, k) pair indices")
         if split_arrivals is not None:
@@ -495,6 +505,7 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
     if check:
+        refuse_host_checks_while_capturing(offsets)
         check_slot_offsets(offsets, act.shape[0])
         _check_scales(w2_alpha=w2_alpha, h_gs=h_gs)
     grouped_l2_op(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
@@ -519,6 +530,7 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, h_gs=h_gs))
     if check:
+        refuse_host_checks_while_capturing(offsets)
         check_slot_offsets(offsets, s)
     requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
@@ -539,6 +551,7 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_addend(addend, addend_begin, t, hidden)
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
     if check:
+        refuse_host_checks_while_capturing(pair_slot)
         check_in_range(pair_slot, "pair_slot", -1, t * k, "slots (or -1)")
     combine_op(y_slot, pair_slot, topk_weights, addend, addend_begin, out)
 

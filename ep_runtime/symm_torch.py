@@ -57,9 +57,10 @@ class P2PArenaBackend:
         if timeout_s is None:
             timeout_s = float(os.environ.get("EP_SYMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         # Every rank's kernels work on the same signal blocks and buffers: a rank picking another algorithm or grid
-        # than its peers would race with them or time out.
+        # than its peers would race with them or time out, and one with another capacity would look for its peers'
+        # signal blocks (which follow the capacity) elsewhere in their arenas.
         settings = {"oneshot_max_bytes": resolve_oneshot_max_bytes(self.world_size, oneshot_max_bytes), "max_ctas": 0}
-        check_same_on_every_rank(settings, self.group)
+        check_same_on_every_rank({**settings, "capacity_bytes": self.capacity}, self.group)
         signal_bytes = _C.allreduce_signal_bytes()
         total = self.capacity + signal_bytes
         self._arena, self._peers = self._map_arena(total)

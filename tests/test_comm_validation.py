@@ -2,6 +2,8 @@
 clear error, on CPU."""
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from ep_runtime.allreduce import (SymmAllReduce, validate_all_gather_args, validate_all_reduce_args,
                                   validate_reduce_scatter_args)
-from ep_runtime.dist_utils import check_same_values
+from ep_runtime.dist_utils import CommError, CommMismatchError, CommTimeoutError, check_same_values
 from ep_runtime.staging import validate_stage_args
 from ep_runtime.symm import CpuBackend, SymmBuffer, make_backend, region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
@@ -245,3 +247,12 @@ def test_the_kernels_refuse_a_timeout_past_their_range_too(timeout_s: float) -> 
     _C = pytest.importorskip("ep_runtime._C")
     with pytest.raises(ValueError, match=re.escape("allreduce: timeout_s must be in (0, 1e9] seconds")):
         _C.device_barrier([16], 0, timeout_s, 1, 0)
+
+
+@pytest.mark.parametrize("error", [CommTimeoutError("rank 0: timed out", 0, [2]),
+                                   CommMismatchError("rank 1: asked for other sizes", 1, [0], [3])])
+def test_comm_errors_survive_pickling_and_copying_with_their_ranks(error) -> None:
+    """They may cross process boundaries (multiprocessing pools, futures)."""
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(again) is type(error) and str(again) == str(error) and isinstance(again, CommError)
+        assert vars(again) == vars(error)

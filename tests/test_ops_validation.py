@@ -286,6 +286,23 @@ def test_checked_l2_rejects_offsets_past_the_activation_rows(launches):
     assert launches == []
 
 
+def test_checked_l2_rejects_a_global_scale_that_is_not_finite(launches):
+    with pytest.raises(ValueError, match="h_gs: expected a finite positive scale, got inf"):
+        ops.grouped_l2(torch.zeros(E, H, I // 2, dtype=torch.uint8),
+                       torch.zeros(E, H, I // 16, dtype=torch.float8_e4m3fn), torch.ones(E),
+                       torch.zeros(10, I, dtype=torch.bfloat16), torch.full((E,), float("inf")),
+                       offsets_of(3, 3, 2, 2), torch.zeros(10, H), check=True)
+    assert launches == []
+
+
+def test_checked_requant_rejects_offsets_past_its_rows(launches):
+    with pytest.raises(ValueError, match=r"offsets: .* at most 6 slots in all\), got offsets\[4\] = 8"):
+        ops.requant_dynamic(torch.zeros(6, I), offsets_of(2, 2, 2, 2), torch.zeros(E, dtype=torch.int32),
+                            torch.zeros(6, I // 2, dtype=torch.uint8), torch.zeros(6, I // 16, dtype=torch.uint8),
+                            torch.zeros(6, I, dtype=torch.bfloat16), torch.zeros(E), check=True)
+    assert launches == []
+
+
 def test_checked_requant_rejects_decreasing_offsets(launches):
     with pytest.raises(ValueError, match=r"offsets: .* got offsets\[3\] = 1 after offsets\[2\] = 4"):
         ops.requant_dynamic(torch.zeros(6, I), torch.tensor([0, 2, 4, 1, 6], dtype=torch.int32),

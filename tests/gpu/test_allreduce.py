@@ -418,11 +418,12 @@ def test_emulated_absent_rank_is_named_by_the_token_mode_collectives(op: str, ge
 # but the tags; with grids of other sizes the extra CTAs would also time out waiting for their missing partners.
 
 def _different_sizes(op: str, group: _EmulatedGroup, gen: torch.Generator) -> tuple:
-    """Rank 1 is asked for 64 more elements (one more token row in the all-gather) than rank 0: (call, data, want),
-    data being the tensors that must come out untouched and want their contents before the call."""
+    """Rank 1 is asked for more than rank 0 (all-reduces of one and three one-shot rounds, 64 more elements in the
+    reduce-scatter, a token row more in the all-gather): (call, data, want), data being the tensors that must come out
+    untouched and want their contents before the call."""
     world = group.world
     if op in ("oneshot", "twoshot"):
-        inputs = [_emulated_inputs(world, 16 * 7168 + 64 * r, torch.bfloat16, gen)[r] for r in range(world)]
+        inputs = [_emulated_inputs(world, 16 * 7168 * (1 + 2 * r), torch.bfloat16, gen)[r] for r in range(world)]
         bufs = [group.buf(r, x.numel(), x.dtype).copy_(x) for r, x in enumerate(inputs)]
         return (lambda r: group.comms[r](bufs[r], algo=op)), bufs, [x.clone() for x in inputs]
     if op == "reduce_scatter":
@@ -447,8 +448,9 @@ def test_emulated_ranks_asked_for_other_sizes_move_nothing_and_name_each_other(o
     _on_every_rank(group, call)
     assert time.monotonic() - start < 5.0  # no rank waited for a missing CTA
     for r in range(2):
-        with pytest.raises(CommMismatchError, match=rf"rank {r}: symmetric-memory .*: rank\(s\) \[{1 - r}\] of 2 were "
-                                                    r"asked for another collective, or for other sizes .* moved no data"):
+        with pytest.raises(CommMismatchError, match=rf"rank {r}: symmetric-memory .*: rank\(s\) \[{1 - r}\] of 2 "
+                                                    r"were asked for another collective, or for other sizes .* moved "
+                                                    r"no data"):
             group.comms[r].raise_if_failed()
     for t, before in zip(data, want):
         assert torch.equal(t.view(torch.uint8), before.view(torch.uint8))

@@ -229,6 +229,20 @@ def test_checked_l1_refuses_offsets_past_its_slots_before_writing_anything(gen):
     assert torch.isnan(hb).all()
 
 
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")  # refused before it launches anything
+def test_checked_ops_are_refused_while_a_graph_is_captured(gen):
+    e, h, i, t, k = 8, 256, 128, 5, 2
+    weights, x, idx, _ = uneven_case(W4A16, e, h, i, t, k, gen)
+    kw, slots = tiled(weights), map_slots(idx, e, 0)
+    hb = torch.full((t * k, i), float("nan"), dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="check: expected False while a CUDA graph is captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, x, None, slots.offsets, slots.slot_pair, k, "bf16",
+                           swiglu_limit=10.0, h_bf16=hb, check=True)
+    torch.cuda.synchronize()
+    assert torch.isnan(hb).all()
+
+
 # ---- combine ----
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from ep_runtime.config import Config, load_config
-from ep_runtime.dist_utils import CommMismatchError, CommTimeoutError, init_process_group, spawn_local
+from ep_runtime.dist_utils import (CommMismatchError, CommTimeoutError, host_barrier, init_process_group,
+                                   spawn_local)
 from ep_runtime.moe import EPMoE
+from ep_runtime.symm_ipc import IpcBackend
 
 from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module
 
@@ -124,6 +126,7 @@ def _unequal_counts_worker(rank, world, seed, out_dir):
     except CommMismatchError as e:
         msg = str(e)
     (Path(out_dir) / f"rank{rank}.txt").write_text(msg)
+    host_barrier(30)  # a rank's arena stays mapped until its peer's kernels, which may store into it, have ended
 
 
 def test_unchecked_dp_forwards_of_unequal_token_counts_are_reported_naming_the_other_rank(tmp_path):
@@ -134,3 +137,21 @@ def test_unchecked_dp_forwards_of_unequal_token_counts_are_reported_naming_the_o
     for rank in range(2):
         msg = (tmp_path / f"rank{rank}.txt").read_text()
         assert msg.startswith(f"rank {rank}: symmetric-memory ") and f"rank(s) [{1 - rank}] of 2 were asked" in msg, msg
+
+
+def _capacity_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    try:
+        IpcBackend(torch.device("cuda", 0), capacity_bytes=(1 + rank) << 20)
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(msg)
+
+
+def test_p2p_ranks_with_arenas_of_other_capacities_are_refused_on_every_rank(tmp_path):
+    """Each rank finds its peers' signal blocks after its own capacity in their arenas."""
+    spawn_local(_capacity_worker, 2, str(tmp_path))
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert msg.startswith("capacity_bytes: expected the same value on every rank"), msg
