@@ -58,9 +58,10 @@ class SymmBackend(Protocol):
         """out (n, ...) = the sum over ranks of their inp's rows [rank * n, (rank + 1) * n); returns out."""
 
     def raise_if_failed(self) -> None:
-        """A collective that gave up waiting since the last call (a P2P kernel's barrier, which cannot raise: it
-        records the missing ranks and ends, in a CUDA graph's replay too), as a CommTimeoutError naming them;
-        nothing where collectives raise as they fail."""
+        """A collective that failed since the last call (a P2P kernel, which cannot raise: it records the ranks that
+        never came, or whose call differed from this rank's, and ends, in a CUDA graph's replay too), as a
+        CommTimeoutError or CommMismatchError (both CommErrors) naming them; nothing where collectives raise as they
+        fail."""
 
 
 # torch 2.13 renamed these (the old names warn there); the GPU machines' torch 2.11 has only the old ones.
