@@ -11,10 +11,11 @@
 // call, so flags are never reset between calls (a CUDA graph replays the same kernel with no host input).
 // A waiting thread gives up after timeout_ns (%globaltimer), records the missing peer in host-mapped
 // status words and the CTA exits; the Python wrapper turns that into an error naming the peer.
-// Agreement: at a kernel's first barrier every rank also leaves its call's tag (the collective and its sizes) with
-// each peer and compares theirs with its own. Ranks asked for different things (another token count, another
-// collective) would move bytes to and from the wrong places; instead every CTA of every rank sees the disagreement,
-// records the peers in the status words, moves nothing and still takes one more barrier, so the epochs stay in step.
+// Agreement: at a kernel's first barrier every rank also leaves its call's tag (call_tag: the collective, its grid,
+// its tensor's place in the arena, its sizes) with each peer and compares theirs with its own. Ranks asked for
+// different things (another token count, another collective) would move bytes to and from the wrong places; instead
+// every CTA that meets a peer's sees the disagreement, records the peers in the status words, moves nothing and still
+// takes one more barrier, so with equal grids the epochs stay in step (CTAs beyond a peer's smaller grid time out).
 #include <cuda_bf16.h>
 #include <pybind11/stl.h>
 
@@ -298,11 +299,7 @@ uint32_t call_tag(const std::vector<int64_t>& words) {
 
 // Where the call's tensor lies in this rank's arena, as its distance from the rank's signal block (which every rank's
 // arena holds at the same offset): peers address the tensor at the same offset in theirs.
-int64_t arena_offset(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank) {
-  EP_REQUIRE(rank >= 0 && rank < (int)sig.size() && data.size() == sig.size(),
-             "allreduce: need a data and a signal pointer per rank, and a rank among them");
-  return static_cast<int64_t>(data[rank] - sig[rank]);
-}
+int64_t arena_offset(const Args& a) { return static_cast<int64_t>(a.data[a.rank] - a.sig[a.rank]); }
 
 Args make_args(const std::vector<std::uintptr_t>& data, const std::vector<std::uintptr_t>& sig, int rank,
                int64_t n_vec, double timeout_s, std::uintptr_t status) {
@@ -346,7 +343,7 @@ void all_reduce(const std::vector<std::uintptr_t>& data, const std::vector<std::
   Args a = make_args(data, sig, rank, nbytes / 16, timeout_s, status);
   if (a.n_vec == 0 || a.world == 1) return;
   const int grid = grid_for(algo == 0 ? a.n_vec : (a.n_vec + a.world - 1) / a.world, max_ctas);
-  a.tag = call_tag({1, grid, arena_offset(data, sig, rank), nbytes, dtype, algo});
+  a.tag = call_tag({1, grid, arena_offset(a), nbytes, dtype, algo});
   const cudaStream_t s = ep::as_stream(stream);
   if (algo == 0) {
     if (dtype == 0) one_shot_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
@@ -369,7 +366,7 @@ void reduce_scatter(const std::vector<std::uintptr_t>& data, const std::vector<s
   Args a = make_args(data, sig, rank, chunk_bytes / 16 * (int64_t)sig.size(), timeout_s, status);
   if (chunk_bytes == 0) return;  // (one rank alone still copies its chunk: the kernel's barriers are with itself)
   const int grid = grid_for(chunk_bytes / 16, max_ctas);
-  a.tag = call_tag({2, grid, arena_offset(data, sig, rank), chunk_bytes, dtype});
+  a.tag = call_tag({2, grid, arena_offset(a), chunk_bytes, dtype});
   uint4* o = ep::as_ptr<uint4>(out);
   if (dtype == 0) reduce_scatter_kernel<__nv_bfloat16><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
   else reduce_scatter_kernel<float><<<grid, kThreads, 0, ep::as_stream(stream)>>>(a, o);
@@ -404,7 +401,7 @@ void all_gather(const std::vector<std::uintptr_t>& base, const std::vector<std::
   Args a = make_args(base, sig, rank, 0, timeout_s, status);
   if (work == 0) return;  // (one rank alone still copies its chunks: the kernel's barriers are with itself)
   const int grid = grid_for(work, max_ctas);
-  std::vector<int64_t> words = {3, grid, arena_offset(base, sig, rank), n};
+  std::vector<int64_t> words = {3, grid, arena_offset(a), n};
   words.insert(words.end(), dst_offset.begin(), dst_offset.end());
   words.insert(words.end(), chunk_bytes.begin(), chunk_bytes.end());
   a.tag = call_tag(words);

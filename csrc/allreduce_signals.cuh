@@ -1,6 +1,6 @@
 // Layout of the signal block each rank keeps in its symmetric arena for the all-reduce kernels.
 // flags[slot][src]: written by rank src (remote store), read by the owner; tags[slot][src]: what rank src was asked to
-// do in its current call (the collective and its sizes), left there before its flag; epochs[slot]: the owner's own
+// do in its current call (allreduce.cu call_tag), left there before its flag; epochs[slot]: the owner's own
 // last epoch for that CTA slot. Slots 0..kMaxCtas-1 belong to all-reduce CTAs, kBarrierSlot to the
 // standalone barrier. The whole block must be zero before first use.
 #pragma once

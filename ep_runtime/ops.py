@@ -152,6 +152,7 @@ def refuse_host_checks_while_capturing(t: object) -> None:
 
 def check_in_range(t: torch.Tensor, name: str, lo: int, hi: int, what: str = "values") -> None:
     """Host check (a sync): every value of the integer tensor t lies in [lo, hi)."""
+    refuse_host_checks_while_capturing(t)
     if t.numel():
         least, most = int(t.min()), int(t.max())
         if least < lo or most >= hi:
@@ -306,7 +307,6 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
                            pair_slot=pair_slot))
     if check:
-        refuse_host_checks_while_capturing(topk_idx)
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
         check_in_range(topk_idx, "topk_idx", 0, total, "expert ids")
     moe_align_op(topk_idx, num_local, expert_begin, counts, offsets, slot_pair, pair_slot)
@@ -363,6 +363,7 @@ def check_slot_offsets(offsets: torch.Tensor, slots: int, name: str = "offsets")
     """Host check (a sync) of slot offsets made on the device, as moe_align makes them: the exclusive prefix sum of
     per-expert slot counts, so 0 first, never decreasing, and at most `slots` (the rows the outputs reserve): the
     kernels write the rows the offsets name and trust them. Returns the slots in use, offsets[-1]."""
+    refuse_host_checks_while_capturing(offsets)
     o = offsets.tolist()
     bad = next((e for e in range(1, len(o)) if o[e] < o[e - 1]), None)
     if o[0] != 0 or bad is not None or o[-1] > slots:
@@ -376,6 +377,7 @@ def check_slot_offsets(offsets: torch.Tensor, slots: int, name: str = "offsets")
 
 def check_zeros(t: torch.Tensor, name: str, why: str) -> None:
     """Host check (a sync): a workspace the kernels expect zeroed."""
+    refuse_host_checks_while_capturing(t)
     nonzero = int(torch.count_nonzero(t))
     if nonzero:
         raise ValueError(f"{name}: expected zeros ({why}), got {nonzero} nonzero entries")
@@ -470,7 +472,6 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
     if check:
-        refuse_host_checks_while_capturing(offsets)
         used = check_slot_offsets(offsets, s)
         check_in_range(slot_pair[:used], "slot_pair", 0, s, "(token, k) pair indices")
         if split_arrivals is not None:
@@ -505,7 +506,6 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
     if check:
-        refuse_host_checks_while_capturing(offsets)
         check_slot_offsets(offsets, act.shape[0])
         _check_scales(w2_alpha=w2_alpha, h_gs=h_gs)
     grouped_l2_op(w2, w2_scale, w2_alpha, act, h_gs, offsets, y_slot, block_n, block_m)
@@ -530,7 +530,6 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, h_gs=h_gs))
     if check:
-        refuse_host_checks_while_capturing(offsets)
         check_slot_offsets(offsets, s)
     requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
 
@@ -551,7 +550,6 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_addend(addend, addend_begin, t, hidden)
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
     if check:
-        refuse_host_checks_while_capturing(pair_slot)
         check_in_range(pair_slot, "pair_slot", -1, t * k, "slots (or -1)")
     combine_op(y_slot, pair_slot, topk_weights, addend, addend_begin, out)
 
