@@ -31,10 +31,8 @@ import torch.distributed as dist
 from ep_runtime import cuda_graphs, ops
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import init_process_group
-from ep_runtime.moe import EPMoE
+from ep_runtime.moe import STAGES, EPMoE
 from ep_runtime.provenance import provenance
-
-STAGES = ("staging", "routing", "prepare", "experts", "finalize")  # files before 2026-11-29 say all_reduce
 
 
 def _events_ms(fn, iters: int) -> list[float]:
@@ -62,6 +60,7 @@ def _rotating_ms(modes: dict, iters: int, rounds: int = 4) -> dict[str, float]:
 
 
 def _stage_breakdown(moe: EPMoE, x: torch.Tensor, iters: int) -> dict[str, float]:
+    # the stages are moe.STAGES (result files before 2026-11-29 say all_reduce for finalize)
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     for _ in range(iters):
         events = [("start", torch.cuda.Event(enable_timing=True))]

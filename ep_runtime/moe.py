@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from . import cuda_graphs
 from .checkpoint import CheckpointReader, LayerWeights, Naming, load_layer, synthetic_layer
@@ -30,6 +31,31 @@ from .sm90_layout import check_tileable, tile_
 from .scratch import LayerScratch, scratch_needs, shared_split, token_sources
 from .symm import SymmBuffer
 from .weights import ExpertWeights, check_dense
+
+
+# The stages of a forward, in order: each is a profiler range, and EPMoE.stage_marker hears of each when it ends.
+STAGES = ("staging", "routing", "prepare", "experts", "finalize")
+
+
+class _Stage:
+    """`with` one stage of a forward: a profiler range ep_moe.<name> around it while a profiler records, and after it
+    (unless it raised) the stage marker, if given."""
+
+    __slots__ = ("name", "marker", "range")
+
+    def __init__(self, name: str, marker: Callable[[str], None] | None, profiling: bool):
+        self.name, self.marker = name, marker
+        self.range = record_function(f"ep_moe.{name}") if profiling else None
+
+    def __enter__(self) -> None:
+        if self.range is not None:
+            self.range.__enter__()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.range is not None:
+            self.range.__exit__(exc_type, exc, tb)
+        if exc_type is None and self.marker is not None:
+            self.marker(self.name)
 
 
 def cuda_backend_available(device: torch.device) -> bool:
@@ -100,7 +126,7 @@ class EPMoE(nn.Module):
         self.scratch = scratch
         self._handle = register(self)  # names this layer to torch.compile's graphs (layer_op)
         self._stage = self._shared_stage = self._shared_slice_stage = None
-        # Called with a stage name after each stage of forward; benchmarks record CUDA events there.
+        # Called with a stage's name after each stage of forward (STAGES, in order); benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
@@ -288,11 +314,24 @@ class EPMoE(nn.Module):
         """check=False skips the checks that sync with the host (non-finite input, token-id range), as CUDA-graph
         capture requires; shapes, dtypes and capacity are always checked. Under torch.compile the layer is one opaque
         op (layer_op) that runs this forward. In token_mode 'dp' the ranks may hold different numbers of tokens with
-        check=True (the forward pads to the largest); check=False needs the same number on every rank."""
+        check=True (the forward pads to the largest); check=False needs the same number on every rank.
+
+        While a profiler records (torch.profiler; Nsight Systems through torch.autograd.profiler.emit_nvtx), the
+        forward is a range named ep_moe.forward around ranges ep_moe.<stage> for each of STAGES and ep_moe.shared_expert
+        (the shared expert's launch, between staging and routing)."""
         if torch.compiler.is_compiling():
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
-        mark = self.stage_marker
+        if not torch.autograd._profiler_enabled():  # 40 ns; a range costs 5 us even with no profiler recording
+            return self._forward(hidden, input_ids, check, False)
+        with record_function("ep_moe.forward"):
+            return self._forward(hidden, input_ids, check, True)
+
+    def _forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool,
+                 profiling: bool) -> torch.Tensor:
+        def stage(name: str, marks: bool = True) -> _Stage:
+            return _Stage(name, self.stage_marker if marks else None, profiling)
+
         if check and self.world_size > 1:
             hidden, input_ids, own = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
@@ -300,34 +339,35 @@ class EPMoE(nn.Module):
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]
         t = hidden.shape[0]
-        acts = self.stage_activations(hidden, check)
-        mark("staging")
-        shared = self._start_shared_expert(acts, t)
-        topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
-        mark("routing")
-        if self.buffer.sources > 1:  # prepare (dp): every rank's staged tokens and routing, in rank order
-            acts, topk_idx, topk_weights = self.buffer.gather(t)
+        with stage("staging"):
+            acts = self.stage_activations(hidden, check)
+        with stage("shared_expert", marks=False):  # launched here, run beside routing and the routed experts
+            shared = self._start_shared_expert(acts, t)
+        with stage("routing"):
+            topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
+        with stage("prepare"):
+            if self.buffer.sources > 1:  # dp: every rank's staged tokens and routing, in rank order
+                acts, topk_idx, topk_weights = self.buffer.gather(t)
         n = t * self.buffer.sources  # the tokens the experts see
-        mark("prepare")
         # The partial output goes to the buffer for the all-reduce or reduce-scatter; one rank has nothing to reduce,
         # so its combine writes the output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph
         # on one H200).
         reduce = self.world_size > 1
         y = self.buffer.y[:n] if reduce else self.output_like(hidden)
-        if self._stage is not None:  # the combine adds the shared expert's rows
-            self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
-        else:
-            routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
-            if shared is not None:
-                shared.add_to(routed)
-            y.copy_(routed)
-        mark("experts")
-        if self.buffer.sources > 1:  # dp: this rank's rows of every rank's partial sums
-            y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
-        elif reduce:
-            self.buffer.backend.all_reduce_(y)
-            y = y.clone()  # never hand out a view of the communication buffer
-        mark("finalize")
+        with stage("experts"):
+            if self._stage is not None:  # the combine adds the shared expert's rows
+                self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
+            else:
+                routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
+                if shared is not None:
+                    shared.add_to(routed)
+                y.copy_(routed)
+        with stage("finalize"):
+            if self.buffer.sources > 1:  # dp: this rank's rows of every rank's partial sums
+                y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
+            elif reduce:
+                self.buffer.backend.all_reduce_(y)
+                y = y.clone()  # never hand out a view of the communication buffer
         return y if t == own else y[:own]
 
     def output_like(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -453,7 +493,11 @@ class CapturedLayer:
         out waiting for a peer cannot raise from the GPU, and its output is invalid: the first replay called after it
         completed (after a sync, or after the timeout has passed) raises a CommTimeoutError naming the peer (a
         CommMismatchError where the ranks' calls differed: another token count); every rank must then call its P2P
-        buffer backend's reset_signals()."""
+        buffer backend's reset_signals(). While a profiler records, the call is a range named ep_moe.replay."""
         self.moe.buffer.backend.raise_if_failed()
-        self.graph.replay()
+        if torch.autograd._profiler_enabled():
+            with record_function("ep_moe.replay"):
+                self.graph.replay()
+        else:
+            self.graph.replay()
         return self.out

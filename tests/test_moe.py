@@ -474,3 +474,72 @@ def test_a_cuda_device_without_cuda_is_refused_before_the_checkpoint_is_read(tmp
 def test_a_rank_or_world_size_that_is_not_an_int_is_rejected(gen, name, kw):
     with pytest.raises(TypeError, match=f"{name}: expected an int, got float"):
         EPMoE.from_dense(CFG, **_dense(gen), **kw)
+
+
+def _tokens(gen, t: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and token ids (layer 0 routes by hash)."""
+    return torch.randn(t, M.hidden_size, generator=gen), torch.randint(0, M.vocab_size, (t,), generator=gen)
+
+
+def _profiled_ranges(run) -> list:
+    """The ep_moe.* ranges a CPU profile of run() records, in the order they start."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    ranges = [e for e in prof.events() if e.name.startswith("ep_moe.")]
+    return sorted(ranges, key=lambda e: e.time_range.start)
+
+
+def test_the_stage_marker_hears_every_stage_in_order(gen):
+    moe = EPMoE(CFG, _layer())
+    heard = []
+    moe.stage_marker = heard.append
+    moe(*_tokens(gen))
+    assert heard == list(moe_module.STAGES)
+
+
+def test_a_profiled_forward_is_a_range_around_one_range_per_stage_in_order(gen):
+    moe = EPMoE(CFG, _layer())
+    tokens = _tokens(gen)
+    names = [e.name for e in _profiled_ranges(lambda: moe(*tokens))]
+    # CFG has a shared expert, launched between staging and routing
+    assert names == ["ep_moe.forward", "ep_moe.staging", "ep_moe.shared_expert", "ep_moe.routing", "ep_moe.prepare",
+                     "ep_moe.experts", "ep_moe.finalize"]
+
+
+def test_the_stage_ranges_lie_inside_the_forward_range_one_after_another(gen):
+    moe = EPMoE(CFG, _layer())
+    tokens = _tokens(gen)
+    forward, *stages = _profiled_ranges(lambda: moe(*tokens))
+    assert all(forward.time_range.start <= s.time_range.start and s.time_range.end <= forward.time_range.end
+               for s in stages)
+    assert all(a.time_range.end <= b.time_range.start for a, b in zip(stages, stages[1:]))
+
+
+def test_a_stage_that_raises_closes_its_range_and_reaches_no_marker(gen, monkeypatch):
+    moe = EPMoE(CFG, _layer())
+    heard = []
+    moe.stage_marker = heard.append
+
+    def broken_router(*args, **kwargs):
+        raise RuntimeError("router failed")
+
+    monkeypatch.setattr(moe.router, "forward", broken_router)
+
+    def run():
+        with pytest.raises(RuntimeError, match="router failed"):
+            moe(*_tokens(gen))
+
+    ranges = _profiled_ranges(run)
+    assert [e.name for e in ranges] == ["ep_moe.forward", "ep_moe.staging", "ep_moe.shared_expert", "ep_moe.routing"]
+    assert all(e.time_range.end >= e.time_range.start > 0 for e in ranges)
+    assert heard == ["staging"]
+
+
+def test_an_unprofiled_forward_opens_no_range(gen, monkeypatch):
+    # record_function costs about 5 us a call even with no profiler recording: a decode forward's host time is 400 us
+    def refuse(name):
+        raise AssertionError(f"opened range {name} with no profiler recording")
+
+    monkeypatch.setattr(moe_module, "record_function", refuse)
+    moe = EPMoE(CFG, _layer())
+    assert moe(*_tokens(gen)).shape == (3, M.hidden_size)

@@ -65,6 +65,22 @@ def test_repeated_forwards_are_bitwise_identical(seed):
     assert torch.equal(first, moe(x))
 
 
+def test_a_profiled_cuda_forward_and_replay_show_their_ranges_and_kernels(seed):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    x = layer_inputs(cfg, seed, DEV)
+    captured = moe.capture(x)
+    with torch.profiler.profile() as prof:  # CPU and CUDA
+        moe(x)
+        captured.replay()
+        torch.cuda.synchronize()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    ranges = [e.name for e in events if e.name.startswith("ep_moe.")]
+    stages = ["staging", "shared_expert", "routing", "prepare", "experts", "finalize"]
+    assert ranges == ["ep_moe.forward", *(f"ep_moe.{s}" for s in stages), "ep_moe.replay"]
+    assert any("grouped_gemm_kernel" in e.name for e in events)
+
+
 def test_more_tokens_than_capacity_is_refused(seed):
     cfg = layer_config(1, "backend=cuda", seed=seed)
     moe = EPMoE.from_synthetic(cfg, device=DEV)
