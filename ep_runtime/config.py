@@ -13,12 +13,12 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-_KINDS = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
 def _is_kind(v: Any, kind: type) -> bool:
-    if isinstance(v, bool):  # YAML's true/false are neither counts nor numbers (no field is a bool)
-        return False
+    if isinstance(v, bool) or kind is bool:  # YAML's true/false are neither counts nor numbers, nor 0/1 flags
+        return isinstance(v, bool) and kind is bool
     return isinstance(v, (int, float) if kind is float else kind)
 
 
@@ -122,6 +122,9 @@ class RuntimeConfig:
     # rank over all tokens, each rank a 1/world_size slice of its intermediate dim (1/W of its weights streamed per
     # rank), instead of a 1/W slice of the tokens through the whole expert; 0 never (bench/NOTES_experts.md)
     shared_split_tokens: int = 4
+    # count each routed expert's (token, k) assignments in EPMoE.expert_load, added by every forward (a captured
+    # graph's replays too): for monitoring routing balance, e.g. to re-place experts
+    expert_load: bool = False
     tokens: int = 64  # main job: tokens per forward
     layer: int = 0  # main job: which MoE layer of the checkpoint
     iters: int = 10  # main job: timed forwards (the same count on every rank)

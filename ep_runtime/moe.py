@@ -126,6 +126,11 @@ class EPMoE(nn.Module):
         self.scratch = scratch
         self._handle = register(self)  # names this layer to torch.compile's graphs (layer_op)
         self._stage = self._shared_stage = self._shared_slice_stage = None
+        # runtime.expert_load: int64 per routed expert (all of the model's), the (token, k) assignments of this rank's
+        # tokens since it was last zeroed, added to by every forward: in replicated mode every rank's tokens are all
+        # the tokens, so every rank holds the layer's counts; in dp mode its own tokens' (the padding left out).
+        self.expert_load = torch.zeros(m.n_routed_experts, dtype=torch.int64, device=device) if rt.expert_load else None
+        self._one = torch.ones(1, dtype=torch.int64, device=device)  # expanded as index_add_'s source: no allocation
         # Called with a stage's name after each stage of forward (STAGES, in order); benchmarks record CUDA events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # The layer input's static global scale, once rather than in every forward.
@@ -345,6 +350,9 @@ class EPMoE(nn.Module):
             shared = self._start_shared_expert(acts, t)
         with stage("routing"):
             topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
+            if self.expert_load is not None:  # integer sums: the same whatever order the atomics land in
+                ids = topk_idx[:own].reshape(-1)
+                self.expert_load.index_add_(0, ids, self._one.expand(ids.numel()))
         with stage("prepare"):
             if self.buffer.sources > 1:  # dp: every rank's staged tokens and routing, in rank order
                 acts, topk_idx, topk_weights = self.buffer.gather(t)
@@ -486,7 +494,10 @@ class CapturedLayer:
         def step() -> None:
             self.out = moe(self.hidden, self.input_ids, check=False)
 
+        load = None if moe.expert_load is None else moe.expert_load.clone()
         self.graph = cuda_graphs.capture(step)
+        if load is not None:  # the capture's warm-up forwards ran no tokens of the caller's
+            moe.expert_load.copy_(load)
 
     def replay(self) -> torch.Tensor:
         """Replays the captured forward (asynchronously, as graph replays are). A replay's P2P collective that timed

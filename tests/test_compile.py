@@ -51,6 +51,21 @@ def test_a_model_compiles_whole_and_gives_the_eager_bits(gen):
             assert torch.equal(got, want)
 
 
+def test_a_compiled_model_counts_the_expert_load_as_the_eager_one(gen):
+    cfg = CFG.replace(expert_load=True)
+    eager, compiled = TwoLayers(cfg), TwoLayers(cfg)
+    run = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for t in (16, 5):
+            hidden, ids = _inputs(cfg, t, gen)
+            eager(hidden, ids)
+            run(hidden, ids)
+    for layer in ("hash", "routed"):
+        want = getattr(eager, layer).expert_load
+        assert int(want.sum()) == 21 * cfg.model.num_experts_per_tok
+        assert torch.equal(getattr(compiled, layer).expert_load, want)
+
+
 def test_each_layer_traces_to_one_op():
     graphs = []
 

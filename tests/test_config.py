@@ -80,6 +80,16 @@ def test_a_non_finite_number_is_rejected_naming_the_key(override, key, value):
         load_config("tiny", [override])
 
 
+@pytest.mark.parametrize("value,got", [("1", "1 (int)"), ("yes please", "'yes please' (str)")])
+def test_a_flag_takes_true_or_false_only(value, got):
+    with pytest.raises(ValueError, match=rf"runtime\.expert_load: expected true or false, got {re.escape(got)}"):
+        load_config("tiny", [f"expert_load={value}"])
+
+
+def test_a_flag_is_set_by_true():
+    assert load_config("tiny", ["expert_load=true"]).runtime.expert_load is True
+
+
 def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
     with pytest.raises(ValueError, match=r"runtime\.max_tokens: expected an integer, got 2\.5 \(float\)"):
         load_config("tiny", ["max_tokens=2.5", "tokens=2"])

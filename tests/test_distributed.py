@@ -241,6 +241,24 @@ def test_dp_ranks_with_different_token_counts_each_get_their_own_rows(ckpt, tmp_
         assert out.shape == (counts[r], ref.shape[1]) and _rel(out, ref[rows[r]:rows[r + 1]]) <= 1e-5
 
 
+def _dp_load_worker(rank, world, ckpt, out_dir):
+    cfg, moe = _rank_layer(rank, world, ckpt, ["layer=0", "expert_load=true", *DP])  # padding gets token id 0
+    hidden, ids = _inputs(cfg, rank)
+    t = 3 + 4 * rank  # rank 0's 3 tokens are padded to rank 1's 7
+    moe(hidden[:t], ids[:t])
+    topk_idx, _ = moe.router(hidden[:t], ids[:t])
+    own = torch.bincount(topk_idx.reshape(-1).long(), minlength=cfg.model.n_routed_experts)
+    torch.save((moe.expert_load, own), f"{out_dir}/load{rank}.pt")
+
+
+def test_dp_ranks_count_the_expert_load_of_their_own_tokens_not_the_padding(ckpt, tmp_path):
+    spawn_local(_dp_load_worker, 2, str(ckpt), str(tmp_path))
+    topk = load_config("tiny").model.num_experts_per_tok
+    for rank, t in ((0, 3), (1, 7)):
+        load, own = torch.load(tmp_path / f"load{rank}.pt")
+        assert torch.equal(load, own) and int(load.sum()) == t * topk
+
+
 def _dp_bad_input_worker(rank, world, ckpt, bad, out_dir):
     cfg, moe = _rank_layer(rank, world, ckpt, ["layer=0", *DP])  # the hash layer checks token ids too
     hidden, ids = _inputs(cfg, rank)

@@ -543,3 +543,33 @@ def test_an_unprofiled_forward_opens_no_range(gen, monkeypatch):
     monkeypatch.setattr(moe_module, "record_function", refuse)
     moe = EPMoE(CFG, _layer())
     assert moe(*_tokens(gen)).shape == (3, M.hidden_size)
+
+
+def test_expert_load_is_not_counted_unless_asked_for():
+    assert EPMoE(CFG, _layer()).expert_load is None
+
+
+def _routed_counts(moe: EPMoE, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each routed expert's (token, k) assignments, from the layer's router run on its own."""
+    topk_idx, _ = moe.router(hidden, ids)
+    return torch.bincount(topk_idx.reshape(-1).long(), minlength=M.n_routed_experts)
+
+
+def test_expert_load_adds_every_forwards_routing(gen):
+    moe = EPMoE(CFG.replace(expert_load=True), _layer())
+    first, second = _tokens(gen, 5), _tokens(gen, 7)
+    moe(*first)
+    moe(*second)
+    expected = _routed_counts(moe, *first) + _routed_counts(moe, *second)
+    assert moe.expert_load.dtype == torch.int64 and moe.expert_load.shape == (M.n_routed_experts,)
+    assert torch.equal(moe.expert_load, expected)
+    assert int(moe.expert_load.sum()) == 12 * M.num_experts_per_tok
+
+
+def test_expert_load_counts_again_from_zero_once_zeroed(gen):
+    moe = EPMoE(CFG.replace(expert_load=True), _layer())
+    moe(*_tokens(gen, 4))
+    moe.expert_load.zero_()
+    tokens = _tokens(gen, 3)
+    moe(*tokens)
+    assert torch.equal(moe.expert_load, _routed_counts(moe, *tokens))

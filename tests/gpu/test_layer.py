@@ -87,6 +87,28 @@ def test_a_profiled_cuda_forward_and_replay_show_their_ranges_and_kernels(seed):
     assert any(span.start <= g.time_range.start and g.time_range.end <= span.end for g in gemms)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic-algorithms"])
+def test_expert_load_counts_eager_forwards_and_graph_replays_alike(seed, deterministic):
+    cfg = layer_config(1, "backend=cuda", "expert_load=true", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    x = layer_inputs(cfg, seed, DEV)
+    topk_idx, _ = moe.router(x)
+    routed = torch.bincount(topk_idx.reshape(-1).long(), minlength=cfg.model.n_routed_experts)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        moe(x)
+        assert torch.equal(moe.expert_load, routed)
+        captured = moe.capture(x)
+        assert torch.equal(moe.expert_load, routed)  # the capture's warm-up forwards are not counted
+        captured.replay()
+        captured.replay()
+        torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(moe.expert_load, 3 * routed)
+
+
 def test_more_tokens_than_capacity_is_refused(seed):
     cfg = layer_config(1, "backend=cuda", seed=seed)
     moe = EPMoE.from_synthetic(cfg, device=DEV)
