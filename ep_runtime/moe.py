@@ -33,29 +33,36 @@ from .symm import SymmBuffer
 from .weights import ExpertWeights, check_dense
 
 
-# The stages of a forward, in order: each is a profiler range, and EPMoE.stage_marker hears of each when it ends.
-STAGES = ("staging", "routing", "prepare", "experts", "finalize")
+# The stages of a forward, in order: EPMoE.stage_marker hears of each as it ends, and a profiler sees each as a range.
+# checks: the input's (with several ranks, agreed on by all of them); shared_expert: its launch onto its own stream.
+STAGES = ("checks", "staging", "shared_expert", "routing", "prepare", "experts", "finalize")
 
 
-class _Stage:
-    """`with` one stage of a forward: a profiler range ep_moe.<name> around it while a profiler records, and after it
-    (unless it raised) the stage marker, if given."""
+class _StageRanges:
+    """While a profiler records: a range ep_moe.<stage> around each stage of a forward in turn. Each stage's mark
+    closes its range, tells the layer's stage marker and opens the next stage's; close() ends whichever is open (a
+    stage that raised). Only then: with no profiler the forward calls the marker alone (a range costs 5 us even then,
+    and an object per stage about 0.5 us)."""
 
-    __slots__ = ("name", "marker", "range")
+    def __init__(self, marker: Callable[[str], None]):
+        self.marker, self.stage, self.open = marker, 0, None
+        self._open_next()
 
-    def __init__(self, name: str, marker: Callable[[str], None] | None, profiling: bool):
-        self.name, self.marker = name, marker
-        self.range = record_function(f"ep_moe.{name}") if profiling else None
+    def _open_next(self) -> None:
+        if self.stage < len(STAGES):
+            self.open = record_function(f"ep_moe.{STAGES[self.stage]}")
+            self.open.__enter__()
+            self.stage += 1
 
-    def __enter__(self) -> None:
-        if self.range is not None:
-            self.range.__enter__()
+    def close(self) -> None:
+        if self.open is not None:
+            self.open.__exit__(None, None, None)
+            self.open = None
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.range is not None:
-            self.range.__exit__(exc_type, exc, tb)
-        if exc_type is None and self.marker is not None:
-            self.marker(self.name)
+    def mark(self, name: str) -> None:
+        self.close()
+        self.marker(name)
+        self._open_next()
 
 
 def cuda_backend_available(device: torch.device) -> bool:
@@ -128,10 +135,11 @@ class EPMoE(nn.Module):
         self._stage = self._shared_stage = self._shared_slice_stage = None
         # runtime.expert_load: int64 per routed expert (all of the model's), the (token, k) assignments of this rank's
         # tokens since it was last zeroed, added to by every forward: in replicated mode every rank's tokens are all
-        # the tokens, so every rank holds the layer's counts; in dp mode its own tokens' (the padding left out).
+        # the tokens, so every rank holds the layer's counts; in dp mode its own tokens' (not the rows forward pads;
+        # rows a caller pads count as tokens).
         self.expert_load = torch.zeros(m.n_routed_experts, dtype=torch.int64, device=device) if rt.expert_load else None
         self._one = torch.ones(1, dtype=torch.int64, device=device)  # expanded as index_add_'s source: no allocation
-        # Called with a stage's name after each stage of forward (STAGES, in order); benchmarks record CUDA events there.
+        # Called with a stage's name after each stage of forward (STAGES, in order): benchmarks record events there.
         self.stage_marker: Callable[[str], None] = lambda name: None
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
@@ -166,9 +174,12 @@ class EPMoE(nn.Module):
         return self
 
     def __setstate__(self, state: dict) -> None:
-        """A copy (copy.copy, copy.deepcopy) is another layer: it gets its own handle for torch.compile's graphs."""
+        """A copy (copy.copy, copy.deepcopy) is another layer: it gets its own handle for torch.compile's graphs, and
+        its own expert load count (from the original's counts)."""
         super().__setstate__(state)
         self._handle = register(self)
+        if self.expert_load is not None:
+            self.expert_load = self.expert_load.clone()
 
     @property
     def buffer(self) -> SymmBuffer:
@@ -322,21 +333,21 @@ class EPMoE(nn.Module):
         check=True (the forward pads to the largest); check=False needs the same number on every rank.
 
         While a profiler records (torch.profiler; Nsight Systems through torch.autograd.profiler.emit_nvtx), the
-        forward is a range named ep_moe.forward around ranges ep_moe.<stage> for each of STAGES and ep_moe.shared_expert
-        (the shared expert's launch, between staging and routing)."""
+        forward is a range named ep_moe.forward around a range ep_moe.<stage> for each of STAGES."""
         if torch.compiler.is_compiling():
             _check_forward_only(hidden)  # the compiled graph runs the op without grad: checked here or never
             return moe_layer_op(hidden, input_ids, self._handle, check)
-        if not torch.autograd._profiler_enabled():  # 40 ns; a range costs 5 us even with no profiler recording
-            return self._forward(hidden, input_ids, check, False)
+        if not torch.autograd._profiler_enabled():  # 40 ns
+            return self._forward(hidden, input_ids, check, self.stage_marker)
         with record_function("ep_moe.forward"):
-            return self._forward(hidden, input_ids, check, True)
+            ranges = _StageRanges(self.stage_marker)
+            try:
+                return self._forward(hidden, input_ids, check, ranges.mark)
+            finally:
+                ranges.close()
 
     def _forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool,
-                 profiling: bool) -> torch.Tensor:
-        def stage(name: str, marks: bool = True) -> _Stage:
-            return _Stage(name, self.stage_marker if marks else None, profiling)
-
+                 mark: Callable[[str], None]) -> torch.Tensor:
         if check and self.world_size > 1:
             hidden, input_ids, own = self._agree_on_inputs(hidden, input_ids)  # dp: as many rows as the largest rank's
             check = False  # its checks ran on every rank's input, and every rank's passed
@@ -344,38 +355,39 @@ class EPMoE(nn.Module):
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]
         t = hidden.shape[0]
-        with stage("staging"):
-            acts = self.stage_activations(hidden, check)
-        with stage("shared_expert", marks=False):  # launched here, run beside routing and the routed experts
-            shared = self._start_shared_expert(acts, t)
-        with stage("routing"):
-            topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
-            if self.expert_load is not None:  # integer sums: the same whatever order the atomics land in
-                ids = topk_idx[:own].reshape(-1)
-                self.expert_load.index_add_(0, ids, self._one.expand(ids.numel()))
-        with stage("prepare"):
-            if self.buffer.sources > 1:  # dp: every rank's staged tokens and routing, in rank order
-                acts, topk_idx, topk_weights = self.buffer.gather(t)
+        mark("checks")
+        acts = self.stage_activations(hidden, check)
+        mark("staging")
+        shared = self._start_shared_expert(acts, t)  # runs beside routing and the routed experts
+        mark("shared_expert")
+        topk_idx, topk_weights = self.router(hidden, input_ids, check, out=self.buffer.routing(t))
+        if self.expert_load is not None:  # integer sums: the same whatever order the atomics land in
+            ids = topk_idx[:own].reshape(-1)
+            self.expert_load.index_add_(0, ids, self._one.expand(ids.numel()))
+        mark("routing")
+        if self.buffer.sources > 1:  # prepare (dp): every rank's staged tokens and routing, in rank order
+            acts, topk_idx, topk_weights = self.buffer.gather(t)
         n = t * self.buffer.sources  # the tokens the experts see
+        mark("prepare")
         # The partial output goes to the buffer for the all-reduce or reduce-scatter; one rank has nothing to reduce,
         # so its combine writes the output itself: no copy out of the buffer (1.2 us of a 120 us decode layer graph
         # on one H200).
         reduce = self.world_size > 1
         y = self.buffer.y[:n] if reduce else self.output_like(hidden)
-        with stage("experts"):
-            if self._stage is not None:  # the combine adds the shared expert's rows
-                self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
-            else:
-                routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
-                if shared is not None:
-                    shared.add_to(routed)
-                y.copy_(routed)
-        with stage("finalize"):
-            if self.buffer.sources > 1:  # dp: this rank's rows of every rank's partial sums
-                y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
-            elif reduce:
-                self.buffer.backend.all_reduce_(y)
-                y = y.clone()  # never hand out a view of the communication buffer
+        if self._stage is not None:  # the combine adds the shared expert's rows
+            self._stage.run(acts, topk_idx, topk_weights, y, addend=shared)  # its own buffers' views: no checks
+        else:
+            routed = expert_stage(acts, topk_idx, topk_weights, self.experts, self.expert_begin, self.spec)
+            if shared is not None:
+                shared.add_to(routed)
+            y.copy_(routed)
+        mark("experts")
+        if self.buffer.sources > 1:  # dp: this rank's rows of every rank's partial sums
+            y = self.buffer.backend.reduce_scatter(y, self.output_like(hidden))
+        elif reduce:
+            self.buffer.backend.all_reduce_(y)
+            y = y.clone()  # never hand out a view of the communication buffer
+        mark("finalize")
         return y if t == own else y[:own]
 
     def output_like(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -495,9 +507,11 @@ class CapturedLayer:
             self.out = moe(self.hidden, self.input_ids, check=False)
 
         load = None if moe.expert_load is None else moe.expert_load.clone()
-        self.graph = cuda_graphs.capture(step)
-        if load is not None:  # the capture's warm-up forwards ran no tokens of the caller's
-            moe.expert_load.copy_(load)
+        try:
+            self.graph = cuda_graphs.capture(step)
+        finally:
+            if load is not None:  # the capture's warm-up forwards ran no tokens of the caller's
+                moe.expert_load.copy_(load)
 
     def replay(self) -> torch.Tensor:
         """Replays the captured forward (asynchronously, as graph replays are). A replay's P2P collective that timed

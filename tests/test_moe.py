@@ -1,4 +1,5 @@
 """EPMoE as an nn.Module a custom model calls: construction, validation, capacity."""
+import copy
 import dataclasses
 import re
 
@@ -501,9 +502,8 @@ def test_a_profiled_forward_is_a_range_around_one_range_per_stage_in_order(gen):
     moe = EPMoE(CFG, _layer())
     tokens = _tokens(gen)
     names = [e.name for e in _profiled_ranges(lambda: moe(*tokens))]
-    # CFG has a shared expert, launched between staging and routing
-    assert names == ["ep_moe.forward", "ep_moe.staging", "ep_moe.shared_expert", "ep_moe.routing", "ep_moe.prepare",
-                     "ep_moe.experts", "ep_moe.finalize"]
+    assert names == ["ep_moe.forward", "ep_moe.checks", "ep_moe.staging", "ep_moe.shared_expert", "ep_moe.routing",
+                     "ep_moe.prepare", "ep_moe.experts", "ep_moe.finalize"]
 
 
 def test_the_stage_ranges_lie_inside_the_forward_range_one_after_another(gen):
@@ -515,7 +515,7 @@ def test_the_stage_ranges_lie_inside_the_forward_range_one_after_another(gen):
     assert all(a.time_range.end <= b.time_range.start for a, b in zip(stages, stages[1:]))
 
 
-def test_a_stage_that_raises_closes_its_range_and_reaches_no_marker(gen, monkeypatch):
+def test_a_stage_that_raises_is_the_last_range_and_reaches_no_marker(gen, monkeypatch):
     moe = EPMoE(CFG, _layer())
     heard = []
     moe.stage_marker = heard.append
@@ -530,9 +530,10 @@ def test_a_stage_that_raises_closes_its_range_and_reaches_no_marker(gen, monkeyp
             moe(*_tokens(gen))
 
     ranges = _profiled_ranges(run)
-    assert [e.name for e in ranges] == ["ep_moe.forward", "ep_moe.staging", "ep_moe.shared_expert", "ep_moe.routing"]
+    assert [e.name for e in ranges] == ["ep_moe.forward", "ep_moe.checks", "ep_moe.staging", "ep_moe.shared_expert",
+                                        "ep_moe.routing"]
     assert all(e.time_range.end >= e.time_range.start > 0 for e in ranges)
-    assert heard == ["staging"]
+    assert heard == ["checks", "staging", "shared_expert"]
 
 
 def test_an_unprofiled_forward_opens_no_range(gen, monkeypatch):
@@ -573,3 +574,13 @@ def test_expert_load_counts_again_from_zero_once_zeroed(gen):
     tokens = _tokens(gen, 3)
     moe(*tokens)
     assert torch.equal(moe.expert_load, _routed_counts(moe, *tokens))
+
+
+def test_a_copy_of_a_layer_counts_its_expert_load_on_its_own(gen):
+    moe = EPMoE(CFG.replace(expert_load=True), _layer())
+    moe(*_tokens(gen, 4))
+    twin = copy.copy(moe)
+    assert torch.equal(twin.expert_load, moe.expert_load)
+    twin(*_tokens(gen, 2))
+    assert int(twin.expert_load.sum()) == 6 * M.num_experts_per_tok
+    assert int(moe.expert_load.sum()) == 4 * M.num_experts_per_tok

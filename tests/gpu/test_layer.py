@@ -77,7 +77,7 @@ def test_a_profiled_cuda_forward_and_replay_show_their_ranges_and_kernels(seed):
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     cpu = torch.autograd.DeviceType.CPU
     ranges = [e.name for e in events if e.name.startswith("ep_moe.") and e.device_type == cpu]
-    stages = ["staging", "shared_expert", "routing", "prepare", "experts", "finalize"]
+    stages = ["checks", "staging", "shared_expert", "routing", "prepare", "experts", "finalize"]
     assert ranges == ["ep_moe.forward", *(f"ep_moe.{s}" for s in stages), "ep_moe.replay"]
     # On the GPU's timeline the eager forward's experts range spans the grouped GEMMs it launched.
     experts = [e for e in events if e.name == "ep_moe.experts" and e.device_type != cpu]
