@@ -155,7 +155,7 @@ def main() -> None:
             eager, graph, graph_nopdl = times["eager"], times["graph"], times["graph_nopdl"]
             row = {"tokens": t, **{f"{name}_ms": ms for name, ms in times.items()}, "stages_ms": stages}
             if args.kernels:
-                row["graph_kernels_us"] = _graph_kernels_us(captured.replay, args.iters)
+                row["graph_kernels_us"] = _graph_kernels_us(captured.graph.replay, args.iters)  # no ep_moe.replay range
             del captured, captured_nopdl, modes
             rows.append(row)
             inputs.append(x)
