@@ -181,6 +181,16 @@ class EPMoE(nn.Module):
         if self.expert_load is not None:
             self.expert_load = self.expert_load.clone()
 
+    def extra_repr(self) -> str:
+        """What print(model) shows of the layer: its share of the experts and how it runs them."""
+        m, rt = self.cfg.model, self.cfg.runtime
+        n = self.experts.num_experts
+        act = "bf16" if self.spec.act_mode == "bf16" else f"nvfp4 ({self.spec.act_scale} scale)"
+        return (f"experts=[{self.expert_begin}, {self.expert_begin + n}) of {m.n_routed_experts} (rank {self.rank} of "
+                f"{self.world_size}), shared_expert={self.shared is not None}, hidden={m.hidden_size}, "
+                f"intermediate={m.moe_intermediate_size}, backend={self.backend}, activations={act}, "
+                f"token_mode={rt.token_mode}, device={self.device}")
+
     @property
     def buffer(self) -> SymmBuffer:
         """The symmetric buffer of this layer's scratch."""

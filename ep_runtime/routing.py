@@ -126,6 +126,10 @@ class Router(nn.Module):
         """Every tensor the router holds (for memory accounting)."""
         return [t for t in (getattr(self, n) for n in self._TENSORS) if t is not None]
 
+    def extra_repr(self) -> str:
+        by = "token id (hash)" if self.tid2eid is not None else self.cfg.scoring_func
+        return f"experts={self.cfg.n_routed_experts}, topk={self.cfg.num_experts_per_tok}, by={by}"
+
     def _apply(self, fn, recurse: bool = True) -> "Router":
         """Module.to / cuda / cpu / to_empty / share_memory apply to the router's tensors as to any module's, but their
         dtypes stay (fp32 weight and bias, the bf16 copy of an exactly-bf16 weight, int32 table): a conversion that

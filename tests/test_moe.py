@@ -584,3 +584,10 @@ def test_a_copy_of_a_layer_counts_its_expert_load_on_its_own(gen):
     twin(*_tokens(gen, 2))
     assert int(twin.expert_load.sum()) == 6 * M.num_experts_per_tok
     assert int(moe.expert_load.sum()) == 4 * M.num_experts_per_tok
+
+
+def test_printing_a_layer_shows_its_share_of_the_experts_and_how_it_runs_them():
+    text = repr(EPMoE(CFG.replace(act_mode="bf16"), _layer()))
+    assert f"experts=[0, {M.n_routed_experts}) of {M.n_routed_experts} (rank 0 of 1), shared_expert=True" in text
+    assert "backend=reference, activations=bf16, token_mode=replicated, device=cpu" in text
+    assert f"Router(experts={M.n_routed_experts}, topk={M.num_experts_per_tok}, by=token id (hash))" in text
