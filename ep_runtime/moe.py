@@ -185,7 +185,7 @@ class EPMoE(nn.Module):
         """What print(model) shows of the layer: its share of the experts and how it runs them."""
         m, rt = self.cfg.model, self.cfg.runtime
         n = self.experts.num_experts
-        act = "bf16" if self.spec.act_mode == "bf16" else f"nvfp4 ({self.spec.act_scale} scale)"
+        act = "bf16" if rt.act_mode == "bf16" else f"nvfp4 ({rt.act_scale} scales)"
         return (f"experts=[{self.expert_begin}, {self.expert_begin + n}) of {m.n_routed_experts} (rank {self.rank} of "
                 f"{self.world_size}), shared_expert={self.shared is not None}, hidden={m.hidden_size}, "
                 f"intermediate={m.moe_intermediate_size}, backend={self.backend}, activations={act}, "

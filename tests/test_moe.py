@@ -586,8 +586,11 @@ def test_a_copy_of_a_layer_counts_its_expert_load_on_its_own(gen):
     assert int(moe.expert_load.sum()) == 4 * M.num_experts_per_tok
 
 
-def test_printing_a_layer_shows_its_share_of_the_experts_and_how_it_runs_them():
-    text = repr(EPMoE(CFG.replace(act_mode="bf16"), _layer()))
+@pytest.mark.parametrize("changes,activations", [(dict(act_mode="bf16"), "bf16"),
+                                                  (dict(act_scale="static"), "nvfp4 (static scales)"),
+                                                  (dict(act_scale="dynamic"), "nvfp4 (dynamic scales)")])
+def test_printing_a_layer_shows_its_share_of_the_experts_and_how_it_runs_them(changes, activations):
+    text = repr(EPMoE(CFG.replace(**changes), _layer()))
     assert f"experts=[0, {M.n_routed_experts}) of {M.n_routed_experts} (rank 0 of 1), shared_expert=True" in text
-    assert "backend=reference, activations=bf16, token_mode=replicated, device=cpu" in text
+    assert f"backend=reference, activations={activations}, token_mode=replicated, device=cpu" in text
     assert f"Router(experts={M.n_routed_experts}, topk={M.num_experts_per_tok}, by=token id (hash))" in text
