@@ -60,7 +60,7 @@ def _rotating_ms(modes: dict, iters: int, rounds: int = 4) -> dict[str, float]:
 
 
 def _stage_breakdown(moe: EPMoE, x: torch.Tensor, iters: int) -> dict[str, float]:
-    # the stages are moe.STAGES (result files before 2026-11-29 say all_reduce for finalize; before b6000a5 they have
+    # the stages are moe.STAGES (result files before 2026-11-29 say all_reduce for finalize; before 9bd48e5 they have
     # no checks or shared_expert: routing held the shared expert's launch)
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
     for _ in range(iters):

@@ -34,7 +34,8 @@ from .weights import ExpertWeights, check_dense
 
 
 # The stages of a forward, in order: EPMoE.stage_marker hears of each as it ends, and a profiler sees each as a range.
-# checks: the input's (with several ranks, agreed on by all of them); shared_expert: its launch onto its own stream.
+# checks: the input's shape and device (with several ranks every check, agreed on by all; else the value checks run in
+# the stages that need them); shared_expert: its launch onto its own stream.
 STAGES = ("checks", "staging", "shared_expert", "routing", "prepare", "experts", "finalize")
 
 

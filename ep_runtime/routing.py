@@ -126,8 +126,14 @@ class Router(nn.Module):
         """Every tensor the router holds (for memory accounting)."""
         return [t for t in (getattr(self, n) for n in self._TENSORS) if t is not None]
 
+    @property
+    def by_token_id(self) -> bool:
+        """Hash routing (V4's first layers): ids from tid2eid by token id. Sigmoid (V3) scoring has no hash layers, and
+        ignores a table."""
+        return self.tid2eid is not None and self.cfg.scoring_func != "sigmoid"
+
     def extra_repr(self) -> str:
-        by = "token id (hash)" if self.tid2eid is not None else self.cfg.scoring_func
+        by = "token id (hash)" if self.by_token_id else self.cfg.scoring_func
         return f"experts={self.cfg.n_routed_experts}, topk={self.cfg.num_experts_per_tok}, by={by}"
 
     def _apply(self, fn, recurse: bool = True) -> "Router":
@@ -197,7 +203,7 @@ class Router(nn.Module):
             return _into(out, *route_v3(logits, self.bias, k, cfg.routed_scaling_factor, cfg.n_group,
                                         cfg.topk_group))
         hash_ids = None
-        if self.tid2eid is not None:
+        if self.by_token_id:
             self.check_token_ids(hidden, input_ids, check)
             hash_ids = self.tid2eid[input_ids.long()]
         fits = k <= ops.MAX_ROUTE_TOP_K and (hash_ids is not None or logits.shape[1] <= ops.MAX_ROUTE_EXPERTS)
