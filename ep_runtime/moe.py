@@ -10,6 +10,7 @@ reduce-scatters the partial outputs so that each rank gets the sums of its own t
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -531,9 +532,6 @@ class CapturedLayer:
         CommMismatchError where the ranks' calls differed: another token count); every rank must then call its P2P
         buffer backend's reset_signals(). While a profiler records, the call is a range named ep_moe.replay."""
         self.moe.buffer.backend.raise_if_failed()
-        if torch.autograd._profiler_enabled():
-            with record_function("ep_moe.replay"):
-                self.graph.replay()
-        else:
+        with record_function("ep_moe.replay") if torch.autograd._profiler_enabled() else contextlib.nullcontext():
             self.graph.replay()
         return self.out

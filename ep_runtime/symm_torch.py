@@ -43,9 +43,9 @@ class P2PArenaBackend:
     def __init__(self, device: torch.device | str, group: dist.ProcessGroup | None = None,
                  capacity_bytes: int | None = None, timeout_s: float | None = None,
                  oneshot_max_bytes: int | None = None):
-        if torch.device(device).type != "cuda":
-            raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {torch.device(device)}")
         self.device = resolve_device(device)  # named: the kernel launches need its index
+        if self.device.type != "cuda":
+            raise ValueError(f"device: {type(self).__name__} needs a CUDA device, got {self.device}")
         if not dist.is_initialized():
             raise RuntimeError(f"{type(self).__name__}: torch.distributed must be initialized first "
                                f"(init_process_group)")
