@@ -11,7 +11,7 @@ import json
 import math
 import reprlib
 import struct
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Generator, Iterable
@@ -79,6 +79,11 @@ class CheckpointReader:
         self.tensors_read: list[str] = []  # names read by this reader, in order
         if not self.path.exists():
             raise CheckpointError(f"checkpoint: {self.path} does not exist")
+        if self.path.name == INDEX_FILE:
+            self.path = self.path.parent
+        elif not self.path.is_dir() and self.path.suffix != ".safetensors":
+            raise CheckpointError(f"checkpoint: expected a directory, its {INDEX_FILE} or a .safetensors file, got "
+                                  f"{self.path}")
         root = self.path if self.path.is_dir() else self.path.parent
         self._check_quant_config(root)
         if self.path.is_dir() and (self.path / INDEX_FILE).exists():
@@ -145,6 +150,14 @@ class CheckpointReader:
             if tuple(meta["shape"]) not in shapes:
                 raise CheckpointError(f"checkpoint {f}: tensor {key!r} expected shape "
                                       f"{' or '.join(map(str, shapes))}, got {tuple(meta['shape'])}")
+            begin, end = meta["data_offsets"]
+            size = math.prod(meta["shape"]) * _ITEMSIZE.get(meta["dtype"], 0)
+            if size and end - begin != size:
+                raise CheckpointError(f"checkpoint {f}: tensor {key!r} expected {size} bytes of data for its shape "
+                                      f"and dtype, got data_offsets {[begin, end]} ({end - begin} bytes)")
+        for f in headers:  # the rest of each header (spans that overlap, leave gaps or bytes over): before any read
+            with _open(f):
+                pass
 
     def read(self, keys: Iterable[str], desc: str = "loading",
              progress: bool = False) -> Generator[tuple[str, torch.Tensor], None, None]:
@@ -162,6 +175,10 @@ class CheckpointReader:
                     raise CheckpointError(f"checkpoint {f}: cannot read tensor {key!r}: {e}") from None
                 self.tensors_read.append(key)
                 yield key, t
+
+
+# The bytes per element of the dtypes a layer's tensors may have (CheckpointReader.check's spans).
+_ITEMSIZE = {"U8": 1, "F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
 
 
 def _open(f: Path):
@@ -279,7 +296,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
     is_hash = layer < cfg.num_hash_layers
 
     router = {nm.router_key(layer, "weight"): (((e_total, h),), ("BF16", "F32", "F16"))}
-    if cfg.topk_method == "noaux_tc":
+    if cfg.topk_method == "noaux_tc" and not is_hash:  # a hash layer's gate has no bias (its table selects)
         router[nm.router_key(layer, "e_score_correction_bias")] = (((e_total,),), ("F32", "BF16"))
     if is_hash:
         router[nm.router_key(layer, "tid2eid")] = (((cfg.vocab_size, cfg.num_experts_per_tok),), ("I32", "I64"))
@@ -297,27 +314,28 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
               for e in range(begin, begin + n_local) for p in PROJECTIONS]
     if shared_stack is not None:
         groups += [(shared_stack, 0, [nm.shared_key(layer, p, t) for t in tensor_names], p) for p in PROJECTIONS]
-    tensors = reader.read([*router, *(k for g in groups for k in g[2])], desc=f"layer {layer} rank {rank}",
-                          progress=progress)
-    router_t = {key: next(tensors)[1] for key in router}
-    for key in (nm.router_key(layer, "weight"), nm.router_key(layer, "e_score_correction_bias")):
-        if key in router_t:
-            _check_tensor(nvfp4.check_finite, router_t[key], key)
-    l1_scales: list[torch.Tensor] = []
-    for target, e, keys, proj in groups:
-        weight, scale, scale_2, input_scale = (next(tensors)[1] for _ in keys)
-        # The CUDA layout rejects NaN and negative block scales anyway; rejecting them here makes every backend agree.
-        _check_tensor(nvfp4.check_scale_bytes, scale, keys[1])
-        _check_tensor(nvfp4.check_positive_scale, scale_2, keys[2])
-        _check_tensor(nvfp4.check_positive_scale, input_scale, keys[3])
-        if scale.dtype == torch.uint8:
-            scale = scale.view(torch.float8_e4m3fn)  # some exports store the scale bytes as U8
-        target.set_expert(e, proj, weight, scale, scale_2)
-        if proj == "down_proj":
-            target.l2_input_scale[e] = input_scale.reshape(())
-        else:
-            l1_scales.append(input_scale.reshape(()).float())
-    tensors.close()
+    # closing: on an error the shards close now, not when the exception is gone
+    with closing(reader.read([*router, *(k for g in groups for k in g[2])], desc=f"layer {layer} rank {rank}",
+                             progress=progress)) as tensors:
+        router_t = {key: next(tensors)[1] for key in router}
+        for key in (nm.router_key(layer, "weight"), nm.router_key(layer, "e_score_correction_bias")):
+            if key in router_t:
+                _check_tensor(nvfp4.check_finite, router_t[key], key)
+        l1_scales: list[torch.Tensor] = []
+        for target, e, keys, proj in groups:
+            weight, scale, scale_2, input_scale = (next(tensors)[1] for _ in keys)
+            # The CUDA layout rejects NaN and negative block scales anyway; rejecting them here makes every backend
+            # agree.
+            _check_tensor(nvfp4.check_scale_bytes, scale, keys[1])
+            _check_tensor(nvfp4.check_positive_scale, scale_2, keys[2])
+            _check_tensor(nvfp4.check_positive_scale, input_scale, keys[3])
+            if scale.dtype == torch.uint8:
+                scale = scale.view(torch.float8_e4m3fn)  # some exports store the scale bytes as U8
+            target.set_expert(e, proj, weight, scale, scale_2)
+            if proj == "down_proj":
+                target.l2_input_scale[e] = input_scale.reshape(())
+            else:
+                l1_scales.append(input_scale.reshape(()).float())
     l1 = torch.stack(l1_scales).max()
     stack.l1_input_scale.copy_(l1)
     if shared_stack is not None:
@@ -382,11 +400,11 @@ def write_synthetic_checkpoint(path: str | Path, cfg: ModelConfig, num_layers: i
     for layer in range(layers):
         common = files[-1]
         common[nm.router_key(layer, "weight")] = rnd(e_total, h).to(torch.bfloat16)
-        if cfg.topk_method == "noaux_tc":
-            common[nm.router_key(layer, "e_score_correction_bias")] = 0.01 * torch.randn(e_total, generator=g)
-        if layer < cfg.num_hash_layers:
+        if layer < cfg.num_hash_layers:  # as DeepSeek-V4 exports: a table and no bias
             common[nm.router_key(layer, "tid2eid")] = torch.rand(cfg.vocab_size, e_total, generator=g) \
                 .argsort(dim=1)[:, :k].to(torch.int32)
+        elif cfg.topk_method == "noaux_tc":
+            common[nm.router_key(layer, "e_score_correction_bias")] = 0.01 * torch.randn(e_total, generator=g)
         for e in range(e_total):
             mlp = _quantized_mlp(rnd(i, h), rnd(i, h), rnd(h, i), torch.randn(calib_tokens, h, generator=g),
                                  cfg.swiglu_limit)
@@ -420,11 +438,12 @@ def synthetic_layer(cfg: ModelConfig, layer: int, rank: int, world_size: int, se
                          f"got {layer}")
     g = torch.Generator(device=device).manual_seed(seed * 7919 + layer)
     router = (torch.randn(e_total, h, generator=g, device=device) / math.sqrt(h)).to(torch.bfloat16)
-    bias = 0.01 * torch.randn(e_total, generator=g, device=device) if cfg.topk_method == "noaux_tc" else None
-    tid2eid = None
+    bias = tid2eid = None
     if layer < cfg.num_hash_layers:
         tid2eid = torch.rand(cfg.vocab_size, e_total, generator=g, device=device).argsort(dim=1)[
             :, :cfg.num_experts_per_tok].to(torch.int32)
+    elif cfg.topk_method == "noaux_tc":
+        bias = 0.01 * torch.randn(e_total, generator=g, device=device)
     experts = ExpertWeights.synthetic(range(rank * n_local, (rank + 1) * n_local), h, i, seed + layer, device)
     shared = ExpertWeights.synthetic(range(e_total, e_total + 1), h, cfg.shared_intermediate_size, seed + layer,
                                      device) if cfg.n_shared_experts else None

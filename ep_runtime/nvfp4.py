@@ -109,15 +109,19 @@ def check_finite(x: torch.Tensor, name: str) -> None:
 
 
 def check_positive_scale(t: torch.Tensor, name: str) -> None:
-    """A global scale (or input scale) divides or multiplies every value: it must be finite and positive."""
+    """A global scale (or input scale) divides or multiplies every value: it must be finite and positive, and a normal
+    fp32 number, as the runtime also divides by it (1 / a subnormal scale is infinite: an expert whose alpha is 0)."""
     v = t.float().reshape(-1)  # fp32: the kernels' scales (a float64 too small or large for it fails here)
-    bad = ~(torch.isfinite(v) & (v > 0))
+    tiny = torch.finfo(torch.float32).tiny
+    bad = ~(torch.isfinite(v) & (v >= tiny))
     if bad.any():
         i = int(bad.nonzero()[0])
         index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape))
         where = "" if t.dim() == 0 else f" at index {index}"
         got, as_fp32 = str(t.reshape(-1)[i].item()), str(v[i].item())
         fp32 = "" if got == as_fp32 else f" (as fp32: {as_fp32})"
+        if 0 < v[i] < tiny:
+            fp32 += f" (below fp32's smallest normal number, {tiny}: its reciprocal is infinite)"
         raise ValueError(f"{name}: expected a finite positive scale, got {got}{fp32}{where}")
 
 
@@ -135,6 +139,8 @@ def positive_scale(value: float | torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected one value, got shape {tuple(t.shape)}")
     check_positive_scale(t, name)
     return t.float()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 from .weights import ExpertWeights
 
 LAYOUT = "sm90"
@@ -73,11 +74,14 @@ def tile_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 def check_tileable(weights: ExpertWeights, name: str = "weights") -> None:
-    """What tile_ needs of row-layout weights beyond ExpertWeights.check_values: raises before it changes a byte."""
+    """What tile_ and the kernels need of row-layout weights beyond ExpertWeights.check_values: raises before it
+    changes a byte (a stack the kernels would refuse, non-contiguous say, must not be left tiled)."""
     h, i = weights.hidden_size, weights.intermediate_size
     if h % 64 or i % 64:
         raise ValueError(f"{name}: the SM90 layout needs hidden and intermediate sizes that are multiples of 64, "
                          f"got hidden={h}, intermediate={i}")
+    ops.check_l1_weights(weights.w13, weights.w13_scale, weights.w13_alpha, f"{name}.")
+    ops.check_l2_weights(weights.w2, weights.w2_scale, weights.w2_alpha, f"{name}.")
 
 
 def encode_scales(s: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,14 @@ def test_loaded_stacks_hold_the_files_tensors_for_the_local_experts(ckpt):
         assert x.l2_input_scale[local].item() == f("down_proj", "input_scale").item()
 
 
+def test_a_hash_layer_has_no_router_bias_and_a_scored_layer_has_the_files(ckpt):
+    t = _all_tensors(ckpt)
+    assert "model.layers.0.mlp.gate.e_score_correction_bias" not in t  # as DeepSeek-V4 exports its hash layers
+    hash_layer, scored = (load_layer(CheckpointReader(ckpt), CFG, layer, 0, 4) for layer in (0, 1))
+    assert hash_layer.router_bias is None and hash_layer.tid2eid is not None
+    assert torch.equal(scored.router_bias, t["model.layers.1.mlp.gate.e_score_correction_bias"].float())
+
+
 def test_a_rank_reads_only_its_own_experts(ckpt):
     reader = CheckpointReader(ckpt)
     load_layer(reader, CFG, 1, rank=1, world_size=4)
@@ -147,6 +155,14 @@ def test_non_positive_global_scale_is_rejected(ckpt, tmp_path):
         load_layer(CheckpointReader(path), CFG, 1, 0, 4)
 
 
+def test_a_subnormal_input_scale_is_rejected_naming_its_key(ckpt, tmp_path):
+    key = EXPERT.format(6, "down_proj", "input_scale")  # the runtime divides by it: 1 / 1e-40 is infinite in fp32
+    path = _copy(ckpt, tmp_path, lambda t: t.__setitem__(key, torch.full((1,), 1e-40)))
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(key)}': expected a finite positive scale, got "
+                                              r".*below fp32's smallest normal number"):
+        load_layer(CheckpointReader(path), CFG, 1, 0, 4)
+
+
 def test_truncated_single_file_is_rejected_when_the_reader_opens_it(ckpt, tmp_path):
     path = _copy(ckpt, tmp_path)
     f = path / "model.safetensors"
@@ -156,14 +172,59 @@ def test_truncated_single_file_is_rejected_when_the_reader_opens_it(ckpt, tmp_pa
 
 
 def test_truncated_shard_fails_the_load_before_reading_data(ckpt, tmp_path):
-    for f in ckpt.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    last = tmp_path / "model-00001-of-00005.safetensors"
+    last = _shards(ckpt, tmp_path)
     last.write_bytes(last.read_bytes()[:-10])
     reader = CheckpointReader(tmp_path)
     with pytest.raises(CheckpointError, match="truncated"):
         load_layer(reader, CFG, 1, 0, 4)
     assert reader.tensors_read == []
+
+
+def _shards(ckpt, dst):
+    """A copy of the sharded checkpoint ckpt in dst, and its first shard (rank 0's experts of layer 1)."""
+    for f in ckpt.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst / "model-00001-of-00005.safetensors"
+
+
+def test_a_tensor_whose_data_span_does_not_fit_its_shape_is_named_before_any_read(ckpt, tmp_path):
+    key = EXPERT.format(3, "up_proj", "weight")
+    shard = _shards(ckpt, tmp_path)
+
+    def shorten(header):
+        header[key]["data_offsets"][1] -= 1
+        return header
+
+    _rewrite_header(shard, shorten)
+    reader = CheckpointReader(tmp_path)
+    size = CFG.moe_intermediate_size * CFG.hidden_size // 2  # packed E2M1 codes: a byte per two
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(key)}' expected {size} bytes of data for its "
+                                              rf"shape and dtype, got data_offsets \[\d+, \d+\] \({size - 1} bytes\)"):
+        load_layer(reader, CFG, 1, 0, 4)
+    assert reader.tensors_read == []
+
+
+def test_bytes_past_a_shards_last_tensor_fail_the_load_before_any_read(ckpt, tmp_path):
+    shard = _shards(ckpt, tmp_path)
+    shard.write_bytes(shard.read_bytes() + bytes(64))
+    reader = CheckpointReader(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard.name)}: cannot open"):
+        load_layer(reader, CFG, 1, 0, 4)
+    assert reader.tensors_read == []
+
+
+def test_the_index_file_given_as_the_path_reads_its_checkpoint(ckpt):
+    by_index = load_layer(CheckpointReader(ckpt / INDEX_FILE), CFG, 1, 0, 4)
+    by_dir = load_layer(CheckpointReader(ckpt), CFG, 1, 0, 4)
+    assert torch.equal(by_index.experts.w13, by_dir.experts.w13)
+
+
+def test_a_file_that_is_neither_safetensors_nor_the_index_is_rejected(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"expected a directory, its {INDEX_FILE} or a \.safetensors file, "
+                                              rf"got {re.escape(str(f))}"):
+        CheckpointReader(f)
 
 
 def test_corrupt_header_is_reported_with_the_file(tmp_path):

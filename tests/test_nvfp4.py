@@ -197,6 +197,9 @@ def test_dynamic_global_scale_is_one_correctly_rounded_division(gen):
 @pytest.mark.parametrize("value,message", [
     (1e-50, "s: expected a finite positive scale, got 1e-50 (as fp32: 0.0)"),  # the kernels' fp32 loses it
     (float("nan"), "s: expected a finite positive scale, got nan"),
+    (1e-40, "s: expected a finite positive scale, got 1e-40 (as fp32: 9.99994610111476e-41) (below fp32's smallest "
+            "normal number, 1.1754943508222875e-38: its reciprocal is infinite)"),  # a scale the runtime divides by
+    (torch.ones(2), "s: expected one value, got shape (2,)"),
     ("0.5", "s: expected a number or a tensor, got str"),
 ])
 def test_a_scale_is_checked_as_the_fp32_the_kernels_use_and_reported_as_given(value, message):
