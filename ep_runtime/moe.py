@@ -40,6 +40,10 @@ from .weights import ExpertWeights, check_dense
 STAGES = ("checks", "staging", "shared_expert", "routing", "prepare", "experts", "finalize")
 
 
+def _no_marker(stage: str) -> None:
+    """The default stage marker: a module-level function rather than a lambda, so that a layer pickles (torch.save)."""
+
+
 class _StageRanges:
     """While a profiler records: a range ep_moe.<stage> around each stage of a forward in turn. Each stage's mark
     closes its range, tells the layer's stage marker and opens the next stage's; close() ends whichever is open (a
@@ -139,10 +143,13 @@ class EPMoE(nn.Module):
         # tokens since it was last zeroed, added to by every forward: in replicated mode every rank's tokens are all
         # the tokens, so every rank holds the layer's counts; in dp mode its own tokens' (not the rows forward pads;
         # rows a caller pads count as tokens).
-        self.expert_load = torch.zeros(m.n_routed_experts, dtype=torch.int64, device=device) if rt.expert_load else None
-        self._one = torch.ones(1, dtype=torch.int64, device=device)  # expanded as index_add_'s source: no allocation
+        self.expert_load, self._one = None, None
+        if rt.expert_load:  # counted into by forwards outside inference mode too, as the scratch is written
+            with torch.inference_mode(False):
+                self.expert_load = torch.zeros(m.n_routed_experts, dtype=torch.int64, device=device)
+            self._one = torch.ones(1, dtype=torch.int64, device=device)  # expanded as index_add_'s source
         # Called with a stage's name after each stage of forward (STAGES, in order): benchmarks record events there.
-        self.stage_marker: Callable[[str], None] = lambda name: None
+        self.stage_marker: Callable[[str], None] = _no_marker
         # The layer input's static global scale, once rather than in every forward.
         self._l1_gs = None if rt.act_scale == "dynamic" else 1.0 / self.experts.l1_input_scale
         self._split_tokens, inter = shared_split(cfg, world_size, self.backend)
@@ -177,7 +184,7 @@ class EPMoE(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         """A copy (copy.copy, copy.deepcopy) is another layer: it gets its own handle for torch.compile's graphs, and
-        its own expert load count (from the original's counts)."""
+        its own expert load count (from the original's counts); it shares the original's scratch."""
         super().__setstate__(state)
         self._handle = register(self)
         if self.expert_load is not None:
@@ -366,6 +373,9 @@ class EPMoE(nn.Module):
         else:
             self._validate(hidden, input_ids, check)
             own = hidden.shape[0]
+        # Any layout in, the same bits out: the staging kernel reads rows, and the router's GEMM sums in an order that
+        # follows the layout (no copy for a contiguous input).
+        hidden = hidden.contiguous()
         t = hidden.shape[0]
         mark("checks")
         acts = self.stage_activations(hidden, check)
@@ -520,7 +530,8 @@ class CapturedLayer:
 
         load = None if moe.expert_load is None else moe.expert_load.clone()
         try:
-            self.graph = cuda_graphs.capture(step)
+            with torch.cuda.device(moe.device):  # the capture's streams are the current device's (replays set it)
+                self.graph = cuda_graphs.capture(step)
         finally:
             if load is not None:  # the capture's warm-up forwards ran no tokens of the caller's
                 moe.expert_load.copy_(load)

@@ -164,7 +164,7 @@ class Router(nn.Module):
     def check_token_ids(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, check: bool = True) -> None:
         """A hash-routed layer's token ids: one integer per row of hidden, in the vocabulary (check=True, which syncs
         the host). Other layers take any input_ids."""
-        if self.tid2eid is None:
+        if not self.by_token_id:
             return
         if input_ids is None:
             raise ValueError("input_ids: a hash-routed layer needs the token ids, got None")

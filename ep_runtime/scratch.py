@@ -74,7 +74,23 @@ class LayerScratch:
     shared_done: torch.cuda.Event | None = None
     shared_slice: ExpertWorkspace | None = None  # the shared expert's intermediate slice (scratch.shared_split)
 
+    def __deepcopy__(self, memo: dict) -> "LayerScratch":
+        """A deep copy of a layer (or of a model) shares its scratch, as the layers of a model do: nothing in it
+        outlives a forward, and a symmetric buffer has no copy (the peers map this one's arena, not a copy's)."""
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (torch.save of a layer or model) keeps a scratch of one rank's reference path only: a CUDA
+        scratch's streams and a symmetric buffer's peers belong to the processes that made them."""
+        if self.needs["backend"] == "cuda" or self.needs["world_size"] > 1:
+            raise TypeError(f"LayerScratch: a scratch of the {self.needs['backend']} backend on "
+                            f"{self.needs['world_size']} rank(s) cannot be pickled (torch.save): its streams and "
+                            f"symmetric buffer belong to this process and its peers; save the checkpoint and build the "
+                            f"layers with EPMoE.from_checkpoint instead")
+        return self.__dict__
+
     @classmethod
+    @torch.inference_mode(False)  # buffers written by every forward, whatever the mode a model is built in
     def allocate(cls, cfg: Config, rank: int, world_size: int, device: torch.device, backend: str) -> "LayerScratch":
         """Allocate a scratch for layers of this config (a collective call with several ranks: the symmetric
         buffer's backend allocates and exchanges its arena)."""

@@ -1,6 +1,7 @@
 """EPMoE as an nn.Module a custom model calls: construction, validation, capacity."""
 import copy
 import dataclasses
+import pickle
 import re
 
 import pytest
@@ -163,6 +164,16 @@ def test_a_failed_construction_leaves_the_callers_weights_as_they_were(cuda_simu
     with pytest.raises(ValueError, match=r"weights.shared.w2_scale: block scales must be finite, non-negative UE4M3; "
                                          r"found byte 0x7F at \(0, 1, 0\)"):
         EPMoE(CFG, w)
+    assert _same_bytes(w.experts, experts) and _same_bytes(w.shared, shared)
+
+
+def test_a_non_contiguous_stack_fails_construction_before_any_stack_is_tiled(cuda_simulated):
+    w = _layer()
+    w.shared.w2 = w.shared.w2.transpose(1, 2).contiguous().transpose(1, 2)  # the same bytes, column-major
+    experts, shared = w.experts.clone(), w.shared.clone()
+    with pytest.raises(ValueError, match=r"weights.shared.w2: expected a contiguous tensor"):
+        EPMoE(CFG, w)
+    assert w.experts.layout == w.shared.layout == "rows"
     assert _same_bytes(w.experts, experts) and _same_bytes(w.shared, shared)
 
 
@@ -585,6 +596,50 @@ def test_a_copy_of_a_layer_counts_its_expert_load_on_its_own(gen):
     twin(*_tokens(gen, 2))
     assert int(twin.expert_load.sum()) == 6 * M.num_experts_per_tok
     assert int(moe.expert_load.sum()) == 4 * M.num_experts_per_tok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_contiguous_hidden_gives_the_bits_of_its_contiguous_copy(gen, dtype):
+    moe = EPMoE(CFG, _layer())
+    hidden, ids = _tokens(gen, 7)
+    transposed = hidden.to(dtype).t().contiguous().t()  # the same values, column-major
+    assert not transposed.is_contiguous()
+    assert torch.equal(moe(transposed, ids), moe(transposed.contiguous(), ids))
+
+
+def test_a_layer_built_in_inference_mode_runs_outside_it(gen):
+    cfg = CFG.replace(expert_load=True)
+    with torch.inference_mode():  # as a server may load its model
+        built_there = EPMoE(cfg, _layer())
+    tokens = _tokens(gen, 5)
+    with torch.no_grad():
+        assert torch.equal(built_there(*tokens), EPMoE(cfg, _layer())(*tokens))
+    assert int(built_there.expert_load.sum()) == 5 * M.num_experts_per_tok
+
+
+@pytest.mark.parametrize("needs", [dict(backend="cuda"), dict(world_size=2)])
+def test_a_scratch_of_streams_or_peers_refuses_to_be_pickled(needs):
+    scratch = EPMoE(CFG, _layer()).scratch
+    other = LayerScratch({**scratch.needs, **needs}, scratch.buffer)  # as made for the CUDA backend, or two ranks
+    with pytest.raises(TypeError, match=r"LayerScratch: a scratch of the \w+ backend on \d rank\(s\) cannot be "
+                                        r"pickled \(torch.save\)"):
+        pickle.dumps(other)
+
+
+def test_a_deep_copy_of_a_layer_shares_its_scratch(gen):
+    moe = EPMoE(CFG, _layer())
+    twin = copy.deepcopy(moe)
+    assert twin.scratch is moe.scratch and twin.experts.w13 is not moe.experts.w13
+    tokens = _tokens(gen, 5)
+    assert torch.equal(twin(*tokens), moe(*tokens))
+
+
+def test_a_layer_saved_whole_loads_back_giving_the_same_outputs(gen, tmp_path):
+    moe = EPMoE(CFG, _layer())
+    tokens = _tokens(gen, 5)
+    torch.save(moe, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert torch.equal(loaded(*tokens), moe(*tokens))
 
 
 @pytest.mark.parametrize("changes,activations", [(dict(act_mode="bf16"), "bf16"),

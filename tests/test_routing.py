@@ -80,6 +80,14 @@ def test_router_hash_layer_needs_input_ids():
         r(torch.randn(3, 64))
 
 
+def test_a_sigmoid_router_handed_a_table_checks_no_token_ids():
+    # V3 scoring routes by scores whatever table it holds; the checks of several ranks' inputs call this first
+    r = Router(_cfg(scoring_func="sigmoid", num_hash_layers=0, n_group=1, topk_group=1), torch.randn(8, 64),
+               tid2eid=torch.zeros(10, 2, dtype=torch.int32))
+    r.check_token_ids(torch.randn(3, 64), None)
+    r.check_token_ids(torch.randn(3, 64), torch.tensor([0, 10, 99]))
+
+
 def test_router_rejects_token_ids_outside_the_vocabulary():
     r = Router(_cfg(), torch.randn(8, 64), tid2eid=torch.zeros(10, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 10\)"):

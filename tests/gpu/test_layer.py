@@ -1,4 +1,5 @@
 """The whole MoE layer on one GPU: CUDA expert stage vs the reference path, graph replay, capacity."""
+import copy
 import gc
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from ep_runtime import cuda_graphs
 from ep_runtime.moe import EPMoE, cuda_backend_available
 
-from layer_case import cosine, layer_config, layer_inputs, poison_module, residual_model
+from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module, residual_model
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -53,6 +54,50 @@ def test_graph_replay_gives_the_eager_bits(seed):
     replayed = captured.replay().clone()
     poison_module(moe)
     assert torch.equal(replayed, moe(x2))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_a_layer_on_a_gpu_other_than_the_current_one_captures_and_replays_its_eager_bits(seed):
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() != dev.index
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=dev)
+    eager, replayed = eager_and_replayed(moe, layer_inputs(cfg, seed, dev))
+    assert torch.equal(replayed, eager)
+
+
+def test_a_cuda_layer_built_in_inference_mode_runs_outside_it(seed):
+    cfg = layer_config(1, "backend=cuda", "expert_load=true", seed=seed)
+    with torch.inference_mode():  # as a server may load its model
+        built_there = EPMoE.from_synthetic(cfg, device=DEV)
+    x = layer_inputs(cfg, seed, DEV)
+    with torch.no_grad():
+        assert torch.equal(built_there(x), EPMoE.from_synthetic(cfg, device=DEV)(x))
+    assert int(built_there.expert_load.sum()) == x.shape[0] * cfg.model.num_experts_per_tok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_non_contiguous_hidden_gives_the_bits_of_its_contiguous_copy_on_the_gpu(seed, dtype):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    transposed = layer_inputs(cfg, seed, DEV).to(dtype).t().contiguous().t()
+    assert torch.equal(moe(transposed), moe(transposed.contiguous()))
+
+
+def test_a_deep_copy_of_a_cuda_layer_shares_its_scratch_and_gives_its_bits(seed):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    moe = EPMoE.from_synthetic(cfg, device=DEV)
+    twin = copy.deepcopy(moe)
+    x = layer_inputs(cfg, seed, DEV)
+    assert twin.scratch is moe.scratch and twin.experts.w13.data_ptr() != moe.experts.w13.data_ptr()
+    assert torch.equal(twin(x), moe(x))
+
+
+def test_saving_a_cuda_layer_whole_is_refused_with_what_to_do_instead(seed, tmp_path):
+    moe = EPMoE.from_synthetic(layer_config(1, "backend=cuda", seed=seed), device=DEV)
+    with pytest.raises(TypeError, match="LayerScratch: a scratch of the cuda backend on 1 rank.* "
+                                        "EPMoE.from_checkpoint"):
+        torch.save(moe, tmp_path / "layer.pt")
 
 
 def test_repeated_forwards_are_bitwise_identical(seed):
