@@ -122,8 +122,7 @@ def main() -> None:
     torch.cuda.set_device(local)
     device = torch.device("cuda", local)
     tokens = [int(t) for t in args.tokens.split(",")]
-    # runtime.tokens (the main job's batch, unused here) may not exceed max_tokens
-    cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}", f"tokens={max(tokens)}",
+    cfg = load_config("deepseek_v4_pro", [f"world_size={world}", f"max_tokens={max(tokens)}",
                                           "backend=cuda", f"act_mode={args.act_mode}", "act_scale=static",
                                           f"token_mode={args.token_mode}"])
     init_process_group(device, cfg.runtime.barrier_timeout_s)

@@ -62,8 +62,7 @@ def main() -> None:
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
     tokens = [int(t) for t in os.environ.get("TOKENS", "1,128").split(",")]
-    # runtime.tokens (the main job's batch, unused here) may not exceed max_tokens
-    cfg = load_config("deepseek_v4_pro", ["world_size=1", f"max_tokens={max(tokens)}", f"tokens={max(tokens)}",
+    cfg = load_config("deepseek_v4_pro", ["world_size=1", f"max_tokens={max(tokens)}",
                                           "backend=cuda", "act_mode=nvfp4", "act_scale=static"])
     moe = EPMoE.from_synthetic(cfg, cfg.model.num_hash_layers, 0, 1, device=dev)
     g = torch.Generator(device=dev).manual_seed(1)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import MAX_TIMEOUT_S
-from .dist_utils import CommMismatchError, CommTimeoutError
+from .dist_utils import CommMismatchError, CommTimeoutError, check_timeout
 from .ops import check_same_device, check_tensor, define_op, launch
 
 ALGOS = ("auto", "oneshot", "twoshot")
@@ -44,15 +44,11 @@ def resolve_oneshot_max_bytes(world_size: int, value: int | None = None) -> int:
     if value is not None:
         return value
     env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
-    return int(env) if env else DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
-
-
-def check_timeout(timeout_s: float) -> float:
-    """A barrier's timeout: finite and positive seconds (the kernels count in 64-bit nanoseconds, where infinity
-    would wrap to no time at all)."""
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
-        raise ValueError(f"timeout_s: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
-    return float(timeout_s)
+    if not env:
+        return DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
+    if not env.isdigit():  # digits only: a count of bytes, >= 0
+        raise ValueError(f"EP_ALLREDUCE_ONESHOT_MAX_BYTES: expected a whole number of bytes, got {env!r}")
+    return int(env)
 
 
 def validate_all_reduce_args(t: torch.Tensor, algo: str) -> None:

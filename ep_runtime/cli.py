@@ -44,7 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="level of the ep_runtime log on stderr (info: the chosen backends and buffer capacities)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Checked before the job starts its ranks, loads and times anything: either would fail only at its end.
+    if args.graph and (args.device == "cpu" or not torch.cuda.is_available()):
+        p.error(f"--graph: CUDA-graph replays need a GPU, got --device {args.device} "
+                f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA device is visible'})")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out: expected a file in an existing directory, got {args.out}")
+    return args
 
 
 def _synchronize(device: torch.device) -> None:
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
             not any(o.split("=")[0].endswith("world_size") for o in overrides):
         overrides.insert(0, f"world_size={torch.cuda.device_count()}")  # one rank per visible GPU
     cfg = load_config(name, overrides)
+    if cfg.runtime.tokens > cfg.runtime.max_tokens:
+        raise ValueError(f"runtime.tokens: expected at most max_tokens={cfg.runtime.max_tokens}, got "
+                         f"{cfg.runtime.tokens}")
     job = (cfg, args.checkpoint, args.device, not args.no_reference, args.graph, args.out, args.log_level)
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])

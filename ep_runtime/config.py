@@ -5,6 +5,7 @@ import dataclasses
 import math
 import operator
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,15 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's numbers: PyYAML follows YAML 1.1, which reads 1e3 and 25e-1 (no dot, or no exponent sign) as
+    strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
 def _is_kind(v: Any, kind: type) -> bool:
@@ -125,7 +135,7 @@ class RuntimeConfig:
     # count each routed expert's (token, k) assignments in EPMoE.expert_load, added by every forward (a captured
     # graph's replays too): for monitoring routing balance, e.g. to re-place experts
     expert_load: bool = False
-    tokens: int = 64  # main job: tokens per forward
+    tokens: int = 64  # main job: tokens per forward (at most max_tokens, checked by the job: layers never read it)
     layer: int = 0  # main job: which MoE layer of the checkpoint
     iters: int = 10  # main job: timed forwards (the same count on every rank)
     seed: int = 0
@@ -137,8 +147,8 @@ class RuntimeConfig:
         _check_fields(self, "runtime", choices,
                       positive=("world_size", "max_tokens", "tokens", "iters", "barrier_timeout_s"),
                       non_negative=("layer", "seed", "shared_split_tokens"))
-        if self.tokens > self.max_tokens:
-            raise ValueError(f"runtime.tokens: expected at most max_tokens={self.max_tokens}, got {self.tokens}")
+        if self.seed >= 2**32:  # the seeds made from it (seed * 7919 + layer, seed + rank) stay within torch's 64 bits
+            raise ValueError(f"runtime.seed: expected at most {2**32 - 1}, got {self.seed}")
         if self.barrier_timeout_s > MAX_TIMEOUT_S:
             raise ValueError(f"runtime.barrier_timeout_s: expected at most {MAX_TIMEOUT_S:g} s, got "
                              f"{self.barrier_timeout_s!r}")
@@ -208,7 +218,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
     """Load a YAML config and apply `section.key=value` (or bare `key=value`) overrides."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"config {path}: malformed YAML ({e})") from None
     if not isinstance(raw, dict) or "model" not in raw:
@@ -244,6 +254,6 @@ def _apply_override(item: str, model: dict, runtime: dict) -> None:
     if name not in keys:
         raise ValueError(f"override: unknown key {key!r}")
     try:
-        target[name] = yaml.safe_load(value)
+        target[name] = yaml.load(value, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ValueError(f"override {item!r}: malformed value ({e})") from None

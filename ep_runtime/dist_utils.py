@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .config import MAX_TIMEOUT_S
+
 
 class CommError(Exception):
     """A P2P collective failed on the GPU (which cannot raise): every rank must call its backend's reset_signals()
@@ -98,6 +100,14 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
+def check_timeout(timeout_s: float) -> float:
+    """A barrier's timeout: finite and positive seconds (the kernels count in 64-bit nanoseconds, where infinity
+    would wrap to no time at all)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout_s!r}")
+    return float(timeout_s)
+
+
 # Per process group, how many barriers this rank has entered: the ranks' n-th barriers meet on the same keys.
 _barrier_count: dict[str, int] = {}
 
@@ -106,6 +116,7 @@ def host_barrier(timeout_s: float, group: dist.ProcessGroup | None = None) -> No
     """Wait on the host for every rank of the group, through the group's store, so it works over any backend (gloo,
     NCCL). After timeout_s every waiting rank raises CommTimeoutError naming itself and the ranks that did not
     arrive. A rank that timed out has left its group's barriers out of step: end the job."""
+    check_timeout(timeout_s)
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if world == 1:
@@ -117,6 +128,9 @@ def host_barrier(timeout_s: float, group: dist.ProcessGroup | None = None) -> No
     store.set(keys[rank], "1")
     try:
         store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as e:  # the store's host (rank 0 of a spawned job) is gone: nobody to ask
+        raise RuntimeError(f"rank {rank}: barrier over {world} ranks lost the group's store (its host process, rank 0 "
+                           f"unless torchrun hosts it, has ended?): {e}") from None
     except dist.DistError:
         missing = [q for q, key in enumerate(keys) if not store.check([key])]
         raise CommTimeoutError(f"rank {rank}: barrier over {world} ranks timed out after {timeout_s:g}s waiting "

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.distributed as dist
 
-from .dist_utils import collective, host_barrier
+from .dist_utils import check_same_on_every_rank, collective, host_barrier
 from .nvfp4 import NVFP4Tensor, check_finite, quantize
 
 log = logging.getLogger("ep_runtime")
@@ -105,6 +105,10 @@ class CpuBackend(GroupCollectives):
         self.world_size = dist.get_world_size(group) if distributed else 1
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A region (collective with several ranks, as the P2P backends' carving: ranks built for other shapes or
+        dtypes would meet in collectives of other sizes, which gloo answers by aborting the process)."""
+        if self.world_size > 1:
+            check_same_on_every_rank({"region": (name, tuple(shape), str(dtype))}, self.group)
         return torch.empty(shape, dtype=dtype, device=self.device)
 
     def barrier(self, timeout_s: float) -> None:
@@ -168,10 +172,14 @@ class SymmBuffer:
                  backend.name, backend.rank, backend.world_size, max_tokens, hidden, topk, act_mode, out_dtype,
                  sources)
 
-    def check_tokens(self, num_tokens: int, name: str = "hidden") -> None:
-        if num_tokens > self.max_tokens:
-            raise ValueError(f"{name}: {num_tokens} tokens exceed the symmetric buffer capacity "
-                             f"max_tokens={self.max_tokens}")
+    def check_tokens(self, num_tokens: int, name: str = "hidden", gathered: bool = False) -> None:
+        """num_tokens rows fit the buffer: a rank's own regions, or (gathered) the regions of every rank's tokens."""
+        if num_tokens > self.max_tokens * (self.sources if gathered else 1):
+            held = f"max_tokens={self.max_tokens}"
+            held = f"{self.sources} ranks x {held}" if gathered else held
+            raise ValueError(f"{name}: {num_tokens} tokens exceed the symmetric buffer capacity {held}")
+        if num_tokens < 0:
+            raise ValueError(f"{name}: expected a token count >= 0, got {num_tokens}")
 
     def _check_rows(self, t: torch.Tensor, name: str, dtype: torch.dtype | None, width: int,
                     rows: int | None = None) -> int:
@@ -192,6 +200,7 @@ class SymmBuffer:
 
     def activations(self, num_tokens: int, gathered: bool = False) -> NVFP4Tensor | torch.Tensor:
         """Views of the first num_tokens rows of the staged activations (of the gathered ones: every rank's)."""
+        self.check_tokens(num_tokens, "num_tokens", gathered)
         x = self.x_gathered if gathered else self.x
         if self.act_mode != "nvfp4":
             return x[:num_tokens]
@@ -232,7 +241,7 @@ class SymmBuffer:
 
     def routing(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the topk ids and weights of the first num_tokens rows (a router's `out`)."""
-        self.check_tokens(num_tokens)
+        self.check_tokens(num_tokens, "num_tokens")
         return self.topk_idx[:num_tokens], self.topk_weights[:num_tokens]
 
     def gather(self, num_tokens: int) -> tuple[NVFP4Tensor | torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,6 +250,7 @@ class SymmBuffer:
         everywhere (EPMoE's checks make sure of that)."""
         if self.sources == 1:
             raise ValueError("gather: this buffer holds one rank's tokens (token_mode 'replicated'): nothing to gather")
+        self.check_tokens(num_tokens, "num_tokens")
         n = self.sources * num_tokens
         if num_tokens:  # one call for every region (the P2P backends: one launch)
             self.backend.all_gather([getattr(self, f"{name}_gathered")[:n] for name in self._gathered],

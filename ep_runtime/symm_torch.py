@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from .allreduce import SymmAllReduce, resolve_oneshot_max_bytes
-from .dist_utils import check_same_on_every_rank, collective, host_barrier, resolve_device
+from .config import MAX_TIMEOUT_S
+from .dist_utils import check_same_on_every_rank, check_timeout, collective, host_barrier, resolve_device
 from .symm import align as _align
 
 for _var, _val in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -29,6 +30,15 @@ DEFAULT_CAPACITY_BYTES = 256 << 20
 # Device-side barriers give up after this long. Ranks must reach their first collective within it of each
 # other, so start-up skew (one rank still loading weights) wants a host barrier first, or a larger value.
 DEFAULT_TIMEOUT_S = 10.0
+
+
+def timeout_from_env() -> float:
+    """The P2P backends' barrier timeout: EP_SYMM_TIMEOUT_S seconds, else DEFAULT_TIMEOUT_S."""
+    env = os.environ.get("EP_SYMM_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        return check_timeout(float(env))
+    except ValueError:
+        raise ValueError(f"EP_SYMM_TIMEOUT_S: expected seconds in (0, {MAX_TIMEOUT_S:g}], got {env!r}") from None
 
 
 class P2PArenaBackend:
@@ -55,7 +65,7 @@ class P2PArenaBackend:
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.capacity = _align(capacity_bytes if capacity_bytes is not None else DEFAULT_CAPACITY_BYTES)
         if timeout_s is None:
-            timeout_s = float(os.environ.get("EP_SYMM_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+            timeout_s = timeout_from_env()
         # Every rank's kernels work on the same signal blocks and buffers: a rank picking another algorithm or grid
         # than its peers would race with them or time out, and one with another capacity would look for its peers'
         # signal blocks (which follow the capacity) elsewhere in their arenas.
@@ -83,11 +93,12 @@ class P2PArenaBackend:
         shape = tuple(int(s) for s in shape)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         offset = _align(self._used)
+        # First, so that ranks carving other regions fail together, naming the region, before one of them overflows.
+        check_same_on_every_rank({"region": (name, offset, shape, str(dtype))}, self.group)
         if offset + nbytes > self.capacity:
             raise ValueError(f"{name}: {nbytes} bytes at offset {offset} exceed the symmetric arena of "
                              f"{self.capacity} bytes; construct the backend with capacity_bytes >= "
                              f"{_align(offset + nbytes)} (see region_bytes)")
-        check_same_on_every_rank({"region": (name, offset, shape, str(dtype))}, self.group)
         self._regions[name] = (offset, shape, dtype)
         self._used = offset + nbytes
         log.info("%s: region %s %s %s at offset %d (%d B), arena used %d/%d B", type(self).__name__, name, shape,

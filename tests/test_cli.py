@@ -46,6 +46,21 @@ def test_bad_config_values_fail_with_a_message():
     assert proc.returncode != 0 and "world_size: must divide" in proc.stderr
 
 
+def test_a_job_of_more_tokens_than_the_buffer_holds_fails_with_a_message():
+    proc = _cli("--set", "max_tokens=16", "--set", "tokens=17", timeout=120)
+    assert proc.returncode != 0 and "runtime.tokens: expected at most max_tokens=16, got 17" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--graph"], "--graph: CUDA-graph replays need a GPU, got --device cpu"),
+    (["--out", "/nonexistent_dir/r.json"],
+     "--out: expected a file in an existing directory, got /nonexistent_dir/r.json"),
+])
+def test_options_the_job_cannot_honour_fail_before_it_starts(args, message):
+    proc = _cli(*args, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_the_job_logs_its_buffer_backend_and_capacity():
     proc = _cli("--set", "world_size=1", "--set", "iters=1", "--no-reference", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
-from ep_runtime.allreduce import (SymmAllReduce, validate_all_gather_args, validate_all_reduce_args,
-                                  validate_reduce_scatter_args)
-from ep_runtime.dist_utils import CommError, CommMismatchError, CommTimeoutError, check_same_values
+from ep_runtime.allreduce import (SymmAllReduce, resolve_oneshot_max_bytes, validate_all_gather_args,
+                                  validate_all_reduce_args, validate_reduce_scatter_args)
+from ep_runtime.dist_utils import CommError, CommMismatchError, CommTimeoutError, check_same_values, host_barrier
 from ep_runtime.staging import validate_stage_args
 from ep_runtime.symm import CpuBackend, SymmBuffer, make_backend, region_bytes
-from ep_runtime.symm_torch import TorchSymmBackend
+from ep_runtime.symm_torch import TorchSymmBackend, timeout_from_env
 
 H = 128
 
@@ -222,6 +222,34 @@ def test_all_reduce_settings_that_differ_between_ranks_are_named_with_both_value
 
 def test_all_reduce_settings_equal_on_every_rank_pass() -> None:
     check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8}] * 4, rank=2)
+
+
+@pytest.mark.parametrize("view,n,message", [
+    ("routing", 17, "num_tokens: 17 tokens exceed the symmetric buffer capacity max_tokens=16"),
+    ("routing", -1, "num_tokens: expected a token count >= 0, got -1"),
+    ("activations", 17, "num_tokens: 17 tokens exceed the symmetric buffer capacity max_tokens=16"),
+    ("activations", -2, "num_tokens: expected a token count >= 0, got -2"),
+])
+def test_the_buffers_row_views_refuse_counts_outside_its_capacity(view, n, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(_buffer(), view)(n)
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, float("inf"), float("nan")])
+def test_a_host_barrier_refuses_a_timeout_that_is_not_finite_positive_seconds(timeout_s) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"timeout_s: expected seconds in (0, 1e+09], got {timeout_s!r}")):
+        host_barrier(timeout_s)
+
+
+@pytest.mark.parametrize("variable,value,read", [
+    ("EP_SYMM_TIMEOUT_S", "ten", timeout_from_env), ("EP_SYMM_TIMEOUT_S", "-1", timeout_from_env),
+    ("EP_ALLREDUCE_ONESHOT_MAX_BYTES", "64k", lambda: resolve_oneshot_max_bytes(2)),
+    ("EP_ALLREDUCE_ONESHOT_MAX_BYTES", "-5", lambda: resolve_oneshot_max_bytes(2)),
+])
+def test_a_malformed_environment_setting_is_named(monkeypatch, variable, value, read) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=rf"{variable}: expected .*, got '{value}'"):
+        read()
 
 
 def test_a_buffer_of_one_ranks_tokens_has_nothing_to_gather() -> None:

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from ep_runtime.config import ModelConfig, load_config
+from ep_runtime.config import CONFIG_DIR, ModelConfig, load_config
 
 
 @pytest.mark.parametrize("name,hidden,inter,experts,topk,limit", [
@@ -90,6 +90,20 @@ def test_a_flag_is_set_by_true():
     assert load_config("tiny", ["expert_load=true"]).runtime.expert_load is True
 
 
+@pytest.mark.parametrize("text,value", [("1e3", 1000.0), ("25e-1", 2.5), (".5E+1", 5.0)])
+def test_numbers_in_exponent_notation_are_numbers(text, value, tmp_path):
+    # YAML 1.1 (PyYAML) would read the first two as strings
+    assert load_config("tiny", [f"routed_scaling_factor={text}"]).model.routed_scaling_factor == value
+    f = tmp_path / "c.yaml"
+    f.write_text((CONFIG_DIR / "tiny.yaml").read_text().replace("routed_scaling_factor: 2.5",
+                                                                f"routed_scaling_factor: {text}"))
+    assert load_config(str(f)).model.routed_scaling_factor == value
+
+
+def test_a_layers_config_may_hold_fewer_tokens_than_the_main_jobs_default():
+    assert load_config("tiny", ["max_tokens=16"]).runtime.max_tokens == 16
+
+
 def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
     with pytest.raises(ValueError, match=r"runtime\.max_tokens: expected an integer, got 2\.5 \(float\)"):
         load_config("tiny", ["max_tokens=2.5", "tokens=2"])
@@ -108,6 +122,7 @@ def test_a_value_of_the_wrong_type_reports_the_value_and_its_type():
     ("layer=-1", "runtime.layer"),
     ("layer=2", "runtime.layer"),  # tiny has MoE layers 0 and 1
     ("seed=-1", "runtime.seed"),
+    ("seed=4294967296", "runtime.seed"),
     ("barrier_timeout_s=0", "runtime.barrier_timeout_s"),
     ("shared_split_tokens=-1", "runtime.shared_split_tokens"),
 ])

@@ -15,7 +15,7 @@ from ep_runtime.checkpoint import synthetic_layer, write_synthetic_checkpoint
 from ep_runtime.config import load_config
 from ep_runtime.dist_utils import fallback_device, init_process_group, share_rows, spawn_local
 from ep_runtime.moe import EPMoE
-from ep_runtime.symm import CpuBackend, make_backend
+from ep_runtime.symm import CpuBackend, SymmBuffer, make_backend
 
 V3_STYLE = ["scoring_func=sigmoid", "num_hash_layers=0", "n_group=4", "topk_group=2", "swiglu_limit=null"]
 
@@ -142,6 +142,48 @@ def test_every_rank_at_the_barrier_fails_within_the_timeout_naming_the_absent_ra
         elapsed, msg = _read(tmp_path, rank)
         assert elapsed < 1 + 2
         assert msg == f"rank {rank}: barrier over 3 ranks timed out after 1s waiting for rank(s) [{absent}]"
+
+
+def _store_host_gone_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    if rank == 0:  # hosts the group's store (spawn_local's rendezvous), and ends
+        return
+    time.sleep(2)
+    _write(out_dir, rank, lambda: CpuBackend().barrier(timeout_s=30))
+
+
+def test_a_barrier_whose_store_host_has_ended_fails_at_once_naming_the_rank(tmp_path):
+    spawn_local(_store_host_gone_worker, 3, str(tmp_path))
+    for rank in (1, 2):
+        elapsed, msg = _read(tmp_path, rank)
+        assert elapsed < 10
+        assert msg.startswith(f"rank {rank}: barrier over 3 ranks lost the group's store"), msg
+
+
+def _other_dtype_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    dtype = torch.bfloat16 if rank == 1 else torch.float32  # as if rank 1 were configured with runtime.dtype bfloat16
+    _write(out_dir, rank, lambda: SymmBuffer(CpuBackend(), 4, 128, 2, dtype))
+
+
+def test_ranks_whose_buffers_differ_fail_naming_the_region_instead_of_aborting(tmp_path):
+    spawn_local(_other_dtype_worker, 2, str(tmp_path))
+    for rank in range(2):
+        ours, theirs = ("torch.float32", "torch.bfloat16")[::1 if rank == 0 else -1]
+        assert _read(tmp_path, rank)[1] == (f"region: expected the same value on every rank, rank {rank} has ('y', "
+                                            f"(4, 128), '{ours}'), rank {1 - rank} has ('y', (4, 128), '{theirs}')")
+
+
+def _gather_worker(rank, world, out_dir):
+    init_process_group(torch.device("cpu"), 60)
+    buffer = SymmBuffer(CpuBackend(), 4, 128, 2, torch.float32, "bf16", sources=world)
+    _write(out_dir, rank, lambda: buffer.gather(5))
+
+
+def test_a_gather_of_more_tokens_than_a_rank_stages_is_refused(tmp_path):
+    spawn_local(_gather_worker, 2, str(tmp_path))
+    for rank in range(2):
+        assert _read(tmp_path, rank)[1] == "num_tokens: 5 tokens exceed the symmetric buffer capacity max_tokens=4"
 
 
 def _cuda_cpu_backend_worker(rank, world, out_dir):

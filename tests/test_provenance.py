@@ -44,3 +44,9 @@ def test_commit_outside_a_repository_is_unknown(tmp_path, monkeypatch):
     monkeypatch.delenv("EP_COMMIT", raising=False)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert commit(tmp_path) == "unknown"
+
+
+def test_a_package_installed_inside_another_work_tree_does_not_take_its_commit(repo):
+    site_packages = repo / "venv" / "site-packages"  # where a non-editable install would put this package
+    site_packages.mkdir(parents=True)
+    assert commit(site_packages) == "unknown"
