@@ -27,6 +27,7 @@ BLOCK_MS = (0, 64, 128, 256)  # weight rows per tile; 0: the kernel picks
 MAX_ROUTE_TOP_K = 32  # route_v4 keeps a token's experts one per lane of a warp
 MAX_ROUTE_EXPERTS = 1536  # route_v4's selection keeps 8 tokens' scores in 48 KB of shared memory (kMaxRouteExperts)
 ROUTER_LOGITS_MAX_TOKENS = 4  # routing.Router's tokens up to which router_logits beats torch.mm (H200, with route_v4)
+MAX_LOCAL_EXPERTS = 1024  # experts one grouped launch or moe_align takes (kMaxExperts in csrc/grouped_gemm_sm90.cu)
 MIN_WIDE_BLOCK_N = 32  # slot tiles from this width on may take 256 rows (kMinWideSlots in csrc/grouped_gemm_sm90.cu)
 # The K split of launches of few tiles (schedule_units in csrc/grouped_gemm_sm90.cu), per SM: the pieces' sums of its
 # resident CTAs (three of 128 x 8 or two of 128 x 16 outputs) and an arrival count per tile of a launch that splits
@@ -127,6 +128,14 @@ def check_block_scales(scale: object, name: str, rows: int, k: int) -> None:
         check_tensor(scale, name, torch.int32, (rows, k // 64))
     else:
         check_tensor(scale, name, SCALE_DTYPES, (rows, k // 16))
+
+
+def check_int(value: object, name: str, lo: int, hi: int) -> int:
+    """An int argument in [lo, hi]: the ops' schemas take ints (a float 2.0 would fail in the dispatcher, a bool pass
+    as 0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
+    return value
 
 
 def check_top_k(k: int, n: int, name: str = "k") -> None:
@@ -296,10 +305,8 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     inverse pair_slot (T*k,) (-1 for pairs of other ranks). check=True validates the ids (host sync)."""
     check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))
     t, k = topk_idx.shape
-    if not 1 <= num_local <= 1024:
-        raise ValueError(f"num_local: expected 1..1024 local experts, got {num_local}")
-    if expert_begin < 0:
-        raise ValueError(f"expert_begin: expected >= 0, got {expert_begin}")
+    check_int(num_local, "num_local", 1, MAX_LOCAL_EXPERTS)
+    check_int(expert_begin, "expert_begin", 0, 2**31 - 1 - num_local)  # the kernel's expert ids are int32
     check_tensor(counts, "counts", torch.int32, (num_local,))
     check_tensor(offsets, "offsets", torch.int32, (num_local + 1,))
     check_tensor(slot_pair, "slot_pair", torch.int32, (t * k,))
@@ -324,7 +331,9 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
 
 
 def check_tiles(block_n: int, block_m: int, rows: int) -> None:
-    if block_n not in BLOCK_NS:
+    if not isinstance(block_m, int) or isinstance(block_m, bool):  # 64.0 == 64: the dispatcher would refuse it later
+        raise ValueError(f"block_m: expected one of {BLOCK_MS}, got {block_m!r}")
+    if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n not in BLOCK_NS:
         raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
     wide = block_n >= MIN_WIDE_BLOCK_N
     if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and not wide):
@@ -398,6 +407,7 @@ def check_l1_weights(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torc
     """L1's stacked weights (E, 2I, H/2), (E, 2I, H/16), (E, 2); returns (E, H, I). prefix names their owner."""
     check_tensor(w13, prefix + "w13", torch.uint8, (None, None, None))
     e, n2, kh = w13.shape
+    check_int(e, prefix + "w13.shape[0] (experts)", 1, MAX_LOCAL_EXPERTS)
     if n2 % 2:
         raise ValueError(f"{prefix}w13: expected an even row count (I gate rows, then I up rows), got shape "
                          f"{tuple(w13.shape)}")
@@ -414,6 +424,7 @@ def check_l2_weights(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.T
     """L2's stacked weights (E, H, I/2), (E, H, I/16), (E,); returns (E, H, I). prefix names their owner."""
     check_tensor(w2, prefix + "w2", torch.uint8, (None, None, None))
     e, hidden, ih = w2.shape
+    check_int(e, prefix + "w2.shape[0] (experts)", 1, MAX_LOCAL_EXPERTS)
     inter = 2 * ih
     _multiple(hidden, 64, prefix + "w2.shape[1] (hidden)")
     _multiple(inter, 64, prefix + "w2.shape[2] * 2 (intermediate)")
@@ -450,7 +461,8 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     _check_slots(offsets, e)
     check_tensor(slot_pair, "slot_pair", torch.int32, (None,))
     s = slot_pair.shape[0]
-    if topk < 1 or s != act.shape[0] * topk:
+    check_int(topk, "topk", 1, 2**31 - 1)
+    if s != act.shape[0] * topk:
         raise ValueError(f"slot_pair: expected {act.shape[0]} * topk={topk} entries (one per (token, k) pair), got {s}")
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {sorted(EPILOGUES)}, got {epilogue!r}")
@@ -542,6 +554,8 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     [0, T*k) may be read. check=True also checks that pair_slot's entries are -1 or such slots (a host sync)."""
     check_tensor(topk_weights, "topk_weights", torch.float32, (None, None))
     t, k = topk_weights.shape
+    if k < 1:
+        raise ValueError(f"topk_weights: expected at least one column (topk >= 1), got shape {(t, k)}")
     check_tensor(y_slot, "y_slot", torch.float32, (t * k, None))
     hidden = y_slot.shape[1]
     _multiple(hidden, 64, "y_slot.shape[1] (hidden)")
@@ -608,8 +622,8 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
     of 8."""
     check_tensor(hidden, "hidden", torch.bfloat16, (None, None))
     t, h = hidden.shape
-    if h % 8:
-        raise ValueError(f"hidden: expected a hidden size that is a multiple of 8 (16-byte rows), got {h}")
+    if h % 8 or not h:
+        raise ValueError(f"hidden: expected a hidden size that is a positive multiple of 8 (16-byte rows), got {h}")
     check_tensor(weight, "weight", torch.bfloat16, (None, h))
     check_tensor(out, "out", torch.float32, (t, weight.shape[0]))
     check_same_device(dict(hidden=hidden, weight=weight, out=out))

@@ -153,6 +153,39 @@ def test_l2_rejects_output_rows_that_differ_from_the_activation_rows():
                        torch.zeros(9, H))
 
 
+@pytest.mark.parametrize("experts", [0, ops.MAX_LOCAL_EXPERTS + 1])
+def test_the_grouped_gemms_refuse_an_expert_count_their_launch_cannot_take(experts):
+    with pytest.raises(ValueError, match=rf"w13.shape\[0\] \(experts\): expected an int in \[1, 1024\], got {experts}"):
+        ops.check_l1_weights(torch.zeros(experts, 2 * I, H // 2, dtype=torch.uint8),
+                             torch.zeros(experts, 2 * I, H // 16, dtype=torch.float8_e4m3fn), torch.ones(experts, 2))
+    with pytest.raises(ValueError, match=rf"w2.shape\[0\] \(experts\): expected an int in \[1, 1024\], got {experts}"):
+        ops.check_l2_weights(torch.zeros(experts, H, I // 2, dtype=torch.uint8),
+                             torch.zeros(experts, H, I // 16, dtype=torch.float8_e4m3fn), torch.ones(experts))
+
+
+@pytest.mark.parametrize("name,bad", [("topk", 2.0), ("topk", 0), ("block_n", 8.0), ("block_m", 64.0)])
+def test_l1_refuses_a_count_that_is_not_an_int_in_range(name, bad):
+    with pytest.raises(ValueError, match=rf"{name}: expected .*, got {bad!r}"):
+        ops.grouped_l1(**{**good_l1_args(), name: bad})
+
+
+@pytest.mark.parametrize("num_local,expert_begin,message", [
+    (2.0, 0, r"num_local: expected an int in \[1, 1024\], got 2.0"),
+    (E, -1, r"expert_begin: expected an int in \[0, 2147483643\], got -1"),
+    (E, 2**31, r"expert_begin: expected an int in \[0, 2147483643\], got 2147483648"),
+])
+def test_moe_align_refuses_expert_numbers_that_are_not_ints_in_range(num_local, expert_begin, message):
+    bufs = [torch.zeros(n, dtype=torch.int32) for n in (E, E + 1, T * K, T * K)]
+    with pytest.raises(ValueError, match=message):
+        ops.moe_align(torch.zeros(T, K, dtype=torch.int32), num_local, expert_begin, *bufs)
+
+
+def test_combine_refuses_routing_weights_of_no_columns():
+    with pytest.raises(ValueError, match=r"topk_weights: expected at least one column \(topk >= 1\), got shape "
+                                         r"\(5, 0\)"):
+        ops.combine(torch.zeros(0, H), torch.zeros(0, dtype=torch.int32), torch.zeros(T, 0), torch.zeros(T, H))
+
+
 def test_moe_align_rejects_int64_ids():
     bufs = [torch.zeros(n, dtype=torch.int32) for n in (E, E + 1, T * K, T * K)]
     with pytest.raises(TypeError, match="topk_idx: expected dtype torch.int32, got torch.int64"):
@@ -419,7 +452,9 @@ def router_logits_args(t: int = T, e: int = 16, h: int = 64) -> dict:
 @pytest.mark.parametrize("name,bad,error,message", [
     ("hidden", torch.zeros(T, 64), TypeError, "hidden: expected dtype torch.bfloat16, got torch.float32"),
     ("hidden", torch.zeros(T, 60, dtype=torch.bfloat16), ValueError,
-     r"hidden: expected a hidden size that is a multiple of 8 \(16-byte rows\), got 60"),
+     r"hidden: expected a hidden size that is a positive multiple of 8 \(16-byte rows\), got 60"),
+    ("hidden", torch.zeros(T, 0, dtype=torch.bfloat16), ValueError,
+     r"hidden: expected a hidden size that is a positive multiple of 8 \(16-byte rows\), got 0"),
     ("hidden", torch.zeros(64, T, dtype=torch.bfloat16).t(), ValueError, "hidden: expected a contiguous tensor"),
     ("weight", torch.zeros(16, 72, dtype=torch.bfloat16), ValueError,
      r"weight: expected shape \(\*, 64\), got \(16, 72\)"),
