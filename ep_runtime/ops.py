@@ -99,6 +99,9 @@ def check_tensor(t: object, name: str, dtype: torch.dtype | Sequence[torch.dtype
         raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if t.requires_grad and torch.is_grad_enabled():  # the kernels have no backward: their outputs would carry no grad
+        raise ValueError(f"{name}: expected a tensor that does not require grad (the kernels run forward only; call "
+                         f"under torch.no_grad() or pass .detach()), got one that requires grad")
     misaligned = _misalignment(t) if t.numel() else 0
     if misaligned:
         raise ValueError(f"{name}: expected a {ALIGN_BYTES}-byte aligned data pointer, got address % "

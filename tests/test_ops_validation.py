@@ -72,6 +72,15 @@ def test_l1_rejects_non_contiguous_activations():
         ops.grouped_l1(**args)
 
 
+def test_l1_refuses_activations_that_require_grad_outside_no_grad():
+    args = good_l1_args()
+    args["act"] = torch.zeros(T, H, requires_grad=True).bfloat16()
+    with pytest.raises(ValueError, match="act: expected a tensor that does not require grad"):
+        ops.grouped_l1(**args)
+    with torch.no_grad(), pytest.raises(ValueError, match="w13: expected a CUDA tensor"):  # past every other check
+        ops.grouped_l1(**args)
+
+
 def test_l1_rejects_misaligned_output():
     args = good_l1_args()
     args["out_f32"] = misaligned(args["out_f32"])
