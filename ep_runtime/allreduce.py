@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from typing import Callable, Sequence
 
 import torch
 
-from .config import MAX_TIMEOUT_S
 from .dist_utils import CommMismatchError, CommTimeoutError, check_timeout
 from .ops import check_same_device, check_tensor, define_op, launch
 
@@ -46,7 +46,7 @@ def resolve_oneshot_max_bytes(world_size: int, value: int | None = None) -> int:
     env = os.environ.get("EP_ALLREDUCE_ONESHOT_MAX_BYTES")
     if not env:
         return DEFAULT_ONESHOT_MAX_BYTES.get(world_size, 256 << 10)
-    if not env.isdigit():  # digits only: a count of bytes, >= 0
+    if not re.fullmatch(r"[0-9]+", env):  # a count of bytes, >= 0
         raise ValueError(f"EP_ALLREDUCE_ONESHOT_MAX_BYTES: expected a whole number of bytes, got {env!r}")
     return int(env)
 

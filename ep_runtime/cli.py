@@ -49,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.graph and (args.device == "cpu" or not torch.cuda.is_available()):
         p.error(f"--graph: CUDA-graph replays need a GPU, got --device {args.device} "
                 f"({'CUDA is available' if torch.cuda.is_available() else 'no CUDA device is visible'})")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        p.error(f"--out: expected a file in an existing directory, got {args.out}")
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir and os.environ.get("RANK", "0") == "0" and (os.path.isdir(args.out) or not os.path.isdir(out_dir)):
+        p.error(f"--out: expected a file in an existing directory, got {args.out}")  # rank 0 writes it
     return args
 
 
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             not any(o.split("=")[0].endswith("world_size") for o in overrides):
         overrides.insert(0, f"world_size={torch.cuda.device_count()}")  # one rank per visible GPU
     cfg = load_config(name, overrides)
+    if args.graph and cfg.runtime.backend == "reference":
+        raise ValueError("--graph: CUDA-graph replays need the cuda backend (the reference expert stage syncs with the "
+                         "host), got runtime.backend 'reference'")
     if cfg.runtime.tokens > cfg.runtime.max_tokens:
         raise ValueError(f"runtime.tokens: expected at most max_tokens={cfg.runtime.max_tokens}, got "
                          f"{cfg.runtime.tokens}")

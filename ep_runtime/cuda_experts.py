@@ -59,6 +59,10 @@ class ExpertWorkspace:
     split_sums: torch.Tensor  # fp32
     split_arrivals: torch.Tensor  # int32
 
+    def __deepcopy__(self, memo: dict) -> "ExpertWorkspace":
+        """Part of a LayerScratch, which deep copies of a layer share: the copy's stages run on the same workspace."""
+        return self
+
     @classmethod
     def allocate(cls, max_tokens: int, topk: int, num_experts: int, hidden: int, inter: int,
                  device: torch.device | str, spec: ExpertSpec = ExpertSpec(), split: bool = True) -> "ExpertWorkspace":

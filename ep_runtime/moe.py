@@ -117,8 +117,11 @@ class EPMoE(nn.Module):
                 raise TypeError(f"scratch: expected a LayerScratch (another layer's .scratch), got "
                                 f"{type(scratch).__name__}")
             scratch.check(scratch_needs(cfg, rank, world_size, device, self.backend))
-        if self.backend == "cuda":  # both stacks checked before either is tiled
-            for name, w, _, _ in stacks:
+        # Already on the device, these are the caller's objects, so the tiling below relabels what it re-tiles.
+        experts = weights.experts.to(device)
+        shared = weights.shared.to(device) if weights.shared is not None else None
+        if self.backend == "cuda":  # both stacks, as the kernels will read them, checked before either is tiled
+            for (name, *_), w in zip(stacks, (experts, shared)):
                 check_tileable(w, name)
             if token_sources(cfg, world_size) == 1:  # dp ranks run it on their own tokens, from row 0
                 _check_shared_rows_aligned(m, spec, world_size)
@@ -130,9 +133,7 @@ class EPMoE(nn.Module):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.expert_begin = rank * n_local
         self.router = Router(m, weights.router_weight, weights.router_bias, weights.tid2eid, device)
-        # Already on the device, these are the caller's objects, so the tiling below relabels what it re-tiles.
-        self.experts = weights.experts.to(device)
-        self.shared = weights.shared.to(device) if weights.shared is not None else None
+        self.experts, self.shared = experts, shared
         self.spec = spec
         if scratch is None:
             scratch = LayerScratch.allocate(cfg, rank, world_size, device, self.backend)
@@ -188,7 +189,8 @@ class EPMoE(nn.Module):
         super().__setstate__(state)
         self._handle = register(self)
         if self.expert_load is not None:
-            self.expert_load = self.expert_load.clone()
+            with torch.inference_mode(False):  # counted into outside inference mode too, whatever mode copies it
+                self.expert_load = self.expert_load.clone()
 
     def extra_repr(self) -> str:
         """What print(model) shows of the layer: its share of the experts and how it runs them."""
@@ -264,7 +266,7 @@ class EPMoE(nn.Module):
         # Every rank checks every expert's scales (ExpertWeights.from_dense only sees its slice): a bad one fails all
         # ranks alike instead of one, whose peers would then wait for it.
         positive_scale(l1_input_scale, "l1_input_scale")
-        check_positive_scale(l2_input_scale, "l2_input_scale")
+        check_positive_scale(l2_input_scale, "l2_input_scale", divisor=True)
         _check_shared_present(m, shared is not None, "shared")
         if shared is not None:
             sg, su, sd, s_l2 = shared

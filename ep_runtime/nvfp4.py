@@ -108,12 +108,13 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected finite values, found {x[tuple(bad)].item()} at index {bad}")
 
 
-def check_positive_scale(t: torch.Tensor, name: str) -> None:
-    """A global scale (or input scale) divides or multiplies every value: it must be finite and positive, and a normal
-    fp32 number, as the runtime also divides by it (1 / a subnormal scale is infinite: an expert whose alpha is 0)."""
+def check_positive_scale(t: torch.Tensor, name: str, divisor: bool = False) -> None:
+    """A global scale (or input scale) divides or multiplies every value: it must be finite and positive. divisor: the
+    runtime also divides by it (an input scale, an activation's global scale), so it must be a normal fp32 number
+    (1 / a subnormal one is infinite: an expert whose outputs are all 0)."""
     v = t.float().reshape(-1)  # fp32: the kernels' scales (a float64 too small or large for it fails here)
     tiny = torch.finfo(torch.float32).tiny
-    bad = ~(torch.isfinite(v) & (v >= tiny))
+    bad = ~(torch.isfinite(v) & (v >= tiny if divisor else v > 0))
     if bad.any():
         i = int(bad.nonzero()[0])
         index = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), t.shape))
@@ -135,13 +136,13 @@ def check_scale_bytes(s: torch.Tensor, name: str) -> None:
 
 
 def positive_scale(value: float | torch.Tensor, name: str) -> torch.Tensor:
-    """A scale given as a number or tensor, as fp32, checked by check_positive_scale."""
+    """An input scale given as a number or tensor, as fp32, checked by check_positive_scale (a divisor)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
     if t.numel() != 1:
         raise ValueError(f"{name}: expected one value, got shape {tuple(t.shape)}")
-    check_positive_scale(t, name)
+    check_positive_scale(t, name, divisor=True)
     return t.float()
 
 
@@ -166,7 +167,7 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None, 
             raise ValueError(f"global_scale: expected one value, got shape {tuple(gs.shape)}")
         gs = gs.reshape(())
         if check:
-            check_positive_scale(gs, "global_scale")
+            check_positive_scale(gs, "global_scale", divisor=True)
     blocks = _blocks(xf)
     sf = e4m3_from_float(_div(gs * blocks.abs().amax(-1), E2M1_MAX))
     sf_f = sf.float().unsqueeze(-1)

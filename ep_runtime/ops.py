@@ -398,7 +398,7 @@ def check_zeros(t: torch.Tensor, name: str, why: str) -> None:
 def _check_scales(**scales: torch.Tensor | None) -> None:
     for name, t in scales.items():
         if t is not None:
-            nvfp4.check_positive_scale(t, name)
+            nvfp4.check_positive_scale(t, name, divisor=name.endswith("_gs"))  # global scales divide their values
 
 
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:

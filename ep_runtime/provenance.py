@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def commit(repo: Path = REPO) -> str:
-    """EP_COMMIT when set, else `git rev-parse HEAD` of the checkout this package lies at the top of, with "-dirty"
-    appended where tracked files differ from it ("unknown" elsewhere).
+    """EP_COMMIT when set, else `git rev-parse HEAD` of the work tree that tracks this package's files, with "-dirty"
+    appended where tracked files differ from it ("unknown" where none tracks them).
 
     GPU machines receive the work tree copied over a checkout of the session's first commit, so there HEAD alone
     names a stale commit; the suffix keeps a result from claiming code it did not run."""
@@ -22,8 +22,8 @@ def commit(repo: Path = REPO) -> str:
     try:
         git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                                            cwd=repo).stdout.strip()
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != repo.resolve():
-            return "unknown"  # installed inside another project's work tree: its commit is not this code's
+        if not git("ls-files", "--", "."):
+            return "unknown"  # installed (untracked) inside another project's work tree: its commit is not this code's
         head = git("rev-parse", "HEAD")
         return head + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else head
     except (OSError, subprocess.CalledProcessError):

@@ -59,7 +59,7 @@ def stage_nvfp4(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_glo
     if check:
         check_finite(hidden, "hidden")
         if global_scale is not None:
-            check_positive_scale(global_scale, "global_scale")
+            check_positive_scale(global_scale, "global_scale", divisor=True)
     stage_op(hidden, x, x_sf, x_global, global_scale, amax_scratch)
     t = hidden.shape[0]
     # Little-endian words hold scale 4w in their low byte, so viewing the words as bytes unpacks them.

@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT_S = 10.0
 
 def timeout_from_env() -> float:
     """The P2P backends' barrier timeout: EP_SYMM_TIMEOUT_S seconds, else DEFAULT_TIMEOUT_S."""
-    env = os.environ.get("EP_SYMM_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    env = os.environ.get("EP_SYMM_TIMEOUT_S") or str(DEFAULT_TIMEOUT_S)  # unset or empty: the default
     try:
         return check_timeout(float(env))
     except ValueError:

@@ -103,7 +103,7 @@ class ExpertWeights:
         for stack in ("w13_scale", "w2_scale"):  # one pass (and one host sync) per stack: (expert, row, block)
             nvfp4.check_scale_bytes(getattr(self, stack), f"{name}.{stack}")
         for k in ("w13_alpha", "w2_alpha", "l1_input_scale", "l2_input_scale"):
-            nvfp4.check_positive_scale(getattr(self, k), f"{name}.{k}")
+            nvfp4.check_positive_scale(getattr(self, k), f"{name}.{k}", divisor=k.endswith("input_scale"))
 
     def require_layout(self, layout: str, user: str, name: str = "weights") -> None:
         if self.layout != layout:
@@ -148,7 +148,7 @@ class ExpertWeights:
                                ("l2_input_scale", l2_input_scale, (e,))):
             check_dense(name, t, shape, per_expert=True)
         l1 = nvfp4.positive_scale(l1_input_scale, "l1_input_scale")
-        nvfp4.check_positive_scale(l2_input_scale, "l2_input_scale")
+        nvfp4.check_positive_scale(l2_input_scale, "l2_input_scale", divisor=True)
         out = cls.empty(e, h, i, gate.device)
         for x in range(e):
             for proj, w in zip(PROJECTIONS, (gate[x], up[x], down[x])):

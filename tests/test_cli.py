@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from ep_runtime import cli
 from ep_runtime.dist_utils import pick_device
 
 REQUIRED = {"world_size", "experts_per_rank", "tokens", "backend", "median_ms", "rel_l2_vs_reference"}
@@ -55,10 +56,18 @@ def test_a_job_of_more_tokens_than_the_buffer_holds_fails_with_a_message():
     (["--graph"], "--graph: CUDA-graph replays need a GPU, got --device cpu"),
     (["--out", "/nonexistent_dir/r.json"],
      "--out: expected a file in an existing directory, got /nonexistent_dir/r.json"),
+    (["--out", "/tmp"], "--out: expected a file in an existing directory, got /tmp"),
 ])
 def test_options_the_job_cannot_honour_fail_before_it_starts(args, message):
     proc = _cli(*args, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_graph_replays_of_the_reference_backend_fail_before_the_job_starts(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the check for a GPU
+    with pytest.raises(ValueError, match=r"--graph: CUDA-graph replays need the cuda backend .* got runtime.backend "
+                                         r"'reference'"):
+        cli.main(["--graph", "--config", "tiny", "--set", "backend=reference"])
 
 
 def test_the_job_logs_its_buffer_backend_and_capacity():

@@ -245,6 +245,7 @@ def test_a_host_barrier_refuses_a_timeout_that_is_not_finite_positive_seconds(ti
     ("EP_SYMM_TIMEOUT_S", "ten", timeout_from_env), ("EP_SYMM_TIMEOUT_S", "-1", timeout_from_env),
     ("EP_ALLREDUCE_ONESHOT_MAX_BYTES", "64k", lambda: resolve_oneshot_max_bytes(2)),
     ("EP_ALLREDUCE_ONESHOT_MAX_BYTES", "-5", lambda: resolve_oneshot_max_bytes(2)),
+    ("EP_ALLREDUCE_ONESHOT_MAX_BYTES", "\u00b2", lambda: resolve_oneshot_max_bytes(2)),  # a digit to str.isdigit
 ])
 def test_a_malformed_environment_setting_is_named(monkeypatch, variable, value, read) -> None:
     monkeypatch.setenv(variable, value)

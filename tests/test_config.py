@@ -56,7 +56,7 @@ def test_unknown_config_name_lists_the_known_ones():
 
 @pytest.mark.parametrize("override,key", [
     ("max_tokens=2.5", "runtime.max_tokens"),
-    ("max_tokens=1e3", "runtime.max_tokens"),  # YAML reads 1e3 as a string
+    ("max_tokens=1e3", "runtime.max_tokens"),  # 1e3 is a number, but not an integer
     ("world_size=2.0", "runtime.world_size"),
     ("tokens=1.5", "runtime.tokens"),
     ("iters=true", "runtime.iters"),

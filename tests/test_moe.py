@@ -634,6 +634,22 @@ def test_a_deep_copy_of_a_layer_shares_its_scratch(gen):
     assert torch.equal(twin(*tokens), moe(*tokens))
 
 
+def test_a_deep_copy_of_a_cuda_layer_runs_its_stages_on_the_shared_workspaces(cuda_simulated):
+    twin = copy.deepcopy(EPMoE(CFG, _layer()))
+    assert twin._stage.workspace is twin.scratch.routed and twin._shared_stage.workspace is twin.scratch.shared
+    assert twin._stage.weights is twin.experts
+
+
+def test_a_copy_made_in_inference_mode_runs_outside_it(gen):
+    moe = EPMoE(CFG.replace(expert_load=True), _layer())
+    with torch.inference_mode():
+        twin = copy.deepcopy(moe)
+    tokens = _tokens(gen, 3)
+    with torch.no_grad():
+        assert torch.equal(twin(*tokens), moe(*tokens))
+    assert int(twin.expert_load.sum()) == 3 * M.num_experts_per_tok
+
+
 def test_a_layer_saved_whole_loads_back_giving_the_same_outputs(gen, tmp_path):
     moe = EPMoE(CFG, _layer())
     tokens = _tokens(gen, 5)

@@ -205,3 +205,9 @@ def test_dynamic_global_scale_is_one_correctly_rounded_division(gen):
 def test_a_scale_is_checked_as_the_fp32_the_kernels_use_and_reported_as_given(value, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
         nvfp4.positive_scale(value, "s")
+
+
+def test_a_subnormal_scale_passes_where_the_runtime_only_multiplies_by_it():
+    nvfp4.check_positive_scale(torch.tensor(1e-40), "weight_scale_2")  # an alpha: never inverted
+    with pytest.raises(ValueError, match="input_scale: expected a finite positive scale"):
+        nvfp4.check_positive_scale(torch.tensor(1e-40), "input_scale", divisor=True)

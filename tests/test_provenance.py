@@ -46,6 +46,15 @@ def test_commit_outside_a_repository_is_unknown(tmp_path, monkeypatch):
     assert commit(tmp_path) == "unknown"
 
 
+def test_a_copy_tracked_inside_another_repository_takes_its_commit(repo):
+    vendored = repo / "third_party" / "ep"
+    vendored.mkdir(parents=True)
+    (vendored / "setup.py").write_text("")
+    _git(repo, "add", ".")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "vendor")
+    assert commit(vendored) == _git(repo, "rev-parse", "HEAD")
+
+
 def test_a_package_installed_inside_another_work_tree_does_not_take_its_commit(repo):
     site_packages = repo / "venv" / "site-packages"  # where a non-editable install would put this package
     site_packages.mkdir(parents=True)

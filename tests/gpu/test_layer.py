@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ep_runtime import cuda_graphs
+from ep_runtime.checkpoint import synthetic_layer
 from ep_runtime.moe import EPMoE, cuda_backend_available
 
 from layer_case import cosine, eager_and_replayed, layer_config, layer_inputs, poison_module, residual_model
@@ -90,7 +91,22 @@ def test_a_deep_copy_of_a_cuda_layer_shares_its_scratch_and_gives_its_bits(seed)
     twin = copy.deepcopy(moe)
     x = layer_inputs(cfg, seed, DEV)
     assert twin.scratch is moe.scratch and twin.experts.w13.data_ptr() != moe.experts.w13.data_ptr()
+    assert twin._stage.workspace is moe.scratch.routed
     assert torch.equal(twin(x), moe(x))
+
+
+def test_weights_handed_over_as_strided_cpu_views_load_onto_the_gpu(seed):
+    cfg = layer_config(1, "backend=cuda", seed=seed)
+    m = cfg.model
+    views = synthetic_layer(m, cfg.runtime.layer, 0, 1, seed, "cpu")
+    w2 = views.experts.w2
+    every_other = torch.zeros(*w2.shape[:-1], 2 * w2.shape[-1], dtype=w2.dtype)
+    every_other[..., ::2] = w2
+    views.experts.w2 = every_other[..., ::2]  # the same bytes, not dense: .to(cuda) makes them contiguous
+    moe = EPMoE(cfg, views, device=DEV)
+    dense = EPMoE(cfg, synthetic_layer(m, cfg.runtime.layer, 0, 1, seed, "cpu"), device=DEV)
+    x = layer_inputs(cfg, seed, DEV)
+    assert torch.equal(moe(x), dense(x))
 
 
 def test_saving_a_cuda_layer_whole_is_refused_with_what_to_do_instead(seed, tmp_path):
