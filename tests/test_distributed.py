@@ -1,5 +1,6 @@
 """Expert parallelism on CPU ranks (gloo): the EP output equals the single-process reference; host barriers and
 collectives fail within their timeout, naming the rank."""
+import contextlib
 import datetime
 import re
 import time
@@ -9,7 +10,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from ep_runtime.checkpoint import synthetic_layer, write_synthetic_checkpoint
 from ep_runtime.config import load_config
@@ -189,7 +189,12 @@ def test_a_gather_of_more_tokens_than_a_rank_stages_is_refused(tmp_path):
 def _cuda_cpu_backend_worker(rank, world, out_dir):
     init_process_group(torch.device("cpu"), 60)
     backend = make_backend("cpu", torch.device("cuda", rank), 0)  # plain tensors summed by NCCL on GPUs
-    with mock.patch.object(c10d, "get_backend", return_value="nccl"):  # what init_process_group gives CUDA ranks
+    # An NCCL group's collectives need CUDA tensors and a stream: the barrier must wait through the store alone.
+    no_collectives = [mock.patch.object(dist, name, side_effect=AssertionError(f"the barrier called dist.{name}"))
+                      for name in ("barrier", "all_reduce", "all_gather", "all_gather_object", "broadcast")]
+    with contextlib.ExitStack() as stack:
+        for patch in no_collectives:
+            stack.enter_context(patch)
         _write(out_dir, rank, lambda: [backend.barrier(timeout_s=10) for _ in range(3)])
 
 
