@@ -3,14 +3,17 @@
 #pragma once
 #include <cstdint>
 
+#include "nvfp4_device.cuh"
+
 namespace ep::experts {
 
 // Clamped SwiGLU (NVFP4_SPEC section 5); limit = +inf disables the clamp. silu as the reference computes it, with
 // the IEEE division: `__expf` and `__fdividef` were 1.5-3 % faster in L1 at m >= 512 (bench/NOTES_experts.md,
 // eleventh session) but moved h by up to ~1e-5, beyond what the spec lets a kernel differ by.
 __device__ __forceinline__ float swiglu(float gate, float up, float limit) {
-  const float g = fminf(gate, limit);
-  const float u = fminf(fmaxf(up, -limit), limit);
+  using ep::nvfp4::fmax_nan, ep::nvfp4::fmin_nan;  // a NaN gate or up stays NaN, as the reference's clamp keeps it
+  const float g = fmin_nan(gate, limit);
+  const float u = fmin_nan(fmax_nan(up, -limit), limit);
   return __fmul_rn(__fdiv_rn(g, 1.0f + expf(-g)), u);
 }
 

@@ -704,9 +704,10 @@ __global__ void h_amax_kernel(const float* __restrict__ h, const int* __restrict
     float m = 0.f;
     for (int c = lane * 4; c < inter; c += 128) {
       const float4 v = *reinterpret_cast<const float4*>(h + static_cast<size_t>(s) * inter + c);
-      m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+      m = fmax_nan(m, fmax_nan(fmax_nan(fabsf(v.x), fabsf(v.y)), fmax_nan(fabsf(v.z), fabsf(v.w))));
     }
-    for (int d = 16; d > 0; d >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, d));
+    // A NaN wins the max (its bits exceed every finite value's too): its expert's scale is then 1, as the reference's.
+    for (int d = 16; d > 0; d >>= 1) m = fmax_nan(m, __shfl_xor_sync(0xffffffffu, m, d));
     if (lane == 0) atomicMax(amax_bits + expert_of(offsets, num_experts, s), __float_as_uint(m));
   }
 }

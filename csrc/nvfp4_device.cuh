@@ -35,6 +35,20 @@ __device__ __forceinline__ float e2m1_decode(uint32_t code) {
   return (code & 8u) ? -m : m;
 }
 
+// max and min that keep a NaN, as torch's amax and clamp do (fmaxf / fminf drop it): a NaN that reaches a kernel
+// unchecked (check=False) stays NaN in its output, as in the reference, instead of turning into plausible values.
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float fmin_nan(float a, float b) {
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // Dynamic global scale 448 * 6 / amax, one correctly rounded division as the spec writes it (amax 0 -> 1).
 __device__ __forceinline__ float dynamic_global_scale(float amax) {
   return amax > 0.f ? __fdiv_rn(448.f * 6.f, amax) : 1.f;
@@ -51,7 +65,7 @@ struct Block16 {
 __device__ __forceinline__ Block16 quantize16(const float (&x)[16], float gs) {
   float amax = 0.f;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fmaxf(fabsf(x[2 * i]), fabsf(x[2 * i + 1])));
+  for (int i = 0; i < 8; ++i) amax = fmax_nan(amax, fmax_nan(fabsf(x[2 * i]), fabsf(x[2 * i + 1])));
   // The reference's fp32 operation order: (gs * amax) / 6, then RNE to e4m3 with saturation.
   const uint32_t sf = e4m3_from_float(__fdiv_rn(__fmul_rn(gs, amax), 6.0f));
   const float sff = e4m3_to_float(sf);

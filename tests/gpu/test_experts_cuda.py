@@ -465,6 +465,25 @@ def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(blo
     assert ((h_f32[: slots.num_slots] - ref).abs() <= 2.0 ** -20 * ref.abs() + 2.0 ** -126).all()
 
 
+@pytest.mark.parametrize("limit", [10.0, None])
+def test_l1_activation_of_a_nan_gate_or_up_is_nan_as_in_the_reference(limit, gen):
+    """A NaN that reaches L1 unchecked (check=False) makes its token's gate|up NaN: the clamp keeps it, as torch's
+    clamp does (fminf / fmaxf would have turned it into the limits, and silu(10) * -10 into a plausible h)."""
+    e, h, i, t, k = 2, 256, 128, 6, 1
+    weights = random_weights(e, h, i, gen)
+    acts = random_acts(t, h, weights, W4A16, gen)
+    acts[1, 3] = float("nan")
+    slots = map_slots(routing("uniform", t, k, e, gen)[0], e, 0)
+    gu = l1_gate_up(acts, slots, weights, W4A16)
+    kw = tiled(weights)
+    h_f32 = torch.full((t * k, i), 7.0, device=DEV)
+    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, acts, None, slots.offsets, slots.slot_pair, k, "fp32",
+                   swiglu_limit=limit, out_f32=h_f32)
+    ref = swiglu(gu, limit)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert torch.equal(torch.isnan(h_f32[: slots.num_slots]), torch.isnan(ref))
+
+
 @pytest.mark.parametrize("block_n", [8, 64])
 def test_every_ue4m3_scale_dequantizes_exactly_in_the_kernel(block_n, gen):
     """Weight row r of expert x takes block scale byte 1 + (256 x + r) % 126 all along K: every positive finite
@@ -650,6 +669,24 @@ def test_expert_stage_matches_oracle(spec_name, kind, t, gen):
     idx, w = routing(kind, t, k, e, gen, e_total=2 * e if kind == "one_expert" else e)
     out, _ = run_stage(acts, idx, w, weights, spec)
     assert cosine(out, reference_stage(acts, idx, w, weights, 0, spec)) >= 0.9999
+
+
+@pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
+def test_an_unchecked_nan_token_comes_out_nan_as_in_the_reference(spec_name, gen):
+    """Its row is NaN, the other rows finite and the reference's (in dynamic mode the experts it reached take the
+    scale 1, as the reference's NaN amax gives them)."""
+    spec = SPECS[spec_name]
+    e, h, i, t, k = 4, 256, 128, 16, 2
+    weights = random_weights(e, h, i, gen)
+    x = torch.randn(t, h, generator=gen).to(DEV, torch.bfloat16)
+    x[5, 17] = float("nan")
+    acts = x if spec.act_mode == "bf16" else nvfp4.quantize(x, 1.0 / weights.l1_input_scale, check=False)
+    idx, w = routing("uniform", t, k, e, gen)
+    out, _ = run_stage(acts, idx, w, weights, spec)
+    ref = reference_stage(acts, idx, w, weights, 0, spec)
+    assert torch.isnan(out[5]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    others = torch.arange(t, device=DEV) != 5
+    assert cosine(out[others], ref[others]) >= 0.9999
 
 
 def test_expert_stage_on_one_rank_of_four_zeroes_tokens_without_local_experts(gen):

@@ -157,6 +157,22 @@ def test_cuda_graph_replay_gives_the_same_bits_as_the_reference(static: bool, ge
         _assert_staged_equals_reference(hidden, x, x_sf, x_global, new_gs if static else None)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_an_unchecked_nan_stages_as_the_reference_quantizes_it(static: bool, gen: torch.Generator) -> None:
+    """check=False lets a NaN through: its block's scale is NaN and its codes 0, as in the reference, so its token's
+    outputs are NaN rather than plausible values (a dynamic global scale is then 1, as the reference's)."""
+    hidden = _random_hidden(3, 256, gen)
+    hidden[1, 37] = float("nan")
+    gs = torch.tensor(2.0) if static else None
+    x, x_sf, x_global = _poisoned_buffers(256)
+    stage_nvfp4(hidden.to(DEV), x, x_sf, x_global, AMAX, global_scale=None if gs is None else gs.to(DEV), check=False)
+    torch.cuda.synchronize()
+    ref = nvfp4.quantize(hidden, gs, check=False)
+    assert int(ref.scale.view(torch.uint8)[1, 2]) == 0x7F  # the reference's NaN scale for the block holding it
+    assert torch.equal(x[:3].cpu(), ref.data) and torch.equal(x_sf[:3].cpu(), nvfp4.pack_scales_u32(ref.scale))
+    assert torch.equal(x_global.cpu().view(torch.int32), ref.global_scale.reshape(1).view(torch.int32))
+
+
 def test_check_rejects_non_finite_input() -> None:
     hidden = torch.randn(2, 64, dtype=torch.bfloat16, device=DEV)
     hidden[1, 5] = float("inf")
