@@ -112,7 +112,8 @@ class ExpertWeights:
     def intermediate_slice(self, lo: int, hi: int) -> "ExpertWeights":
         """The experts restricted to intermediate columns [lo, hi) (new tensors): gate and up rows lo..hi-1 and the
         down projection's K range, with the same scales; summed over a partition of [0, I), the slices' outputs are
-        the experts' (an activation is elementwise in the intermediate dim). Bounds on 16-element scale blocks."""
+        the experts' with a static h scale (an activation is elementwise in the intermediate dim; a dynamic h scale is
+        an amax over all of it, which no slice holds). Bounds on 16-element scale blocks."""
         self.require_layout("rows", "intermediate_slice()")
         i = self.intermediate_size
         if not (0 <= lo < hi <= i and lo % 16 == 0 and hi % 16 == 0):

@@ -221,7 +221,7 @@ def test_all_reduce_settings_that_differ_between_ranks_are_named_with_both_value
 
 
 def test_all_reduce_settings_equal_on_every_rank_pass() -> None:
-    check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8}] * 4, rank=2)
+    check_same_values([{"oneshot_max_bytes": 1024, "max_ctas": 8} for _ in range(4)], rank=2)  # equal, not the same
 
 
 @pytest.mark.parametrize("view,n,message", [

@@ -12,7 +12,9 @@ E, H, I, TOPK = 6, 128, 64, 3
 
 
 def _random_experts(gen):
-    return ExpertWeights.synthetic(range(E), H, I, int(torch.randint(2**31, (1,), generator=gen)), "cpu")
+    w = ExpertWeights.synthetic(range(E), H, I, int(torch.randint(2**31, (1,), generator=gen)), "cpu")
+    w.l2_input_scale.copy_((1.5 + 3 * torch.rand(E, generator=gen)) / 2688)  # each expert's own static h scale
+    return w
 
 
 def test_slots_are_ordered_by_expert_then_token_then_k():
@@ -29,11 +31,11 @@ def test_slots_skip_experts_owned_by_other_ranks():
     assert s.counts.tolist() == [2, 1] and s.slot_pair.tolist() == [0, 3, 1, -1]
 
 
-def test_swiglu_clamps_gate_from_above_and_up_on_both_sides():
-    gate_up = torch.tensor([[20.0, -3.0, -30.0, 0.5]])  # gate = [20, -3], up = [-30, 0.5]
+def test_swiglu_clamps_gate_from_above_only_and_up_on_both_sides():
+    gate_up = torch.tensor([[20.0, -3.0, -30.0, -30.0, 0.5, 2.0]])  # gate = [20, -3, -30], up = [-30, 0.5, 2]
     h = swiglu(gate_up, limit=10.0)
     silu = lambda v: v / (1 + math.exp(-v))  # noqa: E731
-    assert h[0].tolist() == pytest.approx([silu(10.0) * -10.0, silu(-3.0) * 0.5], rel=1e-6)
+    assert h[0].tolist() == pytest.approx([silu(10.0) * -10.0, silu(-3.0) * 0.5, silu(-30.0) * 2.0], rel=1e-6)
 
 
 @pytest.mark.parametrize("limit", [float("nan"), float("inf"), 0.0, -10.0])
@@ -53,6 +55,14 @@ def test_combine_applies_each_weight_once_in_k_order():
     y_slot = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
     w = torch.tensor([[0.5, 0.25], [2.0, 1.0]])
     assert combine(y_slot, s, w, 2).tolist() == [[0.5 * 1 + 0.25 * 3], [2.0 * 4 + 1.0 * 2]]
+
+
+def test_combine_sums_in_fp32_with_k_ascending():
+    # 1 + 1e8 rounds to 1e8 in fp32, so k ascending gives 0 where k descending would give 1
+    s = map_slots(torch.tensor([[0, 1, 2]], dtype=torch.int32), 3, 0)
+    y = combine(torch.tensor([[1.0], [1e8], [-1e8]]), s, torch.ones(1, 3), 1)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    assert y.item() == ((f32(1.0) + f32(1e8)) + f32(-1e8)).item() == 0.0
 
 
 def test_tokens_without_local_experts_get_zero():
@@ -76,8 +86,10 @@ def _naive_stage(x, topk_idx, topk_w, weights, spec, gs_x):
     for t in range(t_count):
         for k in range(TOPK):
             e = int(topk_idx[t, k])
-            gu = w13[e] @ x_hat[t]
-            h[(t, k)] = swiglu(gu.unsqueeze(0).float(), spec.swiglu_limit)[0]
+            gate, up = (w13[e] @ x_hat[t]).float().chunk(2)
+            if spec.swiglu_limit is not None:  # the spec's SwiGLU, written out here rather than taken from experts.py
+                gate, up = gate.clamp(max=spec.swiglu_limit), up.clamp(-spec.swiglu_limit, spec.swiglu_limit)
+            h[(t, k)] = gate * torch.sigmoid(gate) * up
     out = torch.zeros(t_count, H, dtype=torch.float64)
     for e in range(E):
         pairs = [p for p in h if int(topk_idx[p]) == e]

@@ -396,6 +396,8 @@ def test_few_tokens_split_the_shared_expert_by_its_intermediate_dim_where_the_ke
                                              "at index (5,)"),
     ("shared", "l1_input_scale", (), float("inf"), "weights.shared.l1_input_scale: expected a finite positive scale, "
                                                    "got inf"),
+    ("experts", "l2_input_scale", (3,), 1e-40, "weights.experts.l2_input_scale: expected a finite positive scale, got "
+                                               "9.99994610111476e-41 (below fp32's smallest normal number"),
 ])
 def test_a_global_or_input_scale_that_is_not_finite_positive_is_rejected_at_construction(stack, field, index, value,
                                                                                       message):

@@ -165,3 +165,11 @@ def test_from_dense_names_the_weight_or_scale_that_is_wrong(gen, bad, error, mes
         gate = gate[0]
     with pytest.raises(error, match=message):
         ExpertWeights.from_dense(gate, up, down, l1, l2)
+
+
+def test_a_synthetic_expert_is_the_same_whichever_rank_generates_it():
+    # each expert is seeded by its global id, so ranks and the single-process reference agree
+    every = ExpertWeights.synthetic(range(8), 64, 64, 5, "cpu")
+    second_half = ExpertWeights.synthetic(range(4, 8), 64, 64, 5, "cpu")
+    for name in ("w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha", "l2_input_scale"):
+        assert torch.equal(getattr(every, name)[4:].view(torch.uint8), getattr(second_half, name).view(torch.uint8))

@@ -22,8 +22,9 @@ def layer_inputs(cfg: Config, seed: int, device: torch.device) -> torch.Tensor:
 
 def poison_module(moe: EPMoE) -> None:
     """Garbage into everything a forward writes before it reads it, so that anything a forward leaves unwritten shows:
-    every region of the symmetric buffer (staged and gathered activations, routing, y) and the floating-point tensors
-    of the expert workspaces (None on the reference backend), the shared expert's outputs among them."""
+    every region of the symmetric buffer (staged and gathered activations, routing, y) and every tensor of the expert
+    workspaces (None on the reference backend; the shared expert's among them): slot metadata, h and its scales, the
+    per-slot outputs. Not the K split's arrival counts, which every launch leaves zero for the next."""
     for name, t in vars(moe.buffer).items():
         if isinstance(t, torch.Tensor) and name[0] != "_":
             if name.startswith("topk_idx"):
@@ -34,7 +35,11 @@ def poison_module(moe: EPMoE) -> None:
         if workspace is not None:
             for f in dataclasses.fields(workspace):
                 t = getattr(workspace, f.name)
-                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                if f.name == "split_arrivals" or not isinstance(t, torch.Tensor):
+                    continue
+                if t.dtype == torch.int32:  # counts, offsets, slot maps, amax words
+                    t.fill_(0x7A7A7A7A)
+                else:
                     _poison(t)
 
 

@@ -99,6 +99,12 @@ def cosine(a: torch.Tensor, ref: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), ref.double().flatten(), dim=0).item()
 
 
+def matches_stage_reference(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The issue's cosine >= 0.9999, and the norm too (rel-L2 within what that cosine allows at equal norms): a
+    constant factor, such as a wrong scale of the one expert that takes every slot, leaves the cosine at 1."""
+    return cosine(out, ref) >= 0.9999 and rel_l2(out, ref) <= 0.015
+
+
 def uneven_case(spec: ExpertSpec, e: int, h: int, i: int, t: int, k: int, gen: torch.Generator):
     """Random weights and activations for e local experts, t tokens routed top-k unevenly: (weights, acts, idx, w)."""
     weights = random_weights(e, h, i, gen)
@@ -668,7 +674,7 @@ def test_expert_stage_matches_oracle(spec_name, kind, t, gen):
     # one_expert: the other choices go to another rank's experts, so one local expert holds every slot
     idx, w = routing(kind, t, k, e, gen, e_total=2 * e if kind == "one_expert" else e)
     out, _ = run_stage(acts, idx, w, weights, spec)
-    assert cosine(out, reference_stage(acts, idx, w, weights, 0, spec)) >= 0.9999
+    assert matches_stage_reference(out, reference_stage(acts, idx, w, weights, 0, spec))
 
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
@@ -686,7 +692,7 @@ def test_an_unchecked_nan_token_comes_out_nan_as_in_the_reference(spec_name, gen
     ref = reference_stage(acts, idx, w, weights, 0, spec)
     assert torch.isnan(out[5]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
     others = torch.arange(t, device=DEV) != 5
-    assert cosine(out[others], ref[others]) >= 0.9999
+    assert matches_stage_reference(out[others], ref[others])
 
 
 def test_expert_stage_on_one_rank_of_four_zeroes_tokens_without_local_experts(gen):
@@ -699,7 +705,7 @@ def test_expert_stage_on_one_rank_of_four_zeroes_tokens_without_local_experts(ge
     assert (~local).any() and local.any()
     assert torch.equal(out[~local], torch.zeros_like(out[~local]))
     ref = reference_stage(acts, idx, w, weights, rank * e_local, W4A4)
-    assert cosine(out[local], ref[local]) >= 0.9999
+    assert matches_stage_reference(out[local], ref[local])
 
 
 @pytest.mark.parametrize("e,h,i", [(3, 192, 64), (4, 320, 192), (2, 64, 64)])
@@ -709,7 +715,7 @@ def test_expert_stage_on_small_odd_shapes(e, h, i, gen):
     acts = random_acts(t, h, weights, W4A4, gen)
     idx, w = routing("uneven", t, k, e, gen)
     out, _ = run_stage(acts, idx, w, weights, W4A4)
-    assert cosine(out, reference_stage(acts, idx, w, weights, 0, W4A4)) >= 0.9999
+    assert matches_stage_reference(out, reference_stage(acts, idx, w, weights, 0, W4A4))
 
 
 @pytest.mark.parametrize("t", [4, 160])
@@ -722,7 +728,7 @@ def test_expert_stage_at_v4_pro_shape(t, gen):
     out, ws = run_stage(acts, idx, w, weights, W4A4)
     slots = slots_from_workspace(ws, t)
     assert rel_l2(l1_gate_up(acts, slots, weights, W4A4), l1_reference(acts, slots, weights, W4A4)) <= 4e-3
-    assert cosine(out, reference_stage(acts, idx, w, weights, 0, W4A4)) >= 0.9999
+    assert matches_stage_reference(out, reference_stage(acts, idx, w, weights, 0, W4A4))
 
 
 @pytest.mark.parametrize("spec_name", ["w4a4", "w4a4_dynamic", "w4a16"])
@@ -739,8 +745,9 @@ def test_dense_run_of_one_expert_gives_the_bits_of_routing_every_token_to_it(spe
     poison(stage.workspace)
     routed = stage(acts, torch.zeros(t, 1, dtype=torch.int32, device=DEV), torch.ones(t, 1, device=DEV))
     assert torch.equal(dense + 0.0, routed)
-    assert cosine(dense, reference_stage(acts, torch.zeros(t, 1, dtype=torch.int32, device=DEV),
-                                         torch.ones(t, 1, device=DEV), weights, 0, spec)) >= 0.9999
+    ref = reference_stage(acts, torch.zeros(t, 1, dtype=torch.int32, device=DEV), torch.ones(t, 1, device=DEV),
+                          weights, 0, spec)
+    assert matches_stage_reference(dense, ref)
 
 
 def test_dense_run_needs_one_expert_at_top_1(gen):
@@ -816,7 +823,7 @@ def test_cuda_graph_replay_gives_the_eager_bits(spec_name, gen):
     w.copy_(w2)
     graph.replay()
     torch.cuda.synchronize()
-    assert cosine(out, reference_stage(acts, idx, w, weights, 0, spec)) >= 0.9999
+    assert matches_stage_reference(out, reference_stage(acts, idx, w, weights, 0, spec))
 
 
 def test_programmatic_launch_switch_returns_the_previous_setting_and_the_context_restores_it():
@@ -854,7 +861,7 @@ def test_back_to_back_stages_under_programmatic_launch_give_each_batch_the_bits_
     with ops.programmatic_launch(False):
         expected = [cuda_expert_stage(a, idx, w, kw, 0, spec, workspace=ws) for a, idx, w in batches]
     for out, (a, idx, w) in zip(expected, batches):
-        assert cosine(out, reference_stage(a, idx, w, weights, 0, spec)) >= 0.9999
+        assert matches_stage_reference(out, reference_stage(a, idx, w, weights, 0, spec))
     outs = [torch.empty_like(out) for out in expected]
 
     def run() -> None:
