@@ -57,6 +57,8 @@ class ExpertWeights:
     def set_expert(self, e: int, proj: str, weight: torch.Tensor, weight_scale: torch.Tensor,
                    weight_scale_2: torch.Tensor) -> None:
         """Copy one projection of local expert e into the stacks (shapes were validated by the caller)."""
+        if proj not in PROJECTIONS:  # else any other name would land in up_proj's rows
+            raise ValueError(f"proj: expected one of {PROJECTIONS}, got {proj!r}")
         i = self.intermediate_size
         if proj == "down_proj":
             self.w2[e].copy_(weight)

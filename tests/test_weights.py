@@ -173,3 +173,10 @@ def test_a_synthetic_expert_is_the_same_whichever_rank_generates_it():
     second_half = ExpertWeights.synthetic(range(4, 8), 64, 64, 5, "cpu")
     for name in ("w13", "w13_scale", "w13_alpha", "w2", "w2_scale", "w2_alpha", "l2_input_scale"):
         assert torch.equal(getattr(every, name)[4:].view(torch.uint8), getattr(second_half, name).view(torch.uint8))
+
+
+def test_a_projection_of_another_name_is_refused_rather_than_taken_for_up_proj():
+    w = ExpertWeights.empty(1, 64, 64)
+    with pytest.raises(ValueError, match=r"proj: expected one of \('gate_proj', 'up_proj', 'down_proj'\), got "
+                                         r"'upproj'"):
+        w.set_expert(0, "upproj", w.w13[0, 64:], w.w13_scale[0, 64:], torch.ones(()))
