@@ -58,9 +58,9 @@ def test_combine_applies_each_weight_once_in_k_order():
 
 
 def test_combine_sums_in_fp32_with_k_ascending():
-    # 1 + 1e8 rounds to 1e8 in fp32, so k ascending gives 0 where k descending would give 1
-    s = map_slots(torch.tensor([[0, 1, 2]], dtype=torch.int32), 3, 0)
-    y = combine(torch.tensor([[1.0], [1e8], [-1e8]]), s, torch.ones(1, 3), 1)
+    # 1 + 1e8 rounds to 1e8 in fp32, so k ascending gives 0 where k descending, or the slots' (experts') order, gives 1
+    s = map_slots(torch.tensor([[2, 1, 0]], dtype=torch.int32), 3, 0)  # slots: (t0,k2), (t0,k1), (t0,k0)
+    y = combine(torch.tensor([[-1e8], [1e8], [1.0]]), s, torch.ones(1, 3), 1)
     f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     assert y.item() == ((f32(1.0) + f32(1e8)) + f32(-1e8)).item() == 0.0
 
@@ -120,9 +120,10 @@ def test_expert_stage_matches_an_independent_per_token_model(gen, act_mode, scal
     acts = nvfp4.quantize(x, gs_x) if act_mode == "nvfp4" else x.to(torch.bfloat16)
     got = expert_stage(acts, topk_idx, topk_w, weights, 0, spec)
     ref = _naive_stage(x, topk_idx, topk_w, weights, spec, gs_x)
-    # bf16 h: gate/up summed in another order can land an element of h one bf16 ulp (2^-8) away, which moves
-    # the output by ~1e-5 of its norm per element (seen: 1.3e-5); a wrong stage is off by far more.
-    tol = 1e-4 if act_mode == "bf16" else 1e-5
+    # bf16 h: gate/up summed in another order can land an element of h one bf16 ulp (2^-8) away, which moves the
+    # output by up to ~1e-4 of its norm per element (seen: 7.7e-4 where the flip hit a row's largest element, 4 seeds
+    # in 1500 above 1e-4); a wrong stage is off by more than 1e-2.
+    tol = 2e-3 if act_mode == "bf16" else 1e-5
     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
 

@@ -472,20 +472,25 @@ def test_l1_activation_is_the_clamped_swiglu_of_its_own_gate_up_to_a_few_ulp(blo
 
 
 @pytest.mark.parametrize("limit", [10.0, None])
-def test_l1_activation_of_a_nan_gate_or_up_is_nan_as_in_the_reference(limit, gen):
-    """A NaN that reaches L1 unchecked (check=False) makes its token's gate|up NaN: the clamp keeps it, as torch's
-    clamp does (fminf / fmaxf would have turned it into the limits, and silu(10) * -10 into a plausible h)."""
+@pytest.mark.parametrize("nan_in", ["gate and up", "gate", "up"])
+def test_l1_activation_of_a_nan_gate_or_up_is_nan_as_in_the_reference(nan_in, limit, gen):
+    """A NaN that reaches L1 unchecked (check=False) stays NaN through the clamp, as torch's clamp keeps it (fminf /
+    fmaxf had turned it into the limits, and silu(10) * -10 into a plausible h): an activation makes its token's gate
+    and up NaN, a NaN alpha (unchecked with check=False) expert 0's gate or its up alone."""
     e, h, i, t, k = 2, 256, 128, 6, 1
     weights = random_weights(e, h, i, gen)
     acts = random_acts(t, h, weights, W4A16, gen)
-    acts[1, 3] = float("nan")
     slots = map_slots(routing("uniform", t, k, e, gen)[0], e, 0)
-    gu = l1_gate_up(acts, slots, weights, W4A16)
     kw = tiled(weights)
-    h_f32 = torch.full((t * k, i), 7.0, device=DEV)
-    ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, acts, None, slots.offsets, slots.slot_pair, k, "fp32",
-                   swiglu_limit=limit, out_f32=h_f32)
-    ref = swiglu(gu, limit)
+    if nan_in == "gate and up":
+        acts[1, 3] = float("nan")
+    else:
+        kw.w13_alpha[0, 0 if nan_in == "gate" else 1] = float("nan")
+    gu, h_f32 = (torch.full((t * k, n), 7.0, device=DEV) for n in (2 * i, i))
+    for epilogue, out in (("gate_up", gu), ("fp32", h_f32)):
+        ops.grouped_l1(kw.w13, kw.w13_scale, kw.w13_alpha, acts, None, slots.offsets, slots.slot_pair, k, epilogue,
+                       swiglu_limit=limit, out_f32=out)
+    ref = swiglu(gu[: slots.num_slots], limit)
     assert torch.isnan(ref).any() and not torch.isnan(ref).all()
     assert torch.equal(torch.isnan(h_f32[: slots.num_slots]), torch.isnan(ref))
 
