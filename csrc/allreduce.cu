@@ -71,6 +71,7 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
 __device__ void record_failure(const Args& a, int word, int phase) {
   volatile int* st = a.status;
   st[word] = 1;
+  __threadfence_system();  // the host, which reads without a sync, sees the peer's word before the phase that flags it
   st[0] = phase + 1;
   __threadfence_system();
 }
