@@ -13,6 +13,7 @@ import reprlib
 import struct
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Generator, Iterable
 
@@ -328,7 +329,7 @@ def load_layer(reader: CheckpointReader, cfg: ModelConfig, layer: int, rank: int
             # agree.
             _check_tensor(nvfp4.check_scale_bytes, scale, keys[1])
             _check_tensor(nvfp4.check_positive_scale, scale_2, keys[2])
-            _check_tensor(lambda t, name: nvfp4.check_positive_scale(t, name, divisor=True), input_scale, keys[3])
+            _check_tensor(partial(nvfp4.check_positive_scale, divisor=True), input_scale, keys[3])
             if scale.dtype == torch.uint8:
                 scale = scale.view(torch.float8_e4m3fn)  # some exports store the scale bytes as U8
             target.set_expert(e, proj, weight, scale, scale_2)

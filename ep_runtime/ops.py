@@ -133,16 +133,20 @@ def check_block_scales(scale: object, name: str, rows: int, k: int) -> None:
         check_tensor(scale, name, SCALE_DTYPES, (rows, k // 16))
 
 
+def _is_int(value: object) -> bool:
+    """An int the ops' schemas take: a float 2.0 would fail in the dispatcher, and a bool pass as 0 or 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_int(value: object, name: str, lo: int, hi: int) -> int:
-    """An int argument in [lo, hi]: the ops' schemas take ints (a float 2.0 would fail in the dispatcher, a bool pass
-    as 0 or 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    """An int argument in [lo, hi]."""
+    if not _is_int(value) or not lo <= value <= hi:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
     return value
 
 
 def check_top_k(k: int, n: int, name: str = "k") -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    if not _is_int(k) or not 1 <= k <= n:
         raise ValueError(f"{name}: expected 1..{n} (the scores per row), got {k!r}")
 
 
@@ -334,9 +338,9 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
 
 
 def check_tiles(block_n: int, block_m: int, rows: int) -> None:
-    if not isinstance(block_m, int) or isinstance(block_m, bool):  # 64.0 == 64: the dispatcher would refuse it later
+    if not _is_int(block_m):  # 64.0 == 64 passes the membership test below
         raise ValueError(f"block_m: expected one of {BLOCK_MS}, got {block_m!r}")
-    if isinstance(block_n, bool) or not isinstance(block_n, int) or block_n not in BLOCK_NS:
+    if not _is_int(block_n) or block_n not in BLOCK_NS:
         raise ValueError(f"block_n: expected one of {BLOCK_NS}, got {block_n}")
     wide = block_n >= MIN_WIDE_BLOCK_N
     if block_m not in BLOCK_MS or (block_m > 64 and rows % block_m) or (block_m == 256 and not wide):
@@ -472,7 +476,7 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
     check_swiglu_limit(swiglu_limit)
     check_tiles(block_n, block_m, 2 * inter)
     check_split(split_sums, split_arrivals)
-    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 0:
+    if not _is_int(max_pieces) or max_pieces < 0:
         raise ValueError(f"max_pieces: expected an int >= 0 (0: any), got {max_pieces!r}")
     dev = w13.device
     if epilogue in ("gate_up", "fp32"):
@@ -578,7 +582,7 @@ def check_addend(addend: torch.Tensor | None, begin: int, num_tokens: int, hidde
     check_tensor(addend, "addend", torch.float32, (None, hidden))
     if addend.shape[0] > num_tokens:
         raise ValueError(f"addend: expected at most the {num_tokens} tokens' rows, got {addend.shape[0]}")
-    if isinstance(begin, bool) or not isinstance(begin, int) or not 0 <= begin <= num_tokens - addend.shape[0]:
+    if not _is_int(begin) or not 0 <= begin <= num_tokens - addend.shape[0]:
         raise ValueError(f"addend_begin: expected an int in [0, {num_tokens - addend.shape[0]}] so that the addend's "
                          f"{addend.shape[0]} rows lie within the {num_tokens} tokens, got {begin!r}")
 
