@@ -11,6 +11,10 @@
 // call, so flags are never reset between calls (a CUDA graph replays the same kernel with no host input).
 // A waiting thread gives up after timeout_ns (%globaltimer), records the missing peer in host-mapped
 // status words and the CTA exits; the Python wrapper turns that into an error naming the peer.
+// Latch: a rank that gives up also marks itself in every rank's gave_up row, and a kernel that finds any mark in its
+// own row as it starts signals nothing and moves nothing, until reset_signals() zeroes the blocks. Without it a rank's
+// next call, already queued, would reuse the epochs of the one that timed out and could pair with a late peer's call,
+// both passing with the wrong data; and the ranks still waiting leave when they see the mark, not a timeout later.
 // Agreement: at a kernel's first barrier every rank also leaves its call's tag (call_tag: the collective, its grid,
 // its tensor's place in the arena, its sizes) with each peer and compares theirs with its own. Ranks asked for
 // different things (another token count, another collective) would move bytes to and from the wrong places; instead
@@ -46,10 +50,11 @@ struct Args {
   unsigned long long timeout_ns;
   uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call; 0: unset
   // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks + peer] = 1
-  // for each peer whose tag differed
+  // for each peer whose tag differed, [1 + 2 * kMaxRanks + q] = 1 for each rank q (this one too) found to have given up
   int* status;
 };
-constexpr int kStatusWords = 1 + 2 * kMaxRanks;
+constexpr int kStatusWords = 1 + 3 * kMaxRanks;
+constexpr int kGaveUpPollSpins = 64;  // spins between looks at the gave_up row while waiting (it is a slower path)
 
 // A barrier's outcome; a CTA that timed out exits, one that disagreed skips its data movement.
 enum : int { kPassed = 0, kDisagreed = 1, kTimedOut = 2 };
@@ -76,6 +81,22 @@ __device__ void record_failure(const Args& a, int word, int phase) {
   __threadfence_system();
 }
 
+// Ranks marked in this rank's gave_up row, as a bit mask; each found is recorded.
+__device__ uint32_t gave_up_ranks(const Args& a, int phase) {
+  uint32_t mask = 0;
+  for (int q = 0; q < a.world; ++q)
+    if (*reinterpret_cast<volatile uint32_t*>(gave_up_ptr(a.sig[a.rank], q)) != 0) mask |= 1u << q;
+  for (int q = 0; q < a.world; ++q)
+    if (mask >> q & 1) record_failure(a, 1 + 2 * kMaxRanks + q, phase);
+  return mask;
+}
+
+__device__ void give_up(const Args& a, int missing, int phase) {
+  record_failure(a, 1 + missing, phase);
+  record_failure(a, 1 + 2 * kMaxRanks + a.rank, phase);
+  for (int q = 0; q < a.world; ++q) st_release_sys(gave_up_ptr(a.sig[q], a.rank), 1);
+}
+
 // Barrier among the CTAs with index `slot` on all ranks. Thread t < world signals peer t and waits for it.
 // The __syncthreads before the release store orders every thread's earlier reads and writes (including
 // stores into peers' memory) before the signal; the one after the acquire load orders every later access.
@@ -85,6 +106,8 @@ __device__ void record_failure(const Args& a, int word, int phase) {
 // barrier after it (not the standalone barrier).
 // The outcome is every thread's, from the barrier instruction itself (a word in shared memory would be reset by a thread
 // entering the next barrier while a slower warp had yet to read it).
+// A rank latched before the call has left at its kernel's start (begin_call); one latched during it finds out while
+// it waits.
 __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, bool agree = false) {
   __syncthreads();
   const int t = threadIdx.x;
@@ -94,9 +117,14 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
     st_release_sys(flag_ptr(a.sig[t], slot, a.rank), epoch);
     const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
     const unsigned long long start = global_ns();
-    while (static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0) {
+    for (uint32_t spins = 1; static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0; ++spins) {
+      if (spins % kGaveUpPollSpins == 0 && gave_up_ranks(a, phase) != 0) {
+        record_failure(a, 1 + t, phase);  // t had not come when another rank gave up
+        seen = kTimedOut;
+        break;
+      }
       if (global_ns() - start > a.timeout_ns) {
-        record_failure(a, 1 + t, phase);
+        give_up(a, t, phase);
         seen = kTimedOut;
         break;
       }
@@ -110,12 +138,20 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
   return __syncthreads_or(seen == kTimedOut) ? kTimedOut : kDisagreed;
 }
 
-// Epoch bookkeeping: the previous call's last epoch for this CTA slot, read once, advanced once.
-__device__ uint32_t load_epoch(const Args& a, int slot) {
+// A kernel's start: false where this rank is latched (a rank marked in its gave_up row: it leaves before it signals
+// anything, so no peer can pass a barrier with it); else the previous call's last epoch for this CTA slot, read once
+// (advanced once, by store_epoch). Thread t < world looks at word t of the row, beside the epoch's load.
+__device__ bool begin_call(const Args& a, int slot, int phase, uint32_t& epoch) {
   __shared__ uint32_t base;
-  if (threadIdx.x == 0) base = *epoch_ptr(a.sig[a.rank], slot);
-  __syncthreads();
-  return base;
+  const int t = threadIdx.x;
+  const bool latched = t < a.world && *reinterpret_cast<volatile uint32_t*>(gave_up_ptr(a.sig[a.rank], t)) != 0;
+  if (t == 0) base = *epoch_ptr(a.sig[a.rank], slot);
+  if (__syncthreads_or(latched)) {
+    if (t == 0) gave_up_ranks(a, phase);
+    return false;
+  }
+  epoch = base;
+  return true;
 }
 __device__ void store_epoch(const Args& a, int slot, uint32_t value) {
   if (threadIdx.x == 0) *epoch_ptr(a.sig[a.rank], slot) = value;
@@ -177,7 +213,8 @@ __device__ __forceinline__ uint4 reduce_vec(const Args& a, int64_t i) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) one_shot_kernel(Args a) {
   const int slot = blockIdx.x;
-  const uint32_t e0 = load_epoch(a, slot);
+  uint32_t e0;
+  if (!begin_call(a, slot, 0, e0)) return;
   const int64_t stride = (int64_t)gridDim.x * kThreads;
   const int64_t per_round = stride * kOneShotVecsPerThread;
   uint32_t e = e0 + 1;
@@ -208,7 +245,8 @@ __global__ void __launch_bounds__(kThreads) one_shot_kernel(Args a) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   const int slot = blockIdx.x;
-  const uint32_t e0 = load_epoch(a, slot);
+  uint32_t e0;
+  if (!begin_call(a, slot, 0, e0)) return;
   const int64_t chunk = (a.n_vec + a.world - 1) / a.world;
   const int64_t begin = chunk * a.rank;
   const int64_t end = min(a.n_vec, begin + chunk);
@@ -234,7 +272,8 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reduce_scatter_kernel(Args a, uint4* out) {
   const int slot = blockIdx.x;
-  const uint32_t e0 = load_epoch(a, slot);
+  uint32_t e0;
+  if (!begin_call(a, slot, 4, e0)) return;
   const int64_t chunk = a.n_vec / a.world;
   const int first = cta_barrier(a, slot, e0 + 1, 4, true);
   if (first == kTimedOut) return;
@@ -272,7 +311,8 @@ __device__ void push_chunk(const Args& a, const V* src, int64_t dst_offset, int6
 
 __global__ void __launch_bounds__(kThreads) all_gather_kernel(Args a, Segments s) {
   const int slot = blockIdx.x;
-  const uint32_t e0 = load_epoch(a, slot);
+  uint32_t e0;
+  if (!begin_call(a, slot, 5, e0)) return;
   const int first = cta_barrier(a, slot, e0 + 1, 5, true);
   if (first == kTimedOut) return;
   for (int g = 0; g < (first == kPassed ? s.count : 0); ++g) {  // nothing to move where the ranks disagree
@@ -284,9 +324,10 @@ __global__ void __launch_bounds__(kThreads) all_gather_kernel(Args a, Segments s
 }
 
 __global__ void barrier_kernel(Args a) {
-  const uint32_t e = load_epoch(a, kBarrierSlot) + 1;
-  if (cta_barrier(a, kBarrierSlot, e, 3) != kPassed) return;
-  store_epoch(a, kBarrierSlot, e);
+  uint32_t e0;
+  if (!begin_call(a, kBarrierSlot, 3, e0)) return;
+  if (cta_barrier(a, kBarrierSlot, e0 + 1, 3) != kPassed) return;
+  store_epoch(a, kBarrierSlot, e0 + 1);
 }
 
 // FNV-1a over a call's defining numbers (the collective's code first, then its grid, the offset of its tensor in the

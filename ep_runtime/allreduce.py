@@ -8,8 +8,10 @@ launch (each rank stores its chunk into every peer's copy).
 
 The kernels synchronize through signal words in symmetric memory and give up after `timeout_s`: they then
 write the missing peers into host-mapped status words, which this module turns into a CommTimeoutError
-naming them: at once with `check=True` (which syncs), otherwise on the next call. After a timeout the
-ranks' signal epochs disagree, so every rank must call the owner's `reset_signals()` before the next call.
+naming them: at once with `check=True` (which syncs), otherwise on the next call. A rank that gives up also marks
+itself in every rank's signal block, and every later P2P collective of every rank that sees the mark moves no data and
+reports it (ranks still waiting leave at once): after a timeout the ranks' signal epochs disagree, so every rank must
+call the owner's `reset_signals()` before the next call.
 At their first barrier the ranks also compare what each was asked to do (the collective, its grid, its tensor's
 offset in the arena, sizes, dtype and algorithm): where a rank's call differs, as with token counts that differ
 between ranks, the CTAs that meet a peer's move nothing (any beyond a peer's smaller grid wait out the timeout), and
@@ -161,21 +163,30 @@ class SymmAllReduce:
         st = self.status.read()
         if st[0] == 0:
             return
-        per_peer = (len(st) - 1) // 2  # [0] phase + 1, then a word per possible peer: missing, then disagreed
-        missing = [q for q in range(self.world_size) if st[1 + q]]
-        disagreed = [q for q in range(self.world_size) if st[1 + per_peer + q]]
+        # [0] phase + 1, then a word per possible peer: missing, disagreed, gave up (csrc/allreduce.cu Args::status)
+        per_peer = (len(st) - 1) // 3
+        missing, disagreed, gave_up = ([q for q in range(self.world_size) if st[1 + k * per_peer + q]]
+                                       for k in range(3))
         phase = _PHASES[st[0] - 1] if 0 < st[0] <= len(_PHASES) else f"phase {st[0] - 1}"
         reset = "every rank must call reset_signals() before the next collective"
+        # A rank that gave up (timed out) latches every rank's P2P collectives until the reset, and the ranks still
+        # waiting leave (naming whom they waited for) as soon as they see it.
+        timed_out = self.rank in gave_up and bool(missing)
+        named = [q for q in gave_up if q != self.rank] if timed_out else gave_up
+        latched = (f"; rank(s) {named} gave up waiting in a barrier (a timeout, in this call or an earlier one), after "
+                   f"which no P2P collective of any rank moves data" if named else "")
         if disagreed:
             also = f", and rank(s) {missing} did not come within {self.timeout_s:g}s" if missing else ""
             what = "all-reduce" if st[0] == 1 else phase  # the ranks compare their calls at a first barrier
             raise CommMismatchError(
                 f"rank {self.rank}: symmetric-memory {what}: rank(s) {disagreed} of {self.world_size} were asked for "
                 f"another collective, or for other sizes (a token count that differs between ranks), tensor, dtype or "
-                f"algorithm than this rank, so it moved no data{also}; {reset}", self.rank, disagreed, missing)
-        raise CommTimeoutError(
-            f"rank {self.rank}: symmetric-memory {phase} timed out after {self.timeout_s:g}s waiting for "
-            f"rank(s) {missing} of {self.world_size}; {reset}", self.rank, missing)
+                f"algorithm than this rank, so it moved no data{also}{latched}; {reset}", self.rank, disagreed, missing)
+        of = f"rank(s) {missing} of {self.world_size}"
+        waited = (f" timed out after {self.timeout_s:g}s waiting for {of}" if timed_out
+                  else f" stopped waiting for {of}" if missing else " moved no data")
+        raise CommTimeoutError(f"rank {self.rank}: symmetric-memory {phase}{waited}{latched}; {reset}", self.rank,
+                               missing, gave_up)
 
     def __call__(self, t: torch.Tensor, algo: str = "auto", check: bool = False) -> torch.Tensor:
         """Sum t over the ranks, in place, on the current stream; returns t."""

@@ -22,14 +22,15 @@ class CommError(Exception):
 
 
 class CommTimeoutError(CommError, TimeoutError):
-    """A barrier gave up waiting; `missing` lists the ranks that never arrived."""
+    """A barrier gave up waiting; `missing` lists the ranks that never arrived, `gave_up` the ranks found to have
+    given up waiting themselves (in this call or an earlier one: until the reset, no P2P collective moves data)."""
 
-    def __init__(self, message: str, rank: int, missing: list[int]):
+    def __init__(self, message: str, rank: int, missing: list[int], gave_up: list[int] | None = None):
         super().__init__(message)
-        self.rank, self.missing = rank, missing
+        self.rank, self.missing, self.gave_up = rank, missing, list(gave_up or [])
 
     def __reduce__(self):  # pickle and copy rebuild it from these (the default passes the message alone)
-        return type(self), (self.args[0], self.rank, self.missing)
+        return type(self), (self.args[0], self.rank, self.missing, self.gave_up)
 
 
 class CommMismatchError(CommError, RuntimeError):

@@ -278,7 +278,7 @@ def test_the_kernels_refuse_a_timeout_past_their_range_too(timeout_s: float) -> 
         _C.device_barrier([16], 0, timeout_s, 1, 0)
 
 
-@pytest.mark.parametrize("error", [CommTimeoutError("rank 0: timed out", 0, [2]),
+@pytest.mark.parametrize("error", [CommTimeoutError("rank 0: timed out", 0, [2], [1]),
                                    CommMismatchError("rank 1: asked for other sizes", 1, [0], [3])])
 def test_comm_errors_survive_pickling_and_copying_with_their_ranks(error) -> None:
     """They may cross process boundaries (multiprocessing pools, futures)."""

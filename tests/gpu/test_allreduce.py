@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ep_runtime.allreduce import CommTimeoutError, SymmAllReduce
 from ep_runtime.dist_utils import CommMismatchError
-from ep_runtime.ops import extension_available
+from ep_runtime.ops import extension_available, launch
 from ep_runtime.symm import region_bytes
 from ep_runtime.symm_torch import TorchSymmBackend
 
@@ -238,6 +238,14 @@ class _EmulatedGroup:
             return [a.data_ptr() + offset for a in self.arenas]
         return locate
 
+    def reset(self) -> None:
+        """What reset_signals() does on every rank: zeroed signal blocks and status words."""
+        torch.cuda.synchronize()
+        for arena, comm in zip(self.arenas, self.comms):
+            arena[self.data_bytes:].zero_()
+            comm.status.clear()
+        torch.cuda.synchronize()
+
     def buf(self, rank: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         return self.arenas[rank][:self.data_bytes].view(dtype)[:n]
 
@@ -325,10 +333,22 @@ def test_emulated_absent_rank_is_named_by_every_other_rank(algo: str, gen: torch
     start = time.monotonic()
     group.all_reduce(inputs, algo, ranks=[0, 1, 2])
     elapsed = time.monotonic() - start
-    for r in range(world - 1):
-        with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* timed out after 1s waiting for rank\(s\) \[3\]"):
-            group.comms[r].raise_if_failed()
+    _assert_every_present_rank_names_the_absent_one(group, present=[0, 1, 2], absent=3,
+                                                    phase="waiting for peers' inputs")
     assert elapsed < 6.0
+
+
+def _assert_every_present_rank_names_the_absent_one(group, present: list[int], absent: int, phase: str) -> None:
+    """The first rank to time out gives up and marks itself; the others may leave on seeing that, before their own
+    timeouts: every rank names the absent one, and one at least timed out."""
+    errors = []
+    for r in present:
+        with pytest.raises(CommTimeoutError, match=rf"rank {r}: symmetric-memory {phase} .*waiting for rank\(s\) "
+                                                   rf"\[{absent}\] of {group.world}") as e:
+            group.comms[r].raise_if_failed()
+        assert e.value.missing == [absent] and e.value.gave_up and set(e.value.gave_up) <= set(present)
+        errors.append(str(e.value))
+    assert any("timed out after 1s waiting" in m for m in errors), errors
 
 
 def _on_every_rank(group: _EmulatedGroup, call, ranks: list[int] | None = None) -> None:
@@ -405,12 +425,93 @@ def test_emulated_absent_rank_is_named_by_the_token_mode_collectives(op: str, ge
     start = time.monotonic()
     _on_every_rank(group, call, ranks=[0, 1])
     elapsed = time.monotonic() - start
-    phase = op.replace("_", "-")
-    for r in range(world - 1):
-        with pytest.raises(CommTimeoutError, match=rf"rank {r}: symmetric-memory {phase} timed out after 1s waiting "
-                                                   rf"for rank\(s\) \[2\]"):
-            group.comms[r].raise_if_failed()
+    _assert_every_present_rank_names_the_absent_one(group, present=[0, 1], absent=2, phase=op.replace("_", "-"))
     assert elapsed < 6.0
+
+
+# ---- the latch: after a rank gives up, no P2P collective of any rank moves data until the reset ----
+
+@emulated
+@pytest.mark.parametrize("algo", ["oneshot", "twoshot"])
+def test_emulated_rank_later_than_a_timeout_is_refused_instead_of_pairing_with_the_next_call(algo, gen) -> None:
+    """Rank 0 gives up on rank 1 while its next call is already queued (as an asynchronous step queues it); rank 1
+    comes only then. Without the latch, rank 0's next call reused the epochs of the one that timed out, so it and rank
+    1's late call passed each other's barriers and summed rank 0's next input into rank 1's result, with no error on
+    rank 1."""
+    group = _EmulatedGroup(2, 1 << 20, timeout_s=1.0)
+    n = 16 * 7168
+    first, following = _emulated_inputs(2, n, torch.bfloat16, gen), _emulated_inputs(2, n, torch.bfloat16, gen)
+    bufs = [group.buf(r, n, torch.bfloat16).copy_(first[r]) for r in range(2)]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(group.streams[0]):
+        group.comms[0](bufs[0], algo=algo)
+        timed_out = torch.cuda.Event()
+        timed_out.record()
+        bufs[0].copy_(following[0])
+        group.comms[0](bufs[0], algo=algo)
+    timed_out.synchronize()
+    with torch.cuda.stream(group.streams[1]):
+        group.comms[1](bufs[1], algo=algo)
+    torch.cuda.synchronize()
+    with pytest.raises(CommTimeoutError, match=r"rank 0: .* timed out after 1s waiting for rank\(s\) \[1\] of 2"):
+        group.comms[0].raise_if_failed()
+    with pytest.raises(CommTimeoutError, match=r"rank 1: .* moved no data; rank\(s\) \[0\] gave up waiting") as e:
+        group.comms[1].raise_if_failed()
+    assert e.value.gave_up == [0] and e.value.missing == []
+    assert torch.equal(bufs[0], following[0]) and torch.equal(bufs[1], first[1])
+
+
+@emulated
+def test_emulated_ranks_still_waiting_leave_when_another_rank_gives_up(gen: torch.Generator) -> None:
+    """Rank 2 never comes; rank 0 gives up after 1 s, and rank 1, whose own timeout is 60 s, leaves on seeing that."""
+    group = _EmulatedGroup(3, 1 << 20, timeout_s=60.0)
+    group.comms[0].timeout_s = 1.0
+    start = time.monotonic()
+    group.all_reduce(_emulated_inputs(3, 7168, torch.bfloat16, gen), "twoshot", ranks=[0, 1])
+    assert time.monotonic() - start < 10.0
+    with pytest.raises(CommTimeoutError, match=r"rank 1: .* stopped waiting for rank\(s\) \[2\] of 3; rank\(s\) "
+                                               r"\[0\] gave up waiting") as e:
+        group.comms[1].raise_if_failed()
+    assert e.value.missing == [2] and e.value.gave_up == [0]
+
+
+@emulated
+@pytest.mark.parametrize("op", ["oneshot", "twoshot", "reduce_scatter", "all_gather", "barrier"])
+def test_emulated_after_a_timeout_every_collective_moves_nothing_until_the_reset(op: str, gen) -> None:
+    group = _EmulatedGroup(2, 1 << 20, timeout_s=1.0)
+    group.all_reduce(_emulated_inputs(2, 7168, torch.bfloat16, gen), "oneshot", ranks=[0])  # rank 0 gives up on 1
+    for c in group.comms:
+        c.status.clear()  # reports read; the signal blocks left as they are
+    n = 8 * 7168
+    bufs = [group.buf(r, n, torch.bfloat16).copy_(x) for r, x in enumerate(_emulated_inputs(2, n, torch.bfloat16, gen))]
+    outs = [torch.full((n // 2,), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    before = [b.clone() for b in bufs]
+    calls = {"oneshot": lambda r: group.comms[r](bufs[r], algo="oneshot"),
+             "twoshot": lambda r: group.comms[r](bufs[r], algo="twoshot"),
+             "reduce_scatter": lambda r: group.comms[r].reduce_scatter(bufs[r], outs[r]),
+             "all_gather": lambda r: group.comms[r].all_gather([bufs[r]], [outs[r]]),
+             "barrier": lambda r: _device_barrier_alone(group, r)}
+    start = time.monotonic()
+    _on_every_rank(group, calls[op])
+    assert time.monotonic() - start < 1.0  # refused at once, not after a timeout
+    for r in range(2):
+        with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* moved no data; rank\(s\) \[0\] gave up") as e:
+            group.comms[r].raise_if_failed()
+        assert e.value.gave_up == [0]
+        assert torch.equal(bufs[r], before[r]) and bool(outs[r].isnan().all())
+    group.reset()
+    inputs = _emulated_inputs(2, n, torch.bfloat16, gen)
+    got = group.all_reduce(inputs, "twoshot")
+    for r in range(2):
+        group.comms[r].raise_if_failed()
+        assert torch.equal(_bits(got[r]), _bits(_ascending_sum(inputs))), f"rank {r} after the reset"
+
+
+def _device_barrier_alone(group: _EmulatedGroup, rank: int) -> None:
+    """The device barrier without the host sync SymmAllReduce.barrier adds (the ranks share this thread)."""
+    c = group.comms[rank]
+    launch("device_barrier", torch.device("cuda", torch.cuda.current_device()), c.signal_ptrs, rank, c.timeout_s,
+           c.status.device_ptr)
 
 
 # ---- ranks asked for different things: nothing moves, every rank names the others ----
