@@ -198,6 +198,7 @@ class CudaExpertStage:
             named["addend.values"] = addend.values
         self.workspace.check_tokens(t, k)
         named["weights.w13"] = self.weights.w13
+        ops.check_apart({"out": out}, {n: t for n, t in named.items() if n != "out"})
         ops.check_same_device(named)
         return named
 

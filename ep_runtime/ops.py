@@ -186,6 +186,27 @@ def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{n}: expected device {first} (the device of {first_name}), got {d}")
 
 
+def check_apart(written: dict[str, torch.Tensor | None], read: dict[str, torch.Tensor | None]) -> None:
+    """No tensor a kernel writes shares a byte with another it writes or reads: the kernels take restrict pointers,
+    and a store could land before a load of the same bytes. The tensors are contiguous (check_tensor); fake and meta
+    tensors (torch.compile's tracing) have no addresses to compare."""
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+    def located(named: dict[str, torch.Tensor | None]) -> list[tuple[str, torch.Tensor]]:
+        return [(n, t) for n, t in named.items() if t is not None and t.numel() and not is_fake(t)
+                and t.device.type != "meta"]
+
+    outs, ins = located(written), located(read)
+    for i, (a, ta) in enumerate(outs):
+        a0, a1 = span(ta)
+        for b, tb, use in [(n, t, "writes") for n, t in outs[i + 1:]] + [(n, t, "reads") for n, t in ins]:
+            b0, b1 = span(tb)
+            if ta.device == tb.device and min(a1, b1) > max(a0, b0):
+                raise ValueError(f"{a}: expected memory apart from {b}, got {min(a1, b1) - max(a0, b0)} bytes in "
+                                 f"common (the kernel writes {a} while it {use} {b})")
+
+
 def _multiple(value: int, m: int, name: str) -> None:
     if value <= 0 or value % m:
         raise ValueError(f"{name}: expected a positive multiple of {m}, got {value}")
@@ -318,6 +339,7 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_tensor(offsets, "offsets", torch.int32, (num_local + 1,))
     check_tensor(slot_pair, "slot_pair", torch.int32, (t * k,))
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
+    check_apart(dict(counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot), dict(topk_idx=topk_idx))
     check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
                            pair_slot=pair_slot))
     if check:
@@ -333,6 +355,7 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
     _multiple(2 * kh, 64, "data.shape[1] * 2 (K)")
     check_block_scales(scale, "scale", r, 2 * kh)
     check_tensor(out, "out", torch.bfloat16, (r, 2 * kh))
+    check_apart(dict(out=out), dict(data=data, scale=scale))
     check_same_device(dict(data=data, scale=scale, out=out))
     dequant_rows_op(data, scale, out)
 
@@ -487,6 +510,10 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     if epilogue in ("nvfp4", "bf16"):
         check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
+    check_apart(dict(out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, split_sums=split_sums,
+                     split_arrivals=split_arrivals),
+                dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
+                     slot_pair=slot_pair, h_gs=h_gs))
     check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
                            slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
@@ -522,6 +549,8 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     _check_slots(offsets, e)
     check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
     check_tiles(block_n, block_m, hidden)
+    check_apart(dict(y_slot=y_slot), dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs,
+                                           offsets=offsets))
     check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
                            y_slot=y_slot))
     if check:
@@ -546,6 +575,8 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
     check_tensor(h_gs, "h_gs", torch.float32, (e,))
+    check_apart(dict(amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, h_gs=h_gs),
+                dict(h_f32=h_f32, offsets=offsets))
     check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
                            h_bf16=h_bf16, h_gs=h_gs))
     if check:
@@ -569,6 +600,7 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
     check_addend(addend, addend_begin, t, hidden)
+    check_apart(dict(out=out), dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, addend=addend))
     check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
     if check:
         check_in_range(pair_slot, "pair_slot", -1, t * k, "slots (or -1)")
@@ -618,6 +650,7 @@ def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, scaling: float, id
         check_tensor(bias, "bias", torch.float32, (n,))
     if given_ids is not None:
         check_tensor(given_ids, "given_ids", torch.int32, tuple(ids.shape))
+    check_apart(dict(ids=ids, weights=weights), dict(logits=logits, bias=bias, given_ids=given_ids))
     check_same_device(dict(logits=logits, bias=bias, given_ids=given_ids, ids=ids, weights=weights))
     route_v4_op(logits, bias, given_ids, float(scaling), ids, weights)
 
@@ -633,5 +666,6 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
         raise ValueError(f"hidden: expected a hidden size that is a positive multiple of 8 (16-byte rows), got {h}")
     check_tensor(weight, "weight", torch.bfloat16, (None, h))
     check_tensor(out, "out", torch.float32, (t, weight.shape[0]))
+    check_apart(dict(out=out), dict(hidden=hidden, weight=weight))
     check_same_device(dict(hidden=hidden, weight=weight, out=out))
     router_logits_op(hidden, weight, out)

@@ -102,6 +102,9 @@ def test_all_reduce_rejects_cpu_tensors() -> None:
         validate_all_reduce_args(torch.zeros(8, dtype=torch.bfloat16), "auto")
 
 
+_BUF64 = torch.zeros(64)  # one allocation, two arguments over it
+
+
 @pytest.mark.parametrize("inp,out,error,message", [
     (torch.zeros(64, dtype=torch.int32), torch.zeros(32, dtype=torch.int32), TypeError,
      "inp: expected dtype torch.bfloat16 or torch.float32, got torch.int32"),
@@ -111,7 +114,8 @@ def test_all_reduce_rejects_cpu_tensors() -> None:
     (torch.zeros(4), torch.zeros(2), ValueError, "out: expected whole 16-byte vectors, got 8 bytes"),
     (torch.zeros(64, 2)[:, 0], torch.zeros(32), ValueError, "inp: expected a contiguous tensor"),
     (torch.zeros(64), torch.zeros(32), ValueError, "inp: expected a CUDA tensor, got device cpu"),
-], ids=["int-input", "dtype-mismatch", "chunk-size", "vectors", "strided", "cpu"])
+    (_BUF64, _BUF64[32:], ValueError, "out: expected memory apart from inp, got 128 bytes in common"),
+], ids=["int-input", "dtype-mismatch", "chunk-size", "vectors", "strided", "cpu", "out-in-inp"])
 def test_reduce_scatter_arguments_are_checked_by_name(inp, out, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         validate_reduce_scatter_args(inp, out, 2)
@@ -126,7 +130,8 @@ def test_reduce_scatter_arguments_are_checked_by_name(inp, out, error, message) 
      ValueError, "inps[1]: expected whole 4-byte words, got 3 bytes"),
     ([torch.zeros(6)], [torch.zeros(4)], ValueError, "outs[0]: expected 2 x inps[0]'s 4 elements, got 6"),
     ([torch.zeros(8)], [torch.zeros(4)], ValueError, "inps[0]: expected a CUDA tensor, got device cpu"),
-], ids=["none", "five", "dtype-mismatch", "words", "size", "cpu"])
+    ([_BUF64[:8]], [_BUF64[4:8]], ValueError, "outs[0]: expected memory apart from inps[0], got 16 bytes in common"),
+], ids=["none", "five", "dtype-mismatch", "words", "size", "cpu", "inp-in-out"])
 def test_all_gather_arguments_are_checked_by_name(outs, inps, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         validate_all_gather_args(outs, inps, 2)

@@ -678,3 +678,94 @@ def test_a_built_stage_checks_each_calls_arguments_before_launching_anything(lau
     with pytest.raises(ValueError, match=r"topk_weights: expected shape \(5, 2\), got \(5, 3\)"):
         stage(args["acts"], args["topk_idx"], torch.ones(T, K + 1))
     assert len(launches) == 5
+
+
+# ---- outputs in memory of their own: the kernels take restrict pointers ----
+
+def over(t: torch.Tensor, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """A contiguous tensor of dtype and shape over t's first bytes."""
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return t.reshape(-1).view(torch.uint8)[:n].view(dtype).view(shape)
+
+
+def overlapping_calls() -> list:
+    """(a call whose output shares bytes with an input or another output, the message it must raise)."""
+    def l1():
+        args = good_l1_args()
+        ops.grouped_l1(**{**args, "act": over(args["out_f32"], torch.bfloat16, T, H)})
+
+    def l2():
+        y_slot = torch.zeros(T * K, H)
+        ops.grouped_l2(torch.zeros(E, H, I // 2, dtype=torch.uint8), torch.zeros(E, H, I // 16, dtype=torch.uint8),
+                       torch.ones(E), over(y_slot, torch.bfloat16, T * K, I), None,
+                       torch.zeros(E + 1, dtype=torch.int32), y_slot)
+
+    def combine():
+        y_slot = torch.zeros(T * K, H)
+        ops.combine(y_slot, torch.zeros(T * K, dtype=torch.int32), torch.zeros(T, K), y_slot[:T])
+
+    def moe_align():
+        offsets = torch.zeros(E + 1, dtype=torch.int32)
+        ops.moe_align(torch.zeros(T, K, dtype=torch.int32), E, 0, offsets[:E], offsets,
+                      torch.zeros(T * K, dtype=torch.int32), torch.zeros(T * K, dtype=torch.int32))
+
+    def requant():
+        h_f32 = torch.zeros(6, I)
+        ops.requant_dynamic(h_f32, torch.zeros(E + 1, dtype=torch.int32), torch.zeros(E, dtype=torch.int32),
+                            torch.zeros(6, I // 2, dtype=torch.uint8), torch.zeros(6, I // 16, dtype=torch.uint8),
+                            torch.zeros(6, I, dtype=torch.bfloat16), h_f32[0, :E])
+
+    def route():
+        args = route_args()
+        ops.route_v4(**{**args, "weights": over(args["logits"], torch.float32, T, K)})
+
+    def logits():
+        args = router_logits_args()
+        ops.router_logits(**{**args, "out": over(args["hidden"], torch.float32, T, 16)})
+
+    def dequant():
+        out = torch.zeros(T, H, dtype=torch.bfloat16)
+        ops.nvfp4_dequant_rows(over(out, torch.uint8, T, H // 2), torch.zeros(T, H // 16, dtype=torch.uint8), out)
+
+    def stage():
+        x = torch.zeros(8, H // 2, dtype=torch.uint8)
+        staging.validate_stage_args(over(x, torch.bfloat16, 2, H), x, torch.zeros(8, H // 64, dtype=torch.int32),
+                                    torch.zeros(1), None, torch.zeros(1, dtype=torch.int32))
+
+    return [
+        pytest.param(l1, r"out_f32: expected memory apart from act, got 1280 bytes in common \(the kernel writes "
+                         r"out_f32 while it reads act\)", id="l1"),
+        pytest.param(l2, "y_slot: expected memory apart from act, got 1280 bytes", id="l2"),
+        pytest.param(combine, "out: expected memory apart from y_slot, got 2560 bytes", id="combine"),
+        pytest.param(moe_align, r"counts: expected memory apart from offsets, got 16 bytes in common \(the kernel "
+                                r"writes counts while it writes offsets\)", id="moe_align"),
+        pytest.param(requant, "h_gs: expected memory apart from h_f32, got 16 bytes", id="requant_dynamic"),
+        pytest.param(route, "weights: expected memory apart from logits, got 40 bytes", id="route_v4"),
+        pytest.param(logits, "out: expected memory apart from hidden, got 320 bytes", id="router_logits"),
+        pytest.param(dequant, "out: expected memory apart from data, got 320 bytes", id="nvfp4_dequant_rows"),
+        pytest.param(stage, "x: expected memory apart from hidden, got 512 bytes", id="stage_nvfp4"),
+    ]
+
+
+@pytest.mark.parametrize("call,message", overlapping_calls())
+def test_an_output_sharing_bytes_with_another_operand_is_refused_naming_both(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_the_stage_refuses_an_output_over_its_routing_weights(launches):
+    args = stage_args()
+    out = torch.empty(T, H)
+    args["topk_weights"] = over(out, torch.float32, T, K).fill_(1.0)
+    with pytest.raises(ValueError, match="out: expected memory apart from topk_weights, got 40 bytes"):
+        cuda_expert_stage(**args, out=out)
+    assert launches == []
+
+
+def test_operands_side_by_side_in_one_buffer_are_accepted():
+    """Apart means no byte in common: neighbours in one allocation pass on to the device check."""
+    buf = torch.zeros(T * H * 2 + T * 16 * 4)
+    hidden = buf[:T * H // 2].view(torch.bfloat16).view(T, H)  # T*H bf16 = T*H/2 fp32 words
+    out = buf[T * H // 2:T * H // 2 + T * 16].view(T, 16)
+    with pytest.raises(ValueError, match="hidden: expected a CUDA tensor"):
+        ops.router_logits(hidden, torch.zeros(16, H, dtype=torch.bfloat16), out)
