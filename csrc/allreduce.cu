@@ -49,8 +49,9 @@ struct Args {
   int64_t n_vec;  // 16-byte vectors in the tensor
   unsigned long long timeout_ns;
   uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call; 0: unset
-  // host-mapped: [0] phase+1 of a failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks + peer] = 1
-  // for each peer whose tag differed, [1 + 2 * kMaxRanks + q] = 1 for each rank q (this one too) found to have given up
+  // host-mapped: [0] phase+1 of the first failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks +
+  // peer] = 1 for each peer whose tag differed, [1 + 2 * kMaxRanks + q] = 1 for each rank q (this one too) found to
+  // have given up
   int* status;
 };
 constexpr int kStatusWords = 1 + 3 * kMaxRanks;
@@ -73,27 +74,32 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   return v;
 }
 
-__device__ void record_failure(const Args& a, int word, int phase) {
+// The host reads the status words without a sync: a failure's words are written, fenced, and only then flagged by
+// the phase word. The first failure's phase stays: calls refused after it (the latch) would otherwise name themselves.
+__device__ void note(const Args& a, int word) { reinterpret_cast<volatile int*>(a.status)[word] = 1; }
+__device__ void flag_phase(const Args& a, int phase) {
+  __threadfence_system();
   volatile int* st = a.status;
-  st[word] = 1;
-  __threadfence_system();  // the host, which reads without a sync, sees the peer's word before the phase that flags it
-  st[0] = phase + 1;
+  if (st[0] == 0) st[0] = phase + 1;
   __threadfence_system();
 }
 
-// Ranks marked in this rank's gave_up row, as a bit mask; each found is recorded.
-__device__ uint32_t gave_up_ranks(const Args& a, int phase) {
+// Ranks marked in this rank's gave_up row (the latch, above), as a bit mask.
+__device__ uint32_t marked_ranks(const Args& a) {
   uint32_t mask = 0;
   for (int q = 0; q < a.world; ++q)
     if (*reinterpret_cast<volatile uint32_t*>(gave_up_ptr(a.sig[a.rank], q)) != 0) mask |= 1u << q;
-  for (int q = 0; q < a.world; ++q)
-    if (mask >> q & 1) record_failure(a, 1 + 2 * kMaxRanks + q, phase);
   return mask;
+}
+__device__ void note_marked(const Args& a, uint32_t mask) {
+  for (int q = 0; q < a.world; ++q)
+    if (mask >> q & 1) note(a, 1 + 2 * kMaxRanks + q);
 }
 
 __device__ void give_up(const Args& a, int missing, int phase) {
-  record_failure(a, 1 + missing, phase);
-  record_failure(a, 1 + 2 * kMaxRanks + a.rank, phase);
+  note(a, 1 + missing);
+  note(a, 1 + 2 * kMaxRanks + a.rank);
+  flag_phase(a, phase);
   for (int q = 0; q < a.world; ++q) st_release_sys(gave_up_ptr(a.sig[q], a.rank), 1);
 }
 
@@ -118,8 +124,11 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
     const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
     const unsigned long long start = global_ns();
     for (uint32_t spins = 1; static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0; ++spins) {
-      if (spins % kGaveUpPollSpins == 0 && gave_up_ranks(a, phase) != 0) {
-        record_failure(a, 1 + t, phase);  // t had not come when another rank gave up
+      const uint32_t marked = spins % kGaveUpPollSpins == 0 ? marked_ranks(a) : 0;
+      if (marked != 0) {
+        note(a, 1 + t);  // t had not come when a rank gave up
+        note_marked(a, marked);
+        flag_phase(a, phase);
         seen = kTimedOut;
         break;
       }
@@ -130,7 +139,8 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
       }
     }
     if (agree && seen == kPassed && *reinterpret_cast<volatile uint32_t*>(tag_ptr(a.sig[a.rank], slot, t)) != a.tag) {
-      record_failure(a, 1 + kMaxRanks + t, phase);
+      note(a, 1 + kMaxRanks + t);
+      flag_phase(a, phase);
       seen = kDisagreed;
     }
   }
@@ -147,7 +157,10 @@ __device__ bool begin_call(const Args& a, int slot, int phase, uint32_t& epoch) 
   const bool latched = t < a.world && *reinterpret_cast<volatile uint32_t*>(gave_up_ptr(a.sig[a.rank], t)) != 0;
   if (t == 0) base = *epoch_ptr(a.sig[a.rank], slot);
   if (__syncthreads_or(latched)) {
-    if (t == 0) gave_up_ranks(a, phase);
+    if (t == 0) {
+      note_marked(a, marked_ranks(a));
+      flag_phase(a, phase);
+    }
     return false;
   }
   epoch = base;

@@ -161,10 +161,13 @@ class SymmAllReduce:
             return algo
         return "oneshot" if nbytes <= self.oneshot_max_bytes else "twoshot"
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, timeout_s: float | None = None) -> None:
+        """Raises the failure the kernels recorded since the last reset, if any (timeout_s: the one the failed call
+        waited, where it was not the communicator's)."""
         st = self.status.read()
         if st[0] == 0:
             return
+        waited_s = self.timeout_s if timeout_s is None else timeout_s
         # [0] phase + 1, then a word per possible peer: missing, disagreed, gave up (csrc/allreduce.cu Args::status)
         per_peer = (len(st) - 1) // 3
         missing, disagreed, gave_up = ([q for q in range(self.world_size) if st[1 + k * per_peer + q]]
@@ -174,18 +177,21 @@ class SymmAllReduce:
         # A rank that gave up (timed out) latches every rank's P2P collectives until the reset, and the ranks still
         # waiting leave (naming whom they waited for) as soon as they see it.
         timed_out = self.rank in gave_up and bool(missing)
-        named = [q for q in gave_up if q != self.rank] if timed_out else gave_up
-        latched = (f"; rank(s) {named} gave up waiting in a barrier (a timeout, in this call or an earlier one), after "
-                   f"which no P2P collective of any rank moves data" if named else "")
+        who = [f"rank(s) {[q for q in gave_up if q != self.rank]}"] if set(gave_up) - {self.rank} else []
+        if self.rank in gave_up and not timed_out:
+            who.append("this rank")
+        latched = (f"; {' and '.join(who)} gave up waiting in a barrier (a timeout, in this call or an earlier one), "
+                   f"after which no P2P collective of any rank moves data" if who else "")
+        of = f"rank(s) {missing} of {self.world_size}"
         if disagreed:
-            also = f", and rank(s) {missing} did not come within {self.timeout_s:g}s" if missing else ""
+            also = (f", and {of} did not come within {waited_s:g}s" if timed_out else
+                    f", and {of} had not come when a rank gave up" if missing else "")
             what = "all-reduce" if st[0] == 1 else phase  # the ranks compare their calls at a first barrier
             raise CommMismatchError(
                 f"rank {self.rank}: symmetric-memory {what}: rank(s) {disagreed} of {self.world_size} were asked for "
                 f"another collective, or for other sizes (a token count that differs between ranks), tensor, dtype or "
                 f"algorithm than this rank, so it moved no data{also}{latched}; {reset}", self.rank, disagreed, missing)
-        of = f"rank(s) {missing} of {self.world_size}"
-        waited = (f" timed out after {self.timeout_s:g}s waiting for {of}" if timed_out
+        waited = (f" timed out after {waited_s:g}s waiting for {of}" if timed_out
                   else f" stopped waiting for {of}" if missing else " moved no data")
         raise CommTimeoutError(f"rank {self.rank}: symmetric-memory {phase}{waited}{latched}; {reset}", self.rank,
                                missing, gave_up)
@@ -228,7 +234,7 @@ class SymmAllReduce:
         self.raise_if_failed()
         launch("device_barrier", device, self.signal_ptrs, self.rank, timeout_s, self.status.device_ptr)
         torch.cuda.current_stream(device).synchronize()
-        self.raise_if_failed()
+        self.raise_if_failed(timeout_s)
 
 
 # Custom ops see plain ints; they find their communicator here (communicators live for the process).

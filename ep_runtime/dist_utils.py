@@ -22,8 +22,9 @@ class CommError(Exception):
 
 
 class CommTimeoutError(CommError, TimeoutError):
-    """A barrier gave up waiting; `missing` lists the ranks that never arrived, `gave_up` the ranks found to have
-    given up waiting themselves (in this call or an earlier one: until the reset, no P2P collective moves data)."""
+    """A barrier gave up waiting; `missing` lists the ranks it was still waiting for when it stopped, `gave_up` the
+    ranks found to have given up waiting themselves (in this call or an earlier one: until the reset, no P2P
+    collective moves data)."""
 
     def __init__(self, message: str, rank: int, missing: list[int], gave_up: list[int] | None = None):
         super().__init__(message)

@@ -290,3 +290,57 @@ def test_comm_errors_survive_pickling_and_copying_with_their_ranks(error) -> Non
     for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert type(again) is type(error) and str(again) == str(error) and isinstance(again, CommError)
         assert vars(again) == vars(error)
+
+
+# ---- what the host reads from the kernels' status words (csrc/allreduce.cu Args::status) ----
+
+class _Status:
+    def __init__(self, words: list[int]):
+        self.words = words
+
+    def read(self) -> list[int]:
+        return list(self.words)
+
+
+def _report(rank: int, world: int, phase: int = 0, missing=(), disagreed=(), gave_up=(), timeout_s=None) -> CommError:
+    """The error a communicator raises for these status words: [0] phase + 1, then 8 words (kMaxRanks) per group."""
+    words = [0] * (1 + 3 * 8)
+    words[0] = phase + 1
+    for group, ranks in enumerate((missing, disagreed, gave_up)):
+        for q in ranks:
+            words[1 + 8 * group + q] = 1
+    comm = SymmAllReduce.__new__(SymmAllReduce)  # no GPU: only what raise_if_failed reads
+    comm.rank, comm.world_size, comm.timeout_s, comm.status = rank, world, 1.0, _Status(words)
+    with pytest.raises(CommError) as e:
+        comm.raise_if_failed(timeout_s)
+    return e.value
+
+
+def test_a_rank_that_timed_out_names_the_ranks_it_waited_for() -> None:
+    e = _report(0, 2, missing=[1], gave_up=[0])
+    assert type(e) is CommTimeoutError and (e.missing, e.gave_up) == ([1], [0])
+    assert str(e) == ("rank 0: symmetric-memory waiting for peers' inputs timed out after 1s waiting for rank(s) [1] "
+                      "of 2; every rank must call reset_signals() before the next collective")
+
+
+def test_a_rank_that_left_on_seeing_a_peer_give_up_names_both() -> None:
+    e = _report(1, 3, phase=4, missing=[2], gave_up=[0])
+    assert str(e).startswith("rank 1: symmetric-memory reduce-scatter stopped waiting for rank(s) [2] of 3; rank(s) "
+                             "[0] gave up waiting in a barrier (a timeout, in this call or an earlier one), after which "
+                             "no P2P collective of any rank moves data")
+
+
+def test_a_call_refused_after_this_ranks_own_timeout_says_so() -> None:
+    e = _report(0, 2, phase=5, gave_up=[0])
+    assert str(e).startswith("rank 0: symmetric-memory all-gather moved no data; this rank gave up waiting")
+    assert e.missing == []
+
+
+def test_a_mismatch_is_reported_as_one_even_beside_a_timeout() -> None:
+    e = _report(0, 2, missing=[1], disagreed=[1], gave_up=[0])
+    assert type(e) is CommMismatchError and (e.disagreed, e.missing) == ([1], [1])
+    assert ", and rank(s) [1] of 2 did not come within 1s;" in str(e)
+
+
+def test_a_barrier_with_its_own_timeout_reports_that_timeout() -> None:
+    assert "timed out after 60s waiting for rank(s) [1] of 2" in str(_report(0, 2, 3, [1], gave_up=[0], timeout_s=60))

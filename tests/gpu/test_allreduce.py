@@ -453,12 +453,12 @@ def test_emulated_rank_later_than_a_timeout_is_refused_instead_of_pairing_with_t
     with torch.cuda.stream(group.streams[1]):
         group.comms[1](bufs[1], algo=algo)
     torch.cuda.synchronize()
-    with pytest.raises(CommTimeoutError, match=r"rank 0: .* timed out after 1s waiting for rank\(s\) \[1\] of 2"):
-        group.comms[0].raise_if_failed()
+    assert torch.equal(bufs[1], first[1]) and torch.equal(bufs[0], following[0])
     with pytest.raises(CommTimeoutError, match=r"rank 1: .* moved no data; rank\(s\) \[0\] gave up waiting") as e:
         group.comms[1].raise_if_failed()
     assert e.value.gave_up == [0] and e.value.missing == []
-    assert torch.equal(bufs[0], following[0]) and torch.equal(bufs[1], first[1])
+    with pytest.raises(CommTimeoutError, match=r"rank 0: .* timed out after 1s waiting for rank\(s\) \[1\] of 2"):
+        group.comms[0].raise_if_failed()
 
 
 @emulated
@@ -494,11 +494,11 @@ def test_emulated_after_a_timeout_every_collective_moves_nothing_until_the_reset
     start = time.monotonic()
     _on_every_rank(group, calls[op])
     assert time.monotonic() - start < 1.0  # refused at once, not after a timeout
-    for r in range(2):
-        with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* moved no data; rank\(s\) \[0\] gave up") as e:
+    for r, who in enumerate(["this rank", r"rank\(s\) \[0\]"]):
+        assert torch.equal(bufs[r], before[r]) and bool(outs[r].isnan().all())
+        with pytest.raises(CommTimeoutError, match=rf"rank {r}: .* moved no data; {who} gave up") as e:
             group.comms[r].raise_if_failed()
         assert e.value.gave_up == [0]
-        assert torch.equal(bufs[r], before[r]) and bool(outs[r].isnan().all())
     group.reset()
     inputs = _emulated_inputs(2, n, torch.bfloat16, gen)
     got = group.all_reduce(inputs, "twoshot")
