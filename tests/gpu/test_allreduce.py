@@ -6,7 +6,7 @@ Two kinds of tests:
 
       torchrun --nproc-per-node N -m pytest -m multigpu -q tests/gpu/test_allreduce.py
 
-  (bench/run_comm_gpu.sh N runs this). No -x: a rank that stopped early would leave the others waiting in a
+  (bench/run_gpu.sh runs this on 2 and 4 GPUs). No -x: a rank that stopped early would leave the others waiting in a
   collective. Every rank builds every rank's input from per-rank seeds, so each rank checks its result
   against the exact fp32 ascending-rank sum on its own; assertions come after the collectives.
 - gpu: W emulated ranks in one process on one GPU (one buffer and one stream per rank, kernels running
