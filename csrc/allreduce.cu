@@ -68,12 +68,9 @@ __device__ __forceinline__ unsigned long long global_ns() {
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -109,10 +106,10 @@ __device__ void give_up(const Args& a, int missing, int phase) {
 // Barrier among the CTAs with index `slot` on all ranks. Thread t < world signals peer t and waits for it.
 // The __syncthreads before the release store orders every thread's earlier reads and writes (including
 // stores into peers' memory) before the signal; the one after the acquire load orders every later access.
-// Every signal carries the call's tag beside the epoch (allreduce_signals.cuh); with `agree`, thread t compares the
-// tag of the signal that let it pass with its own. A peer's word can by then hold its next signal, but a peer cannot
-// get past the barrier after this one without this CTA: so only a kernel's first barrier agrees, and only in kernels
-// with a barrier after it (not the standalone barrier), where that next signal is still the same call's.
+// With `agree`, thread t first leaves the call's tag with peer t (the release store publishes it) and, once t has
+// signalled, compares t's tag with its own. The tag is read before this CTA signals its next barrier, and a peer
+// rewrites it only after passing that barrier: so only a kernel's first barrier agrees, and only in kernels with a
+// barrier after it (not the standalone barrier).
 // The outcome is every thread's, from the barrier instruction itself (a word in shared memory would be reset by a thread
 // entering the next barrier while a slower warp had yet to read it).
 // A rank latched before the call has left at its kernel's start (begin_call); one latched during it finds out while
@@ -122,12 +119,11 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
   const int t = threadIdx.x;
   int seen = kPassed;
   if (t < a.world) {
-    st_release_sys(signal_ptr(a.sig[t], slot, a.rank), uint64_t(a.tag) << 32 | epoch);
-    const uint64_t* mine = signal_ptr(a.sig[a.rank], slot, t);
+    if (agree) *tag_ptr(a.sig[t], slot, a.rank) = a.tag;
+    st_release_sys(flag_ptr(a.sig[t], slot, a.rank), epoch);
+    const uint32_t* mine = flag_ptr(a.sig[a.rank], slot, t);
     const unsigned long long start = global_ns();
-    uint64_t signal;
-    for (uint32_t spins = 1; static_cast<int32_t>(static_cast<uint32_t>(signal = ld_acquire_sys(mine)) - epoch) < 0;
-         ++spins) {
+    for (uint32_t spins = 1; static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0; ++spins) {
       const uint32_t marked = spins % kGaveUpPollSpins == 0 ? marked_ranks(a) : 0;
       if (marked != 0) {
         note(a, 1 + t);  // t had not come when a rank gave up
@@ -142,7 +138,7 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
         break;
       }
     }
-    if (agree && seen == kPassed && static_cast<uint32_t>(signal >> 32) != a.tag) {
+    if (agree && seen == kPassed && *reinterpret_cast<volatile uint32_t*>(tag_ptr(a.sig[a.rank], slot, t)) != a.tag) {
       note(a, 1 + kMaxRanks + t);
       flag_phase(a, phase);
       seen = kDisagreed;
