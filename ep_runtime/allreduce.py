@@ -190,7 +190,8 @@ class SymmAllReduce:
             raise CommMismatchError(
                 f"rank {self.rank}: symmetric-memory {what}: rank(s) {disagreed} of {self.world_size} were asked for "
                 f"another collective, or for other sizes (a token count that differs between ranks), tensor, dtype or "
-                f"algorithm than this rank, so it moved no data{also}{latched}; {reset}", self.rank, disagreed, missing)
+                f"algorithm than this rank, so it moved no data{also}{latched}; {reset}", self.rank, disagreed, missing,
+                gave_up)
         waited = (f" timed out after {waited_s:g}s waiting for {of}" if timed_out
                   else f" stopped waiting for {of}" if missing else " moved no data")
         raise CommTimeoutError(f"rank {self.rank}: symmetric-memory {phase}{waited}{latched}; {reset}", self.rank,

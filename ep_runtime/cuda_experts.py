@@ -7,7 +7,7 @@ around a CudaExpertStage call replays on the same addresses. Nothing here synchr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -87,6 +87,11 @@ class ExpertWorkspace:
         ops.check_split(self.split_sums, self.split_arrivals, "workspace.")
         named.update({"workspace.split_sums": self.split_sums, "workspace.split_arrivals": self.split_arrivals})
         return named
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every buffer the kernels write, by name."""
+        return {f"workspace.{f.name}": getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def check_tokens(self, num_tokens: int, topk: int) -> None:
         if topk != self.topk or num_tokens > self.max_tokens:
@@ -198,7 +203,7 @@ class CudaExpertStage:
             named["addend.values"] = addend.values
         self.workspace.check_tokens(t, k)
         named["weights.w13"] = self.weights.w13
-        ops.check_apart({"out": out}, {n: t for n, t in named.items() if n != "out"})
+        ops.check_apart({"out": out}, {**{n: t for n, t in named.items() if n != "out"}, **self.workspace.buffers()})
         ops.check_same_device(named)
         return named
 

@@ -37,14 +37,15 @@ class CommTimeoutError(CommError, TimeoutError):
 class CommMismatchError(CommError, RuntimeError):
     """Ranks met in a collective that they were asked to run differently (another collective, other sizes such as a
     token count that differs between ranks, another tensor, dtype or algorithm); `disagreed` lists the ranks whose call
-    differed from this rank's, `missing` any that never arrived besides."""
+    differed from this rank's, `missing` and `gave_up` as in CommTimeoutError."""
 
-    def __init__(self, message: str, rank: int, disagreed: list[int], missing: list[int]):
+    def __init__(self, message: str, rank: int, disagreed: list[int], missing: list[int],
+                 gave_up: list[int] | None = None):
         super().__init__(message)
-        self.rank, self.disagreed, self.missing = rank, disagreed, missing
+        self.rank, self.disagreed, self.missing, self.gave_up = rank, disagreed, missing, list(gave_up or [])
 
     def __reduce__(self):
-        return type(self), (self.args[0], self.rank, self.disagreed, self.missing)
+        return type(self), (self.args[0], self.rank, self.disagreed, self.missing, self.gave_up)
 
 
 def under_torchrun() -> bool:

@@ -284,7 +284,7 @@ def test_the_kernels_refuse_a_timeout_past_their_range_too(timeout_s: float) -> 
 
 
 @pytest.mark.parametrize("error", [CommTimeoutError("rank 0: timed out", 0, [2], [1]),
-                                   CommMismatchError("rank 1: asked for other sizes", 1, [0], [3])])
+                                   CommMismatchError("rank 1: asked for other sizes", 1, [0], [3], [3])])
 def test_comm_errors_survive_pickling_and_copying_with_their_ranks(error) -> None:
     """They may cross process boundaries (multiprocessing pools, futures)."""
     for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
@@ -338,7 +338,7 @@ def test_a_call_refused_after_this_ranks_own_timeout_says_so() -> None:
 
 def test_a_mismatch_is_reported_as_one_even_beside_a_timeout() -> None:
     e = _report(0, 2, missing=[1], disagreed=[1], gave_up=[0])
-    assert type(e) is CommMismatchError and (e.disagreed, e.missing) == ([1], [1])
+    assert type(e) is CommMismatchError and (e.disagreed, e.missing, e.gave_up) == ([1], [1], [0])
     assert ", and rank(s) [1] of 2 did not come within 1s;" in str(e)
 
 

@@ -769,3 +769,11 @@ def test_operands_side_by_side_in_one_buffer_are_accepted():
     out = buf[T * H // 2:T * H // 2 + T * 16].view(T, 16)
     with pytest.raises(ValueError, match="hidden: expected a CUDA tensor"):
         ops.router_logits(hidden, torch.zeros(16, H, dtype=torch.bfloat16), out)
+
+
+def test_the_stage_refuses_an_output_inside_its_own_workspace(launches):
+    ws = ExpertWorkspace.allocate(T, K, E, H, I, "cpu")
+    out = over(ws.y_slot, torch.float32, T, H)
+    with pytest.raises(ValueError, match=f"out: expected memory apart from workspace.y_slot, got {T * H * 4} bytes"):
+        cuda_expert_stage(**stage_args(), out=out, workspace=ws)
+    assert launches == []
