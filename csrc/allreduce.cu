@@ -49,11 +49,13 @@ struct Args {
   int64_t n_vec;  // 16-byte vectors in the tensor
   unsigned long long timeout_ns;
   uint32_t tag;  // what this rank was asked to do (call_tag), the same on every rank of a sound call; 0: unset
-  // host-mapped: [0] phase+1 of the first failed barrier, [1 + peer] = 1 for each missing peer, [1 + kMaxRanks +
-  // peer] = 1 for each peer whose tag differed, [1 + 2 * kMaxRanks + q] = 1 for each rank q (this one too) found to
-  // have given up
+  // host-mapped: [0] phase+1 of the first failed barrier, then a group of kMaxRanks words per kind below, word q of a
+  // group set for rank q
   int* status;
 };
+constexpr int kMissingWords = 1;                  // the peers this rank stopped waiting for
+constexpr int kDisagreedWords = 1 + kMaxRanks;    // the peers whose tag differed from this rank's
+constexpr int kGaveUpWords = 1 + 2 * kMaxRanks;   // the ranks (this one too) found to have given up
 constexpr int kStatusWords = 1 + 3 * kMaxRanks;
 constexpr int kGaveUpPollSpins = 64;  // spins between looks at the gave_up row while waiting (it is a slower path)
 
@@ -93,12 +95,12 @@ __device__ uint32_t marked_ranks(const Args& a) {
 }
 __device__ void note_marked(const Args& a, uint32_t mask) {
   for (int q = 0; q < a.world; ++q)
-    if (mask >> q & 1) note(a, 1 + 2 * kMaxRanks + q);
+    if (mask >> q & 1) note(a, kGaveUpWords + q);
 }
 
 __device__ void give_up(const Args& a, int missing, int phase) {
-  note(a, 1 + missing);
-  note(a, 1 + 2 * kMaxRanks + a.rank);
+  note(a, kMissingWords + missing);
+  note(a, kGaveUpWords + a.rank);
   flag_phase(a, phase);
   for (int q = 0; q < a.world; ++q) st_release_sys(gave_up_ptr(a.sig[q], a.rank), 1);
 }
@@ -126,7 +128,7 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
     for (uint32_t spins = 1; static_cast<int32_t>(ld_acquire_sys(mine) - epoch) < 0; ++spins) {
       const uint32_t marked = spins % kGaveUpPollSpins == 0 ? marked_ranks(a) : 0;
       if (marked != 0) {
-        note(a, 1 + t);  // t had not come when a rank gave up
+        note(a, kMissingWords + t);  // t had not come when a rank gave up
         note_marked(a, marked);
         flag_phase(a, phase);
         seen = kTimedOut;
@@ -139,7 +141,7 @@ __device__ int cta_barrier(const Args& a, int slot, uint32_t epoch, int phase, b
       }
     }
     if (agree && seen == kPassed && *reinterpret_cast<volatile uint32_t*>(tag_ptr(a.sig[a.rank], slot, t)) != a.tag) {
-      note(a, 1 + kMaxRanks + t);
+      note(a, kDisagreedWords + t);
       flag_phase(a, phase);
       seen = kDisagreed;
     }

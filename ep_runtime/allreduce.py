@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from .dist_utils import CommMismatchError, CommTimeoutError, check_timeout
-from .ops import check_apart, check_same_device, check_tensor, define_op, launch
+from .ops import check_operands, check_tensor, define_op, launch
 
 ALGOS = ("auto", "oneshot", "twoshot")
 _ALGO_CODE = {"oneshot": 0, "twoshot": 1}
@@ -80,8 +80,7 @@ def validate_reduce_scatter_args(inp: torch.Tensor, out: torch.Tensor, world_siz
         raise ValueError(f"out: expected 1/{world_size} of inp's {inp.numel()} elements, got {out.numel()}")
     if (out.numel() * out.element_size()) % 16:
         raise ValueError(f"out: expected whole 16-byte vectors, got {out.numel() * out.element_size()} bytes")
-    check_apart({"out": out}, {"inp": inp})
-    check_same_device({"inp": inp, "out": out})
+    check_operands({"out": out}, {"inp": inp})
 
 
 def validate_all_gather_args(outs: list[torch.Tensor], inps: list[torch.Tensor], world_size: int) -> None:
@@ -101,9 +100,7 @@ def validate_all_gather_args(outs: list[torch.Tensor], inps: list[torch.Tensor],
                              f"{out.numel()}")
         if (inp.numel() * inp.element_size()) % 4:
             raise ValueError(f"inps[{i}]: expected whole 4-byte words, got {inp.numel() * inp.element_size()} bytes")
-    check_apart({f"outs[{i}]": t for i, t in enumerate(outs)}, {f"inps[{i}]": t for i, t in enumerate(inps)})
-    check_same_device({**{f"inps[{i}]": t for i, t in enumerate(inps)},
-                       **{f"outs[{i}]": t for i, t in enumerate(outs)}})
+    check_operands({f"outs[{i}]": t for i, t in enumerate(outs)}, {f"inps[{i}]": t for i, t in enumerate(inps)})
     for i, inp in enumerate(inps):
         if inp.data_ptr() % 4:
             raise ValueError(f"inps[{i}]: expected 4-byte aligned data, got address {inp.data_ptr():#x}")

@@ -175,7 +175,7 @@ class CudaExpertStage:
             self._dense_offsets[:, 1] = torch.arange(n + 1, dtype=torch.int32, device=dev)
 
     def _check_call(self, acts: Activations, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                    out: torch.Tensor | None, block_n: int | None, addend: Addend | None) -> dict[str, torch.Tensor]:
+                    out: torch.Tensor | None, block_n: int | None, addend: Addend | None) -> None:
         hidden = self.weights.hidden_size
         named = {"topk_idx": ops.check_tensor(topk_idx, "topk_idx", torch.int32, (None, None))}
         t, k = topk_idx.shape
@@ -193,7 +193,7 @@ class CudaExpertStage:
                 raise TypeError(f"acts: expected a bf16 (T, H) tensor in act_mode 'bf16', got {type(acts).__name__}")
             named["acts"] = ops.check_tensor(acts, "acts", torch.bfloat16, (t, hidden))
         if out is not None:
-            named["out"] = ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
+            ops.check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
         if block_n is not None:
             ops.check_tiles(block_n, 0, 2 * self.weights.intermediate_size)
         if addend is not None:
@@ -203,9 +203,7 @@ class CudaExpertStage:
             named["addend.values"] = addend.values
         self.workspace.check_tokens(t, k)
         named["weights.w13"] = self.weights.w13
-        ops.check_apart({"out": out}, {**{n: t for n, t in named.items() if n != "out"}, **self.workspace.buffers()})
-        ops.check_same_device(named)
-        return named
+        ops.check_operands({"out": out}, {**named, **self.workspace.buffers()})
 
     def block_n(self, tokens: int, topk: int) -> int:
         """The slot tile width of a call of `tokens` tokens at top-`topk` (unless the call names one)."""

@@ -176,7 +176,7 @@ def check_in_range(t: torch.Tensor, name: str, lo: int, hi: int, what: str = "va
 
 
 def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
-    """Last check of every wrapper (so layout errors are reported first): all tensors on one CUDA device."""
+    """All tensors on one CUDA device, the first one's (wrappers check it last, so layout errors are reported first)."""
     devices = {n: t.device for n, t in named.items() if t is not None}
     first_name, first = next(iter(devices.items()))
     for n, d in devices.items():
@@ -184,6 +184,13 @@ def check_same_device(named: dict[str, torch.Tensor | None]) -> None:
             raise ValueError(f"{n}: expected a CUDA tensor, got device {d}")
         if d != first:
             raise ValueError(f"{n}: expected device {first} (the device of {first_name}), got {d}")
+
+
+def check_operands(written: dict[str, torch.Tensor | None], read: dict[str, torch.Tensor | None]) -> None:
+    """Last check of a kernel's wrapper: what it writes apart from everything else (check_apart), and every tensor on
+    one CUDA device (the read ones named first)."""
+    check_apart(written, read)
+    check_same_device({**read, **written})
 
 
 def check_apart(written: dict[str, torch.Tensor | None], read: dict[str, torch.Tensor | None]) -> None:
@@ -339,9 +346,8 @@ def moe_align(topk_idx: torch.Tensor, num_local: int, expert_begin: int, counts:
     check_tensor(offsets, "offsets", torch.int32, (num_local + 1,))
     check_tensor(slot_pair, "slot_pair", torch.int32, (t * k,))
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
-    check_apart(dict(counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot), dict(topk_idx=topk_idx))
-    check_same_device(dict(topk_idx=topk_idx, counts=counts, offsets=offsets, slot_pair=slot_pair,
-                           pair_slot=pair_slot))
+    check_operands(dict(counts=counts, offsets=offsets, slot_pair=slot_pair, pair_slot=pair_slot),
+                   dict(topk_idx=topk_idx))
     if check:
         total = num_experts_total if num_experts_total is not None else expert_begin + num_local
         check_in_range(topk_idx, "topk_idx", 0, total, "expert ids")
@@ -355,8 +361,7 @@ def nvfp4_dequant_rows(data: torch.Tensor, scale: torch.Tensor, out: torch.Tenso
     _multiple(2 * kh, 64, "data.shape[1] * 2 (K)")
     check_block_scales(scale, "scale", r, 2 * kh)
     check_tensor(out, "out", torch.bfloat16, (r, 2 * kh))
-    check_apart(dict(out=out), dict(data=data, scale=scale))
-    check_same_device(dict(data=data, scale=scale, out=out))
+    check_operands(dict(out=out), dict(data=data, scale=scale))
     dequant_rows_op(data, scale, out)
 
 
@@ -510,13 +515,10 @@ def grouped_l1(w13: torch.Tensor, w13_scale: torch.Tensor, w13_alpha: torch.Tens
         check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     if epilogue in ("nvfp4", "bf16"):
         check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
-    check_apart(dict(out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, split_sums=split_sums,
-                     split_arrivals=split_arrivals),
-                dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
-                     slot_pair=slot_pair, h_gs=h_gs))
-    check_same_device(dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
-                           slot_pair=slot_pair, h_gs=h_gs, out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale,
-                           h_bf16=h_bf16, split_sums=split_sums, split_arrivals=split_arrivals))
+    check_operands(dict(out_f32=out_f32, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, split_sums=split_sums,
+                        split_arrivals=split_arrivals),
+                   dict(w13=w13, w13_scale=w13_scale, w13_alpha=w13_alpha, act=act, x_gs=x_gs, offsets=offsets,
+                        slot_pair=slot_pair, h_gs=h_gs))
     if check:
         used = check_slot_offsets(offsets, s)
         check_in_range(slot_pair[:used], "slot_pair", 0, s, "(token, k) pair indices")
@@ -549,10 +551,8 @@ def grouped_l2(w2: torch.Tensor, w2_scale: torch.Tensor, w2_alpha: torch.Tensor,
     _check_slots(offsets, e)
     check_tensor(y_slot, "y_slot", torch.float32, (act.shape[0], hidden))
     check_tiles(block_n, block_m, hidden)
-    check_apart(dict(y_slot=y_slot), dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs,
-                                           offsets=offsets))
-    check_same_device(dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs, offsets=offsets,
-                           y_slot=y_slot))
+    check_operands(dict(y_slot=y_slot), dict(w2=w2, w2_scale=w2_scale, w2_alpha=w2_alpha, act=act, h_gs=h_gs,
+                                              offsets=offsets))
     if check:
         check_slot_offsets(offsets, act.shape[0])
         _check_scales(w2_alpha=w2_alpha, h_gs=h_gs)
@@ -575,10 +575,8 @@ def requant_dynamic(h_f32: torch.Tensor, offsets: torch.Tensor, amax_ws: torch.T
     check_tensor(hq_scale, "hq_scale", SCALE_DTYPES, (s, inter // 16))
     check_tensor(h_bf16, "h_bf16", torch.bfloat16, (s, inter))
     check_tensor(h_gs, "h_gs", torch.float32, (e,))
-    check_apart(dict(amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, h_gs=h_gs),
-                dict(h_f32=h_f32, offsets=offsets))
-    check_same_device(dict(h_f32=h_f32, offsets=offsets, amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale,
-                           h_bf16=h_bf16, h_gs=h_gs))
+    check_operands(dict(amax_ws=amax_ws, hq_data=hq_data, hq_scale=hq_scale, h_bf16=h_bf16, h_gs=h_gs),
+                   dict(h_f32=h_f32, offsets=offsets))
     if check:
         check_slot_offsets(offsets, s)
     requant_dynamic_op(h_f32, offsets, amax_ws, hq_data, hq_scale, h_bf16, h_gs)
@@ -600,8 +598,7 @@ def combine(y_slot: torch.Tensor, pair_slot: torch.Tensor, topk_weights: torch.T
     check_tensor(pair_slot, "pair_slot", torch.int32, (t * k,))
     check_tensor(out, "out", (torch.float32, torch.bfloat16), (t, hidden))
     check_addend(addend, addend_begin, t, hidden)
-    check_apart(dict(out=out), dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, addend=addend))
-    check_same_device(dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, out=out, addend=addend))
+    check_operands(dict(out=out), dict(y_slot=y_slot, pair_slot=pair_slot, topk_weights=topk_weights, addend=addend))
     if check:
         check_in_range(pair_slot, "pair_slot", -1, t * k, "slots (or -1)")
     combine_op(y_slot, pair_slot, topk_weights, addend, addend_begin, out)
@@ -650,8 +647,7 @@ def route_v4(logits: torch.Tensor, bias: torch.Tensor | None, scaling: float, id
         check_tensor(bias, "bias", torch.float32, (n,))
     if given_ids is not None:
         check_tensor(given_ids, "given_ids", torch.int32, tuple(ids.shape))
-    check_apart(dict(ids=ids, weights=weights), dict(logits=logits, bias=bias, given_ids=given_ids))
-    check_same_device(dict(logits=logits, bias=bias, given_ids=given_ids, ids=ids, weights=weights))
+    check_operands(dict(ids=ids, weights=weights), dict(logits=logits, bias=bias, given_ids=given_ids))
     route_v4_op(logits, bias, given_ids, float(scaling), ids, weights)
 
 
@@ -666,6 +662,5 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
         raise ValueError(f"hidden: expected a hidden size that is a positive multiple of 8 (16-byte rows), got {h}")
     check_tensor(weight, "weight", torch.bfloat16, (None, h))
     check_tensor(out, "out", torch.float32, (t, weight.shape[0]))
-    check_apart(dict(out=out), dict(hidden=hidden, weight=weight))
-    check_same_device(dict(hidden=hidden, weight=weight, out=out))
+    check_operands(dict(out=out), dict(hidden=hidden, weight=weight))
     router_logits_op(hidden, weight, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .nvfp4 import NVFP4Tensor, check_finite, check_positive_scale
-from .ops import check_apart, check_one_value, check_same_device, check_tensor, define_op, launch
+from .ops import check_one_value, check_operands, check_tensor, define_op, launch
 
 
 def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
@@ -29,10 +29,8 @@ def validate_stage_args(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tenso
     if global_scale is not None:
         check_one_value(global_scale, "global_scale")
     check_tensor(amax_scratch, "amax_scratch", torch.int32, (1,))
-    check_apart(dict(x=x, x_sf=x_sf, x_global=x_global, amax_scratch=amax_scratch),
-                dict(hidden=hidden, global_scale=global_scale))
-    check_same_device({"hidden": hidden, "x": x, "x_sf": x_sf, "x_global": x_global, "global_scale": global_scale,
-                       "amax_scratch": amax_scratch})
+    check_operands(dict(x=x, x_sf=x_sf, x_global=x_global, amax_scratch=amax_scratch),
+                   dict(hidden=hidden, global_scale=global_scale))
 
 
 def _stage_impl(hidden: torch.Tensor, x: torch.Tensor, x_sf: torch.Tensor, x_global: torch.Tensor,
